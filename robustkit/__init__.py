@@ -1,0 +1,38 @@
+"""robustkit: evaluate and improve the adversarial robustness of PyTorch image classifiers.
+
+The public API, for notebooks and scripts::
+
+    import robustkit as rk
+    data = rk.load_dataset("mnist")
+    model, _ = rk.load_model("runs/mnist_cnn/model-best.safetensors")
+    results, per_sample = rk.evaluate(model, data.test, attacks=[...], eps=[0, 0.1, 0.3])
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from robustkit.attacks import AttackResult, fgsm, pgd
+from robustkit.config import AttackConfig, ExperimentConfig, load_config
+from robustkit.data import Dataset, Split, load_dataset
+from robustkit.errors import RobustkitError
+from robustkit.models import Normalized, build_model, load_model
+from robustkit.training import train
+
+__all__ = [
+    "AttackConfig",
+    "AttackResult",
+    "Dataset",
+    "ExperimentConfig",
+    "Normalized",
+    "RobustkitError",
+    "Split",
+    "__version__",
+    "build_model",
+    "fgsm",
+    "load_config",
+    "load_dataset",
+    "load_model",
+    "pgd",
+    "train",
+]

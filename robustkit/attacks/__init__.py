@@ -1,0 +1,34 @@
+"""White-box evasion attacks on image classifiers.
+
+Every attack takes a model mapping ``x ∈ [0, 1]^{N×C×H×W}`` to logits ``[N, K]``, labels ``y``
+(targets when ``targeted=True``) and a budget ``ε`` in pixel units, and returns an
+:class:`AttackResult` ``(x_adv, success, grad_evals)``.
+
+* :func:`fgsm` — one signed-gradient step (Goodfellow et al., 2015).
+* :func:`pgd` — projected gradient ascent with restarts, L∞ or L2 (Madry et al., 2018).
+"""
+
+from __future__ import annotations
+
+from robustkit.attacks.base import AttackResult, as_eps, attack_mode
+from robustkit.attacks.fgsm import fgsm
+from robustkit.attacks.losses import LOSSES, adversarial_loss, is_adversarial, margin
+from robustkit.attacks.norms import NORMS, project, random_unit_ball, steepest_step
+from robustkit.attacks.pgd import StartNoise, pgd
+
+__all__ = [
+    "LOSSES",
+    "NORMS",
+    "AttackResult",
+    "StartNoise",
+    "adversarial_loss",
+    "as_eps",
+    "attack_mode",
+    "fgsm",
+    "is_adversarial",
+    "margin",
+    "pgd",
+    "project",
+    "random_unit_ball",
+    "steepest_step",
+]

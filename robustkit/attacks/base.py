@@ -1,0 +1,136 @@
+"""Shared plumbing for the attacks: the result type, input checks and :func:`attack_mode`.
+
+Design: every attack (:func:`~robustkit.attacks.fgsm`, :func:`~robustkit.attacks.pgd`) returns an
+:class:`AttackResult` holding the perturbed batch, a per-sample success flag and the number of
+per-sample input-gradient evaluations spent, so the evaluation engine gets all three from one
+call. Callers that only want the images use ``result.x_adv``.
+
+Conventions shared by all attacks:
+
+* the model maps float ``x ∈ [0, 1]^{N×C×H×W}`` to logits ``z ∈ R^{N×K}``;
+* ``ε`` is in pixel units, ``0 ≤ ε ≤ 1``, either one float or one value per sample;
+* every iterate lies in ``B_ε(x) ∩ [0, 1]^d``; the box is widened to contain ``x`` itself, so an
+  input a rounding error outside ``[0, 1]`` is never moved when ``ε = 0``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from robustkit.errors import RobustkitError
+
+#: How far outside ``[0, 1]`` an input value may lie (rounding from e.g. ``/ 255`` pipelines).
+BOX_TOLERANCE = 1e-5
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """The outcome of one attack on a batch of ``N`` samples.
+
+    Attributes:
+        x_adv: ``[N, C, H, W]`` perturbed inputs, ``‖x_adv − x‖ ≤ ε`` and ``x_adv ∈ [0, 1]``.
+        success: ``[N]`` bool, ``is_adversarial(model(x_adv), y, targeted)`` for each sample.
+        grad_evals: per-sample input gradients computed, ``Σ_steps |active batch|``.
+    """
+
+    x_adv: Tensor
+    success: Tensor
+    grad_evals: int
+
+
+@contextmanager
+def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode with frozen parameters; restore both exactly on exit.
+
+    Each submodule's ``training`` flag and each parameter's ``requires_grad`` flag are recorded
+    and written back, so an attack run in the middle of adversarial training leaves the model
+    (including deliberately frozen parts) as it found it.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    model.eval()
+    for param, _ in flags:
+        param.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        for module, training in modes:
+            module.training = training
+
+
+def check_inputs(x: Tensor, y: Tensor) -> None:
+    """Check ``x`` is a float ``[N, C, H, W]`` batch in ``[0, 1]``, ``y`` int64 ``[N]``."""
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise RobustkitError(
+            f"x must be a float tensor of shape [N, C, H, W], got {_describe(x)}; "
+            "pass a batch of images, e.g. x.unsqueeze(0) for a single image"
+        )
+    outside = ~((x >= -BOX_TOLERANCE) & (x <= 1 + BOX_TOLERANCE))
+    if bool(outside.any()):
+        bad = x[outside][0].item()
+        raise RobustkitError(
+            f"x must hold pixel values in [0, 1], found {bad}; "
+            "feed unnormalised images and put any normalisation inside the model"
+        )
+    if not isinstance(y, Tensor) or y.dtype != torch.int64 or y.shape != (x.shape[0],):
+        raise RobustkitError(
+            f"y must be an int64 tensor of shape [{x.shape[0]}] (one label per image), "
+            f"got {_describe(y)}; convert with y.long()"
+        )
+    if y.device != x.device:
+        raise RobustkitError(
+            f"x is on {x.device} but y is on {y.device}; move both to the same device"
+        )
+
+
+def per_sample(value: float | Tensor, x: Tensor, name: str, upper: float = math.inf) -> Tensor:
+    """Return ``value`` as an ``[N, 1, 1, 1]`` tensor on ``x``'s device and dtype.
+
+    ``value`` is a number or a tensor of ``N`` values (a 0-d tensor counts as a number); each must
+    satisfy ``0 ≤ value ≤ upper``, otherwise :class:`RobustkitError` names the offending value.
+    """
+    n = x.shape[0]
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise RobustkitError(f"{name} must be a number or a tensor of {n} numbers, got {value!r}")
+    if isinstance(value, Tensor):
+        values = value.detach().to(device="cpu", dtype=torch.float64)
+    else:  # a Python number keeps full precision until cast to x's dtype
+        values = torch.tensor(float(value), dtype=torch.float64)
+    if values.dim() == 0:
+        values = values.expand(n)
+    if values.shape != (n,):
+        raise RobustkitError(
+            f"{name} must be a number or a tensor of shape [{n}] (one per sample), "
+            f"got shape {list(values.shape)}"
+        )
+    bad = ~((values >= 0) & (values <= upper))
+    if bool(bad.any()):
+        hint = f" (pixel units; write e.g. {name}=8/255, not 8)" if upper == 1 else ""
+        raise RobustkitError(
+            f"{name} must lie in [0, {upper:g}]{hint}, got {values[bad][0].item():g}"
+        )
+    return values.to(device=x.device, dtype=x.dtype).view(n, 1, 1, 1)
+
+
+def as_eps(eps: float | Tensor, x: Tensor) -> Tensor:
+    """Check the budget ``0 ≤ ε ≤ 1`` (float or per-sample ``[N]``); return ``[N, 1, 1, 1]``."""
+    return per_sample(eps, x, "eps", upper=1.0)
+
+
+def clip_box(x_new: Tensor, x: Tensor) -> Tensor:
+    """Clamp ``x_new`` into the box ``[min(x, 0), max(x, 1)]`` (``= [0, 1]`` for a valid ``x``)."""
+    return torch.clamp(x_new, min=x.clamp(max=0.0), max=x.clamp(min=1.0))
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"{value.dtype} tensor of shape {list(value.shape)}"
+    return type(value).__name__

@@ -1,0 +1,205 @@
+"""Checkpoints: weights as safetensors plus a JSON sidecar; nothing is ever unpickled.
+
+A checkpoint named ``model`` is two files, ``model.safetensors`` (the state dict) and
+``model.json`` (architecture, resolved config, metrics, seed, versions, device). Every write
+goes to a temporary file in the same folder and is renamed into place, so an interrupted
+write never leaves a half-written checkpoint behind.
+
+Resume state (optimizer, scheduler, RNG states, epoch, step) is kept the same way: tensors in
+``state.safetensors``, everything else in ``state.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from robustkit.errors import RobustkitError
+from robustkit.models.zoo import build_model
+
+PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".bin", ".ckpt"}
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_atomic(path: Path, write: Callable[[IO[str]], object]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        write(handle)
+
+
+def write_text(path: Path, text: str) -> None:
+    write_atomic(path, lambda handle: handle.write(text))
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None
+                 ) -> None:
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(cpu, str(tmp), metadata=metadata)
+
+
+def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    if path.suffix in PICKLE_SUFFIXES:
+        raise RobustkitError(
+            f"{path} is a pickle-based file, which robustkit never unpickles: re-save the weights "
+            "with safetensors, or load it as --model package.module:factory --weights FILE"
+        )
+    if not path.is_file():
+        raise RobustkitError(f"checkpoint {path} not found: check the path")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RobustkitError(
+            f"{path} is not a readable safetensors file ({exc}): pass a robustkit checkpoint"
+        ) from None
+
+
+def checkpoint_paths(stem: Path) -> tuple[Path, Path]:
+    stem = stem.with_suffix("") if stem.suffix in {".safetensors", ".json"} else stem
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def save_checkpoint(stem: Path, model: nn.Module, info: dict[str, Any]) -> Path:
+    """Write ``stem.safetensors`` and ``stem.json``; ``info`` must name the ``arch``."""
+    weights, sidecar = checkpoint_paths(stem)
+    save_tensors(weights, dict(model.state_dict()), metadata={"arch": str(info.get("arch"))})
+    write_json(sidecar, info)
+    return weights
+
+
+def read_sidecar(stem: Path) -> dict[str, Any]:
+    weights, sidecar = checkpoint_paths(stem)
+    if not sidecar.is_file():
+        raise RobustkitError(
+            f"{sidecar} not found beside {weights.name}: a robustkit checkpoint is a .safetensors "
+            "file with its .json sidecar"
+        )
+    try:
+        info: dict[str, Any] = json.loads(sidecar.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RobustkitError(
+            f"{sidecar} is not valid JSON ({exc}): the checkpoint is damaged"
+        ) from None
+    return info
+
+
+def load_checkpoint(stem: Path | str, device: torch.device | str = "cpu"
+                    ) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model named in the sidecar and load its weights (no unpickling)."""
+    stem = Path(stem)
+    if stem.suffix in PICKLE_SUFFIXES:
+        load_tensors(stem)  # raises the pickle refusal
+    weights, _ = checkpoint_paths(stem)
+    info = read_sidecar(stem)
+    model = build_model(str(info.get("arch")), int(info.get("num_classes", 10)))
+    state = load_tensors(weights, device)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise RobustkitError(
+            f"{weights} does not fit architecture {info.get('arch')}: {first}"
+        ) from None
+    return model.to(device).eval(), info
+
+
+# --------------------------------------------------------------------------- resume state
+
+
+def flatten_state(prefix: str, value: Any, tensors: dict[str, Tensor]) -> Any:
+    """Split a nested state (dicts, lists, tensors, scalars) into JSON plus named tensors."""
+    if isinstance(value, Tensor):
+        name = f"{prefix}"
+        tensors[name] = value
+        return {"__tensor__": name}
+    if isinstance(value, dict):
+        return {"__dict__": [[flatten_state(f"{prefix}.k{i}", k, tensors),
+                              flatten_state(f"{prefix}.v{i}", v, tensors)]
+                             for i, (k, v) in enumerate(value.items())]}
+    if isinstance(value, (list, tuple)):
+        items = [flatten_state(f"{prefix}.{i}", v, tensors) for i, v in enumerate(value)]
+        return {"__tuple__": items} if isinstance(value, tuple) else items
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} in resume state at {prefix}")
+
+
+def unflatten_state(value: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__tuple__" in value:
+            return tuple(unflatten_state(v, tensors) for v in value["__tuple__"])
+        return {unflatten_state(k, tensors): unflatten_state(v, tensors)
+                for k, v in value["__dict__"]}
+    if isinstance(value, list):
+        return [unflatten_state(v, tensors) for v in value]
+    return value
+
+
+def save_state(folder: Path, state: dict[str, Any]) -> None:
+    """Atomically replace the resume state of ``folder``.
+
+    Tensors go to a new uniquely named file first; ``state.json``, which names that file, is
+    renamed into place last. A crash at any point leaves the previous state intact.
+    """
+    tensors: dict[str, Tensor] = {}
+    layout = flatten_state("s", state, tensors)
+    previous = _state_tensor_file(folder)
+    tensor_file = f"state-{os.getpid()}-{time.time_ns()}.safetensors"
+    save_tensors(folder / tensor_file, tensors)
+    write_json(folder / "state.json", {"tensors": tensor_file, "layout": layout})
+    if previous and previous != tensor_file and (folder / previous).exists():
+        (folder / previous).unlink()
+
+
+def _state_tensor_file(folder: Path) -> str | None:
+    try:
+        return str(json.loads((folder / "state.json").read_text(encoding="utf-8"))["tensors"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def load_state(folder: Path) -> dict[str, Any] | None:
+    """The last complete resume state in ``folder``, or None when there is none."""
+    if not (folder / "state.json").is_file():
+        return None
+    saved = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    tensors = load_tensors(folder / saved["tensors"])
+    state: dict[str, Any] = unflatten_state(saved["layout"], tensors)
+    return state
+
+
+def clear_state(folder: Path) -> None:
+    """Remove the resume state once a run has finished."""
+    name = _state_tensor_file(folder)
+    (folder / "state.json").unlink(missing_ok=True)
+    if name:
+        (folder / name).unlink(missing_ok=True)

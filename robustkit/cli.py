@@ -1,0 +1,202 @@
+"""The ``robustkit`` command line: parse, call the engine, print. User errors → one line, exit 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from robustkit.config import AttackConfig
+from robustkit.errors import RobustkitError
+
+app = typer.Typer(
+    name="robustkit",
+    help=(
+        "Evaluate and improve the adversarial robustness of PyTorch image classifiers.\n\n"
+        "Example: robustkit run experiments/quickstart.toml"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+out = Console()
+err = Console(stderr=True)
+
+SetOption = Annotated[
+    Optional[list[str]],  # noqa: UP045 (typer needs Optional here)
+    typer.Option("--set", help="Override a config value: section.key=value (repeatable)."),
+]
+DeviceOption = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--device", help="auto, cpu, cuda or cuda:N (default: the config's, else auto)."),
+]
+DataDirOption = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option("--data-dir", help="Folder holding the IDX files (else $ROBUSTKIT_DATA, cache)."),
+]
+
+
+def _log(message: str) -> None:
+    err.print(message, highlight=False)
+
+
+@app.command(epilog="Example: robustkit train experiments/mnist_mlp.toml --set train.epochs=2")
+def train(
+    config: Annotated[Path, typer.Argument(help="Experiment TOML file (see experiments/).")],
+    set_: SetOption = None,
+    device: DeviceOption = None,
+    data_dir: DataDirOption = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default runs/NAME).")] = None,  # noqa: E501, UP045
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore a resume state in the output folder.")] = False,  # noqa: E501
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Train a model from an experiment config; writes checkpoints, metrics.csv and manifest."""
+    from robustkit.config import load_config
+    from robustkit.training import train as train_model
+
+    overrides = list(set_ or [])
+    if data_dir is not None:
+        overrides.append(f"data.dir={str(data_dir)!r}")
+    cfg = load_config(config, overrides)
+    folder = out_dir or Path("runs") / cfg.name
+    for seed in cfg.all_seeds:
+        target = folder if len(cfg.all_seeds) == 1 else folder / f"seed-{seed}"
+        result = train_model(cfg, out_dir=target, seed=seed, device=device,
+                             progress=not quiet, resume=not fresh, log=_log)
+        final = result.metrics.iloc[-1]
+        best = result.metrics.loc[result.metrics["epoch"] == _best_epoch(result.best)]
+        out.print(result.metrics.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        out.print(f"seed {seed}: test accuracy {final['test_acc']:.4f} after "
+                  f"{int(final['epoch'])} epochs in {result.seconds:.1f} s; best checkpoint "
+                  f"(epoch {int(best['epoch'].iloc[0])}) at {result.best}.safetensors")
+        for note in result.warnings:
+            err.print(f"warning: {note}")
+
+
+def _best_epoch(stem: Path) -> int:
+    from robustkit.checkpoint import read_sidecar
+
+    return int(read_sidecar(stem)["epoch"])
+
+
+@app.command(epilog="Example: robustkit data --dataset mnist --data-dir ../shared/data/mnist")
+def data(
+    dataset: Annotated[str, typer.Option("--dataset", help="mnist or fashion-mnist.")] = "mnist",
+    data_dir: DataDirOption = None,
+    download: Annotated[bool, typer.Option("--download", help="Fetch missing files through torchvision.")] = False,  # noqa: E501
+) -> None:
+    """Show where data is looked for, what was found and whether checksums match."""
+    from robustkit.data import (
+        FILE_KEYS,
+        dataset_spec,
+        find_dataset_files,
+        load_split_files,
+        locate,
+        search_roots,
+    )
+
+    spec = dataset_spec(dataset)
+    out.print(f"{dataset}: searched in order")
+    for reason, root in search_roots(data_dir):
+        out.print(f"  {reason:>16}  {root}")
+    for folder in spec.system_dirs:
+        out.print(f"  {'system':>16}  {folder}")
+    found = locate(dataset, data_dir)
+    for place in found:
+        status = "complete" if place.complete else f"{len(place.files)} of {len(FILE_KEYS)} files"
+        out.print(f"found ({status}): {place.folder}")
+    located = find_dataset_files(dataset, data_dir, download=download)
+    load_split_files(located, spec)
+    out.print(f"using {located.folder}: all {len(FILE_KEYS)} files present, md5 checksums match")
+
+
+def _float_list(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise RobustkitError(f"{what} {text!r}: expected comma-separated numbers, e.g. "
+                             "0,0.1,0.2,0.3") from None
+
+
+def _attack_configs(names: str, **settings: object) -> list[AttackConfig]:
+    from robustkit.config import config_from_dict
+
+    attacks = []
+    for name in [n.strip().lower() for n in names.split(",") if n.strip()]:
+        if name not in {"fgsm", "pgd"}:
+            raise RobustkitError(f"unknown attack {name!r}: choose fgsm, pgd (comma-separated)")
+        entry = {"name": name, **{k: v for k, v in settings.items() if v is not None}}
+        attacks.append(entry)
+    if not attacks:
+        raise RobustkitError("--attack is empty: choose fgsm, pgd (comma-separated)")
+    return list(config_from_dict({"attacks": attacks}).attacks)
+
+
+@app.command(epilog=(
+    "Example: robustkit attack --model runs/mnist_cnn/model-best.safetensors "
+    "--attack fgsm,pgd --eps 0,0.1,0.2,0.3 --n 1000"
+))
+def attack(
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint, TorchScript, .pt2, or package.module:factory.")],  # noqa: E501
+    attack_names: Annotated[str, typer.Option("--attack", help="Comma-separated: fgsm, pgd.")] = "fgsm,pgd",  # noqa: E501
+    eps: Annotated[str, typer.Option("--eps", help="Comma-separated budgets in [0,1] pixel units.")] = "0,0.05,0.1,0.15,0.2,0.25,0.3",  # noqa: E501
+    norm: Annotated[str, typer.Option("--norm", help="linf or l2.")] = "linf",
+    steps: Annotated[int, typer.Option("--steps", help="PGD steps.")] = 40,
+    step_size: Annotated[Optional[float], typer.Option("--step-size", help="PGD step (default 2.5·ε/steps).")] = None,  # noqa: E501, UP045
+    restarts: Annotated[int, typer.Option("--restarts", help="PGD random restarts.")] = 1,
+    loss: Annotated[str, typer.Option("--loss", help="ce or margin.")] = "ce",
+    targeted: Annotated[bool, typer.Option("--targeted", help="Aim at class (y+1) mod K.")] = False,
+    n: Annotated[Optional[int], typer.Option("--n", help="Evaluate the first N test images.")] = None,  # noqa: E501, UP045
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random starts.")] = 0,
+    dataset: Annotated[str, typer.Option("--dataset", help="mnist or fashion-mnist.")] = "mnist",
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="State dict for a factory model.")] = None,  # noqa: E501, UP045
+    normalize: Annotated[Optional[str], typer.Option("--normalize", help="MEAN,STD the model expects.")] = None,  # noqa: E501, UP045
+    device: DeviceOption = None,
+    data_dir: DataDirOption = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default runs/attack-MODEL).")] = None,  # noqa: E501, UP045
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace another experiment's results in --out.")] = False,  # noqa: E501
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Attack a model over an ε sweep; writes results.csv, per_sample.csv and a report."""
+    from robustkit.pipeline import attack_model
+
+    eps_values = _float_list(eps, "--eps")
+    attacks = _attack_configs(attack_names, norm=norm, steps=steps, step_size=step_size,
+                              restarts=restarts, loss=loss, targeted=targeted)
+    attack_model(
+        model=model, attacks=attacks, eps=eps_values, n=n, batch_size=batch_size, seed=seed,
+        dataset=dataset, weights=weights, normalize=normalize, device=device, data_dir=data_dir,
+        out_dir=out_dir, overwrite=overwrite, progress=not quiet, echo=out.print, log=_log,
+    )
+
+
+def main() -> None:
+    """Console-script entry point: RobustkitError → ``error: …`` on stderr, exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except RobustkitError as exc:
+        err.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted: finished files are kept; partial ones were not written")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

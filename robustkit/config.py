@@ -1,0 +1,365 @@
+"""Experiment configs: TOML → frozen, validated dataclasses.
+
+A config file has top-level keys (``name``, ``seed``/``seeds``, ``device``) and the sections
+``[data]``, ``[model]``, ``[train]`` (with ``[train.adversarial]``), ``[[attacks]]`` and
+``[evaluate]``. Loading checks every key: an unknown key (with a did-you-mean), a wrong type or
+an out-of-range value raises :class:`RobustkitError` naming its key path, before any work starts.
+``--set section.key=value`` overrides are applied to the raw TOML first, so they are validated the
+same way. The resolved config serialises back to TOML and has a stable hash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from robustkit.errors import RobustkitError
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Any:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["mnist", "fashion-mnist"] = "mnist"
+    dir: str | None = None
+    val_size: int = field(default=5000, metadata=_range(0, 59_999))
+    split_seed: int = field(default=0, metadata=_range(0))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Literal["softmax", "mlp", "cnn", "madry-cnn"] = "mlp"
+
+
+@dataclass(frozen=True)
+class AdversarialConfig:
+    """The inner attack of adversarial training (all ε in [0,1] pixel units, L∞)."""
+
+    eps: float = field(default=0.3, metadata=_range(0, 1))
+    steps: int = field(default=40, metadata=_range(1))
+    step_size: float | None = field(default=None, metadata=_range(0, 1, lo_open=True))
+    random_start: bool = True
+    warmup_epochs: int = field(default=0, metadata=_range(0))
+    clean_fraction: float = field(default=0.0, metadata=_range(0, 1))
+    beta: float = field(default=6.0, metadata=_range(0, lo_open=True))
+    val_steps: int = field(default=20, metadata=_range(1))
+    val_n: int = field(default=1000, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: Literal["standard", "pgd-at", "fgsm-rs", "trades"] = "standard"
+    epochs: int = field(default=3, metadata=_range(1))
+    batch_size: int = field(default=128, metadata=_range(1))
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = field(default=0.1, metadata=_range(0, lo_open=True))
+    momentum: float = field(default=0.9, metadata=_range(0, 1))
+    nesterov: bool = False
+    weight_decay: float = field(default=0.0, metadata=_range(0))
+    schedule: Literal["constant", "step", "cosine", "onecycle"] = "constant"
+    lr_step_epochs: int = field(default=1, metadata=_range(1))
+    lr_gamma: float = field(default=0.1, metadata=_range(0, 1, lo_open=True))
+    label_smoothing: float = field(default=0.0, metadata=_range(0, 1))
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """One attack of an evaluation; ``step_size`` None means 2.5·ε/steps."""
+
+    name: Literal["fgsm", "pgd"] = "pgd"
+    norm: Literal["linf", "l2"] = "linf"
+    steps: int = field(default=40, metadata=_range(1))
+    step_size: float | None = field(default=None, metadata=_range(0, lo_open=True))
+    restarts: int = field(default=1, metadata=_range(1))
+    loss: Literal["ce", "margin"] = "ce"
+    random_start: bool = True
+    targeted: bool = False
+    label: str | None = None
+
+    @property
+    def title(self) -> str:
+        """A short unique-ish name for tables, e.g. ``pgd-40x1-ce-linf``."""
+        if self.label:
+            return self.label
+        if self.name == "fgsm":
+            return "fgsm" if self.norm == "linf" else f"fgsm-{self.norm}"
+        tag = f"pgd{self.steps}"
+        if self.restarts > 1:
+            tag += f"x{self.restarts}"
+        if self.loss != "ce":
+            tag += f"-{self.loss}"
+        if self.norm != "linf":
+            tag += f"-{self.norm}"
+        if self.targeted:
+            tag += "-targeted"
+        return tag
+
+
+def _default_attacks() -> tuple[AttackConfig, ...]:
+    return (AttackConfig(name="fgsm"), AttackConfig(name="pgd"))
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    eps: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+    n: int | None = field(default=None, metadata=_range(1))
+    batch_size: int = field(default=1000, metadata=_range(1))
+    split: Literal["test", "val"] = "test"
+    seed: int = field(default=0, metadata=_range(0))
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    description: str = ""
+    seed: int = field(default=0, metadata=_range(0))
+    seeds: tuple[int, ...] | None = None
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    attacks: tuple[AttackConfig, ...] = field(default_factory=_default_attacks)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    reference: dict[str, float] | None = None
+
+    @property
+    def all_seeds(self) -> tuple[int, ...]:
+        return self.seeds if self.seeds else (self.seed,)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint) if a is not type(None))
+    if origin in (tuple, list):
+        return f"list of {_type_name(typing.get_args(hint)[0])}"
+    if origin is dict:
+        return "table"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _fail(path: str, message: str) -> typing.NoReturn:
+    raise RobustkitError(f"config error at {path}: {message}")
+
+
+def _convert(value: Any, hint: Any, path: str, meta: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], path, meta)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint_text = f" (did you mean {close[0]!r}?)" if close else ""
+            _fail(path, f"{value!r} is not one of {', '.join(map(repr, choices))}{hint_text}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            _fail(path, f"expected a table, got {type(value).__name__}")
+        return _build(typing.cast(type, hint), value, path)
+    if origin in (tuple, list):
+        (item_hint, *_) = typing.get_args(hint)
+        if not isinstance(value, list):
+            _fail(path, f"expected a list of {_type_name(item_hint)}, got {value!r}")
+        if dataclasses.is_dataclass(item_hint):
+            return tuple(_convert(v, item_hint, f"{path}[{i}]", None) for i, v in enumerate(value))
+        return tuple(_convert(v, item_hint, f"{path}[{i}]", meta) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            _fail(path, f"expected a table, got {value!r}")
+        val_hint = typing.get_args(hint)[1]
+        return {k: _convert(v, val_hint, f"{path}.{k}", None) for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            _fail(path, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(path, f"expected an integer, got {value!r}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(path, f"expected a number, got {value!r}")
+        value = float(value)
+    elif hint is str and not isinstance(value, str):
+        _fail(path, f"expected a string, got {value!r}")
+    _check_range(value, path, meta)
+    return value
+
+
+def _check_range(value: Any, path: str, meta: Any) -> None:
+    if not meta or not isinstance(value, (int, float)):
+        return
+    lo, hi, lo_open = meta["lo"], meta["hi"], meta["lo_open"]
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        _fail(path, f"{value!r} is out of range: must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and value > hi:
+        _fail(path, f"{value!r} is out of range: must be <= {hi}")
+
+
+def _build(cls: type, raw: dict[str, Any], path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            where = f"{path}.{key}" if path else key
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            _fail(where, f"unknown key{hint}; allowed keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            where = f"{path}.{name}" if path else name
+            kwargs[name] = _convert(raw[name], hints[name], where, f.metadata or None)
+    return cls(**kwargs)
+
+
+def _check_consistency(config: ExperimentConfig) -> None:
+    for i, eps in enumerate(config.evaluate.eps):
+        if not 0.0 <= eps <= 1.0:
+            _fail(f"evaluate.eps[{i}]", f"{eps} is out of range: ε is in [0, 1] pixel units")
+    if config.seeds is not None and len(config.seeds) == 0:
+        _fail("seeds", "must list at least one seed, or be left out")
+    titles = [a.title for a in config.attacks]
+    duplicates = {t for t in titles if titles.count(t) > 1}
+    if duplicates:
+        _fail("attacks", f"two attacks share the name {sorted(duplicates)[0]!r}: give one a label")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.epochs=5`` → (["train", "epochs"], 5); values are TOML, bare words are strings."""
+    if "=" not in text:
+        raise RobustkitError(f"--set {text!r}: expected section.key=value, e.g. train.epochs=5")
+    key, value_text = text.split("=", 1)
+    keys = [k.strip() for k in key.strip().split(".")]
+    if not all(keys):
+        raise RobustkitError(f"--set {text!r}: the key {key!r} has an empty part")
+    try:
+        value = tomllib.loads(f"v = {value_text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text.strip()
+    return keys, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise RobustkitError(f"--set {text!r}: {k} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
+    raw = apply_overrides(json.loads(json.dumps(raw)), overrides or [])
+    config = typing.cast(ExperimentConfig, _build(ExperimentConfig, raw, ""))
+    _check_consistency(config)
+    return config
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read and validate an experiment TOML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RobustkitError(f"config file {path} not found: check the path (see experiments/)")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise RobustkitError(f"{path} is not valid TOML: {exc}") from None
+    raw.setdefault("name", path.stem)
+    return config_from_dict(raw, overrides)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def to_dict(config: Any) -> Any:
+    """A JSON/TOML-ready view: tuples become lists, None values are dropped."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)
+                if getattr(config, f.name) is not None}
+    if isinstance(config, (tuple, list)):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    return config
+
+
+def digest(value: Any) -> str:
+    """sha256 (first 16 hex digits) of a canonical JSON encoding."""
+    text = json.dumps(to_dict(value), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_hash(config: ExperimentConfig) -> str:
+    """The hash of everything in the config that can change a result."""
+    return digest(dataclasses.replace(config, description=""))
+
+
+def training_hash(config: ExperimentConfig, seed: int) -> str:
+    """The hash of what determines a trained model: data, model, train settings and seed."""
+    return digest({"data": config.data, "model": config.model, "train": config.train,
+                   "seed": seed, "device": config.device})
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(config: ExperimentConfig) -> str:
+    """The resolved config as TOML that :func:`load_config` reads back to an equal config."""
+    lines: list[str] = []
+
+    def table(prefix: str, values: dict[str, Any], header: str | None) -> None:
+        scalars = {k: v for k, v in values.items() if not isinstance(v, dict)
+                   and not (isinstance(v, list) and v and isinstance(v[0], dict))}
+        if header:
+            lines.extend(["", header])
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
+        for k, v in values.items():
+            if isinstance(v, dict):
+                table(f"{prefix}{k}.", v, f"[{prefix}{k}]")
+            elif isinstance(v, list) and v and isinstance(v[0], dict):
+                for item in v:
+                    table(f"{prefix}{k}.", item, f"[[{prefix}{k}]]")
+
+    table("", to_dict(config), None)
+    return "\n".join(lines) + "\n"

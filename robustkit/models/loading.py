@@ -1,0 +1,187 @@
+"""Bring-your-own models: load any supported model file as an ``nn.Module`` with the pixel contract.
+
+Accepted model specs:
+
+* a robustkit checkpoint: ``model.safetensors`` (or its stem) with its ``.json`` sidecar;
+* a TorchScript file (``torch.jit.save``);
+* a ``torch.export`` program (``.pt2``);
+* ``package.module:factory`` plus ``weights`` (a state dict: ``.safetensors``, or a torch file
+  read with ``weights_only=True`` and mapped to the chosen device).
+
+``normalize=(mean, std)`` wraps a model that expects normalised input, so ε stays in pixel
+units. :func:`check_logits` rejects models whose outputs are not ``[N, classes]`` logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from robustkit.checkpoint import PICKLE_SUFFIXES, checkpoint_paths, load_checkpoint, load_tensors
+from robustkit.errors import RobustkitError
+from robustkit.models.zoo import Normalized
+
+
+def parse_normalize(text: str) -> tuple[list[float], list[float]]:
+    """``"0.1307,0.3081"`` or ``"0.485/0.456/0.406,0.229/0.224/0.225"`` → (mean, std)."""
+    try:
+        mean_text, std_text = text.split(",")
+        mean = [float(v) for v in mean_text.split("/")]
+        std = [float(v) for v in std_text.split("/")]
+    except ValueError:
+        raise RobustkitError(
+            f"--normalize {text!r}: expected MEAN,STD (e.g. 0.1307,0.3081; per channel "
+            "0.485/0.456/0.406,0.229/0.224/0.225)"
+        ) from None
+    if len(mean) != len(std):
+        raise RobustkitError(f"--normalize {text!r}: mean and std need the same number of values")
+    return mean, std
+
+
+def _import_factory(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RobustkitError(
+            f"cannot import {module_name!r} for --model {spec} ({exc}): check the module is on "
+            "PYTHONPATH"
+        ) from None
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise RobustkitError(f"{module_name!r} has no attribute {attr!r} (--model {spec})")
+        target = getattr(target, part)
+    return target
+
+
+def _load_state_dict(weights: Path, device: torch.device) -> dict[str, Tensor]:
+    if not weights.is_file():
+        raise RobustkitError(f"weights file {weights} not found: check --weights")
+    if weights.suffix == ".safetensors":
+        return load_tensors(weights, device)
+    try:
+        state = torch.load(weights, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RobustkitError(
+            f"{weights} cannot be read as a plain state dict ({first[:200]}): save it with "
+            "torch.save(model.state_dict(), path) or safetensors"
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise RobustkitError(f"{weights} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _from_factory(spec: str, weights: Path | None, device: torch.device) -> nn.Module:
+    factory = _import_factory(spec)
+    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    if not isinstance(model, nn.Module):
+        raise RobustkitError(f"--model {spec} returned a {type(model).__name__}, not an nn.Module")
+    if weights is not None:
+        try:
+            model.load_state_dict(_load_state_dict(weights, device))
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise RobustkitError(f"{weights} does not fit {spec}: {first}") from None
+    return model.to(device)
+
+
+def _is_zip(path: Path) -> bool:
+    return zipfile.is_zipfile(path)
+
+
+def load_model(
+    spec: str | Path,
+    *,
+    weights: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    normalize: tuple[list[float], list[float]] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a model from any accepted spec; returns (model in eval mode, description)."""
+    device = torch.device(device)
+    text = str(spec)
+    path = Path(text)
+    info: dict[str, Any] = {"model": text}
+    weights_path = Path(weights) if weights is not None else None
+    sidecar_weights, sidecar = checkpoint_paths(path)
+
+    if ":" in text and not path.exists() and not text.startswith(("/", ".")):
+        model = _from_factory(text, weights_path, device)
+        info["kind"] = "factory"
+    elif path.suffix == ".pt2":
+        if not path.is_file():
+            raise RobustkitError(f"model file {path} not found: check --model")
+        try:
+            program = torch.export.load(str(path))
+        except Exception as exc:
+            raise RobustkitError(f"{path} is not a torch.export program ({exc})") from None
+        model = program.module().to(device)
+        info["kind"] = "torch.export"
+    elif path.suffix in {".safetensors", ".json"} or (sidecar.is_file()
+                                                         and sidecar_weights.is_file()):
+        model, meta = load_checkpoint(path, device)
+        info.update(kind="checkpoint", arch=meta.get("arch"), checkpoint=meta)
+    elif path.is_file():
+        if not _is_zip(path):
+            raise RobustkitError(
+                f"{path} is neither a checkpoint, TorchScript nor torch.export file"
+                + (" (it looks like a pickle, which robustkit never loads): pass "
+                   "--model package.module:factory --weights FILE"
+                   if path.suffix in PICKLE_SUFFIXES else "")
+            )
+        try:
+            model = torch.jit.load(str(path), map_location=device)
+        except RuntimeError:
+            raise RobustkitError(
+                f"{path} is not a TorchScript file (a state dict or pickled model?): pass "
+                "--model package.module:factory --weights FILE"
+            ) from None
+        info["kind"] = "torchscript"
+    else:
+        raise RobustkitError(
+            f"model {text} not found: pass a checkpoint, a TorchScript or .pt2 file, or "
+            "package.module:factory with --weights"
+        )
+    if normalize is not None:
+        model = Normalized(model, *normalize).to(device)
+        info["normalize"] = {"mean": normalize[0], "std": normalize[1]}
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # exported graphs may refuse
+        model.eval()
+    return model, info
+
+
+def check_logits(model: nn.Module, x: Tensor, num_classes: int) -> None:
+    """Reject outputs that are not ``[N, num_classes]`` logits, with a message saying why."""
+    with torch.no_grad():
+        out = model(x)
+    if isinstance(out, (tuple, list)):
+        raise RobustkitError(
+            f"the model returns a {type(out).__name__} of {len(out)} items; it must return one "
+            f"logits tensor [N, {num_classes}]: wrap it so forward returns the logits"
+        )
+    if not isinstance(out, Tensor):
+        raise RobustkitError(f"the model returns a {type(out).__name__}, not a logits tensor")
+    if out.shape != (x.shape[0], num_classes):
+        raise RobustkitError(
+            f"the model returns shape {list(out.shape)} for a batch of {x.shape[0]} images; "
+            f"expected [N, {num_classes}] logits (input is [N, 1, 28, 28] pixels in [0, 1])"
+        )
+    if not torch.isfinite(out).all():
+        raise RobustkitError("the model returns non-finite outputs (nan or inf) on clean images")
+    sums = out.sum(dim=1)
+    if bool((out >= 0).all() and (out <= 1).all() and torch.allclose(sums, torch.ones_like(sums),
+                                                                      atol=1e-3)):
+        raise RobustkitError(
+            "the model returns probabilities (rows in [0, 1] summing to 1), not logits: remove "
+            "the final softmax; attacks on probabilities mask gradients and overstate robustness"
+        )

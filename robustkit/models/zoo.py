@@ -1,0 +1,89 @@
+"""The built-in architectures, by name.
+
+Every model takes float pixels ``[N, 1, 28, 28]`` in [0, 1] and returns logits ``[N, 10]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from robustkit.errors import RobustkitError
+
+
+def softmax_net(num_classes: int = 10) -> nn.Module:
+    """The shallow softmax classifier: one dense layer, z = W·vec(x) + b (784 → 10)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, num_classes))
+
+
+def mlp(num_classes: int = 10, hidden: int = 512) -> nn.Module:
+    """784 → 512 ReLU → 10."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(28 * 28, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+    )
+
+
+def cnn(num_classes: int = 10) -> nn.Module:
+    """A small convnet (≈0.2M parameters) that passes 99% on MNIST in two or three CPU epochs.
+
+    conv3×3-32, ReLU, maxpool 2 → conv3×3-64, ReLU, maxpool 2 → fc-128, ReLU → fc-10.
+    """
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 5 * 5, 128), nn.ReLU(), nn.Linear(128, num_classes),
+    )
+
+
+def madry_cnn(num_classes: int = 10) -> nn.Module:
+    """The MNIST-challenge network of Madry et al. (2018).
+
+    conv5×5-32 (same padding), ReLU, maxpool 2 → conv5×5-64, ReLU, maxpool 2 → fc-1024, ReLU →
+    fc-10.
+    """
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 7 * 7, 1024), nn.ReLU(), nn.Linear(1024, num_classes),
+    )
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "softmax": softmax_net,
+    "mlp": mlp,
+    "cnn": cnn,
+    "madry-cnn": madry_cnn,
+}
+
+
+def build_model(arch: str, num_classes: int = 10) -> nn.Module:
+    """A freshly initialised model of a registered architecture."""
+    if arch not in ARCHITECTURES:
+        raise RobustkitError(
+            f"unknown model {arch!r}: choose one of {', '.join(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[arch](num_classes=num_classes)
+
+
+class Normalized(nn.Module):
+    """Wraps a model that expects normalised input: f(x) = model((x − mean) / std).
+
+    The wrapper keeps the [0, 1] pixel contract, so ε stays in pixel units.
+    """
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        import torch
+
+        if any(s <= 0 for s in std):
+            raise RobustkitError(f"--normalize: std values must be > 0, got {std}")
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model((x - self.mean) / self.std)

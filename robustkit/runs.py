@@ -1,0 +1,145 @@
+"""Run folders: writing an evaluation's outputs, guarding folders, resuming sweeps.
+
+An evaluation folder holds ``results.csv`` (byte-stable: no timings), ``per_sample.csv``,
+``timings.csv``, ``examples.safetensors`` (clean and adversarial images of a few samples),
+``settings.json`` (what was evaluated, how) and ``manifest.json`` (provenance). While a sweep
+runs, ``sweep-state.*`` holds the finished (attack, ε) cells so an interrupted sweep resumes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from robustkit.checkpoint import (
+    atomic_path,
+    clear_state,
+    load_state,
+    save_state,
+    save_tensors,
+    write_json,
+)
+from robustkit.config import digest
+from robustkit.errors import RobustkitError
+from robustkit.evaluation import AttackState, Evaluation, SweepState
+
+STATE_DIR = "sweep-state"
+
+
+def guard_folder(out_dir: Path, fingerprint: str, overwrite: bool = False) -> None:
+    """Refuse to write into a folder that holds a different experiment's results."""
+    manifest = out_dir / "manifest.json"
+    if overwrite or not manifest.is_file():
+        return
+    try:
+        existing = json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError):
+        existing = None
+    if existing != fingerprint:
+        raise RobustkitError(
+            f"{out_dir} already holds results of a different experiment or settings: choose "
+            "another --out, or pass --overwrite to replace them"
+        )
+
+
+def write_frame(path: Path, frame: Any) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g")
+
+
+def write_evaluation(out_dir: Path, evaluation: Evaluation, settings: dict[str, Any],
+                     manifest: dict[str, Any], images: torch.Tensor | None = None,
+                     labels: torch.Tensor | None = None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_frame(out_dir / "results.csv", evaluation.results)
+    write_frame(out_dir / "per_sample.csv", evaluation.per_sample)
+    write_frame(out_dir / "timings.csv", evaluation.timings)
+    tensors = {f"adv/{k}": v for k, v in evaluation.examples.items()}
+    if images is not None and labels is not None and evaluation.examples:
+        first = next(iter(evaluation.examples.values()))
+        clean_idx = evaluation.per_sample.index[
+            evaluation.per_sample["label"] == evaluation.per_sample["clean_pred"]
+        ][: len(first)]
+        index = torch.tensor(clean_idx.to_numpy().copy(), device=images.device)
+        tensors["clean"] = images[index]
+        tensors["labels"] = labels[index]
+        tensors["index"] = index
+    if tensors:
+        save_tensors(out_dir / "examples.safetensors", tensors)
+    write_json(out_dir / "settings.json", settings)
+    write_json(out_dir / "manifest.json", {**manifest, "notes": evaluation.notes})
+
+
+def settings_fingerprint(settings: dict[str, Any]) -> str:
+    return digest(settings)
+
+
+def save_sweep(out_dir: Path, fingerprint: str, state: SweepState) -> None:
+    save_state(out_dir / STATE_DIR, {
+        "fingerprint": fingerprint,
+        "clean_pred": state.clean_pred,
+        "examples": state.examples,
+        "attacks": {title: {"broken_eps": a.broken_eps, "adv_pred": a.adv_pred, "done": a.done,
+                            "grad_evals": a.grad_evals, "seconds": a.seconds,
+                            "success_at": a.success_at}
+                    for title, a in state.attacks.items()},
+    })
+
+
+def load_sweep(out_dir: Path, fingerprint: str) -> SweepState | None:
+    saved = load_state(out_dir / STATE_DIR)
+    if saved is None or saved.get("fingerprint") != fingerprint:
+        return None
+    return SweepState(
+        clean_pred=saved["clean_pred"],
+        examples=dict(saved["examples"]),
+        attacks={title: AttackState(**a) for title, a in saved["attacks"].items()},
+    )
+
+
+def finish_sweep(out_dir: Path) -> None:
+    clear_state(out_dir / STATE_DIR)
+    folder = out_dir / STATE_DIR
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def evaluate_to_folder(
+    model: torch.nn.Module,
+    split: Any,
+    attacks: Any,
+    eps: Any,
+    *,
+    out_dir: Path,
+    settings: dict[str, Any],
+    manifest: dict[str, Any],
+    model_name: str,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+    overwrite: bool = False,
+) -> Evaluation:
+    """Guard the folder, run (or resume) the sweep, write every output; return the frames."""
+    import time
+
+    from robustkit.evaluation import evaluate
+    from robustkit.runtime import now_iso
+
+    fingerprint = settings_fingerprint(settings)
+    guard_folder(out_dir, fingerprint, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = load_sweep(out_dir, fingerprint)
+    started = time.perf_counter()
+    evaluation = evaluate(
+        model, split, attacks, eps, model_name=model_name, batch_size=batch_size, seed=seed,
+        progress=progress, state=state, on_cell=lambda s: save_sweep(out_dir, fingerprint, s),
+    )
+    manifest = {**manifest, "fingerprint": fingerprint, "end": now_iso(),
+                "evaluation_seconds": time.perf_counter() - started,
+                "resumed": state is not None}
+    write_evaluation(out_dir, evaluation, settings, manifest, split.images, split.labels)
+    finish_sweep(out_dir)
+    return evaluation

@@ -1,0 +1,111 @@
+"""Where code runs and how a run is made reproducible: device choice, seeding, provenance."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from robustkit.errors import RobustkitError
+
+
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """Turn ``auto|cpu|cuda|cuda:N|mps`` into a usable device, or say why not.
+
+    ``auto`` is the first CUDA device when one is present, else the CPU.
+    """
+    text = str(spec).strip().lower()
+    if text == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise RobustkitError(
+            f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RobustkitError(
+                f"device {spec!r} asked for, but this torch build sees no CUDA GPU: "
+                "use --device cpu (or auto)"
+            )
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise RobustkitError(
+                f"device {spec!r} does not exist: this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s) (cuda:0 … "
+                f"cuda:{torch.cuda.device_count() - 1})"
+            )
+    elif device.type not in {"cpu", "mps"}:
+        raise RobustkitError(f"unsupported device {spec!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch's global RNG and return a CPU generator seeded the same way.
+
+    robustkit draws all its own randomness (batch order, random starts) from explicit
+    generators; the global seed covers weight initialisation.
+    """
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def use_deterministic_algorithms() -> None:
+    """Ask torch for deterministic kernels (bitwise-repeatable on CPU; warn-only on CUDA)."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def git_commit() -> str | None:
+    """The commit of the robustkit source tree, with ``+dirty`` when it has local changes."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("+dirty" if dirty else "")
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def provenance(device: torch.device, seed: int | None = None) -> dict[str, Any]:
+    """Everything needed to trace a result back to the code, libraries and machine."""
+    from robustkit import __version__
+
+    return {
+        "robustkit": __version__,
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "device": device_description(device),
+        "seed": seed,
+        "date": now_iso(),
+    }
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

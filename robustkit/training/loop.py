@@ -1,0 +1,281 @@
+"""The training loop: standard and adversarial training on whole-tensor data.
+
+One iteration draws a slice of a seeded permutation, builds the method's inputs (clean, PGD,
+FGSM-RS or TRADES), takes an optimizer step and a scheduler step. Each epoch ends with clean
+validation and test accuracy, robust validation accuracy for adversarial methods, a ``last``
+checkpoint, a ``best`` checkpoint (best robust validation accuracy for adversarial methods,
+best clean validation accuracy otherwise) and a resume state.
+
+Resume state is also written every ``save_every`` seconds within an epoch. Everything random
+comes from explicit generators whose states are saved, so on CPU a run that is killed and
+resumed ends with bitwise the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robustkit.attacks import attack_mode, pgd
+from robustkit.checkpoint import clear_state, load_state, save_checkpoint, save_state, write_json
+from robustkit.config import ExperimentConfig, config_hash, to_toml, training_hash
+from robustkit.data import Dataset, Split, batches, load_dataset
+from robustkit.errors import RobustkitError
+from robustkit.models.zoo import build_model
+from robustkit.progress import Bar
+from robustkit.runtime import (
+    now_iso,
+    provenance,
+    resolve_device,
+    seed_everything,
+    use_deterministic_algorithms,
+)
+from robustkit.training.objectives import pgd_examples, trades_examples, trades_loss
+from robustkit.training.optim import build_optimizer, build_scheduler
+
+COLLAPSE_DROP = 0.3  # a fall of robust validation accuracy this large below the best is flagged
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    metrics: pd.DataFrame
+    out_dir: Path
+    best: Path
+    last: Path
+    seconds: float
+    warnings: list[str]
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, split: Split, batch_size: int = 2000) -> float:
+    """Top-1 accuracy in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches(split, batch_size))
+    model.train(was_training)
+    return correct / max(len(split), 1)
+
+
+def robust_accuracy(model: nn.Module, split: Split, *, eps: float, steps: int, seed: int,
+                    batch_size: int = 1000) -> float:
+    """Accuracy under L∞ PGD (cross-entropy, step 2.5ε/steps, one random start)."""
+    if eps == 0:
+        return accuracy(model, split)
+    generator = torch.Generator(device=split.images.device).manual_seed(seed)
+    robust = 0
+    for x, y in batches(split, batch_size):
+        result = pgd(model, x, y, eps=eps, steps=steps, generator=generator)
+        robust += int((~result.success).sum())
+    return robust / max(len(split), 1)
+
+
+def current_eps(cfg: ExperimentConfig, iteration: int, steps_per_epoch: int) -> float:
+    """ε ramps linearly from 0 over the first ``warmup_epochs`` epochs, then stays at ε."""
+    adv = cfg.train.adversarial
+    if adv.warmup_epochs == 0:
+        return adv.eps
+    return adv.eps * min(1.0, (iteration + 1) / (adv.warmup_epochs * steps_per_epoch))
+
+
+def training_loss(model: nn.Module, cfg: ExperimentConfig, x: Tensor, y: Tensor, eps: float,
+                  generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The method's loss on one batch, and the logits used for the running accuracy."""
+    train, adv = cfg.train, cfg.train.adversarial
+    smoothing = train.label_smoothing
+    if train.method == "standard" or eps == 0:
+        logits = model(x)
+        return F.cross_entropy(logits, y, label_smoothing=smoothing), logits
+    if train.method == "trades":
+        step = adv.step_size or 2.5 * eps / adv.steps
+        x_adv = trades_examples(model, x, eps=eps, steps=adv.steps, step_size=step,
+                                generator=generator)
+        return trades_loss(model, x, y, x_adv, adv.beta)
+    if train.method == "fgsm-rs":
+        x_adv = pgd_examples(model, x, y, eps=eps, steps=1, step_size=adv.step_size or 1.25 * eps,
+                             random_start=True, generator=generator)
+    else:
+        x_adv = pgd_examples(model, x, y, eps=eps, steps=adv.steps,
+                             step_size=adv.step_size or 2.5 * eps / adv.steps,
+                             random_start=adv.random_start, generator=generator)
+    logits = model(x_adv)
+    loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+    if adv.clean_fraction > 0:
+        clean = F.cross_entropy(model(x), y, label_smoothing=smoothing)
+        loss = (1 - adv.clean_fraction) * loss + adv.clean_fraction * clean
+    return loss, logits
+
+
+def _generator_state(generator: torch.Generator) -> Tensor:
+    return generator.get_state()
+
+
+def train(
+    config: ExperimentConfig,
+    *,
+    out_dir: Path,
+    seed: int | None = None,
+    device: str | torch.device | None = None,
+    data: Dataset | None = None,
+    progress: bool = True,
+    resume: bool = True,
+    save_every: float = 60.0,
+    log: Any = None,
+) -> TrainResult:
+    """Train ``config``'s model with its method; write checkpoints and metrics into ``out_dir``.
+
+    ``out_dir`` receives ``config.toml``, ``manifest.json``, ``metrics.csv``,
+    ``model-last.{safetensors,json}`` and ``model-best.{safetensors,json}``.
+    """
+    seed = config.seed if seed is None else seed
+    device = resolve_device(device if device is not None else config.device)
+    say = log or (lambda message: None)
+    train_cfg, adv = config.train, config.train.adversarial
+    adversarial = train_cfg.method != "standard"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = training_hash(config, seed)
+
+    use_deterministic_algorithms()
+    seed_everything(seed)
+    if data is None:
+        data = load_dataset(config.data.dataset, config.data.dir, device,
+                            val_size=config.data.val_size, split_seed=config.data.split_seed)
+    elif data.train.images.device != device:
+        raise RobustkitError(f"data lives on {data.train.images.device}, training on {device}")
+    if len(data.val) == 0 and adversarial:
+        raise RobustkitError("adversarial training selects models on validation data: "
+                             "set data.val_size > 0")
+    model = build_model(config.model.arch, len(data.classes)).to(device)
+    optimizer = build_optimizer(model, train_cfg)
+    steps_per_epoch = -(-len(data.train) // train_cfg.batch_size)
+    scheduler = build_scheduler(optimizer, train_cfg, steps_per_epoch)
+    order_generator = torch.Generator().manual_seed(seed)
+    attack_generator = torch.Generator(device=device).manual_seed(seed + 1)
+
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    best_score, start_epoch, start_step, order = -1.0, 0, 0, None
+    elapsed_before = 0.0
+    state = load_state(out_dir) if resume else None
+    if state is not None and state.get("fingerprint") == fingerprint:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        order_generator.set_state(state["order_generator"])
+        attack_generator.set_state(state["attack_generator"])
+        start_epoch, start_step, order = state["epoch"], state["step"], state["order"]
+        rows, notes = list(state["rows"]), list(state["notes"])
+        best_score, elapsed_before = state["best_score"], state["elapsed"]
+        say(f"resuming from epoch {start_epoch + 1}, step {start_step}")
+    elif state is not None:
+        say("ignoring a resume state from a different config or seed")
+
+    info_base = {"arch": config.model.arch, "num_classes": len(data.classes),
+                 "dataset": data.name, "config": config_hash(config),
+                 "training_hash": fingerprint, "seed": seed}
+    (out_dir / "config.toml").write_text(to_toml(dataclasses.replace(config, seed=seed,
+                                                                     seeds=None)))
+    manifest = {"config_hash": config_hash(config), "training_hash": fingerprint,
+                "command": "train", "start": now_iso(), **provenance(device, seed)}
+
+    started = time.perf_counter()
+    last_save = started
+
+    def snapshot(epoch: int, step: int, current_order: Tensor | None) -> None:
+        save_state(out_dir, {
+            "fingerprint": fingerprint, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "order_generator": order_generator.get_state(),
+            "attack_generator": attack_generator.get_state(), "epoch": epoch, "step": step,
+            "order": current_order, "rows": rows, "notes": notes, "best_score": best_score,
+            "elapsed": elapsed_before + time.perf_counter() - started,
+        })
+
+    for epoch in range(start_epoch, train_cfg.epochs):
+        epoch_start = time.perf_counter()
+        if order is None or start_step == 0:
+            order = torch.randperm(len(data.train), generator=order_generator)
+        device_order = order.to(device)
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        with Bar(f"epoch {epoch + 1}/{train_cfg.epochs}", steps_per_epoch, progress) as bar:
+            bar.advance(start_step)
+            for step in range(start_step, steps_per_epoch):
+                index = device_order[step * train_cfg.batch_size:(step + 1) * train_cfg.batch_size]
+                x, y = data.train.images[index], data.train.labels[index]
+                eps = current_eps(config, epoch * steps_per_epoch + step, steps_per_epoch)
+                loss, logits = training_loss(model, config, x, y, eps, attack_generator)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                loss_sum += float(loss.detach()) * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+                bar.advance(1, f"loss {loss_sum / seen:.4f} acc {correct / seen:.4f}")
+                if time.perf_counter() - last_save > save_every and step + 1 < steps_per_epoch:
+                    snapshot(epoch, step + 1, order)
+                    last_save = time.perf_counter()
+        start_step = 0
+
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": correct / max(seen, 1),
+            "val_acc": accuracy(model, data.val) if len(data.val) else float("nan"),
+            "test_acc": accuracy(model, data.test),
+        }
+        if adversarial:
+            row["eps"] = current_eps(config, (epoch + 1) * steps_per_epoch - 1, steps_per_epoch)
+            row["val_robust_acc"] = robust_accuracy(
+                model, data.val.take(adv.val_n), eps=adv.eps, steps=adv.val_steps,
+                seed=config.evaluate.seed)
+            score = row["val_robust_acc"]
+        else:
+            score = row["val_acc"] if len(data.val) else row["test_acc"]
+        row["seconds"] = time.perf_counter() - epoch_start
+        rows.append(row)
+        if adversarial and best_score > 0 and score < best_score - COLLAPSE_DROP:
+            note = (f"epoch {epoch + 1}: robust validation accuracy collapsed from "
+                    f"{best_score:.3f} to {score:.3f} (catastrophic overfitting?); the best "
+                    "checkpoint stays the one used downstream")
+            notes.append(note)
+            warnings.warn(note, stacklevel=2)
+            say(f"warning: {note}")
+        info = {**info_base, "epoch": epoch + 1, "metrics": row}
+        save_checkpoint(out_dir / "model-last", model, info)
+        if score > best_score:
+            best_score = score
+            save_checkpoint(out_dir / "model-best", model, {**info, "selected_by": (
+                "val_robust_acc" if adversarial else "val_acc")})
+        pd.DataFrame(rows).to_csv(out_dir / "metrics.csv", index=False)
+        snapshot(epoch + 1, 0, None)
+        last_save = time.perf_counter()
+        say(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in row.items()))
+
+    seconds = elapsed_before + time.perf_counter() - started
+    metrics = pd.DataFrame(rows)
+    write_json(out_dir / "manifest.json", {**manifest, "end": now_iso(), "seconds": seconds,
+                                           "warnings": notes})
+    clear_state(out_dir)
+    best_model = build_model(config.model.arch, len(data.classes)).to(device)
+    from robustkit.checkpoint import load_tensors
+
+    best_model.load_state_dict(load_tensors(out_dir / "model-best.safetensors", device))
+    return TrainResult(best_model.eval(), metrics, out_dir, out_dir / "model-best",
+                       out_dir / "model-last", seconds, notes)
+
+
+__all__ = ["TrainResult", "accuracy", "attack_mode", "robust_accuracy", "train"]

@@ -1,0 +1,42 @@
+"""Optimizers and per-iteration learning-rate schedules built from a :class:`TrainConfig`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
+
+from robustkit.config import TrainConfig
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+                    ) -> LRScheduler:
+    """A scheduler stepped once per iteration.
+
+    constant: η; step: η·γ^⌊epoch / lr_step_epochs⌋; cosine: η·½(1 + cos(π t / T));
+    onecycle: Smith's one-cycle (warm up to η over 30% of T, then anneal), with T the total
+    number of iterations.
+    """
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
+    if cfg.schedule == "step":
+        every = cfg.lr_step_epochs * steps_per_epoch
+        gamma = cfg.lr_gamma
+        return LambdaLR(optimizer, lambda t: gamma ** (t // every))
+    if cfg.schedule == "cosine":
+        return LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
+    return LambdaLR(optimizer, lambda t: 1.0)
