@@ -157,7 +157,6 @@ def evaluate(
     if not attacks:
         raise RobustkitError("no attack given: choose at least one of fgsm, pgd")
     x_all, y_all = data.images, data.labels
-    n = len(data)
     device = x_all.device
 
     with attack_mode(model):
@@ -178,36 +177,21 @@ def evaluate(
             targets = target_labels(y_all, num_classes) if attack.targeted else y_all
             bank = NoiseBank(x_all.shape, attack.norm, seed, a_index)
             todo = [e for e in eps_list if e > 0 and e not in a_state.done]
+            done = [e for e in a_state.done if f"{title}@{e:g}" in state.examples]
+            pictures = (state.examples[f"{title}@{max(done):g}"] if done
+                        else x_all[example_idx].detach().cpu())
             with Bar(f"{model_name} {title}", len(todo), progress) as bar:
                 for e in todo:
                     started = time.perf_counter()
                     robust = (a_state.broken_eps == math.inf) if shortcuts else clean_correct.cpu()
-                    active = robust.nonzero().squeeze(1).to(device)
-                    success_all = torch.zeros(n, dtype=torch.bool)
-                    evals = 0
-                    for start in range(0, len(active), batch_size):
-                        index = active[start:start + batch_size]
-                        cpu_index = index.cpu()
-
-                        def noise(restart: int, index: Tensor = cpu_index, bank: NoiseBank = bank) -> Tensor:
-                            return bank(restart)[index].to(device)
-
-                        result = run_attack(model, attack, x_all[index], targets[index], e,
-                                            noise, early_stop=shortcuts)
-                        evals += result.grad_evals
-                        hit = result.success.cpu()
-                        success_all[cpu_index[hit]] = True
-                        newly = cpu_index[hit & (a_state.broken_eps[cpu_index] == math.inf)]
-                        if len(newly):
-                            with torch.no_grad():
-                                preds = model(result.x_adv[hit]).argmax(1).cpu()
-                            first = a_state.broken_eps[cpu_index[hit]] == math.inf
-                            a_state.adv_pred[newly] = preds[first]
-                            a_state.broken_eps[newly] = e
-                        keep = torch.isin(index, example_idx)
-                        if keep.any():
-                            _keep_examples(state, title, e, index[keep], result.x_adv[keep],
-                                           example_idx, x_all)
+                    key, previous = f"{title}@{e:g}", pictures
+                    pictures = previous.clone()
+                    success_all, evals = _attack_cell(
+                        model, attack, x_all, targets, robust.nonzero().squeeze(1), e, bank,
+                        batch_size=batch_size, shortcuts=shortcuts, a_state=a_state,
+                        picture_idx=example_idx.cpu(), pictures=pictures,
+                    )
+                    state.examples[key] = pictures
                     a_state.success_at[e] = success_all
                     a_state.grad_evals[e] = evals
                     a_state.seconds[e] = time.perf_counter() - started
@@ -218,13 +202,42 @@ def evaluate(
     return _frames(state, attacks, eps_list, y_all, model_name, shortcuts)
 
 
-def _keep_examples(state: SweepState, title: str, eps: float, index: Tensor, x_adv: Tensor,
-                   example_idx: Tensor, x_all: Tensor) -> None:
-    key = f"{title}@{eps:g}"
-    if key not in state.examples:
-        state.examples[key] = x_all[example_idx].detach().cpu().clone()
-    slot = (example_idx.unsqueeze(1) == index.unsqueeze(0)).nonzero()
-    state.examples[key][slot[:, 0].cpu()] = x_adv[slot[:, 1]].detach().cpu()
+def _attack_cell(
+    model: nn.Module, attack: AttackConfig, x_all: Tensor, targets: Tensor, active: Tensor,
+    eps: float, bank: NoiseBank, *, batch_size: int, shortcuts: bool, a_state: AttackState,
+    picture_idx: Tensor, pictures: Tensor,
+) -> tuple[Tensor, int]:
+    """Attack the ``active`` samples at one ε; record first breaks in ``a_state``.
+
+    The adversarial images of the samples ``picture_idx`` (sorted) are written into
+    ``pictures``. Returns the per-sample success mask at this ε and the gradient evaluations.
+    """
+    device = x_all.device
+    success = torch.zeros(len(x_all), dtype=torch.bool)
+    evals = 0
+    for start in range(0, len(active), batch_size):
+        index = active[start:start + batch_size]
+        on_device = index.to(device)
+
+        def noise(restart: int, index: Tensor = index) -> Tensor:
+            return bank(restart)[index].to(device)
+
+        result = run_attack(model, attack, x_all[on_device], targets[on_device], eps, noise,
+                            early_stop=shortcuts)
+        evals += result.grad_evals
+        hit = result.success.cpu()
+        success[index[hit]] = True
+        first = hit & (a_state.broken_eps[index] == math.inf)
+        if first.any():
+            with torch.no_grad():
+                adv_logits = model(result.x_adv[first.to(device)])
+            a_state.adv_pred[index[first]] = adv_logits.argmax(1).cpu()
+            a_state.broken_eps[index[first]] = eps
+        chosen = torch.isin(index, picture_idx)
+        if chosen.any():
+            slots = torch.searchsorted(picture_idx, index[chosen])
+            pictures[slots] = result.x_adv[chosen.to(device)].detach().cpu()
+    return success, evals
 
 
 def _accuracy_at(a_state: AttackState, eps: float, clean_correct: Tensor, shortcuts: bool

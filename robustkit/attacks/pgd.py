@@ -55,7 +55,7 @@ class _WorstCase:
     def update(self, idx: Tensor, x_cand: Tensor, loss: Tensor, adv: Tensor) -> None:
         """Offer candidates ``x_cand`` for samples ``idx``: objective ``loss``, success ``adv``."""
         open_ = ~self.success[idx]
-        first = adv
+        first = adv & open_
         better = ~adv & open_ & (loss > self.loss[idx])
         take = first | better
         rows = take.view(-1, *([1] * (x_cand.dim() - 1)))
