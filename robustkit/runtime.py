@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +106,16 @@ def provenance(device: torch.device, seed: int | None = None) -> dict[str, Any]:
         "device": device_description(device),
         "seed": seed,
         "date": now_iso(),
+        "command_line": command_line(),
     }
+
+
+def command_line() -> str:
+    """The command that is running, as a user would type it (``robustkit attack …``)."""
+    args = list(sys.argv)
+    if args and Path(args[0]).name in {"robustkit", "__main__.py", "cli.py"}:
+        args[0] = "robustkit"
+    return " ".join(shlex.quote(a) for a in args)
 
 
 def now_iso() -> str:

@@ -1,0 +1,88 @@
+"""Checkpoints: safetensors round trip, atomic writes, refusal of pickles, resume state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from robustkit.checkpoint import (
+    load_checkpoint,
+    load_state,
+    save_checkpoint,
+    save_state,
+    write_text,
+)
+from robustkit.errors import RobustkitError
+from robustkit.models import build_model, load_model
+
+
+def test_round_trip_restores_identical_weights(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("cnn")
+    save_checkpoint(tmp_path / "m", model, {"arch": "cnn", "seed": 3})
+    loaded, info = load_checkpoint(tmp_path / "m")
+    assert info["seed"] == 3
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a, b), name
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.equal(model.eval()(x), loaded(x))
+    assert not loaded.training
+
+
+def test_pickle_files_are_refused(tmp_path: Path) -> None:
+    model = build_model("mlp")
+    path = tmp_path / "model.pt"
+    torch.save(model, path)  # a whole pickled module: never loaded
+    with pytest.raises(RobustkitError, match="pickle"):
+        load_checkpoint(path)
+    with pytest.raises(RobustkitError, match="package.module:factory --weights"):
+        load_model(path)
+
+
+def test_wrong_architecture_is_reported(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "m", build_model("mlp"), {"arch": "cnn"})
+    with pytest.raises(RobustkitError, match="does not fit architecture cnn"):
+        load_checkpoint(tmp_path / "m")
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "out.txt"
+    write_text(target, "old")
+
+    class Boom(Exception):
+        pass
+
+    from robustkit.checkpoint import write_atomic
+
+    def explode(handle):  # type: ignore[no-untyped-def]
+        handle.write("partial")
+        raise Boom
+
+    with pytest.raises(Boom):
+        write_atomic(target, explode)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_resume_state_round_trip(tmp_path: Path) -> None:
+    model = build_model("softmax")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.rand(2, 1, 28, 28)).sum().backward()
+    opt.step()
+    g = torch.Generator().manual_seed(5)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": g.get_state(),
+             "epoch": 2, "rows": [{"a": 1.5}], "order": None, "t": (1, 2)}
+    save_state(tmp_path, state)
+    save_state(tmp_path, state)  # replacing keeps exactly one tensor file
+    assert len(list(tmp_path.glob("state-*.safetensors"))) == 1
+    back = load_state(tmp_path)
+    assert back is not None
+    assert back["epoch"] == 2 and back["rows"] == [{"a": 1.5}] and back["t"] == (1, 2)
+    opt2 = torch.optim.SGD(build_model("softmax").parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(back["optimizer"])
+    buf = opt2.state_dict()["state"][0]["momentum_buffer"]
+    assert torch.equal(buf, opt.state_dict()["state"][0]["momentum_buffer"])
+    assert torch.equal(back["rng"], g.get_state())

@@ -1,0 +1,148 @@
+"""Training: determinism, resume after a kill, schedules, adversarial methods, checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from robustkit.checkpoint import load_checkpoint, load_state
+from robustkit.config import config_from_dict
+from robustkit.data import Dataset, Split
+from robustkit.training import train
+from robustkit.training.objectives import kl_divergence, pgd_examples
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def subset(mnist: Dataset, n_train: int = 3000, n_eval: int = 500) -> Dataset:
+    return Dataset(mnist.name, mnist.classes,
+                   Split(mnist.train.images[:n_train], mnist.train.labels[:n_train]),
+                   Split(mnist.val.images[:n_eval], mnist.val.labels[:n_eval]),
+                   Split(mnist.test.images[:n_eval], mnist.test.labels[:n_eval]), mnist.source)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    model, _ = load_checkpoint(path)
+    return model.state_dict()
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = weights(a), weights(b)
+    return all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_same_config_and_seed_give_bitwise_identical_weights(mnist, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = config_from_dict({"model": {"arch": "mlp"}, "train": {"epochs": 2, "lr": 0.05},
+                            "device": "cpu"})
+    data = subset(mnist)
+    a = train(cfg, out_dir=tmp_path / "a", data=data, progress=False)
+    b = train(cfg, out_dir=tmp_path / "b", data=data, progress=False)
+    c = train(cfg, out_dir=tmp_path / "c", data=data, progress=False, seed=1)
+    assert same_weights(a.last, b.last)
+    assert not same_weights(a.last, c.last)
+    assert a.metrics.drop(columns="seconds").equals(b.metrics.drop(columns="seconds"))
+    assert list(a.metrics.columns[:6]) == ["epoch", "lr", "train_loss", "train_acc", "val_acc",
+                                           "test_acc"]
+    assert (tmp_path / "a" / "metrics.csv").is_file()
+    assert (tmp_path / "a" / "config.toml").is_file()
+    assert not (tmp_path / "a" / "state.json").exists()  # resume state cleared when done
+    assert a.metrics["test_acc"].iloc[-1] > 0.85  # 3,000 images, 2 epochs
+
+
+@pytest.mark.parametrize("schedule", ["constant", "step", "cosine", "onecycle"])
+def test_schedules(schedule: str, mnist, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = config_from_dict({"model": {"arch": "softmax"}, "device": "cpu", "train": {
+        "epochs": 2, "schedule": schedule, "lr": 0.1, "lr_step_epochs": 1, "lr_gamma": 0.5}})
+    result = train(cfg, out_dir=tmp_path, data=subset(mnist, 1000, 200), progress=False)
+    lrs = result.metrics["lr"].tolist()
+    expected = {"constant": [0.1, 0.1], "step": [0.05, 0.025]}
+    if schedule in expected:
+        assert lrs == pytest.approx(expected[schedule])
+    else:
+        assert lrs[-1] < 0.005 and lrs[0] > lrs[-1]  # cosine and one-cycle anneal towards 0
+
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from robustkit.config import config_from_dict
+    from robustkit.data import Dataset, Split, load_dataset
+    from robustkit.training import train
+    full = load_dataset("mnist", sys.argv[2], "cpu")
+    n = 2000
+    data = Dataset(full.name, full.classes, Split(full.train.images[:n], full.train.labels[:n]),
+                   Split(full.val.images[:200], full.val.labels[:200]),
+                   Split(full.test.images[:200], full.test.labels[:200]), full.source)
+    cfg = config_from_dict({"model": {"arch": "mlp"}, "device": "cpu",
+                            "train": {"method": "fgsm-rs", "epochs": 3, "batch_size": 50,
+                                      "adversarial": {"eps": 0.1, "val_n": 100, "val_steps": 3}}})
+    train(cfg, out_dir=Path(sys.argv[1]), data=data, progress=False, save_every=0.0)
+""")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_bitwise_identical_weights(mnist_root: Path, tmp_path: Path
+                                                         ) -> None:
+    script = tmp_path / "run.py"
+    script.write_text(RESUME_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run([sys.executable, str(script), str(whole), str(mnist_root)], check=True,
+                   env=env, timeout=600)
+    proc = subprocess.Popen([sys.executable, str(script), str(killed), str(mnist_root)], env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        state = load_state(killed) if (killed / "state.json").is_file() else None
+        if state is not None and (state["epoch"], state["step"]) >= (1, 10):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = load_state(killed)
+    assert state is not None and (state["epoch"], state["step"]) < (3, 0), "run was not interrupted"
+    subprocess.run([sys.executable, str(script), str(killed), str(mnist_root)], check=True,
+                   env=env, timeout=600)
+    assert same_weights(whole / "model-last", killed / "model-last")
+    assert same_weights(whole / "model-best", killed / "model-best")
+
+
+def test_adversarial_methods_train_and_record_robust_accuracy(mnist, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = subset(mnist, 1000, 200)
+    for method in ("pgd-at", "fgsm-rs", "trades"):
+        cfg = config_from_dict({"model": {"arch": "mlp"}, "device": "cpu", "train": {
+            "method": method, "epochs": 2, "lr": 0.05,
+            "adversarial": {"eps": 0.1, "steps": 3, "warmup_epochs": 1, "val_n": 100,
+                            "val_steps": 5}}})
+        result = train(cfg, out_dir=tmp_path / method, data=data, progress=False)
+        m = result.metrics
+        assert {"val_robust_acc", "eps"} <= set(m.columns)
+        assert m["eps"].tolist() == pytest.approx([0.1, 0.1])
+        assert (m["val_robust_acc"] <= m["val_acc"] + 1e-9).all() or method == "trades"
+        best = load_checkpoint(result.best)[1]
+        assert best["selected_by"] == "val_robust_acc"
+        assert best["metrics"]["val_robust_acc"] == pytest.approx(m["val_robust_acc"].max())
+
+
+def test_pgd_examples_stay_in_ball_and_box() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    x_adv = pgd_examples(model, x, y, eps=0.2, steps=5, step_size=0.1)
+    assert float((x_adv - x).abs().max()) <= 0.2 + 1e-6
+    assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+    assert model.training  # restored
+
+
+def test_kl_divergence_matches_hand_computation() -> None:
+    p = torch.tensor([[0.0, 0.0]])  # p = (½, ½)
+    q = torch.tensor([[0.0, torch.log(torch.tensor(3.0))]])  # q = (¼, ¾)
+    expected = 0.5 * torch.log(torch.tensor(0.5 / 0.25)) + 0.5 * torch.log(torch.tensor(0.5 / 0.75))
+    assert torch.allclose(kl_divergence(p, q), expected.reshape(1))
