@@ -238,9 +238,11 @@ def _build(cls: type, raw: dict[str, Any], path: str) -> Any:
 
 
 def _check_consistency(config: ExperimentConfig) -> None:
+    upper = 1.0 if all(a.norm == "linf" for a in config.attacks) else 28.0
     for i, eps in enumerate(config.evaluate.eps):
-        if not 0.0 <= eps <= 1.0:
-            _fail(f"evaluate.eps[{i}]", f"{eps} is out of range: ε is in [0, 1] pixel units")
+        if not 0.0 <= eps <= upper:
+            _fail(f"evaluate.eps[{i}]", f"{eps} is out of range: ε is in [0, {upper:g}] pixel "
+                  "units (L∞ budgets are at most 1; L2 budgets at most √784 = 28)")
     if config.seeds is not None and len(config.seeds) == 0:
         _fail("seeds", "must list at least one seed, or be left out")
     titles = [a.title for a in config.attacks]

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.attacks import AttackResult, attack_mode, fgsm, pgd, random_unit_ball
+from robustkit.attacks.base import max_eps
 from robustkit.config import AttackConfig
 from robustkit.data import Split
 from robustkit.errors import RobustkitError
@@ -117,6 +118,17 @@ def run_attack(model: nn.Module, attack: AttackConfig, x: Tensor, y: Tensor, eps
                early_stop=early_stop, start_noise=noise)
 
 
+def check_eps(eps: Sequence[float], norm: str, x: Tensor) -> None:
+    """ε is in pixel units: [0, 1] in L∞, [0, √d] in L2."""
+    upper = max_eps(norm, x)
+    for e in eps:
+        if not 0.0 <= e <= upper:
+            raise RobustkitError(
+                f"ε = {e:g} is out of range for {norm}: ε is in [0, {upper:g}] pixel units "
+                "(write e.g. 0.3 or 8/255, not 8)"
+            )
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
@@ -148,9 +160,8 @@ def evaluate(
     (attack, ε) cell with the state to save, and a saved state passed back skips those cells.
     """
     eps_list = sorted({float(e) for e in eps})
-    for e in eps_list:
-        if not 0.0 <= e <= 1.0:
-            raise RobustkitError(f"ε = {e} is out of range: ε is in [0, 1] pixel units")
+    for attack in attacks:
+        check_eps(eps_list, attack.norm, data.images)
     titles = [a.title for a in attacks]
     if len(set(titles)) != len(titles):
         raise RobustkitError(f"two attacks share a name in {titles}: give one a label")

@@ -54,8 +54,11 @@ def attack_model(
 ) -> Evaluation:
     """Load any supported model, sweep the attacks over ε on the test set, write a run folder."""
     for e in eps:
-        if not 0.0 <= e <= 1.0:
-            raise RobustkitError(f"--eps {e:g} is out of range: ε is in [0, 1] pixel units")
+        if e < 0 or (e > 1 and all(a.norm == "linf" for a in attacks)):
+            raise RobustkitError(
+                f"--eps {e:g} is out of range: L∞ budgets are in [0, 1] pixel units "
+                "(write e.g. 0.3 or 8/255, not 8)"
+            )
     if n is not None and n < 1:
         raise RobustkitError(f"--n {n}: must be at least 1")
     if batch_size < 1:

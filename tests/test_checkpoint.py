@@ -38,7 +38,7 @@ def test_pickle_files_are_refused(tmp_path: Path) -> None:
     torch.save(model, path)  # a whole pickled module: never loaded
     with pytest.raises(RobustkitError, match="pickle"):
         load_checkpoint(path)
-    with pytest.raises(RobustkitError, match="package.module:factory --weights"):
+    with pytest.raises(RobustkitError, match=r"package\.module:factory --weights"):
         load_model(path)
 
 
@@ -52,16 +52,16 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path) -> None:
     target = tmp_path / "out.txt"
     write_text(target, "old")
 
-    class Boom(Exception):
+    class BoomError(Exception):
         pass
 
     from robustkit.checkpoint import write_atomic
 
     def explode(handle):  # type: ignore[no-untyped-def]
         handle.write("partial")
-        raise Boom
+        raise BoomError
 
-    with pytest.raises(Boom):
+    with pytest.raises(BoomError):
         write_atomic(target, explode)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from robustkit.config import (
     config_from_dict,
@@ -53,7 +53,7 @@ def test_overrides_are_parsed_as_toml_and_validated() -> None:
     assert cfg.train.epochs == 5 and cfg.train.adversarial.eps == 0.1
     with pytest.raises(RobustkitError, match=r"at train\.epochs: -1 is out of range"):
         config_from_dict({}, ["train.epochs=-1"])
-    with pytest.raises(RobustkitError, match="expected section.key=value"):
+    with pytest.raises(RobustkitError, match=r"expected section\.key=value"):
         config_from_dict({}, ["train.epochs"])
 
 

@@ -94,7 +94,8 @@ def test_no_files_and_no_network_gives_one_line_error(tmp_path: Path,
 def test_truncated_file_is_reported(tiny: Path) -> None:
     path = tiny / "train-images-idx3-ubyte.gz"
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
-    with pytest.raises(RobustkitError, match=r"train-images-idx3-ubyte\.gz is truncated or corrupt"):
+    message = r"train-images-idx3-ubyte\.gz is truncated or corrupt"
+    with pytest.raises(RobustkitError, match=message):
         load_dataset("tiny", tiny)
 
 

@@ -120,9 +120,14 @@ def per_sample(value: float | Tensor, x: Tensor, name: str, upper: float = math.
     return values.to(device=x.device, dtype=x.dtype).view(n, 1, 1, 1)
 
 
-def as_eps(eps: float | Tensor, x: Tensor) -> Tensor:
-    """Check the budget ``0 ≤ ε ≤ 1`` (float or per-sample ``[N]``); return ``[N, 1, 1, 1]``."""
-    return per_sample(eps, x, "eps", upper=1.0)
+def max_eps(norm: str, x: Tensor) -> float:
+    """The largest meaningful budget: 1 in L∞ (the box's width), √d in L2 (its diameter)."""
+    return 1.0 if norm == "linf" else math.sqrt(x[0].numel())
+
+
+def as_eps(eps: float | Tensor, x: Tensor, norm: str = "linf") -> Tensor:
+    """Check ``0 ≤ ε ≤ max_eps(norm)`` (float or per-sample ``[N]``); return ``[N, 1, 1, 1]``."""
+    return per_sample(eps, x, "eps", upper=max_eps(norm, x))
 
 
 def clip_box(x_new: Tensor, x: Tensor) -> Tensor:

@@ -100,7 +100,7 @@ def pgd(
     check_inputs(x, y)
     norm = check_norm(norm)
     kind = check_loss(loss)
-    eps_t = as_eps(eps, x)
+    eps_t = as_eps(eps, x, norm)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise RobustkitError(f"steps must be an integer >= 0, got {steps!r}")
     if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:

@@ -14,7 +14,6 @@ units. :func:`check_logits` rejects models whose outputs are not ``[N, classes]`
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import pickle
 import zipfile
@@ -96,6 +95,22 @@ def _from_factory(spec: str, weights: Path | None, device: torch.device) -> nn.M
     return model.to(device)
 
 
+class ExportedModel(nn.Module):
+    """A ``torch.export`` program as a module; its train/eval behaviour was fixed at export.
+
+    The graph is held outside the module tree, so ``eval()`` (which exported graphs refuse)
+    only flips this wrapper's flag.
+    """
+
+    def __init__(self, graph: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "graph", graph)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.graph(x)  # type: ignore[operator]
+        return out
+
+
 def _is_zip(path: Path) -> bool:
     return zipfile.is_zipfile(path)
 
@@ -125,7 +140,7 @@ def load_model(
             program = torch.export.load(str(path))
         except Exception as exc:
             raise RobustkitError(f"{path} is not a torch.export program ({exc})") from None
-        model = program.module().to(device)
+        model = ExportedModel(program.module().to(device))
         info["kind"] = "torch.export"
     elif path.suffix in {".safetensors", ".json"} or (sidecar.is_file()
                                                          and sidecar_weights.is_file()):
@@ -155,15 +170,27 @@ def load_model(
     if normalize is not None:
         model = Normalized(model, *normalize).to(device)
         info["normalize"] = {"mean": normalize[0], "std": normalize[1]}
-    with contextlib.suppress(NotImplementedError, RuntimeError):  # exported graphs may refuse
-        model.eval()
+    model.eval()
     return model, info
+
+
+def _forward(model: nn.Module, x: Tensor) -> Any:
+    try:
+        with torch.no_grad():
+            return model(x)
+    except Exception as exc:  # a user's model can fail in any way; say where
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+        raise RobustkitError(
+            f"the model failed on a batch of {x.shape[0]} images {list(x.shape)}: {first} "
+            "(a torch.export program needs a dynamic batch dimension: export with "
+            "dynamic_shapes={'x': {0: torch.export.Dim('batch')}})"
+        ) from None
 
 
 def check_logits(model: nn.Module, x: Tensor, num_classes: int) -> None:
     """Reject outputs that are not ``[N, num_classes]`` logits, with a message saying why."""
-    with torch.no_grad():
-        out = model(x)
+    out = _forward(model, x)
+    _forward(model, x[:3])  # attacks shrink the batch as samples break: sizes must be free
     if isinstance(out, (tuple, list)):
         raise RobustkitError(
             f"the model returns a {type(out).__name__} of {len(out)} items; it must return one "

@@ -1,0 +1,387 @@
+"""``build_report``: run folders in, one HTML file + one Markdown file + CSV tables out."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from robustkit.checkpoint import write_text
+from robustkit.errors import RobustkitError
+from robustkit.reporting import figures, tables
+from robustkit.reporting.load import RunData, load_runs
+from robustkit.reporting.render import (
+    Block,
+    Code,
+    FigureBlock,
+    Heading,
+    Section,
+    Table,
+    Text,
+    to_html,
+    to_markdown,
+)
+
+ANY = "any"
+FIGURE_DIR = "figures"
+TABLE_DIR = "tables"
+OUR_FIGURES = re.compile(r"^(accuracy|examples-.*|confusion-.*|training-.*)\.png$")
+OUR_TABLES = re.compile(
+    r"^(accuracy|results|cost|checks|provenance|reference|confusion-.*)\.csv$")
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
+
+
+def _classes(run: RunData) -> list[str]:
+    from robustkit.data import DATASETS
+
+    spec = DATASETS.get(str(run.settings.get("dataset", "")))
+    return list(spec.classes) if spec else [str(i) for i in range(10)]
+
+
+# --------------------------------------------------------------------------- examples
+
+
+def _adv_keys(examples: dict[str, np.ndarray]) -> dict[str, dict[float, str]]:
+    """attack → {ε: key} for the keys ``adv/<attack>@<eps>``."""
+    found: dict[str, dict[float, str]] = {}
+    for key in examples:
+        if not key.startswith("adv/") or "@" not in key:
+            continue
+        attack, _, eps_text = key[4:].rpartition("@")
+        try:
+            eps = float(eps_text)
+        except ValueError:
+            continue
+        found.setdefault(attack, {})[eps] = key[4:]
+    return found
+
+
+class _Predictions:
+    """Prediction and confidence of the example samples, clean and under attack: from stored
+    probabilities when the file has them, else from per_sample.csv, else labels only."""
+
+    def __init__(self, run: RunData, classes: list[str]) -> None:
+        assert run.examples is not None
+        self.run, self.ex, self.classes = run, run.examples, classes
+        k = len(self.ex["clean"])
+        self.labels = (self.ex["labels"].astype(int) if "labels" in self.ex
+                       else np.full(k, -1))
+        self.index = self.ex["index"].astype(int) if "index" in self.ex else None
+
+    def name(self, c: int) -> str:
+        return self.classes[c] if 0 <= c < len(self.classes) else str(c)
+
+    @staticmethod
+    def _from_probs(probs: np.ndarray, i: int) -> tuple[int, float]:
+        row = probs[i].astype(np.float64)
+        return int(row.argmax()), float(row.max())
+
+    def clean(self, i: int) -> str:
+        if "clean_probs" in self.ex:
+            c, p = self._from_probs(self.ex["clean_probs"], i)
+            return f"clean: {self.name(c)} ({p:.1%})"
+        label = int(self.labels[i])
+        return f"clean: label {self.name(label)}" if label >= 0 else "clean"
+
+    def adversarial(self, key: str, attack: str, eps: float, i: int) -> tuple[str, bool | None]:
+        label = int(self.labels[i])
+        probs = self.ex.get(f"adv_probs/{key}")
+        if probs is not None:
+            c, p = self._from_probs(probs, i)
+            return f"adversarial: {self.name(c)} ({p:.1%})", (c != label if label >= 0 else None)
+        pred = self._per_sample_pred(attack, eps, i)
+        if pred is None:
+            return "adversarial", None
+        return f"adversarial: {self.name(pred)}", (pred != label if label >= 0 else None)
+
+    def _per_sample_pred(self, attack: str, eps: float, i: int) -> int | None:
+        frame = self.run.per_sample
+        if (frame is None or self.index is None
+                or not {f"{attack}_eps", f"{attack}_pred"} <= set(frame.columns)):
+            return None
+        rows = frame[frame["index"] == self.index[i]]
+        if rows.empty:
+            return None
+        row = rows.iloc[0]
+        broken = float(row[f"{attack}_eps"]) <= eps + 1e-9
+        return int(row[f"{attack}_pred"] if broken else row["clean_pred"])
+
+
+def _example_blocks(run: RunData, classes: list[str], max_eps: int, samples: int = 3
+                    ) -> list[tuple[str, FigureBlock]]:
+    ex = run.examples
+    if ex is None or "clean" not in ex:
+        return []
+    keys = _adv_keys(ex)
+    if not keys:
+        return []
+    strength = run.results.groupby("attack")["accuracy"].mean()
+    attack = min(keys, key=lambda a: (float(strength.get(a, math.inf)), a))
+    by_eps = keys[attack]
+    eps_sorted = sorted(e for e in by_eps if e > 0)
+    if not eps_sorted:
+        return []
+    preds = _Predictions(run, classes)
+    k = len(ex["clean"])
+    norm_rows = run.results.loc[run.results["attack"] == attack, "norm"]
+    norm = str(norm_rows.iloc[0]) if len(norm_rows) else "linf"
+
+    def flipped(eps: float) -> list[bool | None]:
+        return [preds.adversarial(by_eps[eps], attack, eps, i)[1] for i in range(k)]
+
+    first_flip = next((e for e in eps_sorted if any(flipped(e))), eps_sorted[0])
+    chosen = [first_flip]
+    middle = [e for e in eps_sorted if first_flip < e < eps_sorted[-1]]
+    if max_eps > 2 and middle:
+        chosen.append(middle[len(middle) // 2])
+    chosen.append(eps_sorted[-1])
+    chosen = sorted(dict.fromkeys(chosen))[:max_eps]
+    blocks = []
+    for eps in chosen:
+        key = by_eps[eps]
+        flags = flipped(eps)
+        delta = np.abs(ex[f"adv/{key}"].astype(np.float64) - ex["clean"]).reshape(k, -1)
+        size = delta.max(axis=1) if norm == "linf" else np.sqrt((delta**2).sum(axis=1))
+        # broken samples first, those that use most of this ε first (not reused from a
+        # smaller ε), then by position
+        order = sorted(range(k), key=lambda i: (flags[i] is not True, -round(size[i], 4), i))
+        order = order[:samples]
+        rows = []
+        for i in order:
+            text, flip = preds.adversarial(key, attack, eps, i)
+            rows.append(figures.Panel(clean=ex["clean"][i].reshape(ex["clean"][i].shape[-2:]),
+                                      adv=ex[f"adv/{key}"][i].reshape(ex["clean"][i].shape[-2:]),
+                                      clean_text=preds.clean(i), adv_text=text,
+                                      flipped=bool(flip)))
+        png = figures.example_figure(rows, eps, norm, attack)
+        name = f"examples-{_safe(run.name)}-{_safe(attack)}-eps{eps:g}.png"
+        caption = (f"{run.name}, {attack} at ε = {eps:g}: clean image + perturbation "
+                   f"(magnified ×{1 / eps:.3g}; red brighter, blue darker) = adversarial image.")
+        if "clean_probs" not in ex:
+            caption += " Confidences need probabilities stored in examples.safetensors."
+        blocks.append((attack, FigureBlock(name, png, f"{attack} examples at ε={eps:g}",
+                                           caption)))
+    return blocks
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _summary_section(runs: list[RunData], results: pd.DataFrame) -> tuple[Section, dict[str,
+                                                                                pd.DataFrame]]:
+    accuracy = tables.accuracy_table(runs)
+    cost = tables.cost_table(runs)
+    blocks: list[Block] = [
+        Text("Robust accuracy (fraction of samples classified correctly under every attack "
+             "point within ε) with its 95% Wilson score interval. The attack \"any\" is the "
+             "per-sample worst case over the attacks."),
+        Table(accuracy),
+    ]
+    if not cost.empty:
+        blocks += [Text("Cost of each attack, summed over ε (per-sample input gradients)."),
+                   Table(cost)]
+    return Section("summary", "Summary", blocks), {"accuracy": accuracy, "cost": cost,
+                                                   "results": results}
+
+
+def _examples_section(runs: list[RunData]) -> Section | None:
+    blocks: list[Block] = []
+    for run in runs:
+        found = _example_blocks(run, _classes(run), max_eps=3 if len(runs) == 1 else 2)
+        if found and len(runs) > 1:
+            blocks.append(Heading(run.name))
+        blocks += [figure for _, figure in found]
+    if not blocks:
+        return None
+    return Section("examples", "Adversarial examples", [
+        Text("After the classic “x + ε·sign(∇) = adversarial” figure: each row shows a clean "
+             "test image with its prediction, the perturbation the attack added, and the "
+             "adversarial image with the new prediction (red when the label changed)."),
+        *blocks])
+
+
+def _confusion_section(runs: list[RunData]) -> tuple[Section | None, dict[str, pd.DataFrame]]:
+    blocks: list[Block] = []
+    out: dict[str, pd.DataFrame] = {}
+    for run in runs:
+        choice = tables.strongest_attack(run)
+        if choice is None:
+            continue
+        attack, eps = choice
+        table = tables.confusion_table(run, attack, eps, _classes(run))
+        out[f"confusion-{_safe(run.name)}"] = table
+        title = f"{run.name}: {attack} at ε = {eps:g}"
+        if len(runs) > 1:
+            blocks.append(Heading(run.name))
+        png = figures.confusion_figure(table, title)
+        blocks.append(FigureBlock(f"confusion-{_safe(run.name)}.png", png,
+                                  f"label to adversarial prediction, {title}",
+                                  f"{title}: rows are true labels, columns the prediction "
+                                  "under attack; the diagonal kept its label."))
+        flips = tables.top_flips(table)
+        if not flips.empty:
+            blocks.append(Table(flips, caption="Most frequent label changes"))
+    if not blocks:
+        return None, out
+    return Section("confusion", "What the digits turn into", [
+        Text("Which class each sample is pushed to by the strongest attack at the largest ε "
+             "(from per_sample.csv)."), *blocks]), out
+
+
+def _training_section(runs: list[RunData]) -> Section | None:
+    blocks: list[Block] = []
+    for run in runs:
+        metrics = run.metrics
+        if metrics is None or metrics.empty:
+            continue
+        if len(runs) > 1:
+            blocks.append(Heading(run.name))
+        blocks.append(FigureBlock(f"training-{_safe(run.name)}.png",
+                                  figures.training_figure(metrics),
+                                  f"training curves of {run.name}",
+                                  f"{run.name}: loss and accuracies per epoch (metrics.csv)."))
+        blocks.append(Table(metrics.tail(1).reset_index(drop=True),
+                            caption="Last epoch"))
+    return Section("training", "Training", blocks) if blocks else None
+
+
+def _checks_section(runs: list[RunData]) -> tuple[Section | None, pd.DataFrame]:
+    frame = tables.checks_table(runs)
+    if frame.empty:
+        return None, frame
+    shown = frame if len(runs) > 1 else frame.drop(columns=["run"])
+    counts = frame["status"].value_counts()
+    summary = ", ".join(f"{int(counts.get(s, 0))} {s}" for s in ("pass", "warn", "fail"))
+    return Section("checks", "Sanity checks", [
+        Text(f"Checks for gradient masking and mis-configured attacks (Carlini et al. 2019, "
+             f"“On Evaluating Adversarial Robustness”): {summary}."),
+        Table(shown, status_column="status"),
+    ]), frame
+
+
+def _reference_section(runs: list[RunData]) -> tuple[Section | None, pd.DataFrame]:
+    frame = tables.reference_table(runs)
+    if frame.empty:
+        return None, frame
+    shown = frame if len(runs) > 1 else frame.drop(columns=["run"])
+    return Section("reference", "Published reference", [
+        Text("The published number this run reproduces, next to ours."), Table(shown)]), frame
+
+
+def _provenance_section(runs: list[RunData]) -> tuple[Section, pd.DataFrame]:
+    blocks: list[Block] = []
+    for run in runs:
+        if len(runs) > 1:
+            blocks.append(Heading(run.name))
+        items = tables.provenance(run)
+        blocks.append(Table(pd.DataFrame(items, columns=["field", "value"])))
+        if run.config_text is not None:
+            blocks.append(Code(run.config_text, "toml", "resolved config (config.toml)"))
+        if run.settings:
+            blocks.append(Code(tables.settings_text(run), "json",
+                               "evaluation settings (settings.json)"))
+        notes = run.manifest.get("notes")
+        if isinstance(notes, list):
+            blocks += [Text(f"Note: {note}") for note in notes]
+    return Section("provenance", "Provenance", blocks), tables.provenance_table(runs)
+
+
+def _intro(runs: list[RunData]) -> list[str]:
+    lines = []
+    for run in runs:
+        s = run.settings
+        parts = [", ".join(run.models)]
+        if s.get("dataset"):
+            parts.append(f"{s['dataset']} {s.get('split', 'test')} set")
+        n = s.get("n") or (int(run.results["n"].iloc[0]) if "n" in run.results else None)
+        if n:
+            parts.append(f"{n} samples")
+        parts.append(f"attacks {tables.attack_titles(run)}")
+        eps = sorted({float(e) for e in run.results["eps"]})
+        parts.append("ε ∈ {" + ", ".join(f"{e:g}" for e in eps) + "}")
+        lines.append(" · ".join(parts))
+    return lines
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _clean_stale(folder: Path, pattern: re.Pattern[str], keep: set[str]) -> None:
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.is_file() and pattern.match(path.name) and path.name not in keep:
+            path.unlink()
+
+
+def build_report(run_dirs: list[Path], out_dir: Path, title: str | None = None
+                 ) -> dict[str, Path]:
+    """Write ``report.html`` (self-contained), ``report.md`` (+ ``figures/``) and
+    ``tables/*.csv`` for one or more evaluation run folders into ``out_dir``.
+
+    Returns the paths written: ``html``, ``markdown``, ``figures`` and ``tables``. A folder
+    without a readable ``results.csv`` raises :class:`RobustkitError`.
+    """
+    from robustkit import __version__
+
+    runs = load_runs([Path(p) for p in run_dirs])
+    results = tables.all_results(runs)
+    models = list(dict.fromkeys(results["model"]))
+    title = title or f"Robustness report: {', '.join(models)}"
+
+    summary, csvs = _summary_section(runs, results)
+    accuracy_png = figures.accuracy_figure(results)
+    summary.blocks.insert(1, FigureBlock(
+        "accuracy.png", accuracy_png, "robust accuracy vs epsilon",
+        "Robust accuracy vs ε, one line per model × attack; shaded: 95% intervals."))
+    sections: list[Section | None] = [summary, _examples_section(runs)]
+    confusion, confusion_csvs = _confusion_section(runs)
+    csvs.update(confusion_csvs)
+    sections += [confusion, _training_section(runs)]
+    checks, checks_frame = _checks_section(runs)
+    reference, reference_frame = _reference_section(runs)
+    provenance, provenance_frame = _provenance_section(runs)
+    sections += [checks, reference, provenance]
+    csvs.update({"checks": checks_frame, "reference": reference_frame,
+                 "provenance": provenance_frame})
+    problems = [f"{run.name}: {p}" for run in runs for p in run.problems]
+    if problems:
+        sections.append(Section("problems", "Files skipped", [Text(p) for p in problems]))
+    present = [s for s in sections if s is not None]
+
+    intro = _intro(runs)
+    footer = (f"Generated by robustkit {__version__} from "
+              f"{', '.join(run.name for run in runs)}.")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        figure_dir, table_dir = out_dir / FIGURE_DIR, out_dir / TABLE_DIR
+        figure_dir.mkdir(exist_ok=True)
+        table_dir.mkdir(exist_ok=True)
+        written_figures = set()
+        for section in present:
+            for block in section.blocks:
+                if isinstance(block, FigureBlock):
+                    (figure_dir / block.name).write_bytes(block.png)
+                    written_figures.add(block.name)
+        written_tables = set()
+        for name, frame in csvs.items():
+            if frame.empty:
+                continue
+            path = table_dir / f"{name}.csv"
+            frame.to_csv(path, index=name.startswith("confusion-"))
+            written_tables.add(path.name)
+        _clean_stale(figure_dir, OUR_FIGURES, written_figures)
+        _clean_stale(table_dir, OUR_TABLES, written_tables)
+        html_path, md_path = out_dir / "report.html", out_dir / "report.md"
+        write_text(html_path, to_html(title, intro, present, footer))
+        write_text(md_path, to_markdown(title, intro, present, footer, FIGURE_DIR))
+    except OSError as exc:
+        raise RobustkitError(f"cannot write the report into {out_dir} ({exc}): choose a "
+                             "writable folder") from None
+    return {"html": html_path, "markdown": md_path, "figures": figure_dir, "tables": table_dir}

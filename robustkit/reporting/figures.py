@@ -1,0 +1,170 @@
+"""The report's figures, drawn with matplotlib's Agg canvas (no display, no pyplot state) and
+returned as small PNG bytes (dpi 100, no timestamp metadata, so rebuilt reports diff cleanly)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+DPI = 100
+ANY = "any"
+LINESTYLES = ["-", "--", "-.", ":"]  # ":" is kept for the worst case "any"
+
+
+def to_png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def accuracy_figure(results: pd.DataFrame) -> bytes:
+    """Robust accuracy vs ε with 95% interval bands, one line per model × attack.
+
+    One model: a colour per attack. Several: a colour per model, a line style per attack.
+    The per-sample worst case ("any") is dotted, without a band.
+    """
+    fig = Figure(figsize=(6.4, 3.8))
+    ax = fig.add_subplot()
+    models = list(results["model"].unique())
+    attacks = list(dict.fromkeys(a for a in results["attack"] if a != ANY))
+    if ANY in set(results["attack"]):
+        attacks.append(ANY)
+    colors = [f"C{i}" for i in range(10)]
+    for mi, model in enumerate(models):
+        for ai, attack in enumerate(attacks):
+            rows = results[(results["model"] == model) & (results["attack"] == attack)]
+            if rows.empty:
+                continue
+            rows = rows.sort_values("eps")
+            if len(models) == 1:
+                color, style = ("black", ":") if attack == ANY else (colors[ai % 10], "-")
+                label = "any (worst case)" if attack == ANY else attack
+            else:
+                color = colors[mi % 10]
+                style = ":" if attack == ANY else LINESTYLES[ai % (len(LINESTYLES) - 1)]
+                label = f"{model} · {attack}"
+            eps = rows["eps"].to_numpy(float)
+            ax.plot(eps, rows["accuracy"].to_numpy(float), style, color=color, marker="o",
+                    markersize=2 if attack == ANY else 3,
+                    linewidth=1.2 if attack == ANY else 1.6, label=label)
+            if attack != ANY and {"ci_low", "ci_high"} <= set(rows.columns):
+                ax.fill_between(eps, rows["ci_low"].to_numpy(float),
+                                rows["ci_high"].to_numpy(float), color=color, alpha=0.15,
+                                linewidth=0)
+    ax.set_xlabel("ε (pixel units)")
+    ax.set_ylabel("robust accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.set_title("Robust accuracy vs ε (bands: 95% Wilson intervals)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right", frameon=False)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One row of an adversarial-example figure."""
+
+    clean: np.ndarray  # [H, W] in [0, 1]
+    adv: np.ndarray
+    clean_text: str
+    adv_text: str
+    flipped: bool
+
+
+def example_figure(rows: Sequence[Panel], eps: float, norm: str, attack: str) -> bytes:
+    """Rows of  clean  +  k·δ  =  adversarial, after Goodfellow et al.'s panda figure.
+
+    The perturbation ``δ = x_adv − x`` is drawn as ``δ/ε`` on a diverging map over [−1, 1], that
+    is magnified ``×(1/ε)``; red pixels were brightened, blue ones darkened.
+    """
+    n = len(rows)
+    fig = Figure(figsize=(5.6, 1.95 * n + 0.35))
+    grid = fig.add_gridspec(n, 5, width_ratios=[1, 0.22, 1, 0.22, 1], wspace=0.05, hspace=0.45)
+    scale = 1.0 / eps if eps > 0 else 1.0
+    for r, row in enumerate(rows):
+        delta = row.adv - row.clean
+        size = (float(np.abs(delta).max()) if norm == "linf"
+                else float(np.sqrt((delta.astype(np.float64) ** 2).sum())))
+        axes = [fig.add_subplot(grid[r, c]) for c in range(5)]
+        axes[0].imshow(row.clean, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        axes[0].set_title(row.clean_text, fontsize=9)
+        axes[2].imshow(np.clip(delta * scale, -1, 1), cmap="RdBu_r", vmin=-1, vmax=1,
+                       interpolation="nearest")
+        symbol = "∞" if norm == "linf" else "₂"
+        axes[2].set_title(f"δ ×{scale:.3g}  (‖δ‖{symbol}={size:.3f})", fontsize=9)
+        axes[4].imshow(row.adv, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        axes[4].set_title(row.adv_text, fontsize=9,
+                          color="#b2182b" if row.flipped else "black")
+        for c, text in ((1, "+"), (3, "=")):
+            axes[c].text(0.5, 0.5, text, fontsize=18, ha="center", va="center")
+        for ax in axes:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        for c in (1, 3):
+            axes[c].axis("off")
+    fig.suptitle(f"{attack} at ε = {eps:g}", fontsize=10)
+    fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.55 / fig.get_figheight(), bottom=0.02)
+    return to_png(fig)
+
+
+def confusion_figure(table: pd.DataFrame, title: str) -> bytes:
+    """Heatmap of label (rows) → prediction under attack (columns), counts annotated; the
+    diagonal holds the samples that kept their label."""
+    matrix = table.to_numpy()
+    k = matrix.shape[0]
+    side = 3.2 + 0.2 * k
+    fig = Figure(figsize=(side, side * 0.9))
+    ax = fig.add_subplot()
+    shown = np.log1p(matrix)
+    image = ax.imshow(shown, cmap="Blues", interpolation="nearest")
+    top = shown.max() if shown.size else 0
+    for i in range(k):
+        for j in range(k):
+            if matrix[i, j]:
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if shown[i, j] > 0.6 * top else "black")
+    labels = [str(c) for c in table.columns]
+    ax.set_xticks(range(k), labels, fontsize=8, rotation=45 if max(map(len, labels)) > 2 else 0,
+                  ha="right" if max(map(len, labels)) > 2 else "center")
+    ax.set_yticks(range(k), [str(c) for c in table.index], fontsize=8)
+    ax.set_xlabel("prediction under attack")
+    ax.set_ylabel("true label")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="log(1 + count)")
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def training_figure(metrics: pd.DataFrame) -> bytes:
+    """Loss and accuracies per epoch from metrics.csv (whichever columns it has)."""
+    fig = Figure(figsize=(7.2, 2.9))
+    loss_ax, acc_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    epoch = metrics["epoch"].to_numpy(float) if "epoch" in metrics else np.arange(len(metrics))
+    for column in [c for c in metrics.columns if c.endswith("loss")]:
+        loss_ax.plot(epoch, metrics[column].to_numpy(float), marker="o", markersize=3,
+                     label=column)
+    accuracies = [c for c in ("train_acc", "val_acc", "test_acc", "val_robust_acc")
+                  if c in metrics.columns]
+    accuracies += [c for c in metrics.columns if c.endswith("_acc") and c not in accuracies]
+    for column in accuracies:
+        values = metrics[column].to_numpy(float)
+        if np.isfinite(values).any():
+            acc_ax.plot(epoch, values, marker="o", markersize=3, label=column)
+    for ax, name in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return to_png(fig)

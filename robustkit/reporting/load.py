@@ -1,0 +1,170 @@
+"""Reading an evaluation run folder into memory, tolerating missing optional files.
+
+Only ``results.csv`` is required. Every other file (``per_sample.csv``, ``timings.csv``,
+``examples.safetensors``, ``settings.json``, ``manifest.json``, ``metrics.csv``, ``config.toml``,
+``checks.csv``, ``reference.json``) adds a part of the report when present; one that is present
+but unreadable is skipped and named in :attr:`RunData.problems`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from robustkit.errors import RobustkitError
+
+RESULT_REQUIRED = ("model", "attack", "eps", "accuracy")
+EXAMPLES_FILE = "examples.safetensors"
+
+
+@dataclass
+class RunData:
+    """One run folder's contents; absent optional parts are None."""
+
+    path: Path
+    name: str
+    results: pd.DataFrame
+    per_sample: pd.DataFrame | None = None
+    timings: pd.DataFrame | None = None
+    examples: dict[str, np.ndarray] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    metrics: pd.DataFrame | None = None
+    config_text: str | None = None
+    checks: pd.DataFrame | None = None
+    reference: dict[str, Any] | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def models(self) -> list[str]:
+        return [str(m) for m in self.results["model"].unique()]
+
+
+def _read_results(path: Path) -> pd.DataFrame:
+    file = path / "results.csv"
+    if not path.is_dir():
+        raise RobustkitError(f"{path} is not a folder: pass an evaluation run folder "
+                             "(written by robustkit attack or robustkit run)")
+    if not file.is_file():
+        raise RobustkitError(f"{path} has no results.csv: pass an evaluation run folder, or run "
+                             f"robustkit attack --out {path} first")
+    try:
+        frame = pd.read_csv(file)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise RobustkitError(f"{file} is not a readable CSV ({exc}): re-run the evaluation "
+                             "to rewrite it") from None
+    missing = [c for c in RESULT_REQUIRED if c not in frame.columns]
+    if missing:
+        raise RobustkitError(f"{file} lacks the columns {', '.join(missing)}: it is not a "
+                             "robustkit results table; re-run the evaluation to rewrite it")
+    if frame.empty:
+        raise RobustkitError(f"{file} holds no rows: re-run the evaluation")
+    frame = frame.copy()
+    frame["model"] = frame["model"].astype(str)
+    frame["attack"] = frame["attack"].astype(str)
+    if "norm" not in frame.columns:
+        frame["norm"] = "linf"
+    return frame
+
+
+def _optional_csv(path: Path, problems: list[str]) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        problems.append(f"{path.name} skipped: not a readable CSV ({exc})")
+        return None
+
+
+def _optional_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        problems.append(f"{path.name} skipped: not valid JSON ({exc})")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{path.name} skipped: expected a JSON object")
+        return None
+    return data
+
+
+def _optional_examples(path: Path, problems: list[str]) -> dict[str, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return dict(load_file(str(path)))
+    except (SafetensorError, OSError, ValueError) as exc:
+        problems.append(f"{path.name} skipped: not a readable safetensors file ({exc})")
+        return None
+
+
+def load_run(path: Path) -> RunData:
+    """Read one run folder; raise :class:`RobustkitError` when it has no usable results.csv."""
+    path = Path(path)
+    results = _read_results(path)
+    problems: list[str] = []
+    config = path / "config.toml"
+    config_text = None
+    if config.is_file():
+        try:
+            config_text = config.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"config.toml skipped: {exc}")
+    checks = _optional_csv(path / "checks.csv", problems)
+    if checks is not None and not {"name", "status"} <= set(checks.columns):
+        problems.append("checks.csv skipped: it lacks the columns name and status")
+        checks = None
+    per_sample = _optional_csv(path / "per_sample.csv", problems)
+    if per_sample is not None and not {"index", "label", "clean_pred"} <= set(per_sample.columns):
+        problems.append("per_sample.csv skipped: it lacks the columns index, label, clean_pred")
+        per_sample = None
+    return RunData(
+        path=path,
+        name=path.resolve().name or str(path),
+        results=results,
+        per_sample=per_sample,
+        timings=_optional_csv(path / "timings.csv", problems),
+        examples=_optional_examples(path / EXAMPLES_FILE, problems),
+        settings=_optional_json(path / "settings.json", problems) or {},
+        manifest=_optional_json(path / "manifest.json", problems) or {},
+        metrics=_optional_csv(path / "metrics.csv", problems),
+        config_text=config_text,
+        checks=checks,
+        reference=_optional_json(path / "reference.json", problems),
+        problems=problems,
+    )
+
+
+def load_runs(paths: list[Path]) -> list[RunData]:
+    """Read every folder; give models that share a name across folders distinct names."""
+    if not paths:
+        raise RobustkitError("no run folder given: pass at least one evaluation run folder")
+    runs = [load_run(Path(p)) for p in paths]
+    seen: dict[str, int] = {}
+    for run in runs:
+        for model in run.models:
+            seen[model] = seen.get(model, 0) + 1
+    names: set[str] = set()
+    for i, run in enumerate(runs):
+        rename = {m: f"{m} ({run.name})" for m in run.models if seen[m] > 1}
+        if rename:
+            run.results["model"] = run.results["model"].replace(rename)
+            for frame in (run.timings, run.checks):
+                if frame is not None and "model" in frame.columns:
+                    frame["model"] = frame["model"].astype(str).replace(rename)
+        base = run.name
+        if base in names:
+            run.name = f"{base}-{i + 1}"
+        names.add(run.name)
+    return runs

@@ -1,0 +1,244 @@
+"""Tests for robustkit.checks: each check flags the failure it is for and passes a sound setup."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+from torch import Tensor, nn
+
+from robustkit.checks import (
+    CHECK_COLUMNS,
+    Check,
+    check_deterministic,
+    check_gradients,
+    check_iterative_stronger,
+    check_large_eps,
+    check_logits,
+    check_monotone,
+    check_step_budget,
+    checks_from_results,
+    run_checks,
+)
+from robustkit.config import AttackConfig, to_dict
+from robustkit.data import Split
+from robustkit.evaluation import evaluate, wilson_interval
+
+EPS = [0.0, 0.1, 0.2, 0.3]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def results_frame(curves: dict[str, list[float]], n: int = 500, eps: list[float] = EPS,
+                  norm: str = "linf") -> pd.DataFrame:
+    rows = []
+    for attack, accuracies in curves.items():
+        for e, acc in zip(eps, accuracies, strict=True):
+            correct = round(acc * n)
+            low, high = wilson_interval(correct, n)
+            rows.append({"model": "m", "attack": attack, "norm": norm, "eps": e, "n": n,
+                         "correct": correct, "accuracy": correct / n, "ci_low": low,
+                         "ci_high": high, "grad_evals": 0})
+    return pd.DataFrame(rows)
+
+
+def settings_for(*attacks: AttackConfig, eps: list[float] = EPS) -> dict[str, Any]:
+    return {"eps": eps, "attacks": [to_dict(a) for a in attacks], "n": 500}
+
+
+FGSM, PGD = AttackConfig(name="fgsm"), AttackConfig(name="pgd", steps=10)
+
+
+# --------------------------------------------------------------------------- from results
+
+
+def test_monotone_passes_falling_accuracy_and_flags_a_rise() -> None:
+    falling = results_frame({"fgsm": [0.98, 0.6, 0.3, 0.1]})
+    assert check_monotone(falling).status == "pass"
+    rising = results_frame({"fgsm": [0.98, 0.6, 0.7, 0.1]})
+    check = check_monotone(rising)
+    assert check.status == "fail"
+    assert check.value == pytest.approx(0.1)
+    assert "ε=0.1" in check.detail and "ε=0.2" in check.detail
+    small = results_frame({"fgsm": [0.98, 0.6, 0.604, 0.1]})
+    assert check_monotone(small).status == "warn"
+
+
+def test_fgsm_stronger_than_pgd_is_flagged() -> None:
+    settings = settings_for(FGSM, PGD)
+    good = results_frame({"fgsm": [0.98, 0.6, 0.3, 0.1], "pgd10": [0.98, 0.5, 0.1, 0.0]})
+    assert check_iterative_stronger(good, settings).status == "pass"
+    bad = results_frame({"fgsm": [0.98, 0.6, 0.3, 0.1], "pgd10": [0.98, 0.7, 0.5, 0.4]})
+    check = check_iterative_stronger(bad, settings)
+    assert check.status == "fail"
+    assert check.value == pytest.approx(0.3)
+    assert "pgd10" in check.detail and "fgsm" in check.detail
+
+
+def test_iterative_check_ignores_pairs_of_different_norms() -> None:
+    l2 = AttackConfig(name="pgd", norm="l2", steps=10)
+    frame = pd.concat([results_frame({"fgsm": [0.98, 0.6, 0.3, 0.1]}),
+                       results_frame({"pgd10-l2": [0.98, 0.9, 0.8, 0.7]}, norm="l2")])
+    check = check_iterative_stronger(frame, settings_for(FGSM, l2))
+    assert check.status == "pass" and check.value is None
+
+
+def test_step_budget_flags_steps_that_cannot_reach_eps() -> None:
+    assert check_step_budget(settings_for(PGD)).status == "pass"
+    short = AttackConfig(name="pgd", steps=10, step_size=0.01)
+    check = check_step_budget(settings_for(short))
+    assert check.status == "fail"
+    assert check.value == pytest.approx(0.1 / 0.3)
+    assert check_step_budget(settings_for(AttackConfig(name="pgd", steps=40,
+                                                       step_size=0.01))).status == "pass"
+
+
+def test_checks_from_results_frame() -> None:
+    frame = checks_from_results(results_frame({"fgsm": [0.98, 0.6, 0.3, 0.1]}),
+                                settings_for(FGSM))
+    assert list(frame.columns) == CHECK_COLUMNS
+    assert set(frame["status"]) == {"pass"}
+    assert len(frame) == 3
+
+
+def test_check_rejects_unknown_status() -> None:
+    with pytest.raises(ValueError, match="status"):
+        Check("x", "ok", None, "", "")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- with a model
+
+
+def template_data(n: int = 200, seed: int = 0) -> tuple[Split, Tensor]:
+    """Ten random binary stroke patterns, and noisy copies of them as labelled images."""
+    generator = torch.Generator().manual_seed(seed)
+    templates = (torch.rand(10, 1, 28, 28, generator=generator) < 0.25).float()
+    labels = torch.arange(n) % 10
+    noise = 0.1 * torch.rand(n, 1, 28, 28, generator=generator)
+    images = (0.3 + 0.35 * templates[labels] + noise).clamp(0, 1)  # low contrast: breakable
+    return Split(images, labels), templates
+
+
+def linear_model(templates: Tensor, scale: float = 0.05) -> nn.Sequential:
+    """Logits z_c = scale · (t_c − mean t) · x: a sound, smooth classifier of template_data."""
+    flat = templates.flatten(1)
+    layer = nn.Linear(flat.shape[1], 10)
+    with torch.no_grad():
+        layer.weight.copy_(scale * (flat - flat.mean(0)))
+        layer.bias.zero_()
+    return nn.Sequential(nn.Flatten(), layer)
+
+
+class Rounding(nn.Module):
+    """Quantises its input first: the gradient through torch.round is zero everywhere."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(torch.round(x * 4) / 4)
+
+
+class SaturatedLogSoftmax(nn.Module):
+    """log(softmax(T·z)) with a huge temperature: probabilities saturate to 0/1."""
+
+    def __init__(self, inner: nn.Module, temperature: float = 1e4) -> None:
+        super().__init__()
+        self.inner, self.temperature = inner, temperature
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.log(torch.softmax(self.temperature * self.inner(x), dim=1))
+
+
+class EvalDropout(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(nn.functional.dropout(x, 0.5, training=True))
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[Split, Tensor]:
+    return template_data()
+
+
+def test_probability_outputs_are_flagged(data: tuple[Split, Tensor]) -> None:
+    split, templates = data
+    probs = nn.Sequential(linear_model(templates), nn.Softmax(dim=1))
+    check = check_logits(probs, split.images[:50])
+    assert check.status == "fail"
+    assert "probabilities" in check.detail
+    assert check_logits(linear_model(templates), split.images[:50]).status == "pass"
+    log_probs = nn.Sequential(linear_model(templates), nn.LogSoftmax(dim=1))
+    passed = check_logits(log_probs, split.images[:50])
+    assert passed.status == "pass" and "log-probabilities" in passed.detail
+
+
+def test_rounding_model_masks_gradients(data: tuple[Split, Tensor]) -> None:
+    split, templates = data
+    masked = Rounding(linear_model(templates))
+    check = check_gradients(masked, split.images, split.labels)
+    assert check.status == "fail"
+    assert check.value == 1.0
+    large = check_large_eps(masked, split.images, split.labels, AttackConfig(steps=10))
+    assert large.status != "pass"
+    assert check_gradients(linear_model(templates), split.images,
+                           split.labels).status == "pass"
+
+
+def test_saturated_softmax_masks_gradients(data: tuple[Split, Tensor]) -> None:
+    split, templates = data
+    check = check_gradients(SaturatedLogSoftmax(linear_model(templates)), split.images,
+                            split.labels)
+    assert check.status in {"warn", "fail"}
+    assert check.value is not None and check.value > 0.01
+
+
+def test_random_forward_is_flagged(data: tuple[Split, Tensor]) -> None:
+    split, templates = data
+    check = check_deterministic(EvalDropout(linear_model(templates)), split.images)
+    assert check.status == "fail"
+    assert check_deterministic(linear_model(templates), split.images).status == "pass"
+
+
+def test_sound_linear_model_passes_every_check(data: tuple[Split, Tensor]) -> None:
+    split, templates = data
+    model = linear_model(templates)
+    attacks = [AttackConfig(name="fgsm"), AttackConfig(name="pgd", steps=20)]
+    evaluation = evaluate(model, split, attacks, EPS, model_name="linear")
+    assert evaluation.results["accuracy"].iloc[0] > 0.95  # a real classifier of the data
+    frame = run_checks(model, split, evaluation.results, settings_for(*attacks), n=200)
+    assert list(frame.columns) == CHECK_COLUMNS
+    assert set(frame["status"]) == {"pass"}, frame.to_string()
+    names = set(frame["name"])
+    assert {"accuracy_at_large_eps", "noise_weaker_than_attack", "attack_converged",
+            "input_gradients_usable", "outputs_are_logits", "forward_deterministic",
+            "accuracy_monotone_in_eps", "iterative_beats_single_step",
+            "pgd_step_budget"} <= names
+    values = frame.set_index("name")["value"]
+    assert values["accuracy_at_large_eps"] == 0.0
+    assert not math.isnan(values["noise_weaker_than_attack"])
+
+
+def test_run_checks_flags_a_masked_model(data: tuple[Split, Tensor]) -> None:
+    split, templates = data
+    attacks = [AttackConfig(name="fgsm"), AttackConfig(name="pgd", steps=10)]
+    model = Rounding(linear_model(templates))
+    evaluation = evaluate(model, split, attacks, EPS, model_name="rounded")
+    frame = run_checks(model, split, evaluation.results, settings_for(*attacks), n=100)
+    status = frame.set_index("name")["status"]
+    assert status["input_gradients_usable"] == "fail"
+    assert (frame["status"] != "pass").sum() >= 2

@@ -1,0 +1,240 @@
+"""The CLI through its real entry point: exit codes, one-line errors, every model kind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+USER_MODELS = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    class Tupled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+        def forward(self, x):
+            return self.net(x), x
+
+    def good():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+    def normalised():
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+    def probabilities():
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.Softmax(dim=1))
+
+    def wrong_shape():
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 7))
+
+    def tupled():
+        return Tupled()
+""")
+
+
+def run(*args: str, cwd: Path | None = None, extra_path: Path | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    if extra_path is not None:
+        env["PYTHONPATH"] = f"{extra_path}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    return subprocess.run([sys.executable, "-m", "robustkit", *args], capture_output=True,
+                          text=True, cwd=cwd or REPO, env=env, timeout=600)
+
+
+def assert_user_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr + result.stdout
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def user_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("usermodels")
+    (folder / "usermodels.py").write_text(USER_MODELS)
+    return folder
+
+
+def test_help_shows_worked_examples() -> None:
+    top = run("--help")
+    assert top.returncode == 0 and "Example: robustkit run" in top.stdout
+    for command in ("train", "attack", "data"):
+        result = run(command, "--help")
+        assert result.returncode == 0, result.stderr
+        assert f"Example: robustkit {command}" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("train.epocs=3", "config error at train.epocs: unknown key (did you mean 'epochs'?)"),
+        ("train.lr=-1", "config error at train.lr: -1.0 is out of range"),
+        ("model.arch=resnet", "config error at model.arch: 'resnet' is not one of"),
+    ],
+)
+def test_train_rejects_bad_config_before_any_work(override: str, fragment: str, tmp_path: Path
+                                                  ) -> None:
+    result = run("train", "experiments/mnist_softmax.toml", "--set", override,
+                 "--out", str(tmp_path / "out"))
+    assert_user_error(result, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_missing_config_and_bad_device(tmp_path: Path) -> None:
+    assert_user_error(run("train", str(tmp_path / "nope.toml")), "nope.toml not found")
+    assert_user_error(run("train", "experiments/mnist_softmax.toml", "--device", "tpu",
+                          "--out", str(tmp_path / "o")), "unknown device 'tpu'")
+
+
+def test_train_softmax_end_to_end(tmp_path: Path, mnist_root: Path) -> None:
+    out = tmp_path / "softmax"
+    result = run("train", "experiments/mnist_softmax.toml", "--set", "train.epochs=1",
+                 "--out", str(out), "--data-dir", str(mnist_root), "-q")
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy" in result.stdout
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert metrics["test_acc"].iloc[-1] > 0.90
+    for name in ("model-best.safetensors", "model-best.json", "model-last.safetensors",
+                 "config.toml", "manifest.json"):
+        assert (out / name).is_file(), name
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--eps", "0,-0.1"], ["--eps -0.1 is out of range"]),
+        (["--eps", "0,8"], ["--eps 8 is out of range", "not 8"]),
+        (["--eps", "0,abc"], ["--eps '0,abc': expected comma-separated numbers"]),
+        (["--attack", "fgsm,deepfool"], ["unknown attack 'deepfool'"]),
+        (["--loss", "hinge"], ["attacks[0].loss: 'hinge' is not one of"]),
+        (["--norm", "l1"], ["'l1' is not one of"]),
+        (["--steps", "0"], ["steps: 0 is out of range"]),
+    ],
+)
+def test_attack_rejects_bad_arguments(args: list[str], fragments: list[str], user_models: Path
+                                      ) -> None:
+    result = run("attack", "--model", "usermodels:good", *args, extra_path=user_models)
+    assert_user_error(result, *fragments)
+
+
+@pytest.mark.parametrize(
+    ("factory", "fragment"),
+    [
+        ("usermodels:probabilities", "returns probabilities"),
+        ("usermodels:wrong_shape", "returns shape [8, 7]"),
+        ("usermodels:tupled", "returns a tuple of 2 items"),
+        ("usermodels:missing", "has no attribute 'missing'"),
+        ("nomodule:good", "cannot import 'nomodule'"),
+    ],
+)
+def test_attack_rejects_bad_models(factory: str, fragment: str, user_models: Path,
+                                   tmp_path: Path) -> None:
+    result = run("attack", "--model", factory, "--n", "50", "--out", str(tmp_path / "o"),
+                 extra_path=user_models)
+    assert_user_error(result, fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_attack_missing_model_file(tmp_path: Path) -> None:
+    assert_user_error(run("attack", "--model", str(tmp_path / "gone.safetensors")), "not found")
+    assert_user_error(run("attack", "--model", str(tmp_path / "gone.pt")), "not found")
+
+
+def _linear(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+
+
+def test_attack_every_model_kind_gives_the_same_numbers(user_models: Path, tmp_path: Path,
+                                                        mnist_root: Path) -> None:
+    model = _linear()
+    weights = tmp_path / "w.pt"
+    torch.save(model.state_dict(), weights)
+    scripted = tmp_path / "m.torchscript"
+    torch.jit.save(torch.jit.script(model), scripted)
+    exported = tmp_path / "m.pt2"
+    batch = {"input": {0: torch.export.Dim("batch")}}
+    program = torch.export.export(model, (torch.rand(2, 1, 28, 28),), dynamic_shapes=batch)
+    torch.export.save(program, exported)
+    static = tmp_path / "static.pt2"
+    torch.export.save(torch.export.export(model, (torch.rand(2, 1, 28, 28),)), static)
+    assert_user_error(run("attack", "--model", str(static), "--n", "20"),
+                      "needs a dynamic batch dimension")
+    common = ["--attack", "fgsm,pgd", "--steps", "5", "--eps", "0,0.05,0.1", "--n", "100", "-q"]
+    tables = {}
+    for kind, spec in [("factory", ["--model", "usermodels:good", "--weights", str(weights)]),
+                       ("torchscript", ["--model", str(scripted)]),
+                       ("export", ["--model", str(exported)])]:
+        out = tmp_path / kind
+        result = run("attack", *spec, *common, "--out", str(out), extra_path=user_models)
+        assert result.returncode == 0, result.stderr
+        assert "robust accuracy" in result.stdout
+        tables[kind] = pd.read_csv(out / "results.csv").drop(columns="model")
+        assert (out / "per_sample.csv").is_file() and (out / "settings.json").is_file()
+    assert tables["factory"].equals(tables["torchscript"])
+    assert tables["factory"].equals(tables["export"])
+
+
+def test_normalize_wrapper_keeps_pixel_units(user_models: Path, tmp_path: Path) -> None:
+    inner = _linear(1)
+    mean, std = 0.1307, 0.3081
+    folded = _linear(1)
+    with torch.no_grad():  # fold the normalisation into the first layer by hand
+        folded[1].weight.copy_(inner[1].weight / std)
+        folded[1].bias.copy_(inner[1].bias - (inner[1].weight * mean / std).sum(1))
+    torch.save(inner.state_dict(), tmp_path / "inner.pt")
+    torch.save(folded.state_dict(), tmp_path / "folded.pt")
+    common = ["--attack", "fgsm", "--eps", "0,0.05,0.1", "--n", "200", "-q"]
+    a = run("attack", "--model", "usermodels:normalised", "--weights", str(tmp_path / "inner.pt"),
+            "--normalize", f"{mean},{std}", *common, "--out", str(tmp_path / "a"),
+            extra_path=user_models)
+    b = run("attack", "--model", "usermodels:normalised", "--weights",
+            str(tmp_path / "folded.pt"), *common, "--out", str(tmp_path / "b"),
+            extra_path=user_models)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    ra = pd.read_csv(tmp_path / "a" / "results.csv")
+    rb = pd.read_csv(tmp_path / "b" / "results.csv")
+    assert (ra["correct"] - rb["correct"]).abs().max() <= 1
+
+
+def test_cuda_saved_weights_map_to_cpu(user_models: Path, tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: saving weights on CUDA needs one")
+    torch.save({k: v.cuda() for k, v in _linear().state_dict().items()}, tmp_path / "w.pt")
+    result = run("attack", "--model", "usermodels:good", "--weights", str(tmp_path / "w.pt"),
+                 "--device", "cpu", "--n", "20", "--eps", "0,0.1", "-q", "--out",
+                 str(tmp_path / "o"), extra_path=user_models)
+    assert result.returncode == 0, result.stderr
+
+
+def test_output_folder_of_another_experiment_is_not_overwritten(user_models: Path,
+                                                                tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    base = ["attack", "--model", "usermodels:good", "--attack", "fgsm", "--n", "20", "-q",
+            "--out", str(out)]
+    assert run(*base, "--eps", "0,0.1", extra_path=user_models).returncode == 0
+    before = (out / "results.csv").read_text()
+    assert_user_error(run(*base, "--eps", "0,0.2", extra_path=user_models),
+                      "already holds results of a different experiment")
+    assert (out / "results.csv").read_text() == before
+    assert run(*base, "--eps", "0,0.2", "--overwrite", extra_path=user_models).returncode == 0
+
+
+def test_data_command_reports_checksums(mnist_root: Path, tmp_path: Path) -> None:
+    ok = run("data", "--data-dir", str(mnist_root))
+    assert ok.returncode == 0 and "md5 checksums match" in ok.stdout
+    assert_user_error(run("data", "--data-dir", str(tmp_path)), f"no mnist files in {tmp_path}")

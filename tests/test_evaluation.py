@@ -1,0 +1,149 @@
+"""The sweep engine: shortcuts never weaken the attack; frames are right; resume; intervals."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from robustkit.config import AttackConfig
+from robustkit.data import Split
+from robustkit.evaluation import evaluate, wilson_interval
+from robustkit.runs import load_sweep, save_sweep
+
+EPS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3]
+
+
+def trained_mlp(mnist, epochs: int = 1) -> nn.Module:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x, y = mnist.train.images[:10_000], mnist.train.labels[:10_000]
+    for _ in range(epochs):
+        for i in range(0, len(x), 100):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[i:i + 100]), y[i:i + 100]).backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model_and_data(mnist):  # type: ignore[no-untyped-def]
+    return trained_mlp(mnist), mnist.test.take(400)
+
+
+def test_wilson_interval_matches_hand_computation() -> None:
+    low, high = wilson_interval(8, 10)
+    # p = 0.8, z = 1.96: centre (0.8 + 0.19208) / 1.38416, half 1.96·√(0.016 + 0.009604)/1.38416
+    assert low == pytest.approx(0.49016, abs=1e-4) and high == pytest.approx(0.94332, abs=1e-4)
+    assert wilson_interval(0, 50)[0] == pytest.approx(0.0)
+    assert wilson_interval(50, 50)[1] == pytest.approx(1.0)
+    assert wilson_interval(50, 50)[0] == pytest.approx(50 / (50 + 1.959964**2))
+
+
+def test_fast_engine_is_never_weaker_than_per_eps_reference(model_and_data) -> None:  # type: ignore[no-untyped-def]
+    model, data = model_and_data
+    attacks = [AttackConfig(name="fgsm"), AttackConfig(name="pgd", steps=10),
+               AttackConfig(name="pgd", steps=10, loss="margin", restarts=2)]
+    fast = evaluate(model, data, attacks, EPS, batch_size=128)
+    slow = evaluate(model, data, attacks, EPS, batch_size=400, shortcuts=False)
+    merged = fast.results.merge(slow.results, on=["attack", "eps"], suffixes=("_fast", "_ref"))
+    assert len(merged) == len(EPS) * 4
+    assert (merged["correct_fast"] <= merged["correct_ref"]).all(), merged
+    pgd_fast = fast.results.query("attack == 'pgd10'")
+    assert pgd_fast["grad_evals"].sum() < slow.results.query("attack == 'pgd10'")[
+        "grad_evals"].sum() / 2
+
+
+def test_results_frames_are_consistent(model_and_data) -> None:  # type: ignore[no-untyped-def]
+    model, data = model_and_data
+    ev = evaluate(model, data, [AttackConfig(name="fgsm"), AttackConfig(name="pgd", steps=10)],
+                  EPS, model_name="m")
+    res = ev.results
+    assert list(res["attack"].unique()) == ["fgsm", "pgd10", "any"]
+    clean = float((model(data.images).argmax(1) == data.labels).float().mean())
+    assert res.query("eps == 0")["accuracy"].tolist() == pytest.approx([clean] * 3)
+    for _, rows in res.groupby("attack"):
+        assert rows["accuracy"].is_monotonic_decreasing
+        assert ((rows["ci_low"] <= rows["accuracy"]) & (rows["accuracy"] <= rows["ci_high"])).all()
+    # accuracy at ε equals the share of samples whose smallest breaking ε exceeds it
+    ps = ev.per_sample
+    for e in EPS:
+        for attack in ("fgsm", "pgd10", "any"):
+            row = res[(res["attack"] == attack) & (res["eps"] == e)].iloc[0]
+            assert row["correct"] == int((ps[f"{attack}_eps"] > e).sum())
+    any_acc = res.query("attack == 'any'").set_index("eps")["accuracy"]
+    for attack in ("fgsm", "pgd10"):
+        acc = res[res["attack"] == attack].set_index("eps")["accuracy"]
+        assert (any_acc <= acc + 1e-12).all()
+    # misclassified samples are broken at ε = 0 with their clean prediction
+    wrong = ps[ps["label"] != ps["clean_pred"]]
+    assert (wrong["pgd10_eps"] == 0).all() and (wrong["pgd10_pred"] == wrong["clean_pred"]).all()
+    broken = ps[(ps["pgd10_eps"] > 0) & (ps["pgd10_eps"] < math.inf)]
+    assert (broken["pgd10_pred"] != broken["label"]).all()
+
+
+def test_adversarial_predictions_are_reproduced_at_breaking_eps(model_and_data) -> None:  # type: ignore[no-untyped-def]
+    model, data = model_and_data
+    ev = evaluate(model, data, [AttackConfig(name="fgsm")], [0.0, 0.1])
+    broken = ev.per_sample[ev.per_sample["fgsm_eps"] == 0.1]
+    index = torch.tensor(broken["index"].to_numpy())
+    x = data.images[index].requires_grad_(True)
+    nn.functional.cross_entropy(model(x), data.labels[index], reduction="sum").backward()
+    assert x.grad is not None
+    x_adv = (x + 0.1 * x.grad.sign()).clamp(0, 1)
+    assert (model(x_adv).argmax(1).numpy() == broken["fgsm_pred"].to_numpy()).all()
+
+
+def test_targeted_attack_hits_target_class(model_and_data) -> None:  # type: ignore[no-untyped-def]
+    model, data = model_and_data
+    ev = evaluate(model, data, [AttackConfig(name="pgd", steps=20, targeted=True)], [0.0, 0.3])
+    ps = ev.per_sample
+    hit = ps[ps["pgd20-targeted_eps"] == 0.3]
+    assert len(hit) > 0 and (hit["pgd20-targeted_pred"] == (hit["label"] + 1) % 10).all()
+
+
+def test_interrupted_sweep_resumes_to_the_same_results(model_and_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    model, data = model_and_data
+    attacks = [AttackConfig(name="pgd", steps=5)]
+    whole = evaluate(model, data, attacks, EPS)
+
+    class StopError(Exception):
+        pass
+
+    cells = []
+
+    def save_then_stop(state):  # type: ignore[no-untyped-def]
+        save_sweep(tmp_path, "fp", state)
+        cells.append(1)
+        if len(cells) == 2:
+            raise StopError
+
+    with pytest.raises(StopError):
+        evaluate(model, data, attacks, EPS, on_cell=save_then_stop)
+    state = load_sweep(tmp_path, "fp")
+    assert state is not None and state.attacks["pgd5"].done == [0.05, 0.1]
+    assert load_sweep(tmp_path, "other") is None
+    resumed = evaluate(model, data, attacks, EPS, state=state)
+    assert resumed.results.equals(whole.results)
+    assert resumed.per_sample.equals(whole.per_sample)
+
+
+def test_results_do_not_depend_on_batch_size(model_and_data) -> None:  # type: ignore[no-untyped-def]
+    model, data = model_and_data
+    attacks = [AttackConfig(name="pgd", steps=10)]
+    a = evaluate(model, data, attacks, EPS, batch_size=400)
+    b = evaluate(model, data, attacks, EPS, batch_size=64)
+    diff = (a.results["correct"] - b.results["correct"]).abs()
+    assert int(diff.max()) <= 1  # same starts per sample; only float summation order differs
+
+
+def test_l2_sweep_and_split_of_n(model_and_data) -> None:  # type: ignore[no-untyped-def]
+    model, data = model_and_data
+    small = Split(data.images[:100], data.labels[:100])
+    ev = evaluate(model, small, [AttackConfig(name="pgd", norm="l2", steps=10)], [0.0, 1.0, 3.0])
+    acc = ev.results.set_index("eps")["accuracy"]
+    assert acc[0.0] > acc[1.0] > acc[3.0]
