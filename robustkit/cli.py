@@ -175,6 +175,47 @@ def attack(
     )
 
 
+@app.command(epilog="Example: robustkit run experiments/quickstart.toml")
+def run(
+    config: Annotated[Path, typer.Argument(help="Experiment TOML file (see experiments/).")],
+    set_: SetOption = None,
+    device: DeviceOption = None,
+    data_dir: DataDirOption = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default reports/NAME).")] = None,  # noqa: E501, UP045
+    runs_dir: Annotated[Path, typer.Option("--runs", help="Checkpoint folder.")] = Path("runs"),
+    retrain: Annotated[bool, typer.Option("--retrain", help="Train anew even if a matching checkpoint exists.")] = False,  # noqa: E501
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace another experiment's results in --out.")] = False,  # noqa: E501
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Train (or reuse), attack over the ε sweep, check and report: the whole experiment."""
+    from robustkit.pipeline import run_experiment
+
+    overrides = list(set_ or [])
+    if data_dir is not None:
+        overrides.append(f"data.dir={str(data_dir)!r}")
+    run_experiment(config, overrides=overrides, out_dir=out_dir, runs_dir=runs_dir,
+                   retrain=retrain, device=device, progress=not quiet, overwrite=overwrite,
+                   echo=out.print, log=_log)
+
+
+@app.command(epilog="Example: robustkit report reports/mnist_mlp reports/mnist_cnn --out reports/compare")  # noqa: E501
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Evaluation folders to put on one report.")],  # noqa: E501
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default: the only RUN_DIR).")] = None,  # noqa: E501, UP045
+    title: Annotated[Optional[str], typer.Option("--title", help="Report title.")] = None,  # noqa: UP045
+) -> None:
+    """Build one HTML + Markdown + CSV report from one or more evaluation folders."""
+    from robustkit.reporting import build_report
+
+    if out_dir is None:
+        if len(run_dirs) != 1:
+            raise RobustkitError("several RUN_DIRs need --out DIR for the combined report")
+        out_dir = run_dirs[0]
+    paths = build_report(list(run_dirs), out_dir, title=title)
+    for kind, path in paths.items():
+        out.print(f"{kind}: {path}")
+
+
 def main() -> None:
     """Console-script entry point: RobustkitError → ``error: …`` on stderr, exit code 2."""
     try:

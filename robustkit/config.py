@@ -125,6 +125,17 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ReferenceConfig:
+    """A published figure to put beside robustkit's: the error rate of ``attack`` at ``eps``."""
+
+    source: str = ""
+    attack: str = "fgsm"
+    eps: float = field(default=0.25, metadata=_range(0, 1))
+    error: float = field(default=0.0, metadata=_range(0, 1))
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
     description: str = ""
@@ -136,7 +147,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     attacks: tuple[AttackConfig, ...] = field(default_factory=_default_attacks)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    reference: dict[str, float] | None = None
+    reference: ReferenceConfig | None = None
 
     @property
     def all_seeds(self) -> tuple[int, ...]:

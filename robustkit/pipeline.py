@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from robustkit.config import AttackConfig, to_dict
+from robustkit.config import AttackConfig, ReferenceConfig, to_dict
 from robustkit.data import load_dataset
 from robustkit.errors import RobustkitError
 from robustkit.evaluation import Evaluation
@@ -89,19 +88,158 @@ def attack_model(
     for note in evaluation.notes:
         echo(f"note: {note}")
     if report:
-        _report(folder, log)
+        _after_evaluation(net, split, evaluation, settings, folder, seed=seed, reference=None,
+                          log=log)
+        _report_folders(folder, [folder], name, log)
     echo(f"results in {folder}/ (results.csv, per_sample.csv, timings.csv, settings.json)")
     return evaluation
 
 
-def _report(folder: Path, log: Callable[[str], None]) -> None:
-    try:
-        from robustkit.reporting import build_report
-    except ImportError:  # reporting not available
-        return
-    paths = build_report([folder], folder)
-    log(f"report: {paths}")
+def run_experiment(
+    config_path: Path,
+    *,
+    overrides: Sequence[str] = (),
+    out_dir: Path | None = None,
+    runs_dir: Path = Path("runs"),
+    retrain: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    echo: Callable[[str], None] = print,
+    log: Callable[[str], None] = print,
+) -> dict[int, Evaluation]:
+    """Train (or reuse) each seed's model, sweep the config's attacks, check and report.
+
+    Checkpoints go to ``runs_dir/<name>/seed-<s>/`` and are reused while their training hash
+    matches the config; results, figures and reports go to ``out_dir`` (default
+    ``reports/<name>/``), one sub-folder per seed when there are several seeds.
+    """
+    from robustkit.checkpoint import load_checkpoint, read_sidecar
+    from robustkit.config import config_hash, load_config, to_toml, training_hash
+    from robustkit.training import train
+
+    cfg = load_config(config_path, list(overrides))
+    target = resolve_device(device or cfg.device)
+    folder = out_dir or Path("reports") / cfg.name
+    data = load_dataset(cfg.data.dataset, cfg.data.dir, target, val_size=cfg.data.val_size,
+                        split_seed=cfg.data.split_seed)
+    split = (data.test if cfg.evaluate.split == "test" else data.val).take(cfg.evaluate.n)
+    several = len(cfg.all_seeds) > 1
+    evaluations: dict[int, Evaluation] = {}
+    for seed in cfg.all_seeds:
+        ckpt_dir = runs_dir / cfg.name / f"seed-{seed}"
+        eval_dir = folder / f"seed-{seed}" if several else folder
+        fingerprint = training_hash(cfg, seed)
+        best = ckpt_dir / "model-best"
+        reusable = (not retrain and best.with_suffix(".json").is_file()
+                    and not (ckpt_dir / "state.json").exists()
+                    and read_sidecar(best).get("training_hash") == fingerprint)
+        if reusable:
+            log(f"seed {seed}: reusing {best}.safetensors (training hash {fingerprint})")
+        else:
+            log(f"seed {seed}: training {cfg.model.arch} ({cfg.train.method}) into {ckpt_dir}")
+            train(cfg, out_dir=ckpt_dir, seed=seed, device=target, data=data,
+                  progress=progress, resume=not retrain, log=log)
+        model, info = load_checkpoint(best, target)
+        settings = {
+            "experiment": cfg.name, "config_hash": config_hash(cfg), "seed": seed,
+            "training_hash": fingerprint, "model": str(best), "dataset": cfg.data.dataset,
+            "split": cfg.evaluate.split, "n": len(split), "eps": sorted(set(cfg.evaluate.eps)),
+            "attacks": [to_dict(a) for a in cfg.attacks], "device": str(target),
+            "batch_size": cfg.evaluate.batch_size,
+        }
+        manifest = {"command": "run", "start": now_iso(), **provenance(target, seed),
+                    "config_hash": config_hash(cfg),
+                    "training": _read_json(ckpt_dir / "manifest.json"),
+                    "checkpoint_epoch": info.get("epoch"), "reused_checkpoint": reusable}
+        evaluation = evaluate_to_folder(
+            model, split, cfg.attacks, cfg.evaluate.eps, out_dir=eval_dir, settings=settings,
+            manifest=manifest, model_name=f"{cfg.name}/seed-{seed}" if several else cfg.name,
+            batch_size=cfg.evaluate.batch_size, seed=cfg.evaluate.seed, progress=progress,
+            overwrite=overwrite,
+        )
+        _copy_training_outputs(ckpt_dir, eval_dir, to_toml(cfg))
+        _after_evaluation(model, split, evaluation, settings, eval_dir, seed=cfg.evaluate.seed,
+                          reference=cfg.reference, log=log)
+        evaluations[seed] = evaluation
+        echo(f"{cfg.name} seed {seed}: robust accuracy on {len(split)} {cfg.evaluate.split} "
+             "images")
+        echo(accuracy_table(evaluation.results))
+    if several:
+        _write_seed_summary(folder, evaluations, echo)
+    run_dirs = [folder / f"seed-{s}" for s in cfg.all_seeds] if several else [folder]
+    _report_folders(folder, run_dirs, cfg.name, log)
+    return evaluations
 
 
-def replace_attack(attack: AttackConfig, **changes: Any) -> AttackConfig:
-    return dataclasses.replace(attack, **changes)
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    if not path.is_file():
+        return {}
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
+def _copy_training_outputs(ckpt_dir: Path, eval_dir: Path, config_toml: str) -> None:
+    from robustkit.checkpoint import write_text
+
+    write_text(eval_dir / "config.toml", config_toml)
+    metrics = ckpt_dir / "metrics.csv"
+    if metrics.is_file():
+        write_text(eval_dir / "metrics.csv", metrics.read_text(encoding="utf-8"))
+
+
+def _after_evaluation(model: Any, split: Any, evaluation: Evaluation, settings: dict[str, Any],
+                      eval_dir: Path, *, seed: int, reference: ReferenceConfig | None,
+                      log: Callable[[str], None]) -> None:
+    """Sanity checks, example probabilities and the paper reference, when available."""
+    from robustkit.checkpoint import write_json
+    from robustkit.checks import run_checks
+    from robustkit.reporting import add_probabilities
+    from robustkit.runs import write_frame
+
+    write_frame(eval_dir / "checks.csv", run_checks(model, split, evaluation.results, settings,
+                                                    seed=seed))
+    add_probabilities(eval_dir / "examples.safetensors", model)
+    if reference:
+        write_json(eval_dir / "reference.json", _reference(reference, evaluation))
+    log(f"sanity checks and example pictures written to {eval_dir}")
+
+
+def _reference(reference: ReferenceConfig, evaluation: Evaluation) -> dict[str, Any]:
+    """robustkit's error rate beside a paper's, for the same attack and ε."""
+    res = evaluation.results
+    row = res[(res["attack"] == reference.attack) & (res["eps"] - reference.eps).abs().lt(1e-9)]
+    if row.empty:
+        raise RobustkitError(
+            f"reference: the sweep has no {reference.attack} row at ε = {reference.eps:g}; add "
+            "that attack and ε to the config"
+        )
+    return {"source": reference.source, "note": reference.note, "value": reference.error,
+            "metric": f"error rate under {reference.attack} at ε = {reference.eps:g}",
+            "ours": float(1 - row["accuracy"].iloc[0])}
+
+
+def _write_seed_summary(folder: Path, evaluations: dict[int, Evaluation],
+                        echo: Callable[[str], None]) -> None:
+    import pandas as pd
+
+    from robustkit.runs import write_frame
+
+    rows = pd.concat([ev.results.assign(seed=seed) for seed, ev in evaluations.items()])
+    summary = (rows.groupby(["attack", "eps"], sort=False)["accuracy"]
+               .agg(mean="mean", sd="std", min="min", max="max", seeds="count").reset_index())
+    write_frame(folder / "seeds.csv", rows)
+    write_frame(folder / "seed_summary.csv", summary)
+    echo("mean ± sd over seeds:")
+    for _, r in summary.iterrows():
+        echo(f"  {r['attack']:>12}  ε={r['eps']:<5g} {r['mean']:.4f} ± {r['sd']:.4f}")
+
+
+def _report_folders(folder: Path, run_dirs: list[Path], title: str,
+                    log: Callable[[str], None]) -> None:
+    from robustkit.reporting import build_report
+
+    paths = build_report(run_dirs, folder, title=title)
+    log(f"report: {', '.join(str(p) for p in paths.values())}")

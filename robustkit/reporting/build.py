@@ -165,8 +165,9 @@ def _example_blocks(run: RunData, classes: list[str], max_eps: int, samples: int
                    f"(magnified ×{1 / eps:.3g}; red brighter, blue darker) = adversarial image.")
         if "clean_probs" not in ex:
             caption += " Confidences need probabilities stored in examples.safetensors."
-        blocks.append((attack, FigureBlock(name, png, f"{attack} examples at ε={eps:g}",
-                                           caption)))
+        alt = f"{attack} examples at ε={eps:g}: " + "; ".join(
+            f"{row.clean_text} → {row.adv_text}" for row in rows)
+        blocks.append((attack, FigureBlock(name, png, alt, caption)))
     return blocks
 
 

@@ -94,7 +94,7 @@ def example_figure(rows: Sequence[Panel], eps: float, norm: str, attack: str) ->
         delta = row.adv - row.clean
         size = (float(np.abs(delta).max()) if norm == "linf"
                 else float(np.sqrt((delta.astype(np.float64) ** 2).sum())))
-        axes = [fig.add_subplot(grid[r, c]) for c in range(5)]
+        axes = {c: fig.add_subplot(grid[r, c]) for c in (0, 2, 4)}
         axes[0].imshow(row.clean, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         axes[0].set_title(row.clean_text, fontsize=9)
         axes[2].imshow(np.clip(delta * scale, -1, 1), cmap="RdBu_r", vmin=-1, vmax=1,
@@ -104,15 +104,16 @@ def example_figure(rows: Sequence[Panel], eps: float, norm: str, attack: str) ->
         axes[4].imshow(row.adv, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         axes[4].set_title(row.adv_text, fontsize=9,
                           color="#b2182b" if row.flipped else "black")
-        for c, text in ((1, "+"), (3, "=")):
-            axes[c].text(0.5, 0.5, text, fontsize=18, ha="center", va="center")
-        for ax in axes:
+        for ax in axes.values():
             ax.set_xticks([])
             ax.set_yticks([])
-        for c in (1, 3):
-            axes[c].axis("off")
     fig.suptitle(f"{attack} at ε = {eps:g}", fontsize=10)
     fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.55 / fig.get_figheight(), bottom=0.02)
+    for r in range(n):  # the "+" and "=" between the panels, placed once the layout is final
+        for c, text in ((1, "+"), (3, "=")):
+            box = grid[r, c].get_position(fig)
+            fig.text((box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2, text, fontsize=18,
+                     ha="center", va="center")
     return to_png(fig)
 
 
