@@ -107,16 +107,20 @@ def check_monotone(results: pd.DataFrame, fail_above: float = 0.02) -> Check:
             rise = float(acc[i + 1] - acc[i])
             if rise > worst + 1e-12:
                 worst = rise
-                where = (f"{model}/{attack}: {acc[i]:.3f} at ε={eps[i]:g} rises to "
-                         f"{acc[i + 1]:.3f} at ε={eps[i + 1]:g}")
+                where = (
+                    f"{model}/{attack}: {acc[i]:.3f} at ε={eps[i]:g} rises to "
+                    f"{acc[i + 1]:.3f} at ε={eps[i + 1]:g}"
+                )
     status: Status = "pass" if worst <= 1e-12 else ("warn" if worst <= fail_above else "fail")
     detail = where or "accuracy never rises with ε for any model and attack"
-    return Check("accuracy_monotone_in_eps", status, worst, f"rise = 0 (fail > {fail_above:g})",
-                 detail)
+    return Check(
+        "accuracy_monotone_in_eps", status, worst, f"rise = 0 (fail > {fail_above:g})", detail
+    )
 
 
-def check_iterative_stronger(results: pd.DataFrame, settings: dict[str, Any],
-                             fail_above: float = 0.02) -> Check:
+def check_iterative_stronger(
+    results: pd.DataFrame, settings: dict[str, Any], fail_above: float = 0.02
+) -> Check:
     """An iterative attack (PGD) must be at least as strong as FGSM at every ε.
 
     Value: the largest ``acc(PGD) − acc(FGSM)`` over ε and comparable pairs (same model, norm and
@@ -126,8 +130,10 @@ def check_iterative_stronger(results: pd.DataFrame, settings: dict[str, Any],
     worst: float | None = None
     where, pairs = "", []
     for model, frame in results[results["attack"] != ANY].groupby("model", sort=False):
-        kinds = {str(t): (*_attack_kind(str(t), configs), n) for t, n in
-                 frame.groupby("attack", sort=False)["norm"].first().items()}
+        kinds = {
+            str(t): (*_attack_kind(str(t), configs), n)
+            for t, n in frame.groupby("attack", sort=False)["norm"].first().items()
+        }
         singles = [t for t, k in kinds.items() if k[0] == "fgsm"]
         iteratives = [t for t, k in kinds.items() if k[0] == "pgd"]
         for f in singles:
@@ -144,14 +150,22 @@ def check_iterative_stronger(results: pd.DataFrame, settings: dict[str, Any],
                 eps, gap = float(diff.index[at]), float(diff.iloc[at])
                 if worst is None or gap > worst:
                     worst = gap
-                    where = (f"{model}: {p} {b[eps]:.3f} vs {f} {a[eps]:.3f} at ε={eps:g}")
+                    where = f"{model}: {p} {b[eps]:.3f} vs {f} {a[eps]:.3f} at ε={eps:g}"
     threshold = f"acc(PGD) − acc(FGSM) ≤ 0 (fail > {fail_above:g})"
     if worst is None:
-        return Check("iterative_beats_single_step", "pass", None, threshold,
-                     "no FGSM/PGD pair with the same norm to compare")
+        return Check(
+            "iterative_beats_single_step",
+            "pass",
+            None,
+            threshold,
+            "no FGSM/PGD pair with the same norm to compare",
+        )
     status: Status = "pass" if worst <= 1e-12 else ("warn" if worst <= fail_above else "fail")
-    detail = (where if worst > 1e-12 else
-              f"{', '.join(sorted(set(pairs)))}: PGD at least as strong as FGSM at every ε")
+    detail = (
+        where
+        if worst > 1e-12
+        else f"{', '.join(sorted(set(pairs)))}: PGD at least as strong as FGSM at every ε"
+    )
     return Check("iterative_beats_single_step", status, worst, threshold, detail)
 
 
@@ -167,25 +181,37 @@ def check_step_budget(settings: dict[str, Any]) -> Check:
     if not pgds or not eps_values:
         return Check("pgd_step_budget", "pass", None, threshold, "no PGD attack with ε > 0")
     eps_max = max(eps_values)
-    ratios = {c.title: (2.5 if c.step_size is None else c.step_size * c.steps / eps_max)
-              for c in pgds}
+    ratios = {
+        c.title: (2.5 if c.step_size is None else c.step_size * c.steps / eps_max) for c in pgds
+    }
     title = min(ratios, key=lambda t: ratios[t])
     ratio = ratios[title]
     config = next(c for c in pgds if c.title == title)
-    reach = (f"default step 2.5·ε/{config.steps}" if config.step_size is None
-             else f"{config.steps} steps of {config.step_size:g} travel "
-                  f"{config.step_size * config.steps:g}")
+    reach = (
+        f"default step 2.5·ε/{config.steps}"
+        if config.step_size is None
+        else f"{config.steps} steps of {config.step_size:g} travel "
+        f"{config.step_size * config.steps:g}"
+    )
     if ratio < 1:
         detail = f"{title}: {reach} < ε_max = {eps_max:g}; raise steps or step_size"
         return Check("pgd_step_budget", "fail", ratio, threshold, detail)
-    return Check("pgd_step_budget", "pass", ratio, threshold,
-                 f"{title}: {reach}, enough for ε_max = {eps_max:g}")
+    return Check(
+        "pgd_step_budget",
+        "pass",
+        ratio,
+        threshold,
+        f"{title}: {reach}, enough for ε_max = {eps_max:g}",
+    )
 
 
 def _group_a(results: pd.DataFrame, settings: dict[str, Any]) -> list[Check]:
     _check_results(results)
-    return [check_monotone(results), check_iterative_stronger(results, settings),
-            check_step_budget(settings)]
+    return [
+        check_monotone(results),
+        check_iterative_stronger(results, settings),
+        check_step_budget(settings),
+    ]
 
 
 def checks_from_results(results: pd.DataFrame, settings: dict[str, Any]) -> pd.DataFrame:
@@ -196,21 +222,40 @@ def checks_from_results(results: pd.DataFrame, settings: dict[str, Any]) -> pd.D
 def _check_results(results: pd.DataFrame) -> None:
     missing = {"model", "attack", "norm", "eps", "accuracy"} - set(results.columns)
     if missing:
-        raise RobustkitError(f"results frame lacks the columns {sorted(missing)}: pass the "
-                             "frame of results.csv written by robustkit attack")
+        raise RobustkitError(
+            f"results frame lacks the columns {sorted(missing)}: pass the "
+            "frame of results.csv written by robustkit attack"
+        )
 
 
 # --------------------------------------------------------------------------- group (b)
 
 
-def _robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: float,
-                     seed: int, **changes: Any) -> float:
+def _robust_accuracy(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attack: AttackConfig,
+    eps: float,
+    seed: int,
+    **changes: Any,
+) -> float:
     """Accuracy under an untargeted PGD run of ``attack`` (with ``changes``) at ``eps``."""
     config = dataclasses.replace(attack, **changes)
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    result = pgd(model, x, y, eps=eps, norm=config.norm, steps=config.steps,
-                 step_size=config.step_size, loss=config.loss, restarts=config.restarts,
-                 random_start=config.random_start, generator=generator)
+    result = pgd(
+        model,
+        x,
+        y,
+        eps=eps,
+        norm=config.norm,
+        steps=config.steps,
+        step_size=config.step_size,
+        loss=config.loss,
+        restarts=config.restarts,
+        random_start=config.random_start,
+        generator=generator,
+    )
     return 1.0 - float(result.success.float().mean())
 
 
@@ -219,23 +264,33 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return float((model(x).argmax(1) == y).float().mean())
 
 
-def check_large_eps(model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, *,
-                    seed: int = 0, fail_above: float = 0.05) -> Check:
+def check_large_eps(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attack: AttackConfig,
+    *,
+    seed: int = 0,
+    fail_above: float = 0.05,
+) -> Check:
     """At L∞ ε = 1 every image is reachable, so PGD must drive accuracy to ≈ 0.
 
     At ε = 0.5 every input can become the uniform grey image, so at most the samples whose
     label is the model's class for grey can survive; more than that (+ 0.05) warns.
     Value: accuracy at ε = 1.
     """
-    linf = dataclasses.replace(attack, name="pgd", norm="linf", step_size=None,
-                               steps=min(attack.steps, 50), targeted=False)
+    linf = dataclasses.replace(
+        attack, name="pgd", norm="linf", step_size=None, steps=min(attack.steps, 50), targeted=False
+    )
     acc_half = _robust_accuracy(model, x, y, linf, 0.5, seed)
     acc_one = _robust_accuracy(model, x, y, linf, 1.0, seed)
     with attack_mode(model), torch.no_grad():
         grey_class = int(model(torch.full_like(x[:1], 0.5)).argmax(1)[0])
     bound = float((y == grey_class).float().mean())
-    detail = (f"PGD-{linf.steps} accuracy {acc_half:.3f} at ε=0.5 (grey-image bound "
-              f"{bound:.3f}), {acc_one:.3f} at ε=1 on {len(y)} samples")
+    detail = (
+        f"PGD-{linf.steps} accuracy {acc_half:.3f} at ε=0.5 (grey-image bound "
+        f"{bound:.3f}), {acc_one:.3f} at ε=1 on {len(y)} samples"
+    )
     threshold = f"acc(ε=1) ≤ {fail_above:g}, acc(ε=0.5) ≤ grey bound + 0.05"
     if acc_one > fail_above:
         status: Status = "fail"
@@ -248,8 +303,16 @@ def check_large_eps(model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig
     return Check("accuracy_at_large_eps", status, acc_one, threshold, detail)
 
 
-def check_noise_vs_attack(model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig,
-                          eps: float, *, draws: int = 10, seed: int = 0) -> Check:
+def check_noise_vs_attack(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attack: AttackConfig,
+    eps: float,
+    *,
+    draws: int = 10,
+    seed: int = 0,
+) -> Check:
     """Random noise of the same ε must break far fewer samples than the attack.
 
     Noise: ``draws`` uniform draws from the ε-ball, a sample counts as broken if any draw breaks
@@ -262,21 +325,32 @@ def check_noise_vs_attack(model: nn.Module, x: Tensor, y: Tensor, attack: Attack
         survived = torch.ones(len(y), dtype=torch.bool, device=x.device)
         with torch.no_grad():
             for _ in range(draws):
-                u = random_unit_ball(x.shape, attack.norm, generator, device=x.device,
-                                     dtype=x.dtype)
+                u = random_unit_ball(
+                    x.shape, attack.norm, generator, device=x.device, dtype=x.dtype
+                )
                 x_noisy = torch.clamp(x + eps * u, 0.0, 1.0)
                 survived &= model(x_noisy).argmax(1) == y
         noise_acc = float(survived.float().mean())
     attack_acc = _robust_accuracy(model, x, y, attack, eps, seed, name="pgd", targeted=False)
     drop_attack, drop_noise = clean - attack_acc, clean - noise_acc
     threshold = "drop(noise) / drop(attack) ≤ 0.5 (fail ≥ 1)"
-    detail = (f"at ε={eps:g}: clean {clean:.3f}, {draws} random {attack.norm} draws "
-              f"{noise_acc:.3f}, PGD-{attack.steps} {attack_acc:.3f}")
+    detail = (
+        f"at ε={eps:g}: clean {clean:.3f}, {draws} random {attack.norm} draws "
+        f"{noise_acc:.3f}, PGD-{attack.steps} {attack_acc:.3f}"
+    )
     if drop_attack <= 0:
         status: Status = "fail" if drop_noise > 0 else "warn"
-        return Check("noise_weaker_than_attack", status, None, threshold,
-                     detail + (": the attack changes no prediction at the largest ε"
-                               + ("; random noise does" if drop_noise > 0 else "")))
+        return Check(
+            "noise_weaker_than_attack",
+            status,
+            None,
+            threshold,
+            detail
+            + (
+                ": the attack changes no prediction at the largest ε"
+                + ("; random noise does" if drop_noise > 0 else "")
+            ),
+        )
     ratio = max(0.0, drop_noise) / drop_attack
     if ratio >= 1:
         status = "fail"
@@ -289,9 +363,19 @@ def check_noise_vs_attack(model: nn.Module, x: Tensor, y: Tensor, attack: Attack
     return Check("noise_weaker_than_attack", status, ratio, threshold, detail)
 
 
-def check_convergence(model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig,
-                      eps: float, *, seed: int = 0, step_factor: int = 2, restarts: int = 5,
-                      warn_above: float = 0.02, fail_above: float = 0.05) -> Check:
+def check_convergence(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attack: AttackConfig,
+    eps: float,
+    *,
+    seed: int = 0,
+    step_factor: int = 2,
+    restarts: int = 5,
+    warn_above: float = 0.02,
+    fail_above: float = 0.05,
+) -> Check:
     """Twice the steps, or more random restarts, may lower accuracy only a little.
 
     Value: the largest drop below the configured attack's accuracy. A larger drop means the
@@ -303,18 +387,22 @@ def check_convergence(model: nn.Module, x: Tensor, y: Tensor, attack: AttackConf
     acc_steps = _robust_accuracy(model, x, y, base, eps, seed, steps=base.steps * step_factor)
     acc_restarts = _robust_accuracy(model, x, y, base, eps, seed, restarts=more_restarts)
     drop = max(0.0, acc - min(acc_steps, acc_restarts))
-    detail = (f"at ε={eps:g} on {len(y)} samples: PGD-{base.steps}×{base.restarts} {acc:.3f}, "
-              f"{base.steps * step_factor} steps {acc_steps:.3f}, {more_restarts} restarts "
-              f"{acc_restarts:.3f}")
+    detail = (
+        f"at ε={eps:g} on {len(y)} samples: PGD-{base.steps}×{base.restarts} {acc:.3f}, "
+        f"{base.steps * step_factor} steps {acc_steps:.3f}, {more_restarts} restarts "
+        f"{acc_restarts:.3f}"
+    )
     status = _grade(drop, warn_above, fail_above)
     if status != "pass":
         detail += ": the attack has not converged; report the stronger setting"
-    return Check("attack_converged", status, drop,
-                 f"drop ≤ {warn_above:g} (fail > {fail_above:g})", detail)
+    return Check(
+        "attack_converged", status, drop, f"drop ≤ {warn_above:g} (fail > {fail_above:g})", detail
+    )
 
 
-def check_gradients(model: nn.Module, x: Tensor, y: Tensor, *, warn_above: float = 0.01,
-                    fail_above: float = 0.1) -> Check:
+def check_gradients(
+    model: nn.Module, x: Tensor, y: Tensor, *, warn_above: float = 0.01, fail_above: float = 0.1
+) -> Check:
     """The fraction of samples whose cross-entropy input gradient is zero or not finite.
 
     Zero gradients (a non-differentiable step such as rounding, saturated probabilities) leave a
@@ -338,8 +426,13 @@ def check_gradients(model: nn.Module, x: Tensor, y: Tensor, *, warn_above: float
     status = _grade(fraction, warn_above, fail_above)
     if status != "pass":
         detail += ": gradients are masked; gradient attacks overstate robustness"
-    return Check("input_gradients_usable", status, fraction,
-                 f"fraction ≤ {warn_above:g} (fail > {fail_above:g})", detail)
+    return Check(
+        "input_gradients_usable",
+        status,
+        fraction,
+        f"fraction ≤ {warn_above:g} (fail > {fail_above:g})",
+        detail,
+    )
 
 
 def check_logits(model: nn.Module, x: Tensor) -> Check:
@@ -357,18 +450,31 @@ def check_logits(model: nn.Module, x: Tensor) -> Check:
     out = out.double()
     if not bool(torch.isfinite(out).all()):
         rows = int((~torch.isfinite(out).all(1)).sum())
-        return Check("outputs_are_logits", "fail", None, threshold,
-                     f"{rows} of {len(out)} output rows hold nan or inf")
+        return Check(
+            "outputs_are_logits",
+            "fail",
+            None,
+            threshold,
+            f"{rows} of {len(out)} output rows hold nan or inf",
+        )
     sums = out.sum(1)
-    probs = ((out >= 0).all(1) & (out <= 1).all(1) & ((sums - 1).abs() < 1e-3))
+    probs = (out >= 0).all(1) & (out <= 1).all(1) & ((sums - 1).abs() < 1e-3)
     fraction = float(probs.double().mean())
     if fraction > 0.5:
-        return Check("outputs_are_logits", "fail", fraction, threshold,
-                     "the outputs are probabilities (rows in [0, 1] summing to 1): remove the "
-                     "final softmax; attacks on probabilities mask gradients")
+        return Check(
+            "outputs_are_logits",
+            "fail",
+            fraction,
+            threshold,
+            "the outputs are probabilities (rows in [0, 1] summing to 1): remove the "
+            "final softmax; attacks on probabilities mask gradients",
+        )
     log_probs = bool((out <= 1e-6).all() and (out.logsumexp(1).abs() < 1e-3).all())
-    detail = ("log-probabilities, which cross-entropy treats as logits" if log_probs
-              else f"logits with values in [{float(out.min()):.3g}, {float(out.max()):.3g}]")
+    detail = (
+        "log-probabilities, which cross-entropy treats as logits"
+        if log_probs
+        else f"logits with values in [{float(out.min()):.3g}, {float(out.max()):.3g}]"
+    )
     return Check("outputs_are_logits", "pass", fraction, threshold, detail)
 
 
@@ -381,8 +487,9 @@ def _shape_problem(out: Any, n: int) -> str | None:
     return None
 
 
-def check_deterministic(model: nn.Module, x: Tensor, rtol: float = 1e-5,
-                        random_above: float = 1e-3) -> Check:
+def check_deterministic(
+    model: nn.Module, x: Tensor, rtol: float = 1e-5, random_above: float = 1e-3
+) -> Check:
     """Two forward passes in eval mode must agree; a random model needs EOT-style attacks.
 
     Value: the largest absolute difference between the two passes' outputs. Differences up to
@@ -396,16 +503,31 @@ def check_deterministic(model: nn.Module, x: Tensor, rtol: float = 1e-5,
     threshold = f"max |Δ| ≤ {rtol:g}·max(1, |z|) (fail > {random_above:g}·max(1, |z|))"
     changed = int((first.argmax(1) != second.argmax(1)).sum())
     if changed or not math.isfinite(diff) or diff > random_above * scale:
-        return Check("forward_deterministic", "fail", diff, threshold,
-                     f"outputs differ by up to {diff:.3g} and {changed} of {len(x)} predictions "
-                     "change between two identical eval-mode passes: the model is random; "
-                     "attack it with EOT or remove the randomness")
+        return Check(
+            "forward_deterministic",
+            "fail",
+            diff,
+            threshold,
+            f"outputs differ by up to {diff:.3g} and {changed} of {len(x)} predictions "
+            "change between two identical eval-mode passes: the model is random; "
+            "attack it with EOT or remove the randomness",
+        )
     if diff > rtol * scale:
-        return Check("forward_deterministic", "warn", diff, threshold,
-                     f"outputs differ by up to {diff:.3g} between two identical passes "
-                     "(non-deterministic kernels?); predictions agree")
-    return Check("forward_deterministic", "pass", diff, threshold,
-                 f"two eval-mode passes over {len(x)} samples agree")
+        return Check(
+            "forward_deterministic",
+            "warn",
+            diff,
+            threshold,
+            f"outputs differ by up to {diff:.3g} between two identical passes "
+            "(non-deterministic kernels?); predictions agree",
+        )
+    return Check(
+        "forward_deterministic",
+        "pass",
+        diff,
+        threshold,
+        f"two eval-mode passes over {len(x)} samples agree",
+    )
 
 
 # --------------------------------------------------------------------------- all together
@@ -457,8 +579,15 @@ def _device(model: nn.Module, fallback: torch.device) -> torch.device:
     return fallback
 
 
-def run_checks(model: nn.Module, split: Split, results: pd.DataFrame, settings: dict[str, Any],
-               *, n: int = 200, seed: int = 0) -> pd.DataFrame:
+def run_checks(
+    model: nn.Module,
+    split: Split,
+    results: pd.DataFrame,
+    settings: dict[str, Any],
+    *,
+    n: int = 200,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Every check: the results-table ones and the model ones on the first ``n`` samples.
 
     Returns a frame with the columns name, status, value, threshold, detail. Takes a few
@@ -482,8 +611,7 @@ def run_checks(model: nn.Module, split: Split, results: pd.DataFrame, settings: 
         check_gradients(model, x, y),
         check_large_eps(model, x, y, attack, seed=seed),
         check_noise_vs_attack(model, x, y, attack, eps_max, seed=seed),
-        check_convergence(model, x, y, attack, convergence_eps(results, attack, eps),
-                          seed=seed),
+        check_convergence(model, x, y, attack, convergence_eps(results, attack, eps), seed=seed),
     ]
     return checks_frame(checks)
 

@@ -39,16 +39,28 @@ def _single_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def results_frame(curves: dict[str, list[float]], n: int = 500, eps: list[float] = EPS,
-                  norm: str = "linf") -> pd.DataFrame:
+def results_frame(
+    curves: dict[str, list[float]], n: int = 500, eps: list[float] = EPS, norm: str = "linf"
+) -> pd.DataFrame:
     rows = []
     for attack, accuracies in curves.items():
         for e, acc in zip(eps, accuracies, strict=True):
             correct = round(acc * n)
             low, high = wilson_interval(correct, n)
-            rows.append({"model": "m", "attack": attack, "norm": norm, "eps": e, "n": n,
-                         "correct": correct, "accuracy": correct / n, "ci_low": low,
-                         "ci_high": high, "grad_evals": 0})
+            rows.append(
+                {
+                    "model": "m",
+                    "attack": attack,
+                    "norm": norm,
+                    "eps": e,
+                    "n": n,
+                    "correct": correct,
+                    "accuracy": correct / n,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "grad_evals": 0,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -87,8 +99,12 @@ def test_fgsm_stronger_than_pgd_is_flagged() -> None:
 
 def test_iterative_check_ignores_pairs_of_different_norms() -> None:
     l2 = AttackConfig(name="pgd", norm="l2", steps=10)
-    frame = pd.concat([results_frame({"fgsm": [0.98, 0.6, 0.3, 0.1]}),
-                       results_frame({"pgd10-l2": [0.98, 0.9, 0.8, 0.7]}, norm="l2")])
+    frame = pd.concat(
+        [
+            results_frame({"fgsm": [0.98, 0.6, 0.3, 0.1]}),
+            results_frame({"pgd10-l2": [0.98, 0.9, 0.8, 0.7]}, norm="l2"),
+        ]
+    )
     check = check_iterative_stronger(frame, settings_for(FGSM, l2))
     assert check.status == "pass" and check.value is None
 
@@ -99,13 +115,14 @@ def test_step_budget_flags_steps_that_cannot_reach_eps() -> None:
     check = check_step_budget(settings_for(short))
     assert check.status == "fail"
     assert check.value == pytest.approx(0.1 / 0.3)
-    assert check_step_budget(settings_for(AttackConfig(name="pgd", steps=40,
-                                                       step_size=0.01))).status == "pass"
+    assert (
+        check_step_budget(settings_for(AttackConfig(name="pgd", steps=40, step_size=0.01))).status
+        == "pass"
+    )
 
 
 def test_checks_from_results_frame() -> None:
-    frame = checks_from_results(results_frame({"fgsm": [0.98, 0.6, 0.3, 0.1]}),
-                                settings_for(FGSM))
+    frame = checks_from_results(results_frame({"fgsm": [0.98, 0.6, 0.3, 0.1]}), settings_for(FGSM))
     assert list(frame.columns) == CHECK_COLUMNS
     assert set(frame["status"]) == {"pass"}
     assert len(frame) == 3
@@ -195,14 +212,14 @@ def test_rounding_model_masks_gradients(data: tuple[Split, Tensor]) -> None:
     assert check.value == 1.0
     large = check_large_eps(masked, split.images, split.labels, AttackConfig(steps=10))
     assert large.status != "pass"
-    assert check_gradients(linear_model(templates), split.images,
-                           split.labels).status == "pass"
+    assert check_gradients(linear_model(templates), split.images, split.labels).status == "pass"
 
 
 def test_saturated_softmax_masks_gradients(data: tuple[Split, Tensor]) -> None:
     split, templates = data
-    check = check_gradients(SaturatedLogSoftmax(linear_model(templates)), split.images,
-                            split.labels)
+    check = check_gradients(
+        SaturatedLogSoftmax(linear_model(templates)), split.images, split.labels
+    )
     assert check.status in {"warn", "fail"}
     assert check.value is not None and check.value > 0.01
 
@@ -224,10 +241,17 @@ def test_sound_linear_model_passes_every_check(data: tuple[Split, Tensor]) -> No
     assert list(frame.columns) == CHECK_COLUMNS
     assert set(frame["status"]) == {"pass"}, frame.to_string()
     names = set(frame["name"])
-    assert {"accuracy_at_large_eps", "noise_weaker_than_attack", "attack_converged",
-            "input_gradients_usable", "outputs_are_logits", "forward_deterministic",
-            "accuracy_monotone_in_eps", "iterative_beats_single_step",
-            "pgd_step_budget"} <= names
+    assert {
+        "accuracy_at_large_eps",
+        "noise_weaker_than_attack",
+        "attack_converged",
+        "input_gradients_usable",
+        "outputs_are_logits",
+        "forward_deterministic",
+        "accuracy_monotone_in_eps",
+        "iterative_beats_single_step",
+        "pgd_step_budget",
+    } <= names
     values = frame.set_index("name")["value"]
     assert values["accuracy_at_large_eps"] == 0.0
     assert not math.isnan(values["noise_weaker_than_attack"])

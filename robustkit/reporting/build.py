@@ -29,8 +29,7 @@ ANY = "any"
 FIGURE_DIR = "figures"
 TABLE_DIR = "tables"
 OUR_FIGURES = re.compile(r"^(accuracy|examples-.*|confusion-.*|training-.*)\.png$")
-OUR_TABLES = re.compile(
-    r"^(accuracy|results|cost|checks|provenance|reference|confusion-.*)\.csv$")
+OUR_TABLES = re.compile(r"^(accuracy|results|cost|checks|provenance|reference|confusion-.*)\.csv$")
 
 
 def _safe(name: str) -> str:
@@ -70,8 +69,7 @@ class _Predictions:
         assert run.examples is not None
         self.run, self.ex, self.classes = run, run.examples, classes
         k = len(self.ex["clean"])
-        self.labels = (self.ex["labels"].astype(int) if "labels" in self.ex
-                       else np.full(k, -1))
+        self.labels = self.ex["labels"].astype(int) if "labels" in self.ex else np.full(k, -1)
         self.index = self.ex["index"].astype(int) if "index" in self.ex else None
 
     def name(self, c: int) -> str:
@@ -102,8 +100,11 @@ class _Predictions:
 
     def _per_sample_pred(self, attack: str, eps: float, i: int) -> int | None:
         frame = self.run.per_sample
-        if (frame is None or self.index is None
-                or not {f"{attack}_eps", f"{attack}_pred"} <= set(frame.columns)):
+        if (
+            frame is None
+            or self.index is None
+            or not {f"{attack}_eps", f"{attack}_pred"} <= set(frame.columns)
+        ):
             return None
         rows = frame[frame["index"] == self.index[i]]
         if rows.empty:
@@ -113,8 +114,9 @@ class _Predictions:
         return int(row[f"{attack}_pred"] if broken else row["clean_pred"])
 
 
-def _example_blocks(run: RunData, classes: list[str], max_eps: int, samples: int = 3
-                    ) -> list[tuple[str, FigureBlock]]:
+def _example_blocks(
+    run: RunData, classes: list[str], max_eps: int, samples: int = 3
+) -> list[tuple[str, FigureBlock]]:
     ex = run.examples
     if ex is None or "clean" not in ex:
         return []
@@ -155,18 +157,26 @@ def _example_blocks(run: RunData, classes: list[str], max_eps: int, samples: int
         rows = []
         for i in order:
             text, flip = preds.adversarial(key, attack, eps, i)
-            rows.append(figures.Panel(clean=ex["clean"][i].reshape(ex["clean"][i].shape[-2:]),
-                                      adv=ex[f"adv/{key}"][i].reshape(ex["clean"][i].shape[-2:]),
-                                      clean_text=preds.clean(i), adv_text=text,
-                                      flipped=bool(flip)))
+            rows.append(
+                figures.Panel(
+                    clean=ex["clean"][i].reshape(ex["clean"][i].shape[-2:]),
+                    adv=ex[f"adv/{key}"][i].reshape(ex["clean"][i].shape[-2:]),
+                    clean_text=preds.clean(i),
+                    adv_text=text,
+                    flipped=bool(flip),
+                )
+            )
         png = figures.example_figure(rows, eps, norm, attack)
         name = f"examples-{_safe(run.name)}-{_safe(attack)}-eps{eps:g}.png"
-        caption = (f"{run.name}, {attack} at ε = {eps:g}: clean image + perturbation "
-                   f"(magnified ×{1 / eps:.3g}; red brighter, blue darker) = adversarial image.")
+        caption = (
+            f"{run.name}, {attack} at ε = {eps:g}: clean image + perturbation "
+            f"(magnified ×{1 / eps:.3g}; red brighter, blue darker) = adversarial image."
+        )
         if "clean_probs" not in ex:
             caption += " Confidences need probabilities stored in examples.safetensors."
         alt = f"{attack} examples at ε={eps:g}: " + "; ".join(
-            f"{row.clean_text} → {row.adv_text}" for row in rows)
+            f"{row.clean_text} → {row.adv_text}" for row in rows
+        )
         blocks.append((attack, FigureBlock(name, png, alt, caption)))
     return blocks
 
@@ -174,21 +184,29 @@ def _example_blocks(run: RunData, classes: list[str], max_eps: int, samples: int
 # --------------------------------------------------------------------------- sections
 
 
-def _summary_section(runs: list[RunData], results: pd.DataFrame) -> tuple[Section, dict[str,
-                                                                                pd.DataFrame]]:
+def _summary_section(
+    runs: list[RunData], results: pd.DataFrame
+) -> tuple[Section, dict[str, pd.DataFrame]]:
     accuracy = tables.accuracy_table(runs)
     cost = tables.cost_table(runs)
     blocks: list[Block] = [
-        Text("Robust accuracy (fraction of samples classified correctly under every attack "
-             "point within ε) with its 95% Wilson score interval. The attack \"any\" is the "
-             "per-sample worst case over the attacks."),
+        Text(
+            "Robust accuracy (fraction of samples classified correctly under every attack "
+            'point within ε) with its 95% Wilson score interval. The attack "any" is the '
+            "per-sample worst case over the attacks."
+        ),
         Table(accuracy),
     ]
     if not cost.empty:
-        blocks += [Text("Cost of each attack, summed over ε (per-sample input gradients)."),
-                   Table(cost)]
-    return Section("summary", "Summary", blocks), {"accuracy": accuracy, "cost": cost,
-                                                   "results": results}
+        blocks += [
+            Text("Cost of each attack, summed over ε (per-sample input gradients)."),
+            Table(cost),
+        ]
+    return Section("summary", "Summary", blocks), {
+        "accuracy": accuracy,
+        "cost": cost,
+        "results": results,
+    }
 
 
 def _examples_section(runs: list[RunData]) -> Section | None:
@@ -200,11 +218,18 @@ def _examples_section(runs: list[RunData]) -> Section | None:
         blocks += [figure for _, figure in found]
     if not blocks:
         return None
-    return Section("examples", "Adversarial examples", [
-        Text("After the classic “x + ε·sign(∇) = adversarial” figure: each row shows a clean "
-             "test image with its prediction, the perturbation the attack added, and the "
-             "adversarial image with the new prediction (red when the label changed)."),
-        *blocks])
+    return Section(
+        "examples",
+        "Adversarial examples",
+        [
+            Text(
+                "After the classic “x + ε·sign(∇) = adversarial” figure: each row shows a clean "
+                "test image with its prediction, the perturbation the attack added, and the "
+                "adversarial image with the new prediction (red when the label changed)."
+            ),
+            *blocks,
+        ],
+    )
 
 
 def _confusion_section(runs: list[RunData]) -> tuple[Section | None, dict[str, pd.DataFrame]]:
@@ -221,18 +246,31 @@ def _confusion_section(runs: list[RunData]) -> tuple[Section | None, dict[str, p
         if len(runs) > 1:
             blocks.append(Heading(run.name))
         png = figures.confusion_figure(table, title)
-        blocks.append(FigureBlock(f"confusion-{_safe(run.name)}.png", png,
-                                  f"label to adversarial prediction, {title}",
-                                  f"{title}: rows are true labels, columns the prediction "
-                                  "under attack; the diagonal kept its label."))
+        blocks.append(
+            FigureBlock(
+                f"confusion-{_safe(run.name)}.png",
+                png,
+                f"label to adversarial prediction, {title}",
+                f"{title}: rows are true labels, columns the prediction "
+                "under attack; the diagonal kept its label.",
+            )
+        )
         flips = tables.top_flips(table)
         if not flips.empty:
             blocks.append(Table(flips, caption="Most frequent label changes"))
     if not blocks:
         return None, out
-    return Section("confusion", "What the digits turn into", [
-        Text("Which class each sample is pushed to by the strongest attack at the largest ε "
-             "(from per_sample.csv)."), *blocks]), out
+    return Section(
+        "confusion",
+        "What the digits turn into",
+        [
+            Text(
+                "Which class each sample is pushed to by the strongest attack at the largest ε "
+                "(from per_sample.csv)."
+            ),
+            *blocks,
+        ],
+    ), out
 
 
 def _training_section(runs: list[RunData]) -> Section | None:
@@ -243,12 +281,15 @@ def _training_section(runs: list[RunData]) -> Section | None:
             continue
         if len(runs) > 1:
             blocks.append(Heading(run.name))
-        blocks.append(FigureBlock(f"training-{_safe(run.name)}.png",
-                                  figures.training_figure(metrics),
-                                  f"training curves of {run.name}",
-                                  f"{run.name}: loss and accuracies per epoch (metrics.csv)."))
-        blocks.append(Table(metrics.tail(1).reset_index(drop=True),
-                            caption="Last epoch"))
+        blocks.append(
+            FigureBlock(
+                f"training-{_safe(run.name)}.png",
+                figures.training_figure(metrics),
+                f"training curves of {run.name}",
+                f"{run.name}: loss and accuracies per epoch (metrics.csv).",
+            )
+        )
+        blocks.append(Table(metrics.tail(1).reset_index(drop=True), caption="Last epoch"))
     return Section("training", "Training", blocks) if blocks else None
 
 
@@ -259,11 +300,17 @@ def _checks_section(runs: list[RunData]) -> tuple[Section | None, pd.DataFrame]:
     shown = frame if len(runs) > 1 else frame.drop(columns=["run"])
     counts = frame["status"].value_counts()
     summary = ", ".join(f"{int(counts.get(s, 0))} {s}" for s in ("pass", "warn", "fail"))
-    return Section("checks", "Sanity checks", [
-        Text(f"Checks for gradient masking and mis-configured attacks (Carlini et al. 2019, "
-             f"“On Evaluating Adversarial Robustness”): {summary}."),
-        Table(shown, status_column="status"),
-    ]), frame
+    return Section(
+        "checks",
+        "Sanity checks",
+        [
+            Text(
+                f"Checks for gradient masking and mis-configured attacks (Carlini et al. 2019, "
+                f"“On Evaluating Adversarial Robustness”): {summary}."
+            ),
+            Table(shown, status_column="status"),
+        ],
+    ), frame
 
 
 def _reference_section(runs: list[RunData]) -> tuple[Section | None, pd.DataFrame]:
@@ -271,8 +318,11 @@ def _reference_section(runs: list[RunData]) -> tuple[Section | None, pd.DataFram
     if frame.empty:
         return None, frame
     shown = frame if len(runs) > 1 else frame.drop(columns=["run"])
-    return Section("reference", "Published reference", [
-        Text("The published number this run reproduces, next to ours."), Table(shown)]), frame
+    return Section(
+        "reference",
+        "Published reference",
+        [Text("The published number this run reproduces, next to ours."), Table(shown)],
+    ), frame
 
 
 def _provenance_section(runs: list[RunData]) -> tuple[Section, pd.DataFrame]:
@@ -285,8 +335,9 @@ def _provenance_section(runs: list[RunData]) -> tuple[Section, pd.DataFrame]:
         if run.config_text is not None:
             blocks.append(Code(run.config_text, "toml", "resolved config (config.toml)"))
         if run.settings:
-            blocks.append(Code(tables.settings_text(run), "json",
-                               "evaluation settings (settings.json)"))
+            blocks.append(
+                Code(tables.settings_text(run), "json", "evaluation settings (settings.json)")
+            )
         notes = run.manifest.get("notes")
         if isinstance(notes, list):
             blocks += [Text(f"Note: {note}") for note in notes]
@@ -321,8 +372,7 @@ def _clean_stale(folder: Path, pattern: re.Pattern[str], keep: set[str]) -> None
             path.unlink()
 
 
-def build_report(run_dirs: list[Path], out_dir: Path, title: str | None = None
-                 ) -> dict[str, Path]:
+def build_report(run_dirs: list[Path], out_dir: Path, title: str | None = None) -> dict[str, Path]:
     """Write ``report.html`` (self-contained), ``report.md`` (+ ``figures/``) and
     ``tables/*.csv`` for one or more evaluation run folders into ``out_dir``.
 
@@ -338,9 +388,15 @@ def build_report(run_dirs: list[Path], out_dir: Path, title: str | None = None
 
     summary, csvs = _summary_section(runs, results)
     accuracy_png = figures.accuracy_figure(results)
-    summary.blocks.insert(1, FigureBlock(
-        "accuracy.png", accuracy_png, "robust accuracy vs epsilon",
-        "Robust accuracy vs ε, one line per model × attack; shaded: 95% intervals."))
+    summary.blocks.insert(
+        1,
+        FigureBlock(
+            "accuracy.png",
+            accuracy_png,
+            "robust accuracy vs epsilon",
+            "Robust accuracy vs ε, one line per model × attack; shaded: 95% intervals.",
+        ),
+    )
     sections: list[Section | None] = [summary, _examples_section(runs)]
     confusion, confusion_csvs = _confusion_section(runs)
     csvs.update(confusion_csvs)
@@ -349,16 +405,16 @@ def build_report(run_dirs: list[Path], out_dir: Path, title: str | None = None
     reference, reference_frame = _reference_section(runs)
     provenance, provenance_frame = _provenance_section(runs)
     sections += [checks, reference, provenance]
-    csvs.update({"checks": checks_frame, "reference": reference_frame,
-                 "provenance": provenance_frame})
+    csvs.update(
+        {"checks": checks_frame, "reference": reference_frame, "provenance": provenance_frame}
+    )
     problems = [f"{run.name}: {p}" for run in runs for p in run.problems]
     if problems:
         sections.append(Section("problems", "Files skipped", [Text(p) for p in problems]))
     present = [s for s in sections if s is not None]
 
     intro = _intro(runs)
-    footer = (f"Generated by robustkit {__version__} from "
-              f"{', '.join(run.name for run in runs)}.")
+    footer = f"Generated by robustkit {__version__} from {', '.join(run.name for run in runs)}."
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         figure_dir, table_dir = out_dir / FIGURE_DIR, out_dir / TABLE_DIR
@@ -383,6 +439,7 @@ def build_report(run_dirs: list[Path], out_dir: Path, title: str | None = None
         write_text(html_path, to_html(title, intro, present, footer))
         write_text(md_path, to_markdown(title, intro, present, footer, FIGURE_DIR))
     except OSError as exc:
-        raise RobustkitError(f"cannot write the report into {out_dir} ({exc}): choose a "
-                             "writable folder") from None
+        raise RobustkitError(
+            f"cannot write the report into {out_dir} ({exc}): choose a writable folder"
+        ) from None
     return {"html": html_path, "markdown": md_path, "figures": figure_dir, "tables": table_dir}

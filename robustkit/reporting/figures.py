@@ -52,13 +52,25 @@ def accuracy_figure(results: pd.DataFrame) -> bytes:
                 style = ":" if attack == ANY else LINESTYLES[ai % (len(LINESTYLES) - 1)]
                 label = f"{model} · {attack}"
             eps = rows["eps"].to_numpy(float)
-            ax.plot(eps, rows["accuracy"].to_numpy(float), style, color=color, marker="o",
-                    markersize=2 if attack == ANY else 3,
-                    linewidth=1.2 if attack == ANY else 1.6, label=label)
+            ax.plot(
+                eps,
+                rows["accuracy"].to_numpy(float),
+                style,
+                color=color,
+                marker="o",
+                markersize=2 if attack == ANY else 3,
+                linewidth=1.2 if attack == ANY else 1.6,
+                label=label,
+            )
             if attack != ANY and {"ci_low", "ci_high"} <= set(rows.columns):
-                ax.fill_between(eps, rows["ci_low"].to_numpy(float),
-                                rows["ci_high"].to_numpy(float), color=color, alpha=0.15,
-                                linewidth=0)
+                ax.fill_between(
+                    eps,
+                    rows["ci_low"].to_numpy(float),
+                    rows["ci_high"].to_numpy(float),
+                    color=color,
+                    alpha=0.15,
+                    linewidth=0,
+                )
     ax.set_xlabel("ε (pixel units)")
     ax.set_ylabel("robust accuracy")
     ax.set_ylim(-0.02, 1.02)
@@ -92,18 +104,21 @@ def example_figure(rows: Sequence[Panel], eps: float, norm: str, attack: str) ->
     scale = 1.0 / eps if eps > 0 else 1.0
     for r, row in enumerate(rows):
         delta = row.adv - row.clean
-        size = (float(np.abs(delta).max()) if norm == "linf"
-                else float(np.sqrt((delta.astype(np.float64) ** 2).sum())))
+        size = (
+            float(np.abs(delta).max())
+            if norm == "linf"
+            else float(np.sqrt((delta.astype(np.float64) ** 2).sum()))
+        )
         axes = {c: fig.add_subplot(grid[r, c]) for c in (0, 2, 4)}
         axes[0].imshow(row.clean, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         axes[0].set_title(row.clean_text, fontsize=9)
-        axes[2].imshow(np.clip(delta * scale, -1, 1), cmap="RdBu_r", vmin=-1, vmax=1,
-                       interpolation="nearest")
+        axes[2].imshow(
+            np.clip(delta * scale, -1, 1), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest"
+        )
         symbol = "∞" if norm == "linf" else "₂"
         axes[2].set_title(f"δ ×{scale:.3g}  (‖δ‖{symbol}={size:.3f})", fontsize=9)
         axes[4].imshow(row.adv, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        axes[4].set_title(row.adv_text, fontsize=9,
-                          color="#b2182b" if row.flipped else "black")
+        axes[4].set_title(row.adv_text, fontsize=9, color="#b2182b" if row.flipped else "black")
         for ax in axes.values():
             ax.set_xticks([])
             ax.set_yticks([])
@@ -112,8 +127,14 @@ def example_figure(rows: Sequence[Panel], eps: float, norm: str, attack: str) ->
     for r in range(n):  # the "+" and "=" between the panels, placed once the layout is final
         for c, text in ((1, "+"), (3, "=")):
             box = grid[r, c].get_position(fig)
-            fig.text((box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2, text, fontsize=18,
-                     ha="center", va="center")
+            fig.text(
+                (box.x0 + box.x1) / 2,
+                (box.y0 + box.y1) / 2,
+                text,
+                fontsize=18,
+                ha="center",
+                va="center",
+            )
     return to_png(fig)
 
 
@@ -131,11 +152,23 @@ def confusion_figure(table: pd.DataFrame, title: str) -> bytes:
     for i in range(k):
         for j in range(k):
             if matrix[i, j]:
-                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if shown[i, j] > 0.6 * top else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(matrix[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if shown[i, j] > 0.6 * top else "black",
+                )
     labels = [str(c) for c in table.columns]
-    ax.set_xticks(range(k), labels, fontsize=8, rotation=45 if max(map(len, labels)) > 2 else 0,
-                  ha="right" if max(map(len, labels)) > 2 else "center")
+    ax.set_xticks(
+        range(k),
+        labels,
+        fontsize=8,
+        rotation=45 if max(map(len, labels)) > 2 else 0,
+        ha="right" if max(map(len, labels)) > 2 else "center",
+    )
     ax.set_yticks(range(k), [str(c) for c in table.index], fontsize=8)
     ax.set_xlabel("prediction under attack")
     ax.set_ylabel("true label")
@@ -151,10 +184,10 @@ def training_figure(metrics: pd.DataFrame) -> bytes:
     loss_ax, acc_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     epoch = metrics["epoch"].to_numpy(float) if "epoch" in metrics else np.arange(len(metrics))
     for column in [c for c in metrics.columns if c.endswith("loss")]:
-        loss_ax.plot(epoch, metrics[column].to_numpy(float), marker="o", markersize=3,
-                     label=column)
-    accuracies = [c for c in ("train_acc", "val_acc", "test_acc", "val_robust_acc")
-                  if c in metrics.columns]
+        loss_ax.plot(epoch, metrics[column].to_numpy(float), marker="o", markersize=3, label=column)
+    accuracies = [
+        c for c in ("train_acc", "val_acc", "test_acc", "val_robust_acc") if c in metrics.columns
+    ]
     accuracies += [c for c in metrics.columns if c.endswith("_acc") and c not in accuracies]
     for column in accuracies:
         values = metrics[column].to_numpy(float)

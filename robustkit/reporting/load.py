@@ -48,20 +48,27 @@ class RunData:
 def _read_results(path: Path) -> pd.DataFrame:
     file = path / "results.csv"
     if not path.is_dir():
-        raise RobustkitError(f"{path} is not a folder: pass an evaluation run folder "
-                             "(written by robustkit attack or robustkit run)")
+        raise RobustkitError(
+            f"{path} is not a folder: pass an evaluation run folder "
+            "(written by robustkit attack or robustkit run)"
+        )
     if not file.is_file():
-        raise RobustkitError(f"{path} has no results.csv: pass an evaluation run folder, or run "
-                             f"robustkit attack --out {path} first")
+        raise RobustkitError(
+            f"{path} has no results.csv: pass an evaluation run folder, or run "
+            f"robustkit attack --out {path} first"
+        )
     try:
         frame = pd.read_csv(file)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise RobustkitError(f"{file} is not a readable CSV ({exc}): re-run the evaluation "
-                             "to rewrite it") from None
+        raise RobustkitError(
+            f"{file} is not a readable CSV ({exc}): re-run the evaluation to rewrite it"
+        ) from None
     missing = [c for c in RESULT_REQUIRED if c not in frame.columns]
     if missing:
-        raise RobustkitError(f"{file} lacks the columns {', '.join(missing)}: it is not a "
-                             "robustkit results table; re-run the evaluation to rewrite it")
+        raise RobustkitError(
+            f"{file} lacks the columns {', '.join(missing)}: it is not a "
+            "robustkit results table; re-run the evaluation to rewrite it"
+        )
     if frame.empty:
         raise RobustkitError(f"{file} holds no rows: re-run the evaluation")
     frame = frame.copy()
@@ -151,20 +158,20 @@ def load_runs(paths: list[Path]) -> list[RunData]:
     if not paths:
         raise RobustkitError("no run folder given: pass at least one evaluation run folder")
     runs = [load_run(Path(p)) for p in paths]
+    names: set[str] = set()
+    for i, run in enumerate(runs):  # folder names label the runs: make them unique first
+        if run.name in names:
+            run.name = f"{run.name}-{i + 1}"
+        names.add(run.name)
     seen: dict[str, int] = {}
     for run in runs:
         for model in run.models:
             seen[model] = seen.get(model, 0) + 1
-    names: set[str] = set()
-    for i, run in enumerate(runs):
+    for run in runs:
         rename = {m: f"{m} ({run.name})" for m in run.models if seen[m] > 1}
         if rename:
             run.results["model"] = run.results["model"].replace(rename)
             for frame in (run.timings, run.checks):
                 if frame is not None and "model" in frame.columns:
                     frame["model"] = frame["model"].astype(str).replace(rename)
-        base = run.name
-        if base in names:
-            run.name = f"{base}-{i + 1}"
-        names.add(run.name)
     return runs

@@ -36,10 +36,15 @@ def add_probabilities(path: Path, model: nn.Module) -> Path:
     if path.is_dir():
         path = path / EXAMPLES_FILE
     if not path.is_file():
-        raise RobustkitError(f"{path} not found: add_probabilities needs the examples.safetensors "
-                             "of an evaluation run folder")
-    tensors = {k: v for k, v in load_tensors(path).items()
-               if k != "clean_probs" and not k.startswith("adv_probs/")}
+        raise RobustkitError(
+            f"{path} not found: add_probabilities needs the examples.safetensors "
+            "of an evaluation run folder"
+        )
+    tensors = {
+        k: v
+        for k, v in load_tensors(path).items()
+        if k != "clean_probs" and not k.startswith("adv_probs/")
+    }
     if "clean" not in tensors:
         raise RobustkitError(f"{path} has no 'clean' images: it is not an examples file")
     device = _device(model)

@@ -138,15 +138,18 @@ def _html_table(table: Table) -> str:
                 cells.append(f'<td><span class="status status-{text}">{e(text)}</span></td>')
             elif INTERVAL.match(text):
                 value, interval = text.split(" ", 1)
-                cells.append(f'<td class="num">{e(value)}<span class="ci">{e(interval)}</span>'
-                             "</td>")
+                cells.append(
+                    f'<td class="num">{e(value)}<span class="ci">{e(interval)}</span></td>'
+                )
             else:
                 css = ' class="num"' if _is_numeric(text) else ""
                 cells.append(f"<td{css}>{e(text)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     caption = f'<p class="caption">{e(table.caption)}</p>' if table.caption else ""
-    return (f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table></div>{caption}')
+    return (
+        f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>{caption}"
+    )
 
 
 def _html_block(block: Block) -> str:
@@ -159,8 +162,7 @@ def _html_block(block: Block) -> str:
         return _html_table(block)
     if isinstance(block, FigureBlock):
         caption = f"<figcaption>{e(block.caption)}</figcaption>" if block.caption else ""
-        return (f'<figure><img src="{data_uri(block.png)}" alt="{e(block.alt)}">'
-                f"{caption}</figure>")
+        return f'<figure><img src="{data_uri(block.png)}" alt="{e(block.alt)}">{caption}</figure>'
     pre = f"<pre><code>{e(block.text)}</code></pre>"
     if block.summary:
         return f"<details><summary>{e(block.summary)}</summary>{pre}</details>"
@@ -230,10 +232,10 @@ def _md_block(block: Block, figure_dir: str) -> str:
     return code
 
 
-def to_markdown(title: str, intro: list[str], sections: list[Section], footer: str,
-                figure_dir: str = "figures") -> str:
-    parts = [f"# {title}", *intro,
-             " · ".join(f"[{s.title}](#{slug(s.title)})" for s in sections)]
+def to_markdown(
+    title: str, intro: list[str], sections: list[Section], footer: str, figure_dir: str = "figures"
+) -> str:
+    parts = [f"# {title}", *intro, " · ".join(f"[{s.title}](#{slug(s.title)})" for s in sections)]
     for section in sections:
         parts.append(f"## {section.title}")
         parts.extend(_md_block(b, figure_dir) for b in section.blocks)

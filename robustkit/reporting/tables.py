@@ -69,8 +69,10 @@ def accuracy_table(runs: list[RunData]) -> pd.DataFrame:
                         continue
                     r = hit.iloc[0]
                     row[f"ε={fmt_eps(eps)}"] = fmt_interval(
-                        float(r["accuracy"]), float(r.get("ci_low", math.nan)),
-                        float(r.get("ci_high", math.nan)))
+                        float(r["accuracy"]),
+                        float(r.get("ci_low", math.nan)),
+                        float(r.get("ci_high", math.nan)),
+                    )
                 rows.append(row)
     return pd.DataFrame(rows)
 
@@ -85,8 +87,11 @@ def cost_table(runs: list[RunData]) -> pd.DataFrame:
         for (model, attack), cells in source.groupby(["model", "attack"], sort=False):
             if attack == ANY:
                 continue
-            row: dict[str, Any] = {"model": model, "attack": attack,
-                                   "grad_evals": int(cells["grad_evals"].sum())}
+            row: dict[str, Any] = {
+                "model": model,
+                "attack": attack,
+                "grad_evals": int(cells["grad_evals"].sum()),
+            }
             if "seconds" in cells.columns:
                 row["seconds"] = round(float(cells["seconds"].sum()), 2)
             rows.append(row)
@@ -99,16 +104,27 @@ def strongest_attack(run: RunData) -> tuple[str, float] | None:
     if run.per_sample is None:
         return None
     columns = set(run.per_sample.columns)
-    frame = run.results[run.results["attack"].isin(
-        [a for a in run.results["attack"].unique()
-         if a != ANY and {f"{a}_eps", f"{a}_pred"} <= columns])]
+    frame = run.results[
+        run.results["attack"].isin(
+            [
+                a
+                for a in run.results["attack"].unique()
+                if a != ANY and {f"{a}_eps", f"{a}_pred"} <= columns
+            ]
+        )
+    ]
     if frame.empty:
         return None
     eps_max = float(frame["eps"].max())
     at_max = frame[np.isclose(frame["eps"].astype(float), eps_max)]
     mean = frame.groupby("attack")["accuracy"].mean()
-    best = min(at_max["attack"], key=lambda a: (
-        float(at_max.loc[at_max["attack"] == a, "accuracy"].iloc[0]), float(mean[a])))
+    best = min(
+        at_max["attack"],
+        key=lambda a: (
+            float(at_max.loc[at_max["attack"] == a, "accuracy"].iloc[0]),
+            float(mean[a]),
+        ),
+    )
     return str(best), eps_max
 
 
@@ -119,8 +135,9 @@ def predictions_at(run: RunData, attack: str, eps: float) -> pd.DataFrame:
     frame = run.per_sample
     broken = frame[f"{attack}_eps"].astype(float) <= eps + 1e-12
     pred = np.where(broken, frame[f"{attack}_pred"], frame["clean_pred"]).astype(int)
-    return pd.DataFrame({"index": frame["index"], "label": frame["label"].astype(int),
-                         "pred": pred})
+    return pd.DataFrame(
+        {"index": frame["index"], "label": frame["label"].astype(int), "pred": pred}
+    )
 
 
 def confusion_table(run: RunData, attack: str, eps: float, classes: list[str]) -> pd.DataFrame:
@@ -144,8 +161,14 @@ def top_flips(confusion: pd.DataFrame, limit: int = 8) -> pd.DataFrame:
             count = int(matrix[i, j])
             if i != j and count > 0:
                 share = count / total[i] if total[i] else 0.0
-                rows.append({"label": label, "becomes": pred, "samples": count,
-                             "share of label": f"{share:.0%}"})
+                rows.append(
+                    {
+                        "label": label,
+                        "becomes": pred,
+                        "samples": count,
+                        "share of label": f"{share:.0%}",
+                    }
+                )
     rows.sort(key=lambda r: (-int(r["samples"]), str(r["label"]), str(r["becomes"])))
     return pd.DataFrame(rows[:limit], columns=["label", "becomes", "samples", "share of label"])
 
@@ -175,11 +198,20 @@ def reference_table(runs: list[RunData]) -> pd.DataFrame:
         if run.reference is None:
             continue
         ref = run.reference
-        rows.append({"run": run.name, "source": fmt_value(ref.get("source", "")),
-                     "metric": fmt_value(ref.get("metric", "")),
-                     "reference": fmt_value(ref.get("value")), "ours": fmt_value(ref.get("ours")),
-                     **{k: fmt_value(v) for k, v in ref.items()
-                        if k not in {"source", "metric", "value", "ours"}}})
+        rows.append(
+            {
+                "run": run.name,
+                "source": fmt_value(ref.get("source", "")),
+                "metric": fmt_value(ref.get("metric", "")),
+                "reference": fmt_value(ref.get("value")),
+                "ours": fmt_value(ref.get("ours")),
+                **{
+                    k: fmt_value(v)
+                    for k, v in ref.items()
+                    if k not in {"source", "metric", "value", "ours"}
+                },
+            }
+        )
     return pd.DataFrame(rows)
 
 
