@@ -5,7 +5,8 @@ The public API, for notebooks and scripts::
     import robustkit as rk
     data = rk.load_dataset("mnist")
     model, _ = rk.load_model("runs/mnist_cnn/model-best.safetensors")
-    results, per_sample = rk.evaluate(model, data.test, attacks=[...], eps=[0, 0.1, 0.3])
+    ev = rk.evaluate(model, data.test, [rk.AttackConfig(name="pgd")], eps=[0, 0.1, 0.3])
+    ev.results, ev.per_sample
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from robustkit.attacks import AttackResult, fgsm, pgd
 from robustkit.config import AttackConfig, ExperimentConfig, load_config
 from robustkit.data import Dataset, Split, load_dataset
 from robustkit.errors import RobustkitError
+from robustkit.evaluation import Evaluation, evaluate
 from robustkit.models import Normalized, build_model, load_model
 from robustkit.training import train
 
@@ -23,12 +25,14 @@ __all__ = [
     "AttackConfig",
     "AttackResult",
     "Dataset",
+    "Evaluation",
     "ExperimentConfig",
     "Normalized",
     "RobustkitError",
     "Split",
     "__version__",
     "build_model",
+    "evaluate",
     "fgsm",
     "load_config",
     "load_dataset",
