@@ -12,12 +12,24 @@ from pathlib import Path
 
 import torch
 
-from robustkit.data import FILE_NAMES, DATA_ENV
+from robustkit.data import DATA_ENV, FILE_NAMES
 
 
 def default_data_dir() -> str | None:
     """``$ROBUSTKIT_DATA`` when set; otherwise robustkit's own search order applies."""
     return os.environ.get(DATA_ENV) or None
+
+
+THREADS_HELP = (
+    "torch intra-op threads (default 1). On a 2-core machine shared with other jobs, 2 OpenMP "
+    "threads spin-wait on each other and a step can take up to 30x longer; with an idle "
+    "machine, or OMP_WAIT_POLICY=PASSIVE set, --threads 2 is fine. Both sides of a comparison "
+    "use the same."
+)
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(max(1, n))
 
 
 def torchvision_mnist_root(source: Path, root: Path) -> Path:
@@ -41,10 +53,27 @@ def torchvision_mnist_root(source: Path, root: Path) -> Path:
     return root
 
 
+def source_version() -> str:
+    """robustkit's git commit (``+dirty`` with uncommitted changes), or its package version."""
+    try:
+        from robustkit.runtime import git_commit
+
+        commit = git_commit()
+    except ImportError:
+        commit = None
+    if commit:
+        sha, _, dirty = commit.partition("+")
+        return f"robustkit {sha[:12]}{'+' + dirty if dirty else ''}"
+    import robustkit
+
+    return f"robustkit {robustkit.__version__}"
+
+
 def machine_line() -> str:
     return (f"{date.today().isoformat()}  {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} CPUs, torch {torch.__version__} "
-            f"({torch.get_num_threads()} intra-op threads), python {platform.python_version()}")
+            f"({torch.get_num_threads()} intra-op threads), python {platform.python_version()}, "
+            f"{source_version()}")
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

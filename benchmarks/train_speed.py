@@ -35,7 +35,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import default_data_dir, machine_line, print_table, torchvision_mnist_root
+from _common import (
+    THREADS_HELP,
+    default_data_dir,
+    machine_line,
+    print_table,
+    set_threads,
+    torchvision_mnist_root,
+)
 from torch import nn
 
 from robustkit.config import config_from_dict
@@ -55,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     parser.add_argument("--val-size", type=int, default=5000)
     parser.add_argument("--no-workers2", action="store_true",
                         help="skip the DataLoader num_workers=2 variant")
@@ -116,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.utils.data import Subset
     from torchvision import transforms
 
+    set_threads(args.threads)
     if args.quick:
         args.epochs, args.repeats = 1, 1
 
