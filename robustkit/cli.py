@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -55,6 +56,7 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train a model from an experiment config; writes checkpoints, metrics.csv and manifest."""
+    from robustkit import distributed
     from robustkit.config import load_config
     from robustkit.training import train as train_model
 
@@ -63,10 +65,13 @@ def train(
         overrides.append(f"data.dir={str(data_dir)!r}")
     cfg = load_config(config, overrides)
     folder = out_dir or Path("runs") / cfg.name
+    target_device, dist = distributed.setup(device or cfg.device)
     for seed in cfg.all_seeds:
         target = folder if len(cfg.all_seeds) == 1 else folder / f"seed-{seed}"
-        result = train_model(cfg, out_dir=target, seed=seed, device=device,
-                             progress=not quiet, resume=not fresh, log=_log)
+        result = train_model(cfg, out_dir=target, seed=seed, device=target_device,
+                             progress=not quiet, resume=not fresh, log=_log, dist=dist)
+        if not distributed.is_main():
+            continue
         final = result.metrics.iloc[-1]
         best = result.metrics.loc[result.metrics["epoch"] == _best_epoch(result.best)]
         out.print(result.metrics.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
@@ -216,12 +221,32 @@ def report(
         out.print(f"{kind}: {path}")
 
 
+def _rank_prefix() -> str:
+    """``[rank R] `` on ranks other than 0 of a torchrun launch (escaped for rich markup)."""
+    rank = os.environ.get("RANK", "0")
+    return f"\\[rank {rank}] " if rank != "0" and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+
+
+def _leave_process_group() -> None:
+    """Leave the torch.distributed group a torchrun launch joined (only if one was joined)."""
+    module = sys.modules.get("robustkit.distributed")  # not imported: nothing to leave
+    if module is not None:
+        module.cleanup()
+
+
 def main() -> None:
     """Console-script entry point: RobustkitError → ``error: …`` on stderr, exit code 2."""
     try:
+        _main()
+    finally:
+        _leave_process_group()
+
+
+def _main() -> None:
+    try:
         app(standalone_mode=False)
     except RobustkitError as exc:
-        err.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        err.print(f"{_rank_prefix()}error: {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted: finished files are kept; partial ones were not written")

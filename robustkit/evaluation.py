@@ -15,6 +15,16 @@ scratch:
 Random starts come from a noise bank indexed by (seed, attack, restart, sample index), so a
 sample's attack does not depend on which other samples share its batch; with the shortcuts off
 (``shortcuts=False``) the engine is the plain per-ε reference loop with the same starts.
+
+Several processes (``dist``, see :mod:`robustkit.distributed`): every rank holds the whole split
+and the whole sweep state. In each (attack, ε) cell the batches the one-process engine forms
+(consecutive ``batch_size`` runs of the still-robust samples, and the clean-prediction batches)
+are dealt out to the ranks in contiguous runs, and each batch's per-sample outcomes are gathered
+onto every rank before the next cell. Per-row model outputs on CPU depend on the batch size
+(and on the thread count) in the last bits, so sharding by sample could flip a borderline
+outcome; with batch-level sharding every batch is the one a single process attacks and the
+results equal the one-process results exactly (same thread count per process on CPU;
+deterministic kernels on GPU). Only timings differ.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from robustkit.attacks import AttackResult, attack_mode, fgsm, pgd, random_unit_
 from robustkit.attacks.base import max_eps
 from robustkit.config import AttackConfig
 from robustkit.data import Split
+from robustkit.distributed import Context, all_gather_object, all_gather_tensor, batch_shard, shard
 from robustkit.errors import RobustkitError
 from robustkit.progress import Bar
 
@@ -130,7 +141,14 @@ def check_eps(eps: Sequence[float], norm: str, x: Tensor) -> None:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+def predict(model: nn.Module, x: Tensor, batch_size: int, dist: Context | None = None) -> Tensor:
+    """Predicted classes in batches ``[0, b), [b, 2b), …``; with ``dist`` each rank predicts
+    its whole batches and every rank gets all predictions."""
+    if dist is not None:
+        part = x[batch_shard(len(x), batch_size, dist.rank, dist.world)]
+        mine = predict(model, part, batch_size) if len(part) else torch.empty(
+            0, dtype=torch.long, device=x.device)
+        return torch.cat(all_gather_tensor(mine, dist))
     return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
 
 
@@ -153,12 +171,18 @@ def evaluate(
     progress: bool = False,
     state: SweepState | None = None,
     on_cell: Callable[[SweepState], None] | None = None,
+    dist: Context | None = None,
 ) -> Evaluation:
     """Sweep every attack over every ε; return tidy results, per-sample outcomes and timings.
 
     ``state``/``on_cell`` make a sweep resumable: ``on_cell`` is called after each finished
     (attack, ε) cell with the state to save, and a saved state passed back skips those cells.
+
+    ``dist`` shares the work among the processes of a torch.distributed group: every rank
+    passes the same split and state and gets the same (complete) result; ``on_cell`` and the
+    progress bar run on rank 0 only.
     """
+    main = dist is None or dist.is_main
     eps_list = sorted({float(e) for e in eps})
     for attack in attacks:
         check_eps(eps_list, attack.norm, data.images)
@@ -172,7 +196,7 @@ def evaluate(
 
     with attack_mode(model):
         if state is None:
-            state = SweepState(clean_pred=predict(model, x_all, batch_size))
+            state = SweepState(clean_pred=predict(model, x_all, batch_size, dist))
         state.clean_pred = state.clean_pred.to(device)
         clean_correct = state.clean_pred == y_all
         num_classes = int(model(x_all[:1]).shape[1])
@@ -191,7 +215,7 @@ def evaluate(
             done = [e for e in a_state.done if f"{title}@{e:g}" in state.examples]
             pictures = (state.examples[f"{title}@{max(done):g}"] if done
                         else x_all[example_idx].detach().cpu())
-            with Bar(f"{model_name} {title}", len(todo), progress) as bar:
+            with Bar(f"{model_name} {title}", len(todo), progress and main) as bar:
                 for e in todo:
                     started = time.perf_counter()
                     robust = (a_state.broken_eps == math.inf) if shortcuts else clean_correct.cpu()
@@ -200,7 +224,7 @@ def evaluate(
                     success_all, evals = _attack_cell(
                         model, attack, x_all, targets, robust.nonzero().squeeze(1), e, bank,
                         batch_size=batch_size, shortcuts=shortcuts, a_state=a_state,
-                        picture_idx=example_idx.cpu(), pictures=pictures,
+                        picture_idx=example_idx.cpu(), pictures=pictures, dist=dist,
                     )
                     state.examples[key] = pictures
                     a_state.success_at[e] = success_all
@@ -208,7 +232,7 @@ def evaluate(
                     a_state.seconds[e] = time.perf_counter() - started
                     a_state.done.append(e)
                     bar.advance(1, f"ε={e:g}")
-                    if on_cell is not None:
+                    if on_cell is not None and main:
                         on_cell(state)
     return _frames(state, attacks, eps_list, y_all, model_name, shortcuts)
 
@@ -216,17 +240,22 @@ def evaluate(
 def _attack_cell(
     model: nn.Module, attack: AttackConfig, x_all: Tensor, targets: Tensor, active: Tensor,
     eps: float, bank: NoiseBank, *, batch_size: int, shortcuts: bool, a_state: AttackState,
-    picture_idx: Tensor, pictures: Tensor,
+    picture_idx: Tensor, pictures: Tensor, dist: Context | None = None,
 ) -> tuple[Tensor, int]:
     """Attack the ``active`` samples at one ε; record first breaks in ``a_state``.
 
     The adversarial images of the samples ``picture_idx`` (sorted) are written into
     ``pictures``. Returns the per-sample success mask at this ε and the gradient evaluations.
+    With ``dist``, each rank attacks a contiguous run of the batches and the outcomes are
+    merged on every rank.
     """
     device = x_all.device
     success = torch.zeros(len(x_all), dtype=torch.bool)
     evals = 0
-    for start in range(0, len(active), batch_size):
+    starts = range(0, len(active), batch_size)
+    if dist is not None:
+        starts = starts[shard(len(starts), dist.rank, dist.world)]
+    for start in starts:
         index = active[start:start + batch_size]
         on_device = index.to(device)
 
@@ -248,7 +277,31 @@ def _attack_cell(
         if chosen.any():
             slots = torch.searchsorted(picture_idx, index[chosen])
             pictures[slots] = result.x_adv[chosen.to(device)].detach().cpu()
+    if dist is not None:
+        mine = active[starts.start:starts.stop]
+        evals = _merge_cell(dist, mine, success, a_state, picture_idx, pictures, evals)
     return success, evals
+
+
+def _merge_cell(dist: Context, mine: Tensor, success: Tensor, a_state: AttackState,
+                picture_idx: Tensor, pictures: Tensor, evals: int) -> int:
+    """Give every rank the outcomes of the samples each rank attacked in this cell.
+
+    The ranks attacked disjoint samples, so their updates never overlap; returns the total
+    gradient evaluations.
+    """
+    chosen = mine[torch.isin(mine, picture_idx)]
+    slots = torch.searchsorted(picture_idx, chosen)
+    parts = all_gather_object((mine, success[mine], a_state.broken_eps[mine],
+                               a_state.adv_pred[mine], slots, pictures[slots], evals), dist)
+    total = 0
+    for index, hit, broken, pred, where, images, count in parts:
+        success[index] = hit
+        a_state.broken_eps[index] = broken
+        a_state.adv_pred[index] = pred
+        pictures[where] = images
+        total += count
+    return total
 
 
 def _accuracy_at(a_state: AttackState, eps: float, clean_correct: Tensor, shortcuts: bool

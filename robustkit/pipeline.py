@@ -1,5 +1,9 @@
 """End-to-end jobs behind the CLI: attack a model (``robustkit attack``) and run an experiment
-(``robustkit run``). Each writes a complete run folder; the CLI only parses and prints."""
+(``robustkit run``). Each writes a complete run folder; the CLI only parses and prints.
+
+Under torchrun (several processes, :mod:`robustkit.distributed`) every rank runs the same job:
+training and the sweep are shared out, and rank 0 alone writes files, checks, reports and
+prints, so the folder is the one a single process writes."""
 
 from __future__ import annotations
 
@@ -7,13 +11,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from robustkit import distributed
 from robustkit.config import AttackConfig, ReferenceConfig, to_dict
 from robustkit.data import load_dataset
+from robustkit.distributed import Context
 from robustkit.errors import RobustkitError
 from robustkit.evaluation import Evaluation
 from robustkit.models import check_logits, load_model, parse_normalize
 from robustkit.runs import evaluate_to_folder
-from robustkit.runtime import now_iso, provenance, resolve_device
+from robustkit.runtime import now_iso, provenance
 
 
 def model_name(spec: str) -> str:
@@ -62,10 +68,14 @@ def attack_model(
         raise RobustkitError(f"--n {n}: must be at least 1")
     if batch_size < 1:
         raise RobustkitError(f"--batch-size {batch_size}: must be at least 1")
-    target = resolve_device(device or "auto")
+    target, dist = distributed.setup(device or "auto")
+    main = dist is None or dist.is_main
+    if not main:
+        echo = log = _silent
     stats = parse_normalize(normalize) if normalize else None
     net, info = load_model(model, weights=weights, device=target, normalize=stats)
-    data = load_dataset(dataset, data_dir, target, val_size=0)
+    data = distributed.local_first(lambda: load_dataset(dataset, data_dir, target, val_size=0),
+                                   dist)  # one download per node at most
     split = data.test.take(n)
     check_logits(net, split.images[:8], len(data.classes))
     name = model_name(model)
@@ -78,16 +88,16 @@ def attack_model(
     }
     manifest = {"command": "attack", "start": now_iso(), **provenance(target, seed),
                 "model_info": {k: v for k, v in info.items() if k != "checkpoint"}}
-    evaluation = evaluate_to_folder(
+    evaluation = _evaluate_to_folder(
         net, split, attacks, eps, out_dir=folder, settings=settings, manifest=manifest,
         model_name=name, batch_size=batch_size, seed=seed, progress=progress,
-        overwrite=overwrite,
+        overwrite=overwrite, dist=dist,
     )
     echo(f"robust accuracy of {name} on {len(split)} {dataset} test images:")
     echo(accuracy_table(evaluation.results))
     for note in evaluation.notes:
         echo(f"note: {note}")
-    if report:
+    if report and main:
         _after_evaluation(net, split, evaluation, settings, folder, seed=seed, reference=None,
                           log=log)
         _report_folders(folder, [folder], name, log)
@@ -114,15 +124,19 @@ def run_experiment(
     matches the config; results, figures and reports go to ``out_dir`` (default
     ``reports/<name>/``), one sub-folder per seed when there are several seeds.
     """
-    from robustkit.checkpoint import load_checkpoint, read_sidecar
+    from robustkit.checkpoint import read_sidecar
     from robustkit.config import config_hash, load_config, to_toml, training_hash
     from robustkit.training import train
 
     cfg = load_config(config_path, list(overrides))
-    target = resolve_device(device or cfg.device)
+    target, dist = distributed.setup(device or cfg.device)
+    main = dist is None or dist.is_main
+    if not main:
+        echo = log = _silent
     folder = out_dir or Path("reports") / cfg.name
-    data = load_dataset(cfg.data.dataset, cfg.data.dir, target, val_size=cfg.data.val_size,
-                        split_seed=cfg.data.split_seed)
+    data = distributed.local_first(lambda: load_dataset(
+        cfg.data.dataset, cfg.data.dir, target, val_size=cfg.data.val_size,
+        split_seed=cfg.data.split_seed), dist)  # one download per node at most
     split = (data.test if cfg.evaluate.split == "test" else data.val).take(cfg.evaluate.n)
     several = len(cfg.all_seeds) > 1
     evaluations: dict[int, Evaluation] = {}
@@ -131,16 +145,21 @@ def run_experiment(
         eval_dir = folder / f"seed-{seed}" if several else folder
         fingerprint = training_hash(cfg, seed)
         best = ckpt_dir / "model-best"
-        reusable = (not retrain and best.with_suffix(".json").is_file()
+
+        def can_reuse(best: Path = best, ckpt_dir: Path = ckpt_dir, fingerprint: str = fingerprint
+                      ) -> bool:
+            return (not retrain and best.with_suffix(".json").is_file()
                     and not (ckpt_dir / "state.json").exists()
                     and read_sidecar(best).get("training_hash") == fingerprint)
+
+        reusable = distributed.on_main(can_reuse, dist)  # rank 0's disk decides
         if reusable:
             log(f"seed {seed}: reusing {best}.safetensors (training hash {fingerprint})")
         else:
             log(f"seed {seed}: training {cfg.model.arch} ({cfg.train.method}) into {ckpt_dir}")
             train(cfg, out_dir=ckpt_dir, seed=seed, device=target, data=data,
-                  progress=progress, resume=not retrain, log=log)
-        model, info = load_checkpoint(best, target)
+                  progress=progress, resume=not retrain, log=log, dist=dist)
+        model, info = _load_everywhere(best, target, dist)
         settings = {
             "experiment": cfg.name, "config_hash": config_hash(cfg), "seed": seed,
             "training_hash": fingerprint, "model": str(best), "dataset": cfg.data.dataset,
@@ -152,24 +171,98 @@ def run_experiment(
                     "config_hash": config_hash(cfg),
                     "training": _read_json(ckpt_dir / "manifest.json"),
                     "checkpoint_epoch": info.get("epoch"), "reused_checkpoint": reusable}
-        evaluation = evaluate_to_folder(
+        evaluation = _evaluate_to_folder(
             model, split, cfg.attacks, cfg.evaluate.eps, out_dir=eval_dir, settings=settings,
             manifest=manifest, model_name=f"{cfg.name}/seed-{seed}" if several else cfg.name,
             batch_size=cfg.evaluate.batch_size, seed=cfg.evaluate.seed, progress=progress,
-            overwrite=overwrite,
+            overwrite=overwrite, dist=dist,
         )
-        _copy_training_outputs(ckpt_dir, eval_dir, to_toml(cfg))
-        _after_evaluation(model, split, evaluation, settings, eval_dir, seed=cfg.evaluate.seed,
-                          reference=cfg.reference, log=log)
+        if main:
+            _copy_training_outputs(ckpt_dir, eval_dir, to_toml(cfg))
+            _after_evaluation(model, split, evaluation, settings, eval_dir,
+                              seed=cfg.evaluate.seed, reference=cfg.reference, log=log)
         evaluations[seed] = evaluation
         echo(f"{cfg.name} seed {seed}: robust accuracy on {len(split)} {cfg.evaluate.split} "
              "images")
         echo(accuracy_table(evaluation.results))
+    if not main:
+        return evaluations
     if several:
         _write_seed_summary(folder, evaluations, echo)
     run_dirs = [folder / f"seed-{s}" for s in cfg.all_seeds] if several else [folder]
     _report_folders(folder, run_dirs, cfg.name, log)
     return evaluations
+
+
+def _silent(message: str) -> None:
+    """What ranks other than 0 print: nothing."""
+
+
+def _evaluate_to_folder(model: Any, split: Any, attacks: Any, eps: Any, *, out_dir: Path,
+                        settings: dict[str, Any], manifest: dict[str, Any], model_name: str,
+                        batch_size: int, seed: int, progress: bool, overwrite: bool,
+                        dist: Context | None) -> Evaluation:
+    """:func:`robustkit.runs.evaluate_to_folder`, shared out over the ranks of ``dist``.
+
+    Rank 0 guards the folder and reads a saved sweep state, which every rank then resumes; all
+    ranks sweep together; rank 0 saves the state after each cell and writes the outputs.
+    """
+    if dist is None:
+        return evaluate_to_folder(
+            model, split, attacks, eps, out_dir=out_dir, settings=settings, manifest=manifest,
+            model_name=model_name, batch_size=batch_size, seed=seed, progress=progress,
+            overwrite=overwrite)
+    import time
+
+    from robustkit.evaluation import evaluate
+    from robustkit.runs import (
+        finish_sweep,
+        guard_folder,
+        load_sweep,
+        save_sweep,
+        settings_fingerprint,
+        write_evaluation,
+    )
+
+    fingerprint = settings_fingerprint(settings)
+
+    def prepare() -> Any:
+        guard_folder(out_dir, fingerprint, overwrite)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return load_sweep(out_dir, fingerprint)
+
+    state = distributed.on_main(prepare, dist)
+    started = time.perf_counter()
+    evaluation = evaluate(
+        model, split, attacks, eps, model_name=model_name, batch_size=batch_size, seed=seed,
+        progress=progress, state=state, on_cell=lambda s: save_sweep(out_dir, fingerprint, s),
+        dist=dist,
+    )
+    if dist.is_main:
+        manifest = {**manifest, "fingerprint": fingerprint, "end": now_iso(),
+                    "evaluation_seconds": time.perf_counter() - started,
+                    "resumed": state is not None, "processes": dist.world}
+        write_evaluation(out_dir, evaluation, settings, manifest, split.images, split.labels)
+        finish_sweep(out_dir)
+    return evaluation
+
+
+def _load_everywhere(best: Path, device: Any, dist: Context | None) -> tuple[Any, dict[str, Any]]:
+    """Load a checkpoint on rank 0 and hand its weights to every rank (no shared disk needed)."""
+    from robustkit.checkpoint import load_checkpoint
+    from robustkit.models.zoo import build_model
+
+    if dist is None:
+        return load_checkpoint(best, device)
+
+    def read() -> tuple[dict[str, Any], dict[str, Any]]:
+        model, info = load_checkpoint(best, "cpu")
+        return {k: v.cpu() for k, v in model.state_dict().items()}, info
+
+    weights, info = distributed.on_main(read, dist)
+    model = build_model(str(info.get("arch")), int(info.get("num_classes", 10)))
+    model.load_state_dict(weights)
+    return model.to(device).eval(), info
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -20,11 +20,13 @@ from robustkit.errors import RobustkitError
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     """Turn ``auto|cpu|cuda|cuda:N|mps`` into a usable device, or say why not.
 
-    ``auto`` is the first CUDA device when one is present, else the CPU.
+    ``auto`` is the current CUDA device when one is present, else the CPU. CUDA devices always
+    come back with their index (``cuda`` → ``cuda:0``, or the device a torchrun process was
+    given), so they compare equal to the ``.device`` of tensors placed on them.
     """
     text = str(spec).strip().lower()
     if text == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        text = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(text)
     except RuntimeError:
@@ -37,7 +39,8 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
                 f"device {spec!r} asked for, but this torch build sees no CUDA GPU: "
                 "use --device cpu (or auto)"
             )
-        index = device.index or 0
+        index = torch.cuda.current_device() if device.index is None else device.index
+        device = torch.device("cuda", index)
         if index >= torch.cuda.device_count():
             raise RobustkitError(
                 f"device {spec!r} does not exist: this machine has "

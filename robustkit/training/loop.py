@@ -9,6 +9,15 @@ best clean validation accuracy otherwise) and a resume state.
 Resume state is also written every ``save_every`` seconds within an epoch. Everything random
 comes from explicit generators whose states are saved, so on CPU a run that is killed and
 resumed ends with bitwise the same weights as one that never stopped.
+
+Several processes (``dist``, see :mod:`robustkit.distributed`): the model is wrapped in
+``DistributedDataParallel``. Every rank draws the same seeded permutation and takes its
+contiguous piece of each global batch of ``batch_size``; its loss is weighted by
+``len(piece) · world / len(batch)``, so the averaged gradient is the gradient of the global
+batch's mean loss, i.e. the one-process gradient up to float summation order. Rank ``r`` draws
+its attack starts from seed + 1 + 1000·r (rank 0 uses the one-process stream). The per-epoch
+evaluation runs replicated on every rank (same weights, same numbers); rank 0 alone writes
+checkpoints, metrics and resume state (which holds every rank's attack generator).
 """
 
 from __future__ import annotations
@@ -29,6 +38,16 @@ from robustkit.attacks import attack_mode, pgd
 from robustkit.checkpoint import clear_state, load_state, save_checkpoint, save_state, write_json
 from robustkit.config import ExperimentConfig, config_hash, to_toml, training_hash
 from robustkit.data import Dataset, Split, batches, load_dataset
+from robustkit.distributed import (
+    Context,
+    agree,
+    all_gather_object,
+    all_reduce_sum,
+    local_first,
+    on_main,
+    shard,
+    wrap,
+)
 from robustkit.errors import RobustkitError
 from robustkit.models.zoo import build_model
 from robustkit.progress import Bar
@@ -88,23 +107,30 @@ def current_eps(cfg: ExperimentConfig, iteration: int, steps_per_epoch: int) -> 
 
 
 def training_loss(model: nn.Module, cfg: ExperimentConfig, x: Tensor, y: Tensor, eps: float,
-                  generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """The method's loss on one batch, and the logits used for the running accuracy."""
+                  generator: torch.Generator, inner: nn.Module | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """The method's loss on one batch, and the logits used for the running accuracy.
+
+    ``inner`` is the model the attack examples are built on when ``model`` is a wrapper whose
+    forward must run once per backward (``DistributedDataParallel``); default ``model``.
+    """
     train, adv = cfg.train, cfg.train.adversarial
+    attacked = model if inner is None else inner
     smoothing = train.label_smoothing
     if train.method == "standard" or eps == 0:
         logits = model(x)
         return F.cross_entropy(logits, y, label_smoothing=smoothing), logits
     if train.method == "trades":
         step = adv.step_size or 2.5 * eps / adv.steps
-        x_adv = trades_examples(model, x, eps=eps, steps=adv.steps, step_size=step,
+        x_adv = trades_examples(attacked, x, eps=eps, steps=adv.steps, step_size=step,
                                 generator=generator)
         return trades_loss(model, x, y, x_adv, adv.beta)
     if train.method == "fgsm-rs":
-        x_adv = pgd_examples(model, x, y, eps=eps, steps=1, step_size=adv.step_size or 1.25 * eps,
-                             random_start=True, generator=generator)
+        x_adv = pgd_examples(attacked, x, y, eps=eps, steps=1,
+                             step_size=adv.step_size or 1.25 * eps, random_start=True,
+                             generator=generator)
     else:
-        x_adv = pgd_examples(model, x, y, eps=eps, steps=adv.steps,
+        x_adv = pgd_examples(attacked, x, y, eps=eps, steps=adv.steps,
                              step_size=adv.step_size or 2.5 * eps / adv.steps,
                              random_start=adv.random_start, generator=generator)
     logits = model(x_adv)
@@ -130,26 +156,35 @@ def train(
     resume: bool = True,
     save_every: float = 60.0,
     log: Any = None,
+    dist: Context | None = None,
 ) -> TrainResult:
     """Train ``config``'s model with its method; write checkpoints and metrics into ``out_dir``.
 
     ``out_dir`` receives ``config.toml``, ``manifest.json``, ``metrics.csv``,
     ``model-last.{safetensors,json}`` and ``model-best.{safetensors,json}``.
+
+    ``dist``: train with DistributedDataParallel in a torch.distributed group (every rank calls
+    ``train`` with the same arguments and the device of its context); rank 0 writes ``out_dir``.
     """
     seed = config.seed if seed is None else seed
     device = resolve_device(device if device is not None else config.device)
-    say = log or (lambda message: None)
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+    main = rank == 0
+    say = (log if main else None) or (lambda message: None)
+    progress = progress and main
     train_cfg, adv = config.train, config.train.adversarial
     adversarial = train_cfg.method != "standard"
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = training_hash(config, seed)
 
     use_deterministic_algorithms()
     seed_everything(seed)
     if data is None:
-        data = load_dataset(config.data.dataset, config.data.dir, device,
-                            val_size=config.data.val_size, split_seed=config.data.split_seed)
+        data = local_first(lambda: load_dataset(
+            config.data.dataset, config.data.dir, device, val_size=config.data.val_size,
+            split_seed=config.data.split_seed), dist)  # one download per node at most
     elif data.train.images.device != device:
         raise RobustkitError(f"data lives on {data.train.images.device}, training on {device}")
     if len(data.val) == 0 and adversarial:
@@ -160,19 +195,29 @@ def train(
     steps_per_epoch = -(-len(data.train) // train_cfg.batch_size)
     scheduler = build_scheduler(optimizer, train_cfg, steps_per_epoch)
     order_generator = torch.Generator().manual_seed(seed)
-    attack_generator = torch.Generator(device=device).manual_seed(seed + 1)
+    attack_generator = torch.Generator(device=device).manual_seed(seed + 1 + 1000 * rank)
+    net = wrap(model, dist)  # the forward/backward of the training loss; attacks use ``model``
 
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     best_score, start_epoch, start_step, order = -1.0, 0, 0, None
     elapsed_before = 0.0
-    state = load_state(out_dir) if resume else None
+    state = on_main(lambda: load_state(out_dir) if resume else None, dist)
     if state is not None and state.get("fingerprint") == fingerprint:
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != world:
+            how = ("without torchrun" if saved_world == 1
+                   else f"under torchrun --nproc-per-node … with {saved_world} processes in all")
+            raise RobustkitError(
+                f"{out_dir} holds the resume state of a {saved_world}-process run: resume it "
+                f"{how}, or start over (robustkit train --fresh, robustkit run --retrain)"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         order_generator.set_state(state["order_generator"])
-        attack_generator.set_state(state["attack_generator"])
+        attack_generator.set_state(state["attack_generators"][rank] if dist is not None
+                                   else state["attack_generator"])
         start_epoch, start_step, order = state["epoch"], state["step"], state["order"]
         rows, notes = list(state["rows"]), list(state["notes"])
         best_score, elapsed_before = state["best_score"], state["elapsed"]
@@ -183,8 +228,9 @@ def train(
     info_base = {"arch": config.model.arch, "num_classes": len(data.classes),
                  "dataset": data.name, "config": config_hash(config),
                  "training_hash": fingerprint, "seed": seed}
-    (out_dir / "config.toml").write_text(to_toml(dataclasses.replace(config, seed=seed,
-                                                                     seeds=None)))
+    if main:
+        (out_dir / "config.toml").write_text(to_toml(dataclasses.replace(config, seed=seed,
+                                                                         seeds=None)))
     manifest = {"config_hash": config_hash(config), "training_hash": fingerprint,
                 "command": "train", "start": now_iso(), **provenance(device, seed)}
 
@@ -192,13 +238,19 @@ def train(
     last_save = started
 
     def snapshot(epoch: int, step: int, current_order: Tensor | None) -> None:
+        extra: dict[str, Any] = {}
+        if dist is not None:  # a collective: every rank's attack generator goes into the state
+            extra = {"world_size": world, "attack_generators": all_gather_object(
+                attack_generator.get_state(), dist)}
+        if not main:
+            return
         save_state(out_dir, {
             "fingerprint": fingerprint, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "order_generator": order_generator.get_state(),
             "attack_generator": attack_generator.get_state(), "epoch": epoch, "step": step,
             "order": current_order, "rows": rows, "notes": notes, "best_score": best_score,
-            "elapsed": elapsed_before + time.perf_counter() - started,
+            "elapsed": elapsed_before + time.perf_counter() - started, **extra,
         })
 
     for epoch in range(start_epoch, train_cfg.epochs):
@@ -212,21 +264,35 @@ def train(
             bar.advance(start_step)
             for step in range(start_step, steps_per_epoch):
                 index = device_order[step * train_cfg.batch_size:(step + 1) * train_cfg.batch_size]
+                global_len = len(index)
+                if dist is not None:
+                    index = index[shard(global_len, rank, world)]
                 x, y = data.train.images[index], data.train.labels[index]
                 eps = current_eps(config, epoch * steps_per_epoch + step, steps_per_epoch)
-                loss, logits = training_loss(model, config, x, y, eps, attack_generator)
+                if len(y) == 0:  # fewer samples than ranks: take part in the all-reduce only
+                    logits = net(x)
+                    loss, objective = logits.sum() * 0.0, logits.sum() * 0.0
+                else:
+                    loss, logits = training_loss(net, config, x, y, eps, attack_generator,
+                                                 inner=model)
+                    objective = loss if dist is None else loss * (len(y) * world / global_len)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                objective.backward()
                 optimizer.step()
                 scheduler.step()
                 loss_sum += float(loss.detach()) * len(y)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(y)
-                bar.advance(1, f"loss {loss_sum / seen:.4f} acc {correct / seen:.4f}")
-                if time.perf_counter() - last_save > save_every and step + 1 < steps_per_epoch:
+                shown = max(seen, 1)  # a rank's first piece is empty when batch < world
+                bar.advance(1, f"loss {loss_sum / shown:.4f} acc {correct / shown:.4f}")
+                due = time.perf_counter() - last_save > save_every
+                if step + 1 < steps_per_epoch and agree(due, dist):
                     snapshot(epoch, step + 1, order)
                     last_save = time.perf_counter()
         start_step = 0
+        if dist is not None:
+            loss_sum, total_correct, total_seen = all_reduce_sum([loss_sum, correct, seen], dist)
+            correct, seen = int(total_correct), int(total_seen)
 
         row: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -251,15 +317,19 @@ def train(
                     f"{best_score:.3f} to {score:.3f} (catastrophic overfitting?); the best "
                     "checkpoint stays the one used downstream")
             notes.append(note)
-            warnings.warn(note, stacklevel=2)
+            if main:
+                warnings.warn(note, stacklevel=2)
             say(f"warning: {note}")
         info = {**info_base, "epoch": epoch + 1, "metrics": row}
-        save_checkpoint(out_dir / "model-last", model, info)
+        if main:
+            save_checkpoint(out_dir / "model-last", model, info)
         if score > best_score:
             best_score = score
-            save_checkpoint(out_dir / "model-best", model, {**info, "selected_by": (
-                "val_robust_acc" if adversarial else "val_acc")})
-        pd.DataFrame(rows).to_csv(out_dir / "metrics.csv", index=False)
+            if main:
+                save_checkpoint(out_dir / "model-best", model, {**info, "selected_by": (
+                    "val_robust_acc" if adversarial else "val_acc")})
+        if main:
+            pd.DataFrame(rows).to_csv(out_dir / "metrics.csv", index=False)
         snapshot(epoch + 1, 0, None)
         last_save = time.perf_counter()
         say(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
@@ -267,13 +337,15 @@ def train(
 
     seconds = elapsed_before + time.perf_counter() - started
     metrics = pd.DataFrame(rows)
-    write_json(out_dir / "manifest.json", {**manifest, "end": now_iso(), "seconds": seconds,
-                                           "warnings": notes})
-    clear_state(out_dir)
+    if main:
+        write_json(out_dir / "manifest.json", {**manifest, "end": now_iso(), "seconds": seconds,
+                                               "warnings": notes, "processes": world})
+        clear_state(out_dir)
     best_model = build_model(config.model.arch, len(data.classes)).to(device)
     from robustkit.checkpoint import load_tensors
 
-    best_model.load_state_dict(load_tensors(out_dir / "model-best.safetensors", device))
+    best_state = on_main(lambda: load_tensors(out_dir / "model-best.safetensors"), dist)
+    best_model.load_state_dict(best_state)
     return TrainResult(best_model.eval(), metrics, out_dir, out_dir / "model-best",
                        out_dir / "model-last", seconds, notes)
 
