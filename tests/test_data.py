@@ -147,3 +147,13 @@ def test_batches_cover_every_sample_once(tiny: Path) -> None:
     assert torch.equal(seen.sort().values, ds.train.labels.sort().values)
     in_order = torch.cat([y for _, y in batches(ds.train, 7)])
     assert torch.equal(in_order, ds.train.labels)
+
+
+def test_fashion_mnist_from_the_debian_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = Path("/usr/share/datasets/fashion-mnist")
+    if not (folder / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    monkeypatch.delenv(rdata.DATA_ENV, raising=False)
+    ds = load_dataset("fashion-mnist", val_size=1000)
+    assert ds.source == folder  # found through the system folder, checksums verified
+    assert len(ds.test) == 10_000 and ds.classes[9] == "Ankle boot"
