@@ -35,7 +35,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkit.attacks import attack_mode, pgd
-from robustkit.checkpoint import clear_state, load_state, save_checkpoint, save_state, write_json
+from robustkit.checkpoint import (
+    clear_state,
+    load_state,
+    save_checkpoint,
+    save_state,
+    write_json,
+    write_text,
+)
 from robustkit.config import ExperimentConfig, config_hash, to_toml, training_hash
 from robustkit.data import Dataset, Split, batches, load_dataset
 from robustkit.distributed import (
@@ -229,7 +236,7 @@ def train(
                  "dataset": data.name, "config": config_hash(config),
                  "training_hash": fingerprint, "seed": seed}
     if main:
-        (out_dir / "config.toml").write_text(to_toml(dataclasses.replace(config, seed=seed,
+        write_text(out_dir / "config.toml", to_toml(dataclasses.replace(config, seed=seed,
                                                                          seeds=None)))
     manifest = {"config_hash": config_hash(config), "training_hash": fingerprint,
                 "command": "train", "start": now_iso(), **provenance(device, seed)}
