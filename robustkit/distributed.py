@@ -24,6 +24,7 @@ choice (:func:`robustkit.runtime.resolve_device`), mapped to the rank's own GPU 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from collections.abc import Callable, Sequence
@@ -160,6 +161,10 @@ def cleanup() -> None:
     """Leave the process group (if robustkit joined it); safe to call more than once."""
     global _CONTEXT, _OWNS_GROUP
     if _OWNS_GROUP and dist.is_available() and dist.is_initialized():
+        # every rank reaches this point before the group goes: tearing gloo down while a peer
+        # still has work in flight aborts the process ("terminate called without an exception")
+        with contextlib.suppress(RuntimeError):
+            dist.barrier()
         dist.destroy_process_group()
     _CONTEXT, _OWNS_GROUP = None, False
 
