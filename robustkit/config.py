@@ -75,6 +75,9 @@ class TrainConfig:
     lr_step_epochs: int = field(default=1, metadata=_range(1))
     lr_gamma: float = field(default=0.1, metadata=_range(0, 1, lo_open=True))
     label_smoothing: float = field(default=0.0, metadata=_range(0, 1))
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    amp_attacks: bool = False
+    compile: bool = False
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
 

@@ -146,3 +146,42 @@ def test_kl_divergence_matches_hand_computation() -> None:
     q = torch.tensor([[0.0, torch.log(torch.tensor(3.0))]])  # q = (¼, ¾)
     expected = 0.5 * torch.log(torch.tensor(0.5 / 0.25)) + 0.5 * torch.log(torch.tensor(0.5 / 0.75))
     assert torch.allclose(kl_divergence(p, q), expected.reshape(1))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training_keeps_fp32_weights_and_learns(precision: str, mnist,  # type: ignore[no-untyped-def]
+                                                                tmp_path: Path) -> None:
+    data = subset(mnist, 3000, 300)
+    base = {"model": {"arch": "mlp"}, "device": "cpu", "train": {"epochs": 2, "lr": 0.05}}
+    full = train(config_from_dict(base), out_dir=tmp_path / "fp32", data=data, progress=False)
+    base["train"]["precision"] = precision  # type: ignore[index]
+    mixed = train(config_from_dict(base), out_dir=tmp_path / precision, data=data,
+                  progress=False)
+    assert all(p.dtype == torch.float32 for p in mixed.model.parameters())
+    assert mixed.metrics["test_acc"].iloc[-1] > full.metrics["test_acc"].iloc[-1] - 0.03
+    assert not torch.equal(next(mixed.model.parameters()), next(full.model.parameters()))
+
+
+def test_attack_gradients_stay_fp32_under_mixed_precision() -> None:
+    from robustkit.training.loop import loss_models
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    cfg = config_from_dict({"train": {"precision": "bf16"}})
+    loss_net, attacked = loss_models(model, model, cfg, torch.device("cpu"))
+    assert attacked is model and loss_net is not model
+    x = torch.rand(4, 1, 28, 28)
+    assert loss_net(x).dtype == torch.float32
+    assert not torch.equal(loss_net(x), model(x))  # the forward really ran in bf16
+    amp = config_from_dict({"train": {"precision": "bf16", "amp_attacks": True}})
+    assert loss_models(model, model, amp, torch.device("cpu"))[1] is not model
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_closely(mnist, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = subset(mnist, 1000, 200)
+    base = {"model": {"arch": "softmax"}, "device": "cpu", "train": {"epochs": 1, "lr": 0.05}}
+    eager = train(config_from_dict(base), out_dir=tmp_path / "e", data=data, progress=False)
+    base["train"]["compile"] = True  # type: ignore[index]
+    compiled = train(config_from_dict(base), out_dir=tmp_path / "c", data=data, progress=False)
+    for a, b in zip(eager.model.parameters(), compiled.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-4)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,8 +149,38 @@ def training_loss(model: nn.Module, cfg: ExperimentConfig, x: Tensor, y: Tensor,
     return loss, logits
 
 
-def _generator_state(generator: torch.Generator) -> Tensor:
-    return generator.get_state()
+class Autocast(nn.Module):
+    """Runs ``model`` under autocast at ``dtype`` and returns fp32 logits (mixed precision)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.device_type, self.dtype = model, device.type, dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            logits: Tensor = self.model(x)
+        return logits.float()
+
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def loss_models(model: nn.Module, net: nn.Module, cfg: ExperimentConfig, device: torch.device
+                ) -> tuple[nn.Module, nn.Module]:
+    """(the module the training loss runs through, the module attacks differentiate).
+
+    ``train.precision`` bf16/fp16 puts the training forward under autocast; attack gradients
+    stay in fp32 unless ``train.amp_attacks``. ``train.compile`` compiles the loss module.
+    """
+    loss_net, attacked = net, model
+    if cfg.train.precision != "fp32":
+        dtype = PRECISIONS[cfg.train.precision]
+        loss_net = Autocast(net, device, dtype)
+        if cfg.train.amp_attacks:
+            attacked = Autocast(model, device, dtype)
+    if cfg.train.compile:
+        loss_net = typing.cast(nn.Module, torch.compile(loss_net))
+    return loss_net, attacked
 
 
 def train(
@@ -204,6 +235,9 @@ def train(
     order_generator = torch.Generator().manual_seed(seed)
     attack_generator = torch.Generator(device=device).manual_seed(seed + 1 + 1000 * rank)
     net = wrap(model, dist)  # the forward/backward of the training loss; attacks use ``model``
+    loss_net, attacked = loss_models(model, net, config, device)
+    # fp16 needs loss scaling against gradient underflow; a disabled scaler is a no-op
+    scaler = torch.amp.GradScaler(device.type, enabled=train_cfg.precision == "fp16")
 
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
@@ -222,6 +256,8 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         order_generator.set_state(state["order_generator"])
         attack_generator.set_state(state["attack_generators"][rank] if dist is not None
                                    else state["attack_generator"])
@@ -254,7 +290,7 @@ def train(
         save_state(out_dir, {
             "fingerprint": fingerprint, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "order_generator": order_generator.get_state(),
+            "scaler": scaler.state_dict(), "order_generator": order_generator.get_state(),
             "attack_generator": attack_generator.get_state(), "epoch": epoch, "step": step,
             "order": current_order, "rows": rows, "notes": notes, "best_score": best_score,
             "elapsed": elapsed_before + time.perf_counter() - started, **extra,
@@ -280,12 +316,13 @@ def train(
                     logits = net(x)
                     loss, objective = logits.sum() * 0.0, logits.sum() * 0.0
                 else:
-                    loss, logits = training_loss(net, config, x, y, eps, attack_generator,
-                                                 inner=model)
+                    loss, logits = training_loss(loss_net, config, x, y, eps, attack_generator,
+                                                 inner=attacked)
                     objective = loss if dist is None else loss * (len(y) * world / global_len)
                 optimizer.zero_grad(set_to_none=True)
-                objective.backward()
-                optimizer.step()
+                scaler.scale(objective).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 loss_sum += float(loss.detach()) * len(y)
                 correct += int((logits.argmax(1) == y).sum())
