@@ -6,16 +6,19 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 DPI = 100
 ANY = "any"
-LINESTYLES = ["-", "--", "-.", ":"]  # ":" is kept for the worst case "any"
+# ":" is kept for the worst case "any"
+LINESTYLES: list[Literal["-", "--", "-.", ":"]] = ["-", "--", "-.", ":"]
 
 
 def to_png(fig: Figure) -> bytes:
@@ -28,41 +31,41 @@ def to_png(fig: Figure) -> bytes:
 def accuracy_figure(results: pd.DataFrame) -> bytes:
     """Robust accuracy vs ε with 95% interval bands, one line per model × attack.
 
-    One model: a colour per attack. Several: a colour per model, a line style per attack.
-    The per-sample worst case ("any") is dotted, without a band.
+    One model: a colour per attack. Several: a colour per model and a line style per attack,
+    with a two-part legend (models, then attacks) beside the axes so it never hides a curve.
+    The per-sample worst case ("any") is dotted, without a band. A series measured at fewer
+    than three ε is drawn as points only: a straight line between two far-apart budgets would
+    claim accuracies that were never measured.
     """
-    fig = Figure(figsize=(6.4, 3.8))
-    ax = fig.add_subplot()
     models = list(results["model"].unique())
     attacks = list(dict.fromkeys(a for a in results["attack"] if a != ANY))
     if ANY in set(results["attack"]):
         attacks.append(ANY)
-    colors = [f"C{i}" for i in range(10)]
+    several = len(models) > 1
+    fig = Figure(figsize=(8.4, 4.2) if several else (6.4, 3.8))
+    ax = fig.add_subplot()
     for mi, model in enumerate(models):
         for ai, attack in enumerate(attacks):
             rows = results[(results["model"] == model) & (results["attack"] == attack)]
             if rows.empty:
                 continue
             rows = rows.sort_values("eps")
-            if len(models) == 1:
-                color, style = ("black", ":") if attack == ANY else (colors[ai % 10], "-")
-                label = "any (worst case)" if attack == ANY else attack
-            else:
-                color = colors[mi % 10]
-                style = ":" if attack == ANY else LINESTYLES[ai % (len(LINESTYLES) - 1)]
-                label = f"{model} · {attack}"
+            color, style = _series_style(mi, ai, attack, several)
             eps = rows["eps"].to_numpy(float)
+            sparse = len(rows) < 3
             ax.plot(
                 eps,
                 rows["accuracy"].to_numpy(float),
-                style,
+                "none" if sparse else style,
                 color=color,
                 marker="o",
-                markersize=2 if attack == ANY else 3,
+                markersize=(5 if sparse else 3) if attack != ANY else (4 if sparse else 2),
+                markerfacecolor="none" if attack == ANY else color,
                 linewidth=1.2 if attack == ANY else 1.6,
-                label=label,
+                label=(f"{model} · {attack}" if several
+                       else "any (worst case)" if attack == ANY else attack),
             )
-            if attack != ANY and {"ci_low", "ci_high"} <= set(rows.columns):
+            if attack != ANY and not sparse and {"ci_low", "ci_high"} <= set(rows.columns):
                 ax.fill_between(
                     eps,
                     rows["ci_low"].to_numpy(float),
@@ -76,9 +79,33 @@ def accuracy_figure(results: pd.DataFrame) -> bytes:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(True, alpha=0.3)
     ax.set_title("Robust accuracy vs ε (bands: 95% Wilson intervals)", fontsize=10)
-    ax.legend(fontsize=8, loc="upper right", frameon=False)
+    if several:
+        ax.legend(handles=_legend_handles(models, attacks), fontsize=7, frameon=False,
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0), handlelength=3)
+    else:
+        ax.legend(fontsize=8, loc="upper right", frameon=False)
     fig.tight_layout()
     return to_png(fig)
+
+
+def _series_style(model_index: int, attack_index: int, attack: str, several: bool
+                  ) -> tuple[str, str]:
+    """(colour, line style) of one model × attack series."""
+    if not several:
+        return ("black", ":") if attack == ANY else (f"C{attack_index % 10}", "-")
+    style = ":" if attack == ANY else LINESTYLES[attack_index % (len(LINESTYLES) - 1)]
+    return f"C{model_index % 10}", style
+
+
+def _legend_handles(models: Sequence[str], attacks: Sequence[str]) -> list[Line2D]:
+    """Colour = model, line style = attack: one entry per model and per attack, not per pair."""
+    handles = [Line2D([], [], color=f"C{i % 10}", linewidth=2.5, label=model)
+               for i, model in enumerate(models)]
+    handles += [Line2D([], [], color="0.35", marker="o", markersize=3,
+                       linestyle=":" if attack == ANY else LINESTYLES[i % (len(LINESTYLES) - 1)],
+                       label="any (worst case)" if attack == ANY else attack)
+                for i, attack in enumerate(attacks)]
+    return handles
 
 
 @dataclass(frozen=True)
