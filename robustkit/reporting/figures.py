@@ -83,7 +83,7 @@ def accuracy_figure(results: pd.DataFrame) -> bytes:
         ax.legend(handles=_legend_handles(models, attacks), fontsize=7, frameon=False,
                   loc="upper left", bbox_to_anchor=(1.01, 1.0), handlelength=3)
     else:
-        ax.legend(fontsize=8, loc="upper right", frameon=False)
+        ax.legend(fontsize=8, loc="best", frameon=False)
     fig.tight_layout()
     return to_png(fig)
 
