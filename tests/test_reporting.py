@@ -359,3 +359,20 @@ def test_rebuild_removes_stale_figures(tmp_path: Path) -> None:
     build_report([run], out)
     assert not stale.exists() and mine.exists()
     shutil.rmtree(out)
+
+
+def test_rebuild_in_the_run_folder_keeps_the_runs_command(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run")
+    in_place = build_report([run], run, made_by=None)["markdown"].read_text(encoding="utf-8")
+    assert "Made by: robustkit attack --model tiny.st (report rebuilt by `" in in_place
+    elsewhere = build_report([run], tmp_path / "out")["markdown"].read_text(encoding="utf-8")
+    assert "Made by: robustkit attack" not in elsewhere and "report rebuilt" not in elsewhere
+
+
+def test_comparison_legend_has_one_entry_per_model_and_per_attack() -> None:
+    from robustkit.reporting.figures import _legend_handles
+
+    handles = _legend_handles(["a", "b", "c"], ["fgsm", "pgd40", "any"])
+    labels = [h.get_label() for h in handles]
+    assert labels == ["a", "b", "c", "fgsm", "pgd40", "any (worst case)"]
+    assert [h.get_linestyle() for h in handles[3:]] == ["-", "--", ":"]
