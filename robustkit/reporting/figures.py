@@ -56,7 +56,7 @@ def accuracy_figure(results: pd.DataFrame) -> bytes:
             ax.plot(
                 eps,
                 rows["accuracy"].to_numpy(float),
-                "none" if sparse else style,
+                linestyle="none" if sparse else style,
                 color=color,
                 marker="o",
                 markersize=(5 if sparse else 3) if attack != ANY else (4 if sparse else 2),
@@ -65,20 +65,19 @@ def accuracy_figure(results: pd.DataFrame) -> bytes:
                 label=(f"{model} · {attack}" if several
                        else "any (worst case)" if attack == ANY else attack),
             )
-            if attack != ANY and not sparse and {"ci_low", "ci_high"} <= set(rows.columns):
-                ax.fill_between(
-                    eps,
-                    rows["ci_low"].to_numpy(float),
-                    rows["ci_high"].to_numpy(float),
-                    color=color,
-                    alpha=0.15,
-                    linewidth=0,
-                )
+            if attack == ANY or not {"ci_low", "ci_high"} <= set(rows.columns):
+                continue
+            acc, low, high = (rows[c].to_numpy(float) for c in ("accuracy", "ci_low", "ci_high"))
+            if sparse:  # the interval as error bars on the points
+                ax.errorbar(eps, acc, yerr=[acc - low, high - acc], fmt="none", ecolor=color,
+                            capsize=3, linewidth=1)
+            else:
+                ax.fill_between(eps, low, high, color=color, alpha=0.15, linewidth=0)
     ax.set_xlabel("ε (pixel units)")
     ax.set_ylabel("robust accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(True, alpha=0.3)
-    ax.set_title("Robust accuracy vs ε (bands: 95% Wilson intervals)", fontsize=10)
+    ax.set_title("Robust accuracy vs ε (95% Wilson intervals)", fontsize=10)
     if several:
         ax.legend(handles=_legend_handles(models, attacks), fontsize=7, frameon=False,
                   loc="upper left", bbox_to_anchor=(1.01, 1.0), handlelength=3)
