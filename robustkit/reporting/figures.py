@@ -29,7 +29,8 @@ def to_png(fig: Figure) -> bytes:
 
 
 def accuracy_figure(results: pd.DataFrame) -> bytes:
-    """Robust accuracy vs ε with 95% interval bands, one line per model × attack.
+    """Robust accuracy vs ε with 95% intervals (bands, or bars on isolated points), one
+    series per model × attack.
 
     One model: a colour per attack. Several: a colour per model and a line style per attack,
     with a two-part legend (models, then attacks) beside the axes so it never hides a curve.
@@ -92,8 +93,12 @@ def _series_style(model_index: int, attack_index: int, attack: str, several: boo
     """(colour, line style) of one model × attack series."""
     if not several:
         return ("black", ":") if attack == ANY else (f"C{attack_index % 10}", "-")
-    style = ":" if attack == ANY else LINESTYLES[attack_index % (len(LINESTYLES) - 1)]
-    return f"C{model_index % 10}", style
+    return f"C{model_index % 10}", _attack_linestyle(attack_index, attack)
+
+
+def _attack_linestyle(attack_index: int, attack: str) -> Literal["-", "--", "-.", ":"]:
+    """Line style of an attack on a several-model chart; dotted is kept for "any"."""
+    return ":" if attack == ANY else LINESTYLES[attack_index % (len(LINESTYLES) - 1)]
 
 
 def _legend_handles(models: Sequence[str], attacks: Sequence[str]) -> list[Line2D]:
@@ -101,7 +106,7 @@ def _legend_handles(models: Sequence[str], attacks: Sequence[str]) -> list[Line2
     handles = [Line2D([], [], color=f"C{i % 10}", linewidth=2.5, label=model)
                for i, model in enumerate(models)]
     handles += [Line2D([], [], color="0.35", marker="o", markersize=3,
-                       linestyle=":" if attack == ANY else LINESTYLES[i % (len(LINESTYLES) - 1)],
+                       linestyle=_attack_linestyle(i, attack),
                        label="any (worst case)" if attack == ANY else attack)
                 for i, attack in enumerate(attacks)]
     return handles
