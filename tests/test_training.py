@@ -57,6 +57,27 @@ def test_same_config_and_seed_give_bitwise_identical_weights(mnist, tmp_path: Pa
     assert a.metrics["test_acc"].iloc[-1] > 0.85  # 3,000 images, 2 epochs
 
 
+def test_fresh_start_removes_an_earlier_runs_outputs_before_training(
+        mnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    data = subset(mnist, 500, 100)
+    earlier = config_from_dict({"model": {"arch": "softmax"}, "train": {"epochs": 1},
+                                "device": "cpu"})
+    train(earlier, out_dir=tmp_path, data=data, progress=False)
+    assert (tmp_path / "model-best.safetensors").is_file()
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("robustkit.training.loop.training_loss", interrupted)
+    later = config_from_dict({"model": {"arch": "mlp"}, "train": {"epochs": 1}, "device": "cpu"})
+    with pytest.raises(KeyboardInterrupt):
+        train(later, out_dir=tmp_path, data=data, progress=False)
+    assert "mlp" in (tmp_path / "config.toml").read_text()
+    left = {p.name for p in tmp_path.iterdir()}
+    assert not left & {"model-best.safetensors", "model-best.json", "model-last.safetensors",
+                       "model-last.json", "metrics.csv", "manifest.json"}
+
+
 @pytest.mark.parametrize("schedule", ["constant", "step", "cosine", "onecycle"])
 def test_schedules(schedule: str, mnist, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cfg = config_from_dict({"model": {"arch": "softmax"}, "device": "cpu", "train": {

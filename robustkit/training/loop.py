@@ -183,6 +183,17 @@ def loss_models(model: nn.Module, net: nn.Module, cfg: ExperimentConfig, device:
     return loss_net, attacked
 
 
+#: What a finished run leaves in its folder; a fresh start removes them first, so that until its
+#: first epoch ends the folder never pairs the new config with an older run's weights or metrics.
+RUN_OUTPUTS = ("model-best.safetensors", "model-best.json", "model-last.safetensors",
+               "model-last.json", "metrics.csv", "manifest.json")
+
+
+def _remove_previous_outputs(out_dir: Path) -> None:
+    for name in RUN_OUTPUTS:
+        (out_dir / name).unlink(missing_ok=True)
+
+
 def train(
     config: ExperimentConfig,
     *,
@@ -199,7 +210,8 @@ def train(
     """Train ``config``'s model with its method; write checkpoints and metrics into ``out_dir``.
 
     ``out_dir`` receives ``config.toml``, ``manifest.json``, ``metrics.csv``,
-    ``model-last.{safetensors,json}`` and ``model-best.{safetensors,json}``.
+    ``model-last.{safetensors,json}`` and ``model-best.{safetensors,json}``. A fresh start
+    (no resume state of this config and seed) first removes those left by an earlier run.
 
     ``dist``: train with DistributedDataParallel in a torch.distributed group (every rank calls
     ``train`` with the same arguments and the device of its context); rank 0 writes ``out_dir``.
@@ -267,6 +279,8 @@ def train(
         say(f"resuming from epoch {start_epoch + 1}, step {start_step}")
     elif state is not None:
         say("ignoring a resume state from a different config or seed")
+    if main and not rows and start_step == 0:
+        _remove_previous_outputs(out_dir)
 
     info_base = {"arch": config.model.arch, "num_classes": len(data.classes),
                  "dataset": data.name, "config": config_hash(config),
