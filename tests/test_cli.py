@@ -142,9 +142,9 @@ def test_attack_rejects_bad_arguments(args: list[str], fragments: list[str], use
     ],
 )
 def test_attack_rejects_bad_models(factory: str, fragment: str, user_models: Path,
-                                   tmp_path: Path) -> None:
+                                   tmp_path: Path, mnist_root: Path) -> None:
     result = run("attack", "--model", factory, "--n", "50", "--out", str(tmp_path / "o"),
-                 extra_path=user_models)
+                 "--data-dir", str(mnist_root), extra_path=user_models)
     assert_user_error(result, fragment)
     assert not (tmp_path / "o").exists()
 
@@ -189,7 +189,8 @@ def test_attack_every_model_kind_gives_the_same_numbers(user_models: Path, tmp_p
     assert tables["factory"].equals(tables["export"])
 
 
-def test_normalize_wrapper_keeps_pixel_units(user_models: Path, tmp_path: Path) -> None:
+def test_normalize_wrapper_keeps_pixel_units(user_models: Path, tmp_path: Path,
+                                             mnist_root: Path) -> None:
     inner = _linear(1)
     mean, std = 0.1307, 0.3081
     folded = _linear(1)
@@ -198,7 +199,8 @@ def test_normalize_wrapper_keeps_pixel_units(user_models: Path, tmp_path: Path) 
         folded[1].bias.copy_(inner[1].bias - (inner[1].weight * mean / std).sum(1))
     torch.save(inner.state_dict(), tmp_path / "inner.pt")
     torch.save(folded.state_dict(), tmp_path / "folded.pt")
-    common = ["--attack", "fgsm", "--eps", "0,0.05,0.1", "--n", "200", "-q"]
+    common = ["--attack", "fgsm", "--eps", "0,0.05,0.1", "--n", "200", "-q", "--data-dir",
+              str(mnist_root)]
     a = run("attack", "--model", "usermodels:normalised", "--weights", str(tmp_path / "inner.pt"),
             "--normalize", f"{mean},{std}", *common, "--out", str(tmp_path / "a"),
             extra_path=user_models)
@@ -211,21 +213,23 @@ def test_normalize_wrapper_keeps_pixel_units(user_models: Path, tmp_path: Path) 
     assert (ra["correct"] - rb["correct"]).abs().max() <= 1
 
 
-def test_cuda_saved_weights_map_to_cpu(user_models: Path, tmp_path: Path) -> None:
+def test_cuda_saved_weights_map_to_cpu(user_models: Path, tmp_path: Path, mnist_root: Path
+                                       ) -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: saving weights on CUDA needs one")
     torch.save({k: v.cuda() for k, v in _linear().state_dict().items()}, tmp_path / "w.pt")
     result = run("attack", "--model", "usermodels:good", "--weights", str(tmp_path / "w.pt"),
                  "--device", "cpu", "--n", "20", "--eps", "0,0.1", "-q", "--out",
-                 str(tmp_path / "o"), extra_path=user_models)
+                 str(tmp_path / "o"), "--data-dir", str(mnist_root), extra_path=user_models)
     assert result.returncode == 0, result.stderr
 
 
 def test_output_folder_of_another_experiment_is_not_overwritten(user_models: Path,
-                                                                tmp_path: Path) -> None:
+                                                                tmp_path: Path,
+                                                                mnist_root: Path) -> None:
     out = tmp_path / "o"
     base = ["attack", "--model", "usermodels:good", "--attack", "fgsm", "--n", "20", "-q",
-            "--out", str(out)]
+            "--out", str(out), "--data-dir", str(mnist_root)]
     assert run(*base, "--eps", "0,0.1", extra_path=user_models).returncode == 0
     before = (out / "results.csv").read_text()
     assert_user_error(run(*base, "--eps", "0,0.2", extra_path=user_models),
