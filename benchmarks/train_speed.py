@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=default_data_dir(),
                         help="folder with the MNIST IDX files (default: $ROBUSTKIT_DATA)")
-    parser.add_argument("--model", default="mlp", choices=["softmax", "mlp", "cnn", "madry-cnn"])
+    parser.add_argument("--model", default="mlp",
+                        choices=["softmax", "mlp", "cnn", "madry-cnn", "strided-cnn"])
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--seed", type=int, default=0)

@@ -43,7 +43,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["softmax", "mlp", "cnn", "madry-cnn"] = "mlp"
+    arch: Literal["softmax", "mlp", "cnn", "madry-cnn", "strided-cnn"] = "mlp"
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class TrainConfig:
     momentum: float = field(default=0.9, metadata=_range(0, 1))
     nesterov: bool = False
     weight_decay: float = field(default=0.0, metadata=_range(0))
-    schedule: Literal["constant", "step", "cosine", "onecycle"] = "constant"
+    schedule: Literal["constant", "step", "cosine", "onecycle", "cyclic"] = "constant"
     lr_step_epochs: int = field(default=1, metadata=_range(1))
     lr_gamma: float = field(default=0.1, metadata=_range(0, 1, lo_open=True))
     label_smoothing: float = field(default=0.0, metadata=_range(0, 1))

@@ -16,8 +16,10 @@ import torch
 from robustkit.checkpoint import load_checkpoint, load_state
 from robustkit.config import config_from_dict
 from robustkit.data import Dataset, Split
+from robustkit.models import build_model
 from robustkit.training import train
 from robustkit.training.objectives import kl_divergence, pgd_examples
+from robustkit.training.optim import build_optimizer, build_scheduler
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,6 +91,26 @@ def test_schedules(schedule: str, mnist, tmp_path: Path) -> None:  # type: ignor
         assert lrs == pytest.approx(expected[schedule])
     else:
         assert lrs[-1] < 0.005 and lrs[0] > lrs[-1]  # cosine and one-cycle anneal towards 0
+
+
+def test_cyclic_schedule_is_wong_et_al_triangle() -> None:
+    """η_t = η·(t+1)/(0.4T) up to the peak at 2T/5, then η·(T−t−1)/(0.6T) down to 0 (T = 10)."""
+    cfg = config_from_dict({"train": {"epochs": 2, "schedule": "cyclic", "lr": 0.6,
+                                      "optimizer": "adam"}}).train
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=5)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.15, 0.3, 0.45, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+
+
+def test_strided_cnn_shapes() -> None:
+    model = build_model("strided-cnn")
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    assert sum(p.numel() for p in model.parameters()) == 166_406
 
 
 RESUME_SCRIPT = textwrap.dedent("""

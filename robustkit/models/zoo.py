@@ -49,11 +49,24 @@ def madry_cnn(num_classes: int = 10) -> nn.Module:
     )
 
 
+def strided_cnn(num_classes: int = 10) -> nn.Module:
+    """The MNIST network of Wong, Rice & Kolter (2020), which down-samples by stride, not pooling.
+
+    conv4×4-16 stride 2, ReLU → conv4×4-32 stride 2, ReLU → fc-100, ReLU → fc-10 (28 → 14 → 7).
+    """
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 100), nn.ReLU(), nn.Linear(100, num_classes),
+    )
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "softmax": softmax_net,
     "mlp": mlp,
     "cnn": cnn,
     "madry-cnn": madry_cnn,
+    "strided-cnn": strided_cnn,
 }
 
 
