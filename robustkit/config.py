@@ -29,8 +29,9 @@ else:  # pragma: no cover
 from robustkit.errors import RobustkitError
 
 
-def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Any:
-    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+           hi_open: bool = False) -> Any:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     amp_attacks: bool = False
     compile: bool = False
+    # weight averaging: validate and save θ̄ ← d·θ̄ + (1 − d)·θ; None trains without it
+    ema_decay: float | None = field(default=None,
+                                    metadata=_range(0, 1, lo_open=True, hi_open=True))
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
 
@@ -227,11 +231,11 @@ def _convert(value: Any, hint: Any, path: str, meta: Any) -> Any:
 def _check_range(value: Any, path: str, meta: Any) -> None:
     if not meta or not isinstance(value, (int, float)):
         return
-    lo, hi, lo_open = meta["lo"], meta["hi"], meta["lo_open"]
+    lo, hi, lo_open, hi_open = meta["lo"], meta["hi"], meta["lo_open"], meta["hi_open"]
     if lo is not None and (value <= lo if lo_open else value < lo):
         _fail(path, f"{value!r} is out of range: must be {'>' if lo_open else '>='} {lo}")
-    if hi is not None and value > hi:
-        _fail(path, f"{value!r} is out of range: must be <= {hi}")
+    if hi is not None and (value >= hi if hi_open else value > hi):
+        _fail(path, f"{value!r} is out of range: must be {'<' if hi_open else '<='} {hi}")
 
 
 def _build(cls: type, raw: dict[str, Any], path: str) -> Any:

@@ -16,8 +16,10 @@ import torch
 from robustkit.checkpoint import load_checkpoint, load_state
 from robustkit.config import config_from_dict
 from robustkit.data import Dataset, Split
+from robustkit.errors import RobustkitError
 from robustkit.models import build_model
 from robustkit.training import train
+from robustkit.training.loop import update_average
 from robustkit.training.objectives import kl_divergence, pgd_examples
 from robustkit.training.optim import build_optimizer, build_scheduler
 
@@ -107,6 +109,23 @@ def test_cyclic_schedule_is_wong_et_al_triangle() -> None:
     assert lrs == pytest.approx([0.15, 0.3, 0.45, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
 
 
+def test_weight_average_follows_the_ema_equation() -> None:
+    """θ̄ ← d·θ̄ + (1 − d)·θ with d = min(decay, (1 + t) / (10 + t))."""
+    averaged, model = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    torch.nn.init.zeros_(averaged.weight)
+    torch.nn.init.ones_(model.weight)
+    update_average(averaged, model, decay=0.5, iteration=0)  # d = 0.1
+    assert float(averaged.weight.detach()) == pytest.approx(0.9)
+    update_average(averaged, model, decay=0.5, iteration=100)  # d = 0.5
+    assert float(averaged.weight.detach()) == pytest.approx(0.95)
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.0, -0.1])
+def test_ema_decay_outside_open_unit_interval_is_rejected(decay: float) -> None:
+    with pytest.raises(RobustkitError, match=r"train\.ema_decay"):
+        config_from_dict({"train": {"ema_decay": decay}})
+
+
 def test_strided_cnn_shapes() -> None:
     model = build_model("strided-cnn")
     assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
@@ -126,6 +145,7 @@ RESUME_SCRIPT = textwrap.dedent("""
                    Split(full.test.images[:200], full.test.labels[:200]), full.source)
     cfg = config_from_dict({"model": {"arch": "mlp"}, "device": "cpu",
                             "train": {"method": "fgsm-rs", "epochs": 3, "batch_size": 50,
+                                      "ema_decay": 0.99,
                                       "adversarial": {"eps": 0.1, "val_n": 100, "val_steps": 3}}})
     train(cfg, out_dir=Path(sys.argv[1]), data=data, progress=False, save_every=0.0)
 """)

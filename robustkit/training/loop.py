@@ -22,6 +22,7 @@ checkpoints, metrics and resume state (which holds every rank's attack generator
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 import typing
@@ -104,6 +105,20 @@ def robust_accuracy(model: nn.Module, split: Split, *, eps: float, steps: int, s
         result = pgd(model, x, y, eps=eps, steps=steps, generator=generator)
         robust += int((~result.success).sum())
     return robust / max(len(split), 1)
+
+
+@torch.no_grad()
+def update_average(averaged: nn.Module, model: nn.Module, decay: float, iteration: int) -> None:
+    """Exponential moving average of the weights, θ̄ ← d·θ̄ + (1 − d)·θ, after each step.
+
+    d = min(decay, (1 + t) / (10 + t)) at iteration t, so the first steps do not average in the
+    random initialisation for long. Buffers are copied, not averaged.
+    """
+    d = min(decay, (1 + iteration) / (10 + iteration))
+    for p_avg, p in zip(averaged.parameters(), model.parameters(), strict=True):
+        p_avg.lerp_(p, 1 - d)
+    for b_avg, b in zip(averaged.buffers(), model.buffers(), strict=True):
+        b_avg.copy_(b)
 
 
 def current_eps(cfg: ExperimentConfig, iteration: int, steps_per_epoch: int) -> float:
@@ -246,6 +261,7 @@ def train(
     scheduler = build_scheduler(optimizer, train_cfg, steps_per_epoch)
     order_generator = torch.Generator().manual_seed(seed)
     attack_generator = torch.Generator(device=device).manual_seed(seed + 1 + 1000 * rank)
+    averaged = copy.deepcopy(model) if train_cfg.ema_decay is not None else None
     net = wrap(model, dist)  # the forward/backward of the training loss; attacks use ``model``
     loss_net, attacked = loss_models(model, net, config, device)
     # fp16 needs loss scaling against gradient underflow; a disabled scaler is a no-op
@@ -268,6 +284,8 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if averaged is not None:
+            averaged.load_state_dict(state["averaged"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         order_generator.set_state(state["order_generator"])
@@ -304,6 +322,7 @@ def train(
         save_state(out_dir, {
             "fingerprint": fingerprint, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "averaged": averaged.state_dict() if averaged is not None else None,
             "scaler": scaler.state_dict(), "order_generator": order_generator.get_state(),
             "attack_generator": attack_generator.get_state(), "epoch": epoch, "step": step,
             "order": current_order, "rows": rows, "notes": notes, "best_score": best_score,
@@ -338,6 +357,9 @@ def train(
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
+                if averaged is not None and train_cfg.ema_decay is not None:
+                    update_average(averaged, model, train_cfg.ema_decay,
+                                   epoch * steps_per_epoch + step)
                 loss_sum += float(loss.detach()) * len(y)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(y)
@@ -352,18 +374,19 @@ def train(
             loss_sum, total_correct, total_seen = all_reduce_sum([loss_sum, correct, seen], dist)
             correct, seen = int(total_correct), int(total_seen)
 
+        evaluated = averaged if averaged is not None else model  # what is validated and saved
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "lr": optimizer.param_groups[0]["lr"],
             "train_loss": loss_sum / max(seen, 1),
             "train_acc": correct / max(seen, 1),
-            "val_acc": accuracy(model, data.val) if len(data.val) else float("nan"),
-            "test_acc": accuracy(model, data.test),
+            "val_acc": accuracy(evaluated, data.val) if len(data.val) else float("nan"),
+            "test_acc": accuracy(evaluated, data.test),
         }
         if adversarial:
             row["eps"] = current_eps(config, (epoch + 1) * steps_per_epoch - 1, steps_per_epoch)
             row["val_robust_acc"] = robust_accuracy(
-                model, data.val.take(adv.val_n), eps=adv.eps, steps=adv.val_steps,
+                evaluated, data.val.take(adv.val_n), eps=adv.eps, steps=adv.val_steps,
                 seed=config.evaluate.seed)
             score = row["val_robust_acc"]
         else:
@@ -380,11 +403,11 @@ def train(
             say(f"warning: {note}")
         info = {**info_base, "epoch": epoch + 1, "metrics": row}
         if main:
-            save_checkpoint(out_dir / "model-last", model, info)
+            save_checkpoint(out_dir / "model-last", evaluated, info)
         if score > best_score:
             best_score = score
             if main:
-                save_checkpoint(out_dir / "model-best", model, {**info, "selected_by": (
+                save_checkpoint(out_dir / "model-best", evaluated, {**info, "selected_by": (
                     "val_robust_acc" if adversarial else "val_acc")})
         if main:
             pd.DataFrame(rows).to_csv(out_dir / "metrics.csv", index=False)
