@@ -79,7 +79,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     amp_attacks: bool = False
     compile: bool = False
-    # weight averaging: validate and save θ̄ ← d·θ̄ + (1 − d)·θ; None trains without it
+    # weight averaging: validate and save the bias-corrected EMA of the weights with decay d;
+    # None trains without it
     ema_decay: float | None = field(default=None,
                                     metadata=_range(0, 1, lo_open=True, hi_open=True))
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)

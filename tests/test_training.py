@@ -109,15 +109,18 @@ def test_cyclic_schedule_is_wong_et_al_triangle() -> None:
     assert lrs == pytest.approx([0.15, 0.3, 0.45, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
 
 
-def test_weight_average_follows_the_ema_equation() -> None:
-    """θ̄ ← d·θ̄ + (1 − d)·θ with d = min(decay, (1 + t) / (10 + t))."""
-    averaged, model = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
-    torch.nn.init.zeros_(averaged.weight)
-    torch.nn.init.ones_(model.weight)
-    update_average(averaged, model, decay=0.5, iteration=0)  # d = 0.1
-    assert float(averaged.weight.detach()) == pytest.approx(0.9)
-    update_average(averaged, model, decay=0.5, iteration=100)  # d = 0.5
-    assert float(averaged.weight.detach()) == pytest.approx(0.95)
+def test_weight_average_is_the_bias_corrected_ema_of_the_iterates() -> None:
+    """θ̄_t = Σ_{s≤t} d^{t−s} θ_s · (1 − d) / (1 − d^{t+1}), computed directly for each t."""
+    decay, thetas = 0.9, [1.0, 3.0, -2.0, 0.5, 4.0]
+    averaged, model = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    for t, theta in enumerate(thetas):
+        torch.nn.init.constant_(model.weight, theta)
+        update_average(averaged, model, decay, iteration=t)
+        direct = sum(decay ** (t - s) * thetas[s] for s in range(t + 1))
+        direct *= (1 - decay) / (1 - decay ** (t + 1))
+        assert float(averaged.weight.detach()) == pytest.approx(direct)
+    # by hand at t = 4: (.6561·1 + .729·3 − .81·2 + .9·.5 + 4) / (.6561 + .729 + .81 + .9 + 1)
+    assert float(averaged.weight.detach()) == pytest.approx(5.6731 / 4.0951)
 
 
 @pytest.mark.parametrize("decay", [0.0, 1.0, -0.1])

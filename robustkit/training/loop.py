@@ -109,14 +109,16 @@ def robust_accuracy(model: nn.Module, split: Split, *, eps: float, steps: int, s
 
 @torch.no_grad()
 def update_average(averaged: nn.Module, model: nn.Module, decay: float, iteration: int) -> None:
-    """Exponential moving average of the weights, θ̄ ← d·θ̄ + (1 − d)·θ, after each step.
+    """The bias-corrected exponential moving average of the weights after step t = 0, 1, …
 
-    d = min(decay, (1 + t) / (10 + t)) at iteration t, so the first steps do not average in the
-    random initialisation for long. Buffers are copied, not averaged.
+    θ̄_t = Σ_{s≤t} d^{t−s} θ_s · (1 − d) / (1 − d^{t+1}), a weighted mean of the iterates with
+    no weight left on the initialisation (Adam's bias correction). As a recursion,
+    θ̄_t = θ̄_{t−1} + w_t·(θ_t − θ̄_{t−1}) with w_t = (1 − d) / (1 − d^{t+1}) (w_0 = 1).
+    Buffers are copied, not averaged.
     """
-    d = min(decay, (1 + iteration) / (10 + iteration))
+    weight = (1 - decay) / (1 - decay ** (iteration + 1))
     for p_avg, p in zip(averaged.parameters(), model.parameters(), strict=True):
-        p_avg.lerp_(p, 1 - d)
+        p_avg.lerp_(p, weight)
     for b_avg, b in zip(averaged.buffers(), model.buffers(), strict=True):
         b_avg.copy_(b)
 
