@@ -55,10 +55,6 @@ class AdversarialConfig:
     steps: int = field(default=40, metadata=_range(1))
     step_size: float | None = field(default=None, metadata=_range(0, 1, lo_open=True))
     random_start: bool = True
-    # FGSM-RS only: δ₀ ~ U(−start_radius, start_radius) (None: ε); project=false keeps x + δ in
-    # [0, 1] but not in the ε-ball (N-FGSM: start_radius = 2ε, step_size = ε, project = false)
-    start_radius: float | None = field(default=None, metadata=_range(0, 1, lo_open=True))
-    project: bool | None = None
     warmup_epochs: int = field(default=0, metadata=_range(0))
     clean_fraction: float = field(default=0.0, metadata=_range(0, 1))
     beta: float = field(default=6.0, metadata=_range(0, lo_open=True))

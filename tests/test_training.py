@@ -207,22 +207,6 @@ def test_pgd_examples_stay_in_ball_and_box() -> None:
     assert model.training  # restored
 
 
-def test_unprojected_step_leaves_the_eps_ball_but_not_the_box() -> None:
-    """N-FGSM's step: x + δ₀ + α·sign g, clipped to [0, 1] only; with projection |δ| ≤ ε."""
-    model = torch.nn.Flatten()
-    x, y = torch.tensor([[[[0.5, 0.2]]]]), torch.tensor([0])
-    free = pgd_examples(model, x, y, eps=0.3, steps=1, step_size=0.4, random_start=False,
-                        project=False)
-    ball = pgd_examples(model, x, y, eps=0.3, steps=1, step_size=0.4, random_start=False)
-    assert torch.allclose(free, torch.tensor([[[[0.1, 0.6]]]]))
-    assert torch.allclose(ball, torch.tensor([[[[0.2, 0.5]]]]))
-    start = pgd_examples(model, torch.full((1, 1, 100, 100), 0.5), torch.zeros(1, dtype=torch.long),
-                         eps=0.3, steps=0, step_size=0.1, start_radius=0.5, project=False,
-                         generator=torch.Generator().manual_seed(0))
-    assert float(start.min()) >= 0 and float(start.max()) <= 1
-    assert float((start - 0.5).abs().max()) > 0.45  # δ₀ ~ U(−0.5, 0.5), not U(−0.3, 0.3)
-
-
 def test_kl_divergence_matches_hand_computation() -> None:
     p = torch.tensor([[0.0, 0.0]])  # p = (½, ½)
     q = torch.tensor([[0.0, torch.log(torch.tensor(3.0))]])  # q = (¼, ¾)

@@ -153,8 +153,7 @@ def training_loss(model: nn.Module, cfg: ExperimentConfig, x: Tensor, y: Tensor,
     if train.method == "fgsm-rs":
         x_adv = pgd_examples(attacked, x, y, eps=eps, steps=1,
                              step_size=adv.step_size or 1.25 * eps, random_start=True,
-                             generator=generator, start_radius=adv.start_radius,
-                             project=adv.project is not False)
+                             generator=generator)
     else:
         x_adv = pgd_examples(attacked, x, y, eps=eps, steps=adv.steps,
                              step_size=adv.step_size or 2.5 * eps / adv.steps,

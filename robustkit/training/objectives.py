@@ -27,25 +27,20 @@ def _clip(x: Tensor, delta: Tensor, eps: float) -> Tensor:
 def pgd_examples(
     model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps: int, step_size: float,
     random_start: bool = True, generator: torch.Generator | None = None,
-    start_radius: float | None = None, project: bool = True,
 ) -> Tensor:
     """Madry et al. (2018): δ ← Π(δ + α·sign ∇_δ CE(f(x + δ), y)), δ₀ ~ U(−ε, ε)ᵈ.
 
     With ``steps=1`` and ``α = 1.25ε`` this is FGSM with random start (Wong et al., 2020).
-    The last iterate is returned, as in both papers. ``start_radius`` k draws δ₀ ~ U(−k, k)ᵈ
-    instead; ``project=False`` skips the projection onto the ε-ball (the box [0, 1] stays):
-    k = 2ε, α = ε, one step and no projection is N-FGSM (de Jorge et al., 2022).
+    The last iterate is returned, as in both papers.
     """
-    radius = eps if start_radius is None else start_radius
-    bound = eps if project else float("inf")
-    delta = radius * _uniform(x, generator) if random_start else torch.zeros_like(x)
-    delta = _clip(x, delta, bound)
+    delta = eps * _uniform(x, generator) if random_start else torch.zeros_like(x)
+    delta = _clip(x, delta, eps)
     with attack_mode(model):
         for _ in range(steps):
             delta.requires_grad_(True)
             loss = F.cross_entropy(model(x + delta), y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, delta)
-            delta = _clip(x, delta.detach() + step_size * grad.sign(), bound)
+            delta = _clip(x, delta.detach() + step_size * grad.sign(), eps)
     return (x + delta).detach()
 
 
