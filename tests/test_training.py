@@ -123,6 +123,20 @@ def test_weight_average_is_the_bias_corrected_ema_of_the_iterates() -> None:
     assert float(averaged.weight.detach()) == pytest.approx(5.6731 / 4.0951)
 
 
+def test_checkpoints_hold_the_weight_average_when_ema_is_on(mnist, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The EMA does not touch the raw trajectory, so d → 0 saves the raw weights and d = 0.9 not."""
+    data = subset(mnist, 600, 100)
+    runs = {}
+    for name, decay in {"raw": None, "tiny": 1e-9, "ema": 0.9}.items():
+        train_cfg = {"epochs": 1, "batch_size": 100, "lr": 0.5}
+        if decay is not None:
+            train_cfg["ema_decay"] = decay
+        cfg = config_from_dict({"model": {"arch": "softmax"}, "device": "cpu", "train": train_cfg})
+        runs[name] = weights(train(cfg, out_dir=tmp_path / name, data=data, progress=False).last)
+    assert all(torch.allclose(runs["tiny"][k], runs["raw"][k]) for k in runs["raw"])
+    assert not all(torch.allclose(runs["ema"][k], runs["raw"][k], atol=1e-3) for k in runs["raw"])
+
+
 @pytest.mark.parametrize("decay", [0.0, 1.0, -0.1])
 def test_ema_decay_outside_open_unit_interval_is_rejected(decay: float) -> None:
     with pytest.raises(RobustkitError, match=r"train\.ema_decay"):
