@@ -13,7 +13,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from robustkit.attacks import AttackResult, fgsm, pgd
+from robustkit.attacks import AttackResult, apgd, fgsm, pgd
 from robustkit.config import AttackConfig, ExperimentConfig, load_config
 from robustkit.data import Dataset, Split, load_dataset
 from robustkit.errors import RobustkitError
@@ -31,6 +31,7 @@ __all__ = [
     "RobustkitError",
     "Split",
     "__version__",
+    "apgd",
     "build_model",
     "evaluate",
     "fgsm",

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustkit.attacks import attack_mode, pgd, random_unit_ball
+from robustkit.attacks import apgd, attack_mode, pgd, random_unit_ball
 from robustkit.config import AttackConfig, config_from_dict
 from robustkit.data import Split
 from robustkit.errors import RobustkitError
@@ -38,6 +38,8 @@ Status = Literal["pass", "warn", "fail"]
 STATUSES: tuple[Status, ...] = ("pass", "warn", "fail")
 CHECK_COLUMNS = ["name", "status", "value", "threshold", "detail"]
 ANY = "any"
+#: Attacks that take many gradient steps (the ones the model checks probe).
+ITERATIVE = ("pgd", "apgd")
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ def _attack_kind(title: str, configs: dict[str, AttackConfig]) -> tuple[str, boo
     """(name, targeted) of an attack title: from the settings, else guessed from the title."""
     if title in configs:
         return configs[title].name, configs[title].targeted
-    name = "fgsm" if title.startswith("fgsm") else "pgd" if title.startswith("pgd") else title
+    name = next((n for n in ("fgsm", "apgd", "pgd") if title.startswith(n)), title)
     return name, "targeted" in title
 
 
@@ -135,7 +137,7 @@ def check_iterative_stronger(
             for t, n in frame.groupby("attack", sort=False)["norm"].first().items()
         }
         singles = [t for t, k in kinds.items() if k[0] == "fgsm"]
-        iteratives = [t for t, k in kinds.items() if k[0] == "pgd"]
+        iteratives = [t for t, k in kinds.items() if k[0] in ITERATIVE]
         for f in singles:
             for p in iteratives:
                 if kinds[f][1:] != kinds[p][1:]:
@@ -240,9 +242,14 @@ def _robust_accuracy(
     seed: int,
     **changes: Any,
 ) -> float:
-    """Accuracy under an untargeted PGD run of ``attack`` (with ``changes``) at ``eps``."""
+    """Accuracy under an untargeted run of iterative ``attack`` (with ``changes``) at ``eps``."""
     config = dataclasses.replace(attack, **changes)
     generator = torch.Generator(device=x.device).manual_seed(seed)
+    if config.name == "apgd":
+        result = apgd(model, x, y, eps=eps, norm=config.norm, steps=config.steps,
+                      loss=config.loss, restarts=config.restarts,
+                      random_start=config.random_start, generator=generator)
+        return 1.0 - float(result.success.float().mean())
     result = pgd(
         model,
         x,
@@ -331,12 +338,13 @@ def check_noise_vs_attack(
                 x_noisy = torch.clamp(x + eps * u, 0.0, 1.0)
                 survived &= model(x_noisy).argmax(1) == y
         noise_acc = float(survived.float().mean())
-    attack_acc = _robust_accuracy(model, x, y, attack, eps, seed, name="pgd", targeted=False)
+    name = attack.name if attack.name in ITERATIVE else "pgd"
+    attack_acc = _robust_accuracy(model, x, y, attack, eps, seed, name=name, targeted=False)
     drop_attack, drop_noise = clean - attack_acc, clean - noise_acc
     threshold = "drop(noise) / drop(attack) ≤ 0.5 (fail ≥ 1)"
     detail = (
         f"at ε={eps:g}: clean {clean:.3f}, {draws} random {attack.norm} draws "
-        f"{noise_acc:.3f}, PGD-{attack.steps} {attack_acc:.3f}"
+        f"{noise_acc:.3f}, {name.upper()}-{attack.steps} {attack_acc:.3f}"
     )
     if drop_attack <= 0:
         status: Status = "fail" if drop_noise > 0 else "warn"
@@ -381,14 +389,17 @@ def check_convergence(
     Value: the largest drop below the configured attack's accuracy. A larger drop means the
     reported numbers come from an attack that has not converged.
     """
-    base = dataclasses.replace(attack, name="pgd", targeted=False)
+    base = dataclasses.replace(
+        attack, name=attack.name if attack.name in ITERATIVE else "pgd", targeted=False
+    )
     more_restarts = max(restarts, base.restarts + 1)
     acc = _robust_accuracy(model, x, y, base, eps, seed)
     acc_steps = _robust_accuracy(model, x, y, base, eps, seed, steps=base.steps * step_factor)
     acc_restarts = _robust_accuracy(model, x, y, base, eps, seed, restarts=more_restarts)
     drop = max(0.0, acc - min(acc_steps, acc_restarts))
     detail = (
-        f"at ε={eps:g} on {len(y)} samples: PGD-{base.steps}×{base.restarts} {acc:.3f}, "
+        f"at ε={eps:g} on {len(y)} samples: {base.name.upper()}-{base.steps}×{base.restarts} "
+        f"{acc:.3f}, "
         f"{base.steps * step_factor} steps {acc_steps:.3f}, {more_restarts} restarts "
         f"{acc_restarts:.3f}"
     )
@@ -534,12 +545,12 @@ def check_deterministic(
 
 
 def main_attack(results: pd.DataFrame, settings: dict[str, Any]) -> AttackConfig:
-    """The PGD attack the model checks use: the evaluation's strongest untargeted PGD.
+    """The attack the model checks use: the evaluation's strongest untargeted PGD or APGD.
 
-    Strongest = lowest mean accuracy in ``results``; without a PGD in the settings, the default
+    Strongest = lowest mean accuracy in ``results``; without either in the settings, the default
     PGD (L∞, 40 steps, step 2.5·ε/steps, one random start).
     """
-    configs = [c for c in attack_configs(settings).values() if c.name == "pgd"]
+    configs = [c for c in attack_configs(settings).values() if c.name in ITERATIVE]
     if not configs:
         norms = {c.norm for c in attack_configs(settings).values()}
         norm = norms.pop() if len(norms) == 1 else "linf"

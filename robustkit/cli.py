@@ -131,13 +131,17 @@ def _attack_configs(names: str, **settings: object) -> list[AttackConfig]:
     from robustkit.config import config_from_dict
 
     attacks = []
-    for name in [n.strip().lower() for n in names.split(",") if n.strip()]:
-        if name not in {"fgsm", "pgd"}:
-            raise RobustkitError(f"unknown attack {name!r}: choose fgsm, pgd (comma-separated)")
+    chosen = [n.strip().lower() for n in names.split(",") if n.strip()]
+    for name in chosen:
+        if name not in {"fgsm", "pgd", "apgd"}:
+            raise RobustkitError(
+                f"unknown attack {name!r}: choose fgsm, pgd, apgd (comma-separated)")
         entry = {"name": name, **{k: v for k, v in settings.items() if v is not None}}
+        if name == "apgd" and "pgd" in chosen:  # --step-size is PGD's; APGD sets its own
+            entry.pop("step_size", None)
         attacks.append(entry)
     if not attacks:
-        raise RobustkitError("--attack is empty: choose fgsm, pgd (comma-separated)")
+        raise RobustkitError("--attack is empty: choose fgsm, pgd, apgd (comma-separated)")
     return list(config_from_dict({"attacks": attacks}).attacks)
 
 
@@ -147,12 +151,12 @@ def _attack_configs(names: str, **settings: object) -> list[AttackConfig]:
 ))
 def attack(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint, TorchScript, .pt2, or package.module:factory.")],  # noqa: E501
-    attack_names: Annotated[str, typer.Option("--attack", help="Comma-separated: fgsm, pgd.")] = "fgsm,pgd",  # noqa: E501
+    attack_names: Annotated[str, typer.Option("--attack", help="Comma-separated: fgsm, pgd, apgd.")] = "fgsm,pgd",  # noqa: E501
     eps: Annotated[str, typer.Option("--eps", help="Comma-separated budgets in [0,1] pixel units.")] = "0,0.05,0.1,0.15,0.2,0.25,0.3",  # noqa: E501
     norm: Annotated[str, typer.Option("--norm", help="linf or l2.")] = "linf",
-    steps: Annotated[int, typer.Option("--steps", help="PGD steps.")] = 40,
+    steps: Annotated[int, typer.Option("--steps", help="PGD/APGD steps.")] = 40,
     step_size: Annotated[Optional[float], typer.Option("--step-size", help="PGD step (default 2.5·ε/steps).")] = None,  # noqa: E501, UP045
-    restarts: Annotated[int, typer.Option("--restarts", help="PGD random restarts.")] = 1,
+    restarts: Annotated[int, typer.Option("--restarts", help="PGD/APGD random restarts.")] = 1,
     loss: Annotated[str, typer.Option("--loss", help="ce or margin.")] = "ce",
     targeted: Annotated[bool, typer.Option("--targeted", help="Aim at class (y+1) mod K.")] = False,
     n: Annotated[Optional[int], typer.Option("--n", help="Evaluate the first N test images.")] = None,  # noqa: E501, UP045

@@ -88,9 +88,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """One attack of an evaluation; ``step_size`` None means 2.5·ε/steps."""
+    """One attack of an evaluation; ``step_size`` None means 2.5·ε/steps (PGD only: APGD sets
+    its own step)."""
 
-    name: Literal["fgsm", "pgd"] = "pgd"
+    name: Literal["fgsm", "pgd", "apgd"] = "pgd"
     norm: Literal["linf", "l2"] = "linf"
     steps: int = field(default=40, metadata=_range(1))
     step_size: float | None = field(default=None, metadata=_range(0, lo_open=True))
@@ -107,7 +108,7 @@ class AttackConfig:
             return self.label
         if self.name == "fgsm":
             return "fgsm" if self.norm == "linf" else f"fgsm-{self.norm}"
-        tag = f"pgd{self.steps}"
+        tag = f"{self.name}{self.steps}"
         if self.restarts > 1:
             tag += f"x{self.restarts}"
         if self.loss != "ce":
@@ -264,6 +265,10 @@ def _check_consistency(config: ExperimentConfig) -> None:
                   "units (L∞ budgets are at most 1; L2 budgets at most √784 = 28)")
     if config.seeds is not None and len(config.seeds) == 0:
         _fail("seeds", "must list at least one seed, or be left out")
+    for i, attack in enumerate(config.attacks):
+        if attack.name == "apgd" and attack.step_size is not None:
+            _fail(f"attacks[{i}].step_size", "APGD adapts its own step size (it starts at 2ε); "
+                  "remove step_size, or use name = \"pgd\"")
     titles = [a.title for a in config.attacks]
     duplicates = {t for t in titles if titles.count(t) > 1}
     if duplicates:

@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from robustkit.attacks import AttackResult, attack_mode, fgsm, pgd, random_unit_ball
+from robustkit.attacks import AttackResult, apgd, attack_mode, fgsm, pgd, random_unit_ball
 from robustkit.attacks.base import max_eps
 from robustkit.config import AttackConfig
 from robustkit.data import Split
@@ -123,6 +123,10 @@ def run_attack(model: nn.Module, attack: AttackConfig, x: Tensor, y: Tensor, eps
     if attack.name == "fgsm":  # the L2 fast gradient method: one step of length ε, no start
         return pgd(model, x, y, eps=eps, norm="l2", steps=1, step_size=eps, loss=attack.loss,
                    random_start=False, targeted=attack.targeted, early_stop=early_stop)
+    if attack.name == "apgd":
+        return apgd(model, x, y, eps=eps, norm=attack.norm, steps=attack.steps, loss=attack.loss,
+                    restarts=attack.restarts, random_start=attack.random_start,
+                    targeted=attack.targeted, early_stop=early_stop, start_noise=noise)
     return pgd(model, x, y, eps=eps, norm=attack.norm, steps=attack.steps,
                step_size=attack.step_size, loss=attack.loss, restarts=attack.restarts,
                random_start=attack.random_start, targeted=attack.targeted,
@@ -190,7 +194,7 @@ def evaluate(
     if len(set(titles)) != len(titles):
         raise RobustkitError(f"two attacks share a name in {titles}: give one a label")
     if not attacks:
-        raise RobustkitError("no attack given: choose at least one of fgsm, pgd")
+        raise RobustkitError("no attack given: choose at least one of fgsm, pgd, apgd")
     x_all, y_all = data.images, data.labels
     device = x_all.device
 

@@ -16,6 +16,7 @@ from robustkit.attacks import (
     AttackResult,
     StartNoise,
     adversarial_loss,
+    apgd,
     attack_mode,
     fgsm,
     is_adversarial,
@@ -24,6 +25,8 @@ from robustkit.attacks import (
     random_unit_ball,
     steepest_step,
 )
+from robustkit.attacks.apgd import apgd_step, checkpoints
+from robustkit.config import AttackConfig
 from robustkit.errors import RobustkitError
 
 DTYPE = torch.float64
@@ -134,11 +137,12 @@ def binary_problem(norm: str) -> tuple[nn.Module, Tensor, Tensor, float, Tensor]
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("loss", ["ce", "margin"])
-def test_pgd_reaches_closed_form_robust_accuracy(norm: str, loss: str) -> None:
+@pytest.mark.parametrize("attack", [pgd, apgd])
+def test_reaches_closed_form_robust_accuracy(attack: Any, norm: str, loss: str) -> None:
     model, x, y, eps, robust = binary_problem(norm)
     assert 0.2 < robust.double().mean() < 0.7  # the check is not trivial
     gen = torch.Generator().manual_seed(0)
-    result = pgd(model, x, y, eps=eps, norm=norm, loss=loss, steps=30, generator=gen)
+    result = attack(model, x, y, eps=eps, norm=norm, loss=loss, steps=30, generator=gen)
     assert torch.equal(~result.success, robust)
     assert bool((distances(result, x, norm) <= eps + 1e-6).all())
     assert torch.equal(result.success, is_adversarial(model(result.x_adv), y))
@@ -453,3 +457,114 @@ def test_bad_inputs_raise() -> None:
         pgd(model, x, torch.tensor([0, 5]), eps=0.1)
     with pytest.raises(RobustkitError, match="unknown norm"):
         project(x, 0.1, "l1")
+
+
+# --------------------------------------------------------------------------- APGD
+
+
+def test_apgd_checkpoints_follow_the_recurrence() -> None:
+    # p = 0, .22, .41, .57, .70, .80, .87, .93, .99, 1.05: w_j = ⌈p_j·T⌉ below T
+    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert checkpoints(10) == [3, 5, 6, 7, 8, 9]  # ⌈2.2⌉, ⌈4.1⌉, ⌈5.7⌉, 7, 8, ⌈8.7⌉
+    assert checkpoints(1) == []
+
+
+def test_apgd_first_step_is_two_eps_then_projected() -> None:
+    """z⁽¹⁾ = P(x + 2ε·sign ∇L): on a linear model every coordinate ends at x ± ε exactly."""
+    model, x, y, eps, _ = binary_problem("linf")
+    correct = model(x).argmax(1) == y
+    result = apgd(model, x, y, eps=eps, steps=1, random_start=False)
+    x_in = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(adversarial_loss(model(x_in), y).sum(), x_in)
+    expected = x + eps * grad.sign()
+    assert torch.allclose(result.x_adv[correct], expected[correct], atol=1e-12)
+    assert result.grad_evals == int(correct.sum())
+
+
+def test_apgd_step_by_hand() -> None:
+    """x = 0.5, ε = 0.1, x⁽ᵏ⁾ = 0.55, x⁽ᵏ⁻¹⁾ = 0.5, ∇L < 0, η = 0.2:
+    z = clamp(0.55 − 0.2, 0.4, 0.6) = 0.4; x⁽ᵏ⁺¹⁾ = 0.55 + 0.75·(0.4 − 0.55) + 0.25·0.05 = 0.45.
+    In L2 along one axis the same numbers hold (the ball is the segment [0.4, 0.6])."""
+    x = torch.full((1, 1, 1, 1), 0.5, dtype=DTYPE)
+    args = (x, x + 0.05, x, -torch.ones_like(x), torch.full_like(x, 0.2), torch.full_like(x, 0.1))
+    for norm in ("linf", "l2"):
+        assert apgd_step(*args, norm).item() == pytest.approx(0.45, abs=1e-12)
+        assert apgd_step(*args, norm, first=True).item() == pytest.approx(0.4, abs=1e-12)
+    # the box binds at x = 0.05: z = max(0.05 − 0.1, 0) = 0, x⁽ᵏ⁺¹⁾ = 0.05 + 0.75·(0 − 0.05)
+    low = torch.full_like(x, 0.05)
+    args = (low, low, low, -torch.ones_like(x), torch.full_like(x, 0.2), torch.full_like(x, 0.1))
+    assert apgd_step(*args, "linf", first=True).item() == 0.0
+    assert apgd_step(*args, "linf").item() == pytest.approx(0.0125, abs=1e-12)
+
+
+class _Bowl(nn.Module):
+    """z = (0, −k·‖x − c‖²): the cross-entropy of class 0 peaks at the interior point x = c."""
+
+    def __init__(self, centre: Tensor, k: float = 50.0) -> None:
+        super().__init__()
+        self.centre, self.k = centre, k
+
+    def forward(self, x: Tensor) -> Tensor:
+        z1 = -self.k * (x - self.centre).flatten(1).pow(2).sum(1)
+        return torch.stack([torch.zeros_like(z1), z1], dim=1)
+
+
+def test_apgd_halves_its_step_to_close_in_on_an_interior_maximum() -> None:
+    """A fixed step of 2ε keeps jumping over a maximum inside the ball; APGD's halving at the
+    checkpoints (and its restart from the best point) must bring it within ε/50 of it."""
+    g = torch.Generator().manual_seed(3)
+    eps, n = 0.1, 16
+    x = torch.full((n, 1, 2, 4), 0.5, dtype=DTYPE)
+    centre = x + 0.6 * eps * (2 * torch.rand(x.shape, generator=g, dtype=DTYPE) - 1)
+    model, y = _Bowl(centre), torch.zeros(n, dtype=torch.long)
+    adaptive = apgd(model, x, y, eps=eps, steps=100, generator=torch.Generator().manual_seed(0))
+    fixed = pgd(model, x, y, eps=eps, steps=100, step_size=2 * eps,
+                generator=torch.Generator().manual_seed(0))
+    assert not bool(adaptive.success.any())  # z₁ ≤ 0 = z₀: never adversarial
+    gap = (adaptive.x_adv - centre).flatten(1).abs().amax(1)
+    assert bool((gap < eps / 50).all()), gap
+    assert bool(((fixed.x_adv - centre).flatten(1).abs().amax(1) > eps / 50).all())
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_apgd_stays_in_ball_and_box(norm: str) -> None:
+    model, x, y = small_problem()
+    x = torch.where(torch.arange(x.numel()).view(x.shape) % 3 == 0, torch.zeros_like(x), x)
+    eps = torch.linspace(0.0, 0.3, len(y), dtype=DTYPE)
+    result = apgd(model, x, y, eps=eps, norm=norm, steps=15, restarts=2,
+                  generator=torch.Generator().manual_seed(1))
+    assert bool((distances(result, x, norm) <= eps + 1e-9).all())
+    assert bool((result.x_adv >= 0).all() and (result.x_adv <= 1).all())
+    assert torch.equal(result.x_adv[0], x[0])  # ε = 0 is never attacked
+    assert torch.equal(result.success, is_adversarial(model(result.x_adv), y))
+
+
+def test_apgd_restarts_never_raise_accuracy_and_early_stop_changes_nothing() -> None:
+    model, x, y = small_problem()
+
+    def noise(restart: int) -> Tensor:
+        return random_unit_ball(x.shape, "linf", torch.Generator().manual_seed(7 + restart),
+                                dtype=DTYPE)
+
+    kwargs: dict[str, Any] = {"eps": 0.06, "steps": 3, "loss": "margin", "start_noise": noise}
+    one = apgd(model, x, y, restarts=1, **kwargs)
+    four = apgd(model, x, y, restarts=4, **kwargs)
+    assert 0 < int(one.success.sum()) < int(four.success.sum()) < len(y)
+    assert bool(four.success[one.success].all())
+    assert torch.equal(four.x_adv[one.success], one.x_adv[one.success])
+    # every per-sample update is row-wise, so dropping broken rows leaves the others' paths alone
+    full = apgd(model, x, y, restarts=4, early_stop=False, **kwargs)
+    assert torch.equal(full.success, four.success)
+    assert torch.allclose(full.x_adv, four.x_adv, atol=1e-12)
+    assert four.grad_evals < full.grad_evals
+
+
+def test_apgd_config_title_and_bad_arguments() -> None:
+    assert AttackConfig(name="apgd", steps=100, restarts=2, loss="margin").title == (
+        "apgd100x2-margin"
+    )
+    model, x, y, eps, _ = binary_problem("linf")
+    with pytest.raises(RobustkitError, match="steps must be an integer >= 0"):
+        apgd(model, x, y, eps=eps, steps=-1)
+    with pytest.raises(RobustkitError, match="eps must lie in"):
+        apgd(model, x, y, eps=2.0)

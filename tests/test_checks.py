@@ -22,6 +22,7 @@ from robustkit.checks import (
     check_monotone,
     check_step_budget,
     checks_from_results,
+    main_attack,
     run_checks,
 )
 from robustkit.config import AttackConfig, to_dict
@@ -95,6 +96,19 @@ def test_fgsm_stronger_than_pgd_is_flagged() -> None:
     assert check.status == "fail"
     assert check.value == pytest.approx(0.3)
     assert "pgd10" in check.detail and "fgsm" in check.detail
+
+
+def test_apgd_counts_as_iterative_and_is_the_checked_attack_when_strongest() -> None:
+    apgd = AttackConfig(name="apgd", steps=10)
+    settings = settings_for(FGSM, PGD, apgd)
+    frame = results_frame({"fgsm": [0.98, 0.6, 0.3, 0.1], "pgd10": [0.98, 0.5, 0.1, 0.0],
+                           "apgd10": [0.98, 0.7, 0.4, 0.2]})
+    check = check_iterative_stronger(frame, settings)
+    assert check.status == "fail" and "apgd10" in check.detail
+    assert main_attack(frame, settings).name == "pgd"
+    stronger = results_frame({"fgsm": [0.98, 0.6, 0.3, 0.1], "pgd10": [0.98, 0.5, 0.1, 0.0],
+                              "apgd10": [0.98, 0.4, 0.05, 0.0]})
+    assert main_attack(stronger, settings) == apgd
 
 
 def test_iterative_check_ignores_pairs_of_different_norms() -> None:

@@ -123,6 +123,7 @@ def test_train_softmax_end_to_end(tmp_path: Path, mnist_root: Path) -> None:
         (["--loss", "hinge"], ["attacks[0].loss: 'hinge' is not one of"]),
         (["--norm", "l1"], ["'l1' is not one of"]),
         (["--steps", "0"], ["steps: 0 is out of range"]),
+        (["--attack", "apgd", "--step-size", "0.01"], ["APGD adapts its own step size"]),
     ],
 )
 def test_attack_rejects_bad_arguments(args: list[str], fragments: list[str], user_models: Path
@@ -174,7 +175,8 @@ def test_attack_every_model_kind_gives_the_same_numbers(user_models: Path, tmp_p
     torch.export.save(torch.export.export(model, (torch.rand(2, 1, 28, 28),)), static)
     assert_user_error(run("attack", "--model", str(static), "--n", "20"),
                       "needs a dynamic batch dimension")
-    common = ["--attack", "fgsm,pgd", "--steps", "5", "--eps", "0,0.05,0.1", "--n", "100", "-q"]
+    common = ["--attack", "fgsm,pgd,apgd", "--steps", "5", "--eps", "0,0.05,0.1", "--n", "100",
+              "-q"]
     tables = {}
     for kind, spec in [("factory", ["--model", "usermodels:good", "--weights", str(weights)]),
                        ("torchscript", ["--model", str(scripted)]),
@@ -185,6 +187,7 @@ def test_attack_every_model_kind_gives_the_same_numbers(user_models: Path, tmp_p
         assert "robust accuracy" in result.stdout
         tables[kind] = pd.read_csv(out / "results.csv").drop(columns="model")
         assert (out / "per_sample.csv").is_file() and (out / "settings.json").is_file()
+    assert set(tables["factory"]["attack"]) == {"fgsm", "pgd5", "apgd5", "any"}
     assert tables["factory"].equals(tables["torchscript"])
     assert tables["factory"].equals(tables["export"])
 

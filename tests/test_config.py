@@ -36,6 +36,8 @@ REPO = Path(__file__).resolve().parent.parent
         ({"evaluate": {"eps": 0.3}}, r"at evaluate\.eps: expected a list of float"),
         ({"attacks": [{"name": "cw"}]}, r"at attacks\[0\]\.name: 'cw' is not one of"),
         ({"attacks": [{"name": "pgd"}, {"name": "pgd"}]}, r"two attacks share the name 'pgd40'"),
+        ({"attacks": [{"name": "apgd", "step_size": 0.01}]},
+         r"at attacks\[0\]\.step_size: APGD adapts its own step size"),
         ({"data": "mnist"}, r"at data: expected a table"),
         ({"seeds": []}, r"at seeds: must list at least one seed"),
     ],

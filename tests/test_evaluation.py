@@ -47,11 +47,12 @@ def test_wilson_interval_matches_hand_computation() -> None:
 def test_fast_engine_is_never_weaker_than_per_eps_reference(model_and_data) -> None:  # type: ignore[no-untyped-def]
     model, data = model_and_data
     attacks = [AttackConfig(name="fgsm"), AttackConfig(name="pgd", steps=10),
-               AttackConfig(name="pgd", steps=10, loss="margin", restarts=2)]
+               AttackConfig(name="pgd", steps=10, loss="margin", restarts=2),
+               AttackConfig(name="apgd", steps=10)]
     fast = evaluate(model, data, attacks, EPS, batch_size=128)
     slow = evaluate(model, data, attacks, EPS, batch_size=400, shortcuts=False)
     merged = fast.results.merge(slow.results, on=["attack", "eps"], suffixes=("_fast", "_ref"))
-    assert len(merged) == len(EPS) * 4
+    assert len(merged) == len(EPS) * 5
     assert (merged["correct_fast"] <= merged["correct_ref"]).all(), merged
     pgd_fast = fast.results.query("attack == 'pgd10'")
     assert pgd_fast["grad_evals"].sum() < slow.results.query("attack == 'pgd10'")[

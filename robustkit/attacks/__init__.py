@@ -6,10 +6,12 @@ Every attack takes a model mapping ``x ∈ [0, 1]^{N×C×H×W}`` to logits ``[N,
 
 * :func:`fgsm` — one signed-gradient step (Goodfellow et al., 2015).
 * :func:`pgd` — projected gradient ascent with restarts, L∞ or L2 (Madry et al., 2018).
+* :func:`apgd` — PGD with momentum and a self-adjusting step size (Croce & Hein, 2020).
 """
 
 from __future__ import annotations
 
+from robustkit.attacks.apgd import apgd
 from robustkit.attacks.base import AttackResult, as_eps, attack_mode
 from robustkit.attacks.fgsm import fgsm
 from robustkit.attacks.losses import LOSSES, adversarial_loss, is_adversarial, margin
@@ -22,6 +24,7 @@ __all__ = [
     "AttackResult",
     "StartNoise",
     "adversarial_loss",
+    "apgd",
     "as_eps",
     "attack_mode",
     "fgsm",

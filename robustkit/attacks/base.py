@@ -44,6 +44,30 @@ class AttackResult:
     grad_evals: int
 
 
+class WorstCase:
+    """Per-sample best candidate of an attack: its first success, else its highest objective.
+
+    Iterative attacks offer every iterate; restarts offer theirs only for samples not yet broken,
+    so the record, and robust accuracy, can only get worse for the defender.
+    """
+
+    def __init__(self, x: Tensor) -> None:
+        self.x_adv = x.clone()
+        self.loss = torch.full((x.shape[0],), float("-inf"), device=x.device, dtype=x.dtype)
+        self.success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+
+    def update(self, idx: Tensor, x_cand: Tensor, loss: Tensor, adv: Tensor) -> None:
+        """Offer candidates ``x_cand`` for samples ``idx``: objective ``loss``, success ``adv``."""
+        open_ = ~self.success[idx]
+        first = adv & open_
+        better = ~adv & open_ & (loss > self.loss[idx])
+        take = first | better
+        rows = take.view(-1, *([1] * (x_cand.dim() - 1)))
+        self.x_adv[idx] = torch.where(rows, x_cand, self.x_adv[idx])  # no host sync
+        self.loss[idx] = torch.where(take, loss, self.loss[idx])
+        self.success[idx] = self.success[idx] | first
+
+
 @contextmanager
 def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode with frozen parameters; restore both exactly on exit.

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from robustkit.attacks.base import (
     AttackResult,
+    WorstCase,
     as_eps,
     attack_mode,
     check_inputs,
@@ -42,26 +43,6 @@ from robustkit.errors import RobustkitError
 
 #: ``start_noise(restart)`` returns unit-ball noise shaped like the whole batch ``x``.
 StartNoise = Callable[[int], Tensor]
-
-
-class _WorstCase:
-    """Per-sample record of the best candidate so far: first success, else highest objective."""
-
-    def __init__(self, x: Tensor) -> None:
-        self.x_adv = x.clone()
-        self.loss = torch.full((x.shape[0],), float("-inf"), device=x.device, dtype=x.dtype)
-        self.success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-
-    def update(self, idx: Tensor, x_cand: Tensor, loss: Tensor, adv: Tensor) -> None:
-        """Offer candidates ``x_cand`` for samples ``idx``: objective ``loss``, success ``adv``."""
-        open_ = ~self.success[idx]
-        first = adv & open_
-        better = ~adv & open_ & (loss > self.loss[idx])
-        take = first | better
-        rows = take.view(-1, *([1] * (x_cand.dim() - 1)))
-        self.x_adv[idx] = torch.where(rows, x_cand, self.x_adv[idx])  # no host sync
-        self.loss[idx] = torch.where(take, loss, self.loss[idx])
-        self.success[idx] = self.success[idx] | first
 
 
 def pgd(
@@ -101,37 +82,75 @@ def pgd(
     norm = check_norm(norm)
     kind = check_loss(loss)
     eps_t = as_eps(eps, x, norm)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise RobustkitError(f"steps must be an integer >= 0, got {steps!r}")
-    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-        raise RobustkitError(f"restarts must be an integer >= 1, got {restarts!r}")
+    check_count(steps, "steps", minimum=0)
+    check_count(restarts, "restarts", minimum=1)
     if step_size is None:
         alpha = 2.5 * eps_t / max(steps, 1)
     else:
         alpha = per_sample(step_size, x, "step_size")
-    x = x.detach()
-    worst = _WorstCase(x)
-    grad_evals = 0
 
+    def one_start(worst: WorstCase, idx: Tensor, x_i: Tensor, y_i: Tensor, u: Tensor) -> int:
+        return _run(
+            model, worst, idx, x_i, y_i, eps_t[idx], alpha[idx], u,
+            norm=norm, steps=steps, kind=kind, targeted=targeted, early_stop=early_stop,
+        )  # fmt: skip
+
+    return with_restarts(
+        model, x, y, eps_t, one_start, kind=kind, targeted=targeted, norm=norm,
+        restarts=restarts if random_start else 1, random_start=random_start,
+        generator=generator, start_noise=start_noise,
+    )  # fmt: skip
+
+
+#: ``one_start(worst, idx, x[idx], y[idx], u)`` runs one start of an iterative attack from the
+#: unit-ball noise ``u`` on the samples ``idx``, offers its iterates to ``worst`` and returns the
+#: per-sample gradients it computed.
+OneStart = Callable[[WorstCase, Tensor, Tensor, Tensor, Tensor], int]
+
+
+def check_count(value: object, name: str, minimum: int) -> None:
+    """``value`` must be an integer ``≥ minimum`` (``steps``, ``restarts``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RobustkitError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def with_restarts(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: Tensor,
+    one_start: OneStart,
+    *,
+    kind: str,
+    targeted: bool,
+    norm: str,
+    restarts: int,
+    random_start: bool,
+    generator: torch.Generator | None,
+    start_noise: StartNoise | None,
+) -> AttackResult:
+    """The clean point, then ``restarts`` starts, each on the samples nothing has broken yet.
+
+    The model runs in :func:`attack_mode`; rows with ``ε = 0`` are never attacked.
+    """
+    x = x.detach()
+    worst = WorstCase(x)
+    grad_evals = 0
     with attack_mode(model):
-        everyone = torch.arange(x.shape[0], device=x.device)
         with torch.no_grad():
             logits = model(x)
             worst.update(
-                everyone,
+                torch.arange(x.shape[0], device=x.device),
                 x,
                 adversarial_loss(logits, y, kind, targeted),
                 is_adversarial(logits, y, targeted),
             )
-        for restart in range(restarts if random_start else 1):
-            idx = (~worst.success & (eps_t.view(-1) > 0)).nonzero().squeeze(1)
+        for restart in range(restarts):
+            idx = (~worst.success & (eps.view(-1) > 0)).nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
             u = _start_noise(restart, x, idx, norm, random_start, generator, start_noise)
-            grad_evals += _run(
-                model, worst, idx, x[idx], y[idx], eps_t[idx], alpha[idx], u,
-                norm=norm, steps=steps, kind=kind, targeted=targeted, early_stop=early_stop,
-            )  # fmt: skip
+            grad_evals += one_start(worst, idx, x[idx], y[idx], u)
     return AttackResult(x_adv=worst.x_adv, success=worst.success, grad_evals=grad_evals)
 
 
@@ -161,7 +180,7 @@ def _start_noise(
 
 def _run(
     model: nn.Module,
-    worst: _WorstCase,
+    worst: WorstCase,
     idx: Tensor,
     x: Tensor,
     y: Tensor,
@@ -183,21 +202,11 @@ def _run(
     grad_evals = 0
     x_cur = clip_box(x + project(eps * u, eps, norm), x)
     for t in range(steps + 1):
-        if t == steps:
-            with torch.no_grad():
-                logits = model(x_cur)
-                value = objective(logits, y, kind, targeted)
-        else:
-            x_in = x_cur.detach().requires_grad_(True)
-            with torch.enable_grad():
-                logits = model(x_in)
-                value = objective(logits, y, kind, targeted)
-            (grad,) = torch.autograd.grad(value.sum(), x_in)
-            grad_evals += idx.numel()
-        adv = is_adversarial(logits.detach(), y, targeted)
-        worst.update(idx, x_cur, value.detach(), adv)
+        value, adv, grad = probe(model, x_cur, y, kind, targeted, gradient=t < steps)
+        worst.update(idx, x_cur, value, adv)
         if t == steps:
             break
+        grad_evals += idx.numel()
         if early_stop and bool(adv.any()):
             keep = ~adv
             idx, x, y, eps, alpha, x_cur, grad = (
@@ -208,3 +217,20 @@ def _run(
         delta = project(x_cur - x + alpha * steepest_step(grad, norm), eps, norm)
         x_cur = clip_box(x + delta, x)
     return grad_evals
+
+
+def probe(model: nn.Module, x_cur: Tensor, y: Tensor, kind: str, targeted: bool, *,
+          gradient: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One pass at the iterates ``x_cur``: the objective ``L`` ``[n]``, the success flags ``[n]``
+    and ``∇L`` (an empty tensor when ``gradient`` is false: the forward-only final check)."""
+    if not gradient:
+        with torch.no_grad():
+            logits = model(x_cur)
+            value = objective(logits, y, kind, targeted)
+        return value, is_adversarial(logits, y, targeted), x_cur.new_empty(0)
+    x_in = x_cur.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x_in)
+        value = objective(logits, y, kind, targeted)
+    (grad,) = torch.autograd.grad(value.sum(), x_in)
+    return value.detach(), is_adversarial(logits.detach(), y, targeted), grad
