@@ -123,7 +123,7 @@ def check_monotone(results: pd.DataFrame, fail_above: float = 0.02) -> Check:
 def check_iterative_stronger(
     results: pd.DataFrame, settings: dict[str, Any], fail_above: float = 0.02
 ) -> Check:
-    """An iterative attack (PGD) must be at least as strong as FGSM at every ε.
+    """An iterative attack (PGD, APGD) must be at least as strong as FGSM at every ε.
 
     Value: the largest ``acc(PGD) − acc(FGSM)`` over ε and comparable pairs (same model, norm and
     targeting); positive means PGD missed examples that one gradient step found.
@@ -166,7 +166,8 @@ def check_iterative_stronger(
     detail = (
         where
         if worst > 1e-12
-        else f"{', '.join(sorted(set(pairs)))}: PGD at least as strong as FGSM at every ε"
+        else f"{', '.join(sorted(set(pairs)))}: the iterative attack at least as strong as FGSM "
+        "at every ε"
     )
     return Check("iterative_beats_single_step", status, worst, threshold, detail)
 
@@ -381,13 +382,16 @@ def check_convergence(
     seed: int = 0,
     step_factor: int = 2,
     restarts: int = 5,
+    apgd_steps: int = 100,
     warn_above: float = 0.02,
     fail_above: float = 0.05,
 ) -> Check:
-    """Twice the steps, or more random restarts, may lower accuracy only a little.
+    """Twice the steps, more random restarts, or (for PGD) APGD may lower accuracy only a little.
 
     Value: the largest drop below the configured attack's accuracy. A larger drop means the
-    reported numbers come from an attack that has not converged.
+    reported numbers come from an attack that has not converged. Fixed-step PGD can stall where
+    neither more steps nor more restarts help; APGD's adaptive step (one start, at least
+    ``apgd_steps`` steps) exposes that.
     """
     base = dataclasses.replace(
         attack, name=attack.name if attack.name in ITERATIVE else "pgd", targeted=False
@@ -396,12 +400,16 @@ def check_convergence(
     acc = _robust_accuracy(model, x, y, base, eps, seed)
     acc_steps = _robust_accuracy(model, x, y, base, eps, seed, steps=base.steps * step_factor)
     acc_restarts = _robust_accuracy(model, x, y, base, eps, seed, restarts=more_restarts)
-    drop = max(0.0, acc - min(acc_steps, acc_restarts))
+    stronger = {f"{base.steps * step_factor} steps": acc_steps,
+                f"{more_restarts} restarts": acc_restarts}
+    if base.name == "pgd":
+        steps = max(apgd_steps, base.steps)
+        stronger[f"APGD-{steps}"] = _robust_accuracy(
+            model, x, y, base, eps, seed, name="apgd", steps=steps, restarts=1, step_size=None)
+    drop = max(0.0, acc - min(stronger.values()))
     detail = (
         f"at ε={eps:g} on {len(y)} samples: {base.name.upper()}-{base.steps}×{base.restarts} "
-        f"{acc:.3f}, "
-        f"{base.steps * step_factor} steps {acc_steps:.3f}, {more_restarts} restarts "
-        f"{acc_restarts:.3f}"
+        f"{acc:.3f}, " + ", ".join(f"{name} {value:.3f}" for name, value in stronger.items())
     )
     status = _grade(drop, warn_above, fail_above)
     if status != "pass":

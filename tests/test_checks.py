@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from robustkit.checks import (
     CHECK_COLUMNS,
     Check,
+    check_convergence,
     check_deterministic,
     check_gradients,
     check_iterative_stronger,
@@ -269,6 +270,21 @@ def test_sound_linear_model_passes_every_check(data: tuple[Split, Tensor]) -> No
     values = frame.set_index("name")["value"]
     assert values["accuracy_at_large_eps"] == 0.0
     assert not math.isnan(values["noise_weaker_than_attack"])
+
+
+def test_convergence_check_catches_a_stalled_pgd_with_apgd(data: tuple[Split, Tensor]) -> None:
+    """PGD with steps of 0.001 cannot travel far enough at ε = 0.3, twice the steps or more
+    random starts do not fix that on a linear model, but APGD's first step of 2ε does."""
+    split, templates = data
+    model, x, y = linear_model(templates), split.images[:200], split.labels[:200]
+    timid = AttackConfig(name="pgd", steps=10, step_size=0.001)
+    check = check_convergence(model, x, y, timid, 0.3)
+    assert check.status == "fail" and "APGD-100" in check.detail, check.detail
+    steps_and_restarts = [float(v.split()[-1]) for v in check.detail.split(", ")[1:3]]
+    acc = float(check.detail.split(", ")[0].split()[-1])
+    assert min(steps_and_restarts) > acc - 0.05  # only APGD shows the gap
+    sound = check_convergence(model, x, y, AttackConfig(name="pgd", steps=20), 0.3)
+    assert sound.status == "pass", sound.detail
 
 
 def test_run_checks_flags_a_masked_model(data: tuple[Split, Tensor]) -> None:
