@@ -11,7 +11,13 @@ The public API, for notebooks and scripts::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError as _NotInstalled
+from importlib.metadata import version as _version
+
+try:
+    __version__ = _version("robustkit")  # the installed distribution's, from pyproject.toml
+except _NotInstalled:  # pragma: no cover - a source tree on PYTHONPATH without installing
+    __version__ = "0.1.0+source"
 
 from robustkit.attacks import AttackResult, apgd, fgsm, pgd
 from robustkit.config import AttackConfig, ExperimentConfig, load_config

@@ -45,6 +45,28 @@ def _log(message: str) -> None:
     err.print(message, highlight=False)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            out.print(f"robustkit {version('robustkit')}", highlight=False)
+        except PackageNotFoundError:
+            from robustkit import __version__
+
+            out.print(f"robustkit {__version__} (not installed: version from the source)",
+                      highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.",
+                                          callback=_version, is_eager=True)] = False,
+) -> None:
+    """Evaluate and improve the adversarial robustness of PyTorch image classifiers."""
+
+
 @app.command(epilog="Example: robustkit train experiments/mnist_mlp.toml --set train.epochs=2")
 def train(
     config: Annotated[Path, typer.Argument(help="Experiment TOML file (see experiments/).")],
@@ -119,12 +141,20 @@ def data(
     out.print(f"using {located.folder}: all {len(FILE_KEYS)} files present, md5 checksums match")
 
 
+def _number(text: str) -> float:
+    """``0.3`` or a fraction ``8/255`` (ε is often written in 1/255 steps of a pixel)."""
+    numerator, slash, denominator = text.strip().partition("/")
+    if not slash:
+        return float(numerator)
+    return float(numerator) / float(denominator)  # ZeroDivisionError: the caller's error
+
+
 def _float_list(text: str, what: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise RobustkitError(f"{what} {text!r}: expected comma-separated numbers, e.g. "
-                             "0,0.1,0.2,0.3") from None
+        return [_number(v) for v in text.split(",") if v.strip()]
+    except (ValueError, ZeroDivisionError):
+        raise RobustkitError(f"{what} {text!r}: expected comma-separated numbers or fractions, "
+                             "e.g. 0,0.1,0.2,0.3 or 0,2/255,8/255") from None
 
 
 def _attack_configs(names: str, **settings: object) -> list[AttackConfig]:
@@ -150,9 +180,9 @@ def _attack_configs(names: str, **settings: object) -> list[AttackConfig]:
     "--attack fgsm,pgd --eps 0,0.1,0.2,0.3 --n 1000"
 ))
 def attack(
-    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint, TorchScript, .pt2, or package.module:factory.")],  # noqa: E501
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint (e.g. reports/NAME/model.safetensors), zoo:NAME, TorchScript, .pt2, or package.module:factory.")],  # noqa: E501
     attack_names: Annotated[str, typer.Option("--attack", help="Comma-separated: fgsm, pgd, apgd.")] = "fgsm,pgd",  # noqa: E501
-    eps: Annotated[str, typer.Option("--eps", help="Comma-separated budgets in [0,1] pixel units.")] = "0,0.05,0.1,0.15,0.2,0.25,0.3",  # noqa: E501
+    eps: Annotated[str, typer.Option("--eps", help="Comma-separated budgets in [0,1] pixel units; fractions such as 8/255 accepted.")] = "0,0.05,0.1,0.15,0.2,0.25,0.3",  # noqa: E501
     norm: Annotated[str, typer.Option("--norm", help="linf or l2.")] = "linf",
     steps: Annotated[int, typer.Option("--steps", help="PGD/APGD steps.")] = 40,
     step_size: Annotated[Optional[float], typer.Option("--step-size", help="PGD step (default 2.5·ε/steps).")] = None,  # noqa: E501, UP045
@@ -205,6 +235,30 @@ def run(
     run_experiment(config, overrides=overrides, out_dir=out_dir, runs_dir=runs_dir,
                    retrain=retrain, device=device, progress=not quiet, overwrite=overwrite,
                    echo=out.print, log=_log)
+
+
+@app.command(epilog="Example: robustkit zoo; robustkit attack --model zoo:mnist_cnn --eps 0,0.3")
+def zoo(
+    reports: Annotated[Optional[Path], typer.Option("--reports", help="Folder of reports (default: ./reports, then the checkout's).")] = None,  # noqa: E501, UP045
+) -> None:
+    """List the released models: reports that carry the weights they evaluated (zoo:NAME)."""
+    from robustkit.released import list_released, zoo_roots
+
+    roots = [reports] if reports is not None else zoo_roots()
+    found = list_released(roots)
+    if not found:
+        out.print(f"no released weights in {', '.join(str(r) for r in roots)}: a report "
+                  "carries them once robustkit run has written model.safetensors into it")
+        return
+    out.print(f"{'name':<28} {'arch':<12} {'dataset':<14} {'training':<14} {'clean':>7} "
+              f"{'robust':>16} {'size':>8}  weights", highlight=False)
+    for r in found:
+        training = r.method + (f" ε={r.train_eps:g}" if r.train_eps is not None else "")
+        clean = f"{r.clean:.2%}" if r.clean is not None else "?"
+        robust = (f"{r.robust:.2%} @ ε={r.robust_eps:g}" if r.robust is not None else "?")
+        out.print(f"{'zoo:' + r.name:<28} {r.arch:<12} {r.dataset:<14} {training:<14} "
+                  f"{clean:>7} {robust:>16} {r.size_bytes / 1e6:>6.2f}MB  {r.path}",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command(epilog="Example: robustkit report reports/mnist_mlp reports/mnist_cnn --out reports/compare")  # noqa: E501

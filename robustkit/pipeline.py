@@ -18,17 +18,22 @@ from robustkit.distributed import Context
 from robustkit.errors import RobustkitError
 from robustkit.evaluation import Evaluation
 from robustkit.models import check_logits, load_model, parse_normalize
+from robustkit.released import WEIGHTS_STEM, ZOO_PREFIX, release_weights, weights_provenance
 from robustkit.runs import evaluate_to_folder
 from robustkit.runtime import now_iso, provenance
 
 
 def model_name(spec: str) -> str:
-    """A short display name: ``runs/mnist_cnn/model-best.safetensors`` → ``mnist_cnn``."""
+    """A short display name: ``runs/mnist_cnn/model-best.safetensors``,
+    ``reports/mnist_cnn/model.safetensors`` and ``zoo:mnist_cnn`` → ``mnist_cnn``."""
+    if spec.startswith(ZOO_PREFIX):
+        return spec[len(ZOO_PREFIX):].strip("/").replace("/", "-")
     if ":" in spec and not Path(spec).exists():
         return spec.split(":")[-1]
     path = Path(spec)
     stem = path.name.split(".")[0]
-    return path.parent.name if stem.startswith("model-") and path.parent.name else stem
+    checkpoint = stem == WEIGHTS_STEM or stem.startswith("model-")
+    return path.parent.name if checkpoint and path.parent.name else stem
 
 
 def accuracy_table(results: Any) -> str:
@@ -88,6 +93,8 @@ def attack_model(
     }
     manifest = {"command": "attack", "start": now_iso(), **provenance(target, seed),
                 "model_info": {k: v for k, v in info.items() if k != "checkpoint"}}
+    if info["kind"] == "checkpoint":
+        manifest.update(weights_provenance(Path(info["path"])))
     evaluation = _evaluate_to_folder(
         net, split, attacks, eps, out_dir=folder, settings=settings, manifest=manifest,
         model_name=name, batch_size=batch_size, seed=seed, progress=progress,
@@ -168,6 +175,7 @@ def run_experiment(
             "batch_size": cfg.evaluate.batch_size,
         }
         manifest = {"command": "run", "start": now_iso(), **provenance(target, seed),
+                    **weights_provenance(best), "weights_file": f"{WEIGHTS_STEM}.safetensors",
                     "config_hash": config_hash(cfg),
                     "training": _read_json(ckpt_dir / "manifest.json"),
                     "checkpoint_epoch": info.get("epoch"), "reused_checkpoint": reusable}
@@ -178,6 +186,7 @@ def run_experiment(
             overwrite=overwrite, dist=dist,
         )
         if main:
+            release_weights(best, eval_dir)
             _copy_training_outputs(ckpt_dir, eval_dir, to_toml(cfg))
             _after_evaluation(model, split, evaluation, settings, eval_dir,
                               seed=cfg.evaluate.seed, reference=cfg.reference, log=log)

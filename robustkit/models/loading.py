@@ -3,6 +3,7 @@
 Accepted model specs:
 
 * a robustkit checkpoint: ``model.safetensors`` (or its stem) with its ``.json`` sidecar;
+* ``zoo:NAME``: the weights released with the report ``reports/NAME`` (:mod:`robustkit.released`);
 * a TorchScript file (``torch.jit.save``);
 * a ``torch.export`` program (``.pt2``);
 * ``package.module:factory`` plus ``weights`` (a state dict: ``.safetensors``, or a torch file
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from robustkit.checkpoint import PICKLE_SUFFIXES, checkpoint_paths, load_checkpoint, load_tensors
 from robustkit.errors import RobustkitError
 from robustkit.models.zoo import Normalized
+from robustkit.released import ZOO_PREFIX, resolve_zoo
 
 
 def parse_normalize(text: str) -> tuple[list[float], list[float]]:
@@ -125,8 +127,10 @@ def load_model(
     """Load a model from any accepted spec; returns (model in eval mode, description)."""
     device = torch.device(device)
     text = str(spec)
+    if text.startswith(ZOO_PREFIX):
+        text = str(resolve_zoo(text))
     path = Path(text)
-    info: dict[str, Any] = {"model": text}
+    info: dict[str, Any] = {"model": str(spec)}
     weights_path = Path(weights) if weights is not None else None
     sidecar_weights, sidecar = checkpoint_paths(path)
 
@@ -145,7 +149,8 @@ def load_model(
     elif path.suffix in {".safetensors", ".json"} or (sidecar.is_file()
                                                          and sidecar_weights.is_file()):
         model, meta = load_checkpoint(path, device)
-        info.update(kind="checkpoint", arch=meta.get("arch"), checkpoint=meta)
+        info.update(kind="checkpoint", arch=meta.get("arch"), checkpoint=meta,
+                    path=str(checkpoint_paths(path)[0]))
     elif path.is_file():
         if not _is_zip(path):
             raise RobustkitError(

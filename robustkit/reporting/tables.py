@@ -251,6 +251,9 @@ PROVENANCE_KEYS = [
     ("date", "date"),
     ("start", "start"),
     ("end", "end"),
+    ("weights_file", "weights file"),
+    ("weights_sha256", "weights sha256"),
+    ("sidecar_sha256", "sidecar sha256"),
 ]
 
 

@@ -1,0 +1,106 @@
+"""Released weights: `robustkit run` leaves the evaluated weights in the report folder, and
+`robustkit attack --model <report>/model.safetensors` (or zoo:NAME) reproduces the report's
+numbers with no training, from any folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY = """
+name = "tiny"
+seed = 0
+device = "cpu"
+[data]
+val_size = 1000
+[model]
+arch = "softmax"
+[train]
+epochs = 1
+lr = 0.1
+[[attacks]]
+name = "fgsm"
+[[attacks]]
+name = "pgd"
+steps = 5
+[evaluate]
+eps = [0.0, 0.1, 0.2]
+n = 300
+"""
+
+
+def robustkit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "robustkit", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=600, env={**os.environ, "COLUMNS": "200"})
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> Path:
+    """A workdir where `robustkit run tiny.toml` wrote reports/tiny (training a softmax)."""
+    workdir = tmp_path_factory.mktemp("released")
+    (workdir / "tiny.toml").write_text(TINY)
+    result = robustkit("run", "tiny.toml", "-q", "--data-dir", str(mnist_root), cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    return workdir
+
+
+def test_run_releases_the_evaluated_weights_with_their_hashes(released: Path) -> None:
+    report = released / "reports" / "tiny"
+    best = released / "runs" / "tiny" / "seed-0" / "model-best"
+    weights, sidecar = report / "model.safetensors", report / "model.json"
+    assert weights.read_bytes() == best.with_suffix(".safetensors").read_bytes()
+    assert sidecar.read_bytes() == best.with_suffix(".json").read_bytes()
+    manifest = json.loads((report / "manifest.json").read_text())
+    assert manifest["weights_sha256"] == sha256(weights)
+    assert manifest["sidecar_sha256"] == sha256(sidecar)
+    markdown = (report / "report.md").read_text()
+    assert f"| sidecar sha256 | {sha256(sidecar)} |" in markdown
+    assert f"| weights sha256 | {sha256(weights)} |" in markdown
+
+
+def test_attack_on_released_weights_reproduces_the_report_from_another_folder(
+        released: Path, tmp_path: Path) -> None:
+    """A fresh clone has reports/ but no runs/: copy only the report folder elsewhere."""
+    clone = tmp_path / "clone"
+    shutil.copytree(released / "reports" / "tiny", clone / "reports" / "tiny")
+    expected = pd.read_csv(released / "reports" / "tiny" / "results.csv")
+    common = ["--attack", "fgsm,pgd", "--steps", "5", "--eps", "0,0.1,0.2", "--n", "300", "-q"]
+    for spec, out in (("reports/tiny/model.safetensors", "by-path"), ("zoo:tiny", "by-name")):
+        result = robustkit("attack", "--model", spec, *common, "--out", out, cwd=clone)
+        assert result.returncode == 0, result.stderr
+        assert "robust accuracy of tiny on 300" in result.stdout
+        got = pd.read_csv(clone / out / "results.csv")
+        assert got["accuracy"].tolist() == expected["accuracy"].tolist()
+        assert got["attack"].tolist() == expected["attack"].tolist()
+        manifest = json.loads((clone / out / "manifest.json").read_text())
+        assert manifest["sidecar_sha256"] == sha256(clone / "reports" / "tiny" / "model.json")
+
+
+def test_zoo_lists_released_models_and_rejects_unknown_names(released: Path) -> None:
+    listing = robustkit("zoo", cwd=released)
+    assert listing.returncode == 0, listing.stderr
+    row = next(line for line in listing.stdout.splitlines() if line.startswith("zoo:tiny"))
+    results = pd.read_csv(released / "reports" / "tiny" / "results.csv")
+    clean = results.loc[results["eps"] == 0, "accuracy"].min()
+    worst = results.loc[results["eps"] == 0.2, "accuracy"].min()
+    assert "softmax" in row and "mnist" in row
+    assert f"{clean:.2%}" in row and f"{worst:.2%} @ ε=0.2" in row
+    unknown = robustkit("attack", "--model", "zoo:nope", "-q", cwd=released)
+    assert unknown.returncode == 2
+    assert unknown.stderr.startswith("error: no released model 'zoo:nope' (released: tiny)")
+    escape = robustkit("attack", "--model", "zoo:../reports/tiny", "-q", cwd=released)
+    assert escape.returncode == 2 and "no released model" in escape.stderr
