@@ -144,6 +144,47 @@ def check_eps(eps: Sequence[float], norm: str, x: Tensor) -> None:
             )
 
 
+#: Share of the free device memory an attack batch may use (the rest is headroom).
+MEMORY_SHARE = 0.5
+#: Image-sized tensors an attack keeps per sample besides the model's activations (iterates,
+#: gradients, APGD's state, the worst-case record), counted generously.
+STATE_TENSORS = 16
+
+
+def batch_for_memory(requested: int, n: int, bytes_per_sample: float, free_bytes: int) -> int:
+    """The attack batch for ``n`` samples: as many as fit in :data:`MEMORY_SHARE` of
+    ``free_bytes`` at ``bytes_per_sample``, never fewer than ``requested`` (nor more than ``n``
+    unless ``requested`` is)."""
+    fits = int(MEMORY_SHARE * free_bytes // max(bytes_per_sample, 1.0))
+    return max(requested, min(n, fits))
+
+
+def device_batch_size(model: nn.Module, x: Tensor, y: Tensor, requested: int) -> int:
+    """The attack batch the device chooses: ``requested`` on the CPU; on CUDA the whole of
+    ``x`` when it fits, else as much as fits (:func:`batch_for_memory`).
+
+    On the CPU a bigger batch buys nothing (the cores are busy at any size) and the per-row
+    outputs would change in the last bits. On CUDA a small batch leaves the GPU idle between
+    kernel launches; one forward/backward pass over ``requested`` samples measures the memory a
+    sample needs. Results do not depend on the batch (random starts come from the noise bank).
+    """
+    if x.device.type != "cuda" or len(x) <= requested:
+        return requested
+    device = x.device
+    probe_n = min(requested, len(x))
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    x_in = x[:probe_n].detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        value = nn.functional.cross_entropy(model(x_in), y[:probe_n], reduction="sum")
+    torch.autograd.grad(value, x_in)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    free, _ = torch.cuda.mem_get_info(device)
+    state = STATE_TENSORS * x[0].numel() * x.element_size()
+    return batch_for_memory(requested, len(x), peak / probe_n + state, free)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, batch_size: int, dist: Context | None = None) -> Tensor:
     """Predicted classes in batches ``[0, b), [b, 2b), …``; with ``dist`` each rank predicts
@@ -176,6 +217,7 @@ def evaluate(
     state: SweepState | None = None,
     on_cell: Callable[[SweepState], None] | None = None,
     dist: Context | None = None,
+    device_batch: bool = True,
 ) -> Evaluation:
     """Sweep every attack over every ε; return tidy results, per-sample outcomes and timings.
 
@@ -185,6 +227,10 @@ def evaluate(
     ``dist`` shares the work among the processes of a torch.distributed group: every rank
     passes the same split and state and gets the same (complete) result; ``on_cell`` and the
     progress bar run on rank 0 only.
+
+    ``device_batch``: on CUDA (one process), attack and predict in the batches the device
+    chooses (:func:`device_batch_size`, the whole split when it fits) instead of
+    ``batch_size``; the CPU always uses ``batch_size``.
     """
     main = dist is None or dist.is_main
     eps_list = sorted({float(e) for e in eps})
@@ -199,6 +245,8 @@ def evaluate(
     device = x_all.device
 
     with attack_mode(model):
+        if device_batch and dist is None:
+            batch_size = device_batch_size(model, x_all, y_all, batch_size)
         if state is None:
             state = SweepState(clean_pred=predict(model, x_all, batch_size, dist))
         state.clean_pred = state.clean_pred.to(device)

@@ -25,6 +25,7 @@ class Bar:
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self.title, self.total = title, total
+        self.done = 0  # steps advanced so far
 
     def __enter__(self) -> Bar:
         if self.enabled:
@@ -38,6 +39,7 @@ class Bar:
         return self
 
     def advance(self, steps: int = 1, info: str | None = None) -> None:
+        self.done += steps
         if self._progress is not None and self._task is not None:
             if info is None:
                 self._progress.update(self._task, advance=steps)

@@ -30,7 +30,15 @@ import math
 import torch
 from torch import Tensor, nn
 
-from robustkit.attacks.base import AttackResult, WorstCase, as_eps, check_inputs, clip_box
+from robustkit.attacks.base import (
+    AttackResult,
+    EarlyStop,
+    WorstCase,
+    as_eps,
+    check_inputs,
+    clip_box,
+    compaction_interval,
+)
 from robustkit.attacks.losses import check_loss
 from robustkit.attacks.norms import check_norm, project, steepest_step
 from robustkit.attacks.pgd import StartNoise, check_count, probe, with_restarts
@@ -73,6 +81,7 @@ def apgd(
     early_stop: bool = True,
     generator: torch.Generator | None = None,
     start_noise: StartNoise | None = None,
+    compact_every: int | None = None,
 ) -> AttackResult:
     """APGD within ``‖x_adv − x‖ ≤ ε`` (``norm`` ∈ {"linf", "l2"}) and ``x_adv ∈ [0, 1]``.
 
@@ -86,10 +95,12 @@ def apgd(
     check_count(steps, "steps", minimum=0)
     check_count(restarts, "restarts", minimum=1)
     halve_at = set(checkpoints(steps))
+    every = compaction_interval(x.device, compact_every)
 
     def one_start(worst: WorstCase, idx: Tensor, x_i: Tensor, y_i: Tensor, u: Tensor) -> int:
         return _run(model, worst, idx, x_i, y_i, eps_t[idx], u, norm=norm, steps=steps,
-                    halve_at=halve_at, kind=kind, targeted=targeted, early_stop=early_stop)
+                    halve_at=halve_at, kind=kind, targeted=targeted, early_stop=early_stop,
+                    every=every)
 
     return with_restarts(
         model, x, y, eps_t, one_start, kind=kind, targeted=targeted, norm=norm,
@@ -113,6 +124,7 @@ def _run(
     kind: str,
     targeted: bool,
     early_stop: bool,
+    every: int = 1,
 ) -> int:
     """One APGD run from ``x⁽⁰⁾ = P(x + ε·u)`` on the sub-batch ``idx``; return its gradients.
 
@@ -121,7 +133,7 @@ def _run(
     last checkpoint and ``(η, L_max)`` as they were there.
     """
 
-    grad_evals, last_checkpoint = 0, 0
+    stop, last_checkpoint = EarlyStop(len(idx), x.device, enabled=early_stop, every=every), 0
     x_cur = clip_box(x + project(eps * u, eps, norm), x)
     x_prev = x_cur
     eta = 2 * eps
@@ -134,7 +146,6 @@ def _run(
         worst.update(idx, x_cur, value, adv)
         if t == steps:
             break
-        grad_evals += idx.numel()
         rises += (value > value_before).to(rises.dtype)
         value_before = value
         improved = value > best
@@ -144,8 +155,8 @@ def _run(
         grad_best = torch.where(rows, grad, grad_best)
         if t == 0:  # the checkpoint w₀ = 0
             eta_then, best_then = eta, best
-        if early_stop and bool(adv.any()):
-            keep = ~adv
+        keep = stop.after_step(t, adv)
+        if keep is not None:
             (idx, x, y, eps, eta, x_cur, x_prev, grad, best, x_best, grad_best, value_before,
              rises, eta_then, best_then) = (
                 v[keep] for v in (idx, x, y, eps, eta, x_cur, x_prev, grad, best, x_best,
@@ -164,7 +175,7 @@ def _run(
             rises = torch.zeros_like(rises)
             last_checkpoint = t
         x_prev, x_cur = x_cur, apgd_step(x, x_cur, x_prev, grad, eta, eps, norm, first=t == 0)
-    return grad_evals
+    return stop.grad_evals
 
 
 def apgd_step(x: Tensor, x_cur: Tensor, x_prev: Tensor, grad: Tensor, eta: Tensor,

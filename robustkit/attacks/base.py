@@ -62,10 +62,70 @@ class WorstCase:
         first = adv & open_
         better = ~adv & open_ & (loss > self.loss[idx])
         take = first | better
+        if x_cand.device.type == "cpu":  # reading the mask is free here: copy only the rows taken
+            self.x_adv[idx[take]] = x_cand[take]
+            self.loss[idx[take]] = loss[take]
+            self.success[idx[first]] = True
+            return
         rows = take.view(-1, *([1] * (x_cand.dim() - 1)))
         self.x_adv[idx] = torch.where(rows, x_cand, self.x_adv[idx])  # no host sync
         self.loss[idx] = torch.where(take, loss, self.loss[idx])
         self.success[idx] = self.success[idx] | first
+
+
+#: Steps between compactions of an attack's batch on CUDA (see :class:`EarlyStop`).
+CUDA_COMPACT_EVERY = 8
+
+
+def compaction_interval(device: torch.device, requested: int | None = None) -> int:
+    """Steps between two compactions of an attack's batch: ``requested``, else 1 on the CPU and
+    :data:`CUDA_COMPACT_EVERY` on CUDA.
+
+    Testing whether any sample broke needs the flags on the host. On the CPU that is free and a
+    smaller batch is at once cheaper, so the batch shrinks after every step. On CUDA it is a
+    host–device synchronisation that drains the queue of kernels, so broken samples ride along
+    for a few steps (their worst case is already fixed) and the batch shrinks every few steps.
+    """
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise RobustkitError(f"compact_every must be an integer >= 1, got {requested!r}")
+        return requested
+    return CUDA_COMPACT_EVERY if device.type == "cuda" else 1
+
+
+class EarlyStop:
+    """Which samples of an iterative attack's batch are still unbroken, and the gradients spent.
+
+    A run calls :meth:`after_step` once per gradient step ``t`` with the success flags of
+    iterate ``t``. It counts the gradient of iterate ``t`` for the samples unbroken before it
+    (the count does not depend on the compaction interval), and every ``every`` steps
+    (``t = 0, every, 2·every, …``) returns the mask of the rows to keep when some row broke,
+    else ``None``. The flags stay on the device between compactions and the count until
+    :attr:`grad_evals` is read, so only a compaction synchronises. Without ``enabled``
+    (``early_stop=False``) nothing is ever dropped.
+    """
+
+    def __init__(self, n: int, device: torch.device, *, enabled: bool, every: int) -> None:
+        self.enabled, self.every = enabled, every
+        self.alive = torch.ones(n, dtype=torch.bool, device=device)
+        self.evals = torch.zeros((), dtype=torch.int64, device=device)
+
+    def after_step(self, t: int, adv: Tensor) -> Tensor | None:
+        """Record iterate ``t``'s flags ``adv``; the rows to keep when it is time to compact."""
+        self.evals += self.alive.sum()
+        if not self.enabled:
+            return None
+        self.alive &= ~adv
+        if t % self.every != 0 or bool(self.alive.all()):  # the only host sync of a step
+            return None
+        keep = self.alive
+        self.alive = keep[keep]
+        return keep
+
+    @property
+    def grad_evals(self) -> int:
+        """Per-sample gradients computed for samples that were still unbroken."""
+        return int(self.evals)
 
 
 @contextmanager

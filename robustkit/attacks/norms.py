@@ -59,6 +59,8 @@ def project(delta: Tensor, eps: float | Tensor, norm: str) -> Tensor:
     if not isinstance(eps, Tensor):
         if not eps >= 0:
             raise RobustkitError(f"eps must be >= 0, got {eps}")
+        if norm == "linf":  # a scalar clamp: the same values as with an ε tensor, and faster
+            return torch.clamp(delta, min=-eps, max=eps)
         eps = torch.tensor(eps, device=delta.device, dtype=delta.dtype)
     if norm == "linf":
         return torch.clamp(delta, min=-eps, max=eps)

@@ -30,11 +30,13 @@ from torch import Tensor, nn
 
 from robustkit.attacks.base import (
     AttackResult,
+    EarlyStop,
     WorstCase,
     as_eps,
     attack_mode,
     check_inputs,
     clip_box,
+    compaction_interval,
     per_sample,
 )
 from robustkit.attacks.losses import adversarial_loss, check_loss, is_adversarial, objective
@@ -61,6 +63,7 @@ def pgd(
     early_stop: bool = True,
     generator: torch.Generator | None = None,
     start_noise: StartNoise | None = None,
+    compact_every: int | None = None,
 ) -> AttackResult:
     """PGD attack within ``‖x_adv − x‖ ≤ ε`` (``norm`` ∈ {"linf", "l2"}) and ``x_adv ∈ [0, 1]``.
 
@@ -77,6 +80,9 @@ def pgd(
         generator: RNG for the random start when ``start_noise`` is not given.
         start_noise: ``start_noise(restart)`` → unit-ball noise shaped like ``x``; lets callers
             make the start depend only on (seed, restart, sample), not on batch composition.
+        compact_every: with ``early_stop``, drop broken samples every this many steps
+            (default: every step on the CPU, every few on CUDA; see
+            :func:`~robustkit.attacks.base.compaction_interval`). Results do not depend on it.
     """
     check_inputs(x, y)
     norm = check_norm(norm)
@@ -84,6 +90,9 @@ def pgd(
     eps_t = as_eps(eps, x, norm)
     check_count(steps, "steps", minimum=0)
     check_count(restarts, "restarts", minimum=1)
+    every = compaction_interval(x.device, compact_every)
+    # one L∞ budget for every row: each step's projection is a scalar clamp (the same values)
+    radius = float(eps) if norm == "linf" and isinstance(eps, (int, float)) else None
     if step_size is None:
         alpha = 2.5 * eps_t / max(steps, 1)
     else:
@@ -93,6 +102,7 @@ def pgd(
         return _run(
             model, worst, idx, x_i, y_i, eps_t[idx], alpha[idx], u,
             norm=norm, steps=steps, kind=kind, targeted=targeted, early_stop=early_stop,
+            every=every, radius=radius,
         )  # fmt: skip
 
     return with_restarts(
@@ -193,30 +203,36 @@ def _run(
     kind: str,
     targeted: bool,
     early_stop: bool,
+    every: int = 1,
+    radius: float | None = None,
 ) -> int:
     """One restart from ``δ₀ = ε·u`` on the sub-batch ``idx``; return the gradients it computed.
 
     Every iterate ``t = 0 … T`` is offered to ``worst``; the objective and gradient at iterate
     ``t`` come from one forward/backward pass, the final iterate needs a forward pass only.
+    Broken samples leave the batch at the compactions of :class:`EarlyStop` (every ``every``
+    steps); until then their later iterates cannot change their (successful) worst case.
+    ``radius``: the one L∞ budget of every row, when there is one (a scalar projection).
     """
-    grad_evals = 0
+    stop = EarlyStop(len(idx), x.device, enabled=early_stop, every=every)
     x_cur = clip_box(x + project(eps * u, eps, norm), x)
+    low, high = x.clamp(max=0.0), x.clamp(min=1.0)  # the box of clip_box, computed once
     for t in range(steps + 1):
         value, adv, grad = probe(model, x_cur, y, kind, targeted, gradient=t < steps)
         worst.update(idx, x_cur, value, adv)
         if t == steps:
             break
-        grad_evals += idx.numel()
-        if early_stop and bool(adv.any()):
-            keep = ~adv
-            idx, x, y, eps, alpha, x_cur, grad = (
-                v[keep] for v in (idx, x, y, eps, alpha, x_cur, grad)
+        keep = stop.after_step(t, adv)
+        if keep is not None:
+            idx, x, y, eps, alpha, x_cur, grad, low, high = (
+                v[keep] for v in (idx, x, y, eps, alpha, x_cur, grad, low, high)
             )
             if idx.numel() == 0:
                 break
-        delta = project(x_cur - x + alpha * steepest_step(grad, norm), eps, norm)
-        x_cur = clip_box(x + delta, x)
-    return grad_evals
+        ball = eps if radius is None else radius
+        delta = project(x_cur - x + alpha * steepest_step(grad, norm), ball, norm)
+        x_cur = torch.clamp(x + delta, min=low, max=high)  # = clip_box(x + delta, x)
+    return stop.grad_evals
 
 
 def probe(model: nn.Module, x_cur: Tensor, y: Tensor, kind: str, targeted: bool, *,

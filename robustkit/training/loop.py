@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import time
 import typing
 import warnings
@@ -67,10 +68,17 @@ from robustkit.runtime import (
     seed_everything,
     use_deterministic_algorithms,
 )
-from robustkit.training.objectives import pgd_examples, trades_examples, trades_loss
+from robustkit.training.objectives import (
+    CapturedPGD,
+    PGDExamples,
+    pgd_examples,
+    trades_examples,
+    trades_loss,
+)
 from robustkit.training.optim import build_optimizer, build_scheduler
 
 COLLAPSE_DROP = 0.3  # a fall of robust validation accuracy this large below the best is flagged
+PROGRESS_EVERY = 25  # steps between progress-bar refreshes (each reads the running sums back)
 
 
 @dataclass
@@ -132,12 +140,14 @@ def current_eps(cfg: ExperimentConfig, iteration: int, steps_per_epoch: int) -> 
 
 
 def training_loss(model: nn.Module, cfg: ExperimentConfig, x: Tensor, y: Tensor, eps: float,
-                  generator: torch.Generator, inner: nn.Module | None = None
-                  ) -> tuple[Tensor, Tensor]:
+                  generator: torch.Generator, inner: nn.Module | None = None,
+                  examples: PGDExamples = pgd_examples) -> tuple[Tensor, Tensor]:
     """The method's loss on one batch, and the logits used for the running accuracy.
 
     ``inner`` is the model the attack examples are built on when ``model`` is a wrapper whose
     forward must run once per backward (``DistributedDataParallel``); default ``model``.
+    ``examples`` builds the PGD / FGSM-RS examples: :func:`pgd_examples`, or the same
+    iterations replayed from a CUDA graph (:class:`CapturedPGD`).
     """
     train, adv = cfg.train, cfg.train.adversarial
     attacked = model if inner is None else inner
@@ -151,13 +161,13 @@ def training_loss(model: nn.Module, cfg: ExperimentConfig, x: Tensor, y: Tensor,
                                 generator=generator)
         return trades_loss(model, x, y, x_adv, adv.beta)
     if train.method == "fgsm-rs":
-        x_adv = pgd_examples(attacked, x, y, eps=eps, steps=1,
-                             step_size=adv.step_size or 1.25 * eps, random_start=True,
-                             generator=generator)
+        x_adv = examples(attacked, x, y, eps=eps, steps=1,
+                         step_size=adv.step_size or 1.25 * eps, random_start=True,
+                         generator=generator)
     else:
-        x_adv = pgd_examples(attacked, x, y, eps=eps, steps=adv.steps,
-                             step_size=adv.step_size or 2.5 * eps / adv.steps,
-                             random_start=adv.random_start, generator=generator)
+        x_adv = examples(attacked, x, y, eps=eps, steps=adv.steps,
+                         step_size=adv.step_size or 2.5 * eps / adv.steps,
+                         random_start=adv.random_start, generator=generator)
     logits = model(x_adv)
     loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
     if adv.clean_fraction > 0:
@@ -180,6 +190,21 @@ class Autocast(nn.Module):
 
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: Set to 0 to build PGD-AT examples eagerly on CUDA too.
+CUDA_GRAPHS_ENV = "ROBUSTKIT_CUDA_GRAPHS"
+
+
+def examples_builder(model: nn.Module, attacked: nn.Module, cfg: ExperimentConfig,
+                     device: torch.device, dist: Context | None) -> PGDExamples:
+    """How PGD-AT / FGSM-RS examples are built: replayed from CUDA graphs
+    (:class:`CapturedPGD`) for a one-process fp32 run on CUDA, where a step on a small batch is
+    bound by kernel launches; :func:`pgd_examples` otherwise, or with
+    ``ROBUSTKIT_CUDA_GRAPHS=0``."""
+    if (device.type == "cuda" and dist is None and attacked is model
+            and cfg.train.method in ("pgd-at", "fgsm-rs")
+            and os.environ.get(CUDA_GRAPHS_ENV, "1") != "0"):
+        return CapturedPGD(model)
+    return pgd_examples
 
 
 def loss_models(model: nn.Module, net: nn.Module, cfg: ExperimentConfig, device: torch.device
@@ -266,6 +291,7 @@ def train(
     averaged = copy.deepcopy(model) if train_cfg.ema_decay is not None else None
     net = wrap(model, dist)  # the forward/backward of the training loss; attacks use ``model``
     loss_net, attacked = loss_models(model, net, config, device)
+    examples = examples_builder(model, attacked, config, device, dist)
     # fp16 needs loss scaling against gradient underflow; a disabled scaler is a no-op
     scaler = torch.amp.GradScaler(device.type, enabled=train_cfg.precision == "fp16")
 
@@ -337,7 +363,10 @@ def train(
             order = torch.randperm(len(data.train), generator=order_generator)
         device_order = order.to(device)
         model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
+        # running sums stay on the device (no host sync per step); float64 like Python floats
+        loss_total = torch.zeros((), dtype=torch.float64, device=device)
+        correct_total = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
         with Bar(f"epoch {epoch + 1}/{train_cfg.epochs}", steps_per_epoch, progress) as bar:
             bar.advance(start_step)
             for step in range(start_step, steps_per_epoch):
@@ -352,7 +381,7 @@ def train(
                     loss, objective = logits.sum() * 0.0, logits.sum() * 0.0
                 else:
                     loss, logits = training_loss(loss_net, config, x, y, eps, attack_generator,
-                                                 inner=attacked)
+                                                 inner=attacked, examples=examples)
                     objective = loss if dist is None else loss * (len(y) * world / global_len)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(objective).backward()
@@ -362,16 +391,19 @@ def train(
                 if averaged is not None and train_cfg.ema_decay is not None:
                     update_average(averaged, model, train_cfg.ema_decay,
                                    epoch * steps_per_epoch + step)
-                loss_sum += float(loss.detach()) * len(y)
-                correct += int((logits.argmax(1) == y).sum())
+                loss_total += loss.detach().double() * len(y)
+                correct_total += (logits.argmax(1) == y).sum()
                 seen += len(y)
-                shown = max(seen, 1)  # a rank's first piece is empty when batch < world
-                bar.advance(1, f"loss {loss_sum / shown:.4f} acc {correct / shown:.4f}")
+                if bar.enabled and (step % PROGRESS_EVERY == 0 or step + 1 == steps_per_epoch):
+                    shown = max(seen, 1)  # a rank's first piece is empty when batch < world
+                    bar.advance(step + 1 - bar.done, f"loss {float(loss_total) / shown:.4f} "
+                                f"acc {int(correct_total) / shown:.4f}")
                 due = time.perf_counter() - last_save > save_every
                 if step + 1 < steps_per_epoch and agree(due, dist):
                     snapshot(epoch, step + 1, order)
                     last_save = time.perf_counter()
         start_step = 0
+        loss_sum, correct = float(loss_total), int(correct_total)
         if dist is not None:
             loss_sum, total_correct, total_seen = all_reduce_sum([loss_sum, correct, seen], dist)
             correct, seen = int(total_correct), int(total_seen)
