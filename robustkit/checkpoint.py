@@ -31,14 +31,25 @@ from robustkit.models.zoo import build_model
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".bin", ".ckpt"}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    The file gets the mode a plain ``open`` would give it (0666 less the umask), not the
+    private 0600 of the temporary file, so colleagues can read shared results.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -62,7 +73,13 @@ def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
                  ) -> None:
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(cpu, str(tmp), metadata=metadata)
+        try:
+            save_file(cpu, str(tmp), metadata=metadata)
+        except SafetensorError as exc:  # safetensors reports a full disk as its own error
+            raise RobustkitError(
+                f"cannot write {path} ({str(exc).splitlines()[0][:200]}): check the folder is "
+                "writable and has free space, or choose another --out"
+            ) from None
 
 
 def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, Tensor]:
@@ -102,11 +119,19 @@ def read_sidecar(stem: Path) -> dict[str, Any]:
             "file with its .json sidecar"
         )
     try:
-        info: dict[str, Any] = json.loads(sidecar.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+        info = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise RobustkitError(
             f"{sidecar} is not valid JSON ({exc}): the checkpoint is damaged"
         ) from None
+    if not isinstance(info, dict):
+        raise RobustkitError(f"{sidecar} holds a JSON {type(info).__name__}, not the checkpoint's "
+                             "description (an object with its arch): the checkpoint is damaged")
+    classes = info.get("num_classes", 10)
+    if not isinstance(info.get("arch"), str) or isinstance(classes, bool) or not (
+            isinstance(classes, int) and 2 <= classes <= 100_000):
+        raise RobustkitError(f"{sidecar} does not name a string arch and a class count: the "
+                             "checkpoint is damaged; save it again with robustkit")
     return info
 
 

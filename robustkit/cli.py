@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -24,8 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-out = Console()
-err = Console(stderr=True)
+# markup off: user text (paths, labels, messages) is printed literally, ``[/x]`` included
+out = Console(markup=False, highlight=False)
+err = Console(stderr=True, markup=False, highlight=False)
 
 SetOption = Annotated[
     Optional[list[str]],  # noqa: UP045 (typer needs Optional here)
@@ -42,7 +44,7 @@ DataDirOption = Annotated[
 
 
 def _log(message: str) -> None:
-    err.print(message, highlight=False)
+    err.print(message)
 
 
 def _version(value: bool) -> None:
@@ -87,7 +89,10 @@ def train(
         overrides.append(f"data.dir={str(data_dir)!r}")
     cfg = load_config(config, overrides)
     folder = out_dir or Path("runs") / cfg.name
+    _check_out(folder, "--out")
     target_device, dist = distributed.setup(device or cfg.device)
+    _on_interrupt(f"the training state saved at each epoch end and every minute is kept in "
+                  f"{folder}; run the same command again to resume (--fresh starts over)")
     for seed in cfg.all_seeds:
         target = folder if len(cfg.all_seeds) == 1 else folder / f"seed-{seed}"
         result = train_model(cfg, out_dir=target, seed=seed, device=target_device,
@@ -141,6 +146,12 @@ def data(
     out.print(f"using {located.folder}: all {len(FILE_KEYS)} files present, md5 checksums match")
 
 
+def _check_out(folder: Path, option: str) -> None:
+    """An output folder must be a folder (or not exist yet), never an existing file."""
+    if folder.exists() and not folder.is_dir():
+        raise RobustkitError(f"{option} {folder} is a file, not a folder: choose a folder")
+
+
 def _number(text: str) -> float:
     """``0.3`` or a fraction ``8/255`` (ε is often written in 1/255 steps of a pixel)."""
     numerator, slash, denominator = text.strip().partition("/")
@@ -151,10 +162,14 @@ def _number(text: str) -> float:
 
 def _float_list(text: str, what: str) -> list[float]:
     try:
-        return [_number(v) for v in text.split(",") if v.strip()]
+        values = [_number(v) for v in text.split(",") if v.strip()]
     except (ValueError, ZeroDivisionError):
         raise RobustkitError(f"{what} {text!r}: expected comma-separated numbers or fractions, "
                              "e.g. 0,0.1,0.2,0.3 or 0,2/255,8/255") from None
+    if not all(math.isfinite(v) for v in values):
+        raise RobustkitError(f"{what} {text!r}: nan and inf are not budgets; give finite "
+                             "numbers, e.g. 0,0.1,0.2,0.3")
+    return values
 
 
 def _attack_configs(names: str, **settings: object) -> list[AttackConfig]:
@@ -200,17 +215,27 @@ def attack(
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default runs/attack-MODEL).")] = None,  # noqa: E501, UP045
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace another experiment's results in --out.")] = False,  # noqa: E501
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    trust_model_file: Annotated[bool, typer.Option(
+        "--trust-model-file",
+        help="Load a TorchScript or .pt2 --model although loading it can run code its author "
+             "chose (pickles, TorchScript, shape expressions). Only for files from people you "
+             "trust; checkpoints and factories never need it.")] = False,
 ) -> None:
     """Attack a model over an ε sweep; writes results.csv, per_sample.csv and a report."""
-    from robustkit.pipeline import attack_model
+    from robustkit.pipeline import attack_model, model_name
 
     eps_values = _float_list(eps, "--eps")
     attacks = _attack_configs(attack_names, norm=norm, steps=steps, step_size=step_size,
                               restarts=restarts, loss=loss, targeted=targeted)
+    folder = out_dir or Path("runs") / f"attack-{model_name(model)}"
+    _check_out(folder, "--out")
+    _on_interrupt(f"finished (attack, ε) cells are kept in {folder}; run the same command "
+                  "again to resume the sweep")
     attack_model(
         model=model, attacks=attacks, eps=eps_values, n=n, batch_size=batch_size, seed=seed,
         dataset=dataset, weights=weights, normalize=normalize, device=device, data_dir=data_dir,
         out_dir=out_dir, overwrite=overwrite, progress=not quiet, echo=out.print, log=_log,
+        trust_model_file=trust_model_file,
     )
 
 
@@ -227,11 +252,19 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train (or reuse), attack over the ε sweep, check and report: the whole experiment."""
+    from robustkit.config import load_config
     from robustkit.pipeline import run_experiment
 
     overrides = list(set_ or [])
     if data_dir is not None:
         overrides.append(f"data.dir={str(data_dir)!r}")
+    cfg = load_config(config, overrides)
+    folder = out_dir or Path("reports") / cfg.name
+    _check_out(folder, "--out")
+    _check_out(runs_dir, "--runs")
+    _on_interrupt(f"finished training epochs (in {runs_dir / cfg.name}) and finished "
+                  f"(attack, ε) cells (in {folder}) are kept; run the same command again to "
+                  "resume")
     run_experiment(config, overrides=overrides, out_dir=out_dir, runs_dir=runs_dir,
                    retrain=retrain, device=device, progress=not quiet, overwrite=overwrite,
                    echo=out.print, log=_log)
@@ -274,15 +307,18 @@ def report(
         if len(run_dirs) != 1:
             raise RobustkitError("several RUN_DIRs need --out DIR for the combined report")
         out_dir = run_dirs[0]
+    _check_out(out_dir, "--out")
+    _on_interrupt(f"the report in {out_dir} may be incomplete; run the same command again to "
+                  "rebuild it")
     paths = build_report(list(run_dirs), out_dir, title=title)
     for kind, path in paths.items():
         out.print(f"{kind}: {path}")
 
 
 def _rank_prefix() -> str:
-    """``[rank R] `` on ranks other than 0 of a torchrun launch (escaped for rich markup)."""
+    """``[rank R] `` on ranks other than 0 of a torchrun launch."""
     rank = os.environ.get("RANK", "0")
-    return f"\\[rank {rank}] " if rank != "0" and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    return f"[rank {rank}] " if rank != "0" and os.environ.get("WORLD_SIZE", "1") != "1" else ""
 
 
 def _leave_process_group() -> None:
@@ -292,34 +328,74 @@ def _leave_process_group() -> None:
         module.cleanup()
 
 
+# What an interrupted command leaves behind and how to go on; each command sets it once it
+# knows its folders (the default covers parsing and loading, before anything is written).
+_interrupt_note = "nothing was written"
+
+
+def _on_interrupt(note: str) -> None:
+    global _interrupt_note
+    _interrupt_note = note
+
+
+def _say_error(message: str) -> None:
+    """One ``error:`` line on stderr, printed literally (no rich markup, no wrapping)."""
+    text = " ".join(str(message).split())  # one line, whatever the message holds
+    sys.stderr.write(f"{_rank_prefix()}error: {text}\n")
+    sys.stderr.flush()
+
+
 def main() -> None:
-    """Console-script entry point: RobustkitError → ``error: …`` on stderr, exit code 2."""
+    """Console-script entry point: every user error is one ``error: …`` line and exit code 2;
+    Ctrl-C is one ``interrupted: …`` line and exit code 130."""
     try:
-        _main()
+        code = _main()
     finally:
         _leave_process_group()
+    sys.exit(code)
 
 
-def _main() -> None:
+def _interrupted() -> int:
+    sys.stderr.write(f"\n{_rank_prefix()}interrupted: {_interrupt_note}\n")
+    sys.stderr.flush()
+    return 130
+
+
+def _main() -> int:
+    """Run the app and turn every way it can end into an exit code.
+
+    Usage errors are recognised by their shape (``exit_code`` and ``format_message``), not by
+    importing click: typer vendors its own copy of click, and click need not be installed.
+    Typer turns Ctrl-C into a returned 130 (older versions: ``Abort``); both are reported.
+    """
     try:
-        app(standalone_mode=False)
+        result = app(standalone_mode=False, prog_name="robustkit")
     except RobustkitError as exc:
-        err.print(f"{_rank_prefix()}error: {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _say_error(str(exc))
+        return 2
     except KeyboardInterrupt:
-        err.print("interrupted: finished files are kept; partial ones were not written")
-        sys.exit(130)
+        return _interrupted()
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(1)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+        return int(exc.exit_code or 0)
+    except typer.Abort:  # click's (and old typer's) form of Ctrl-C
+        return _interrupted()
+    except OSError as exc:  # a full disk, an unwritable or vanished folder
+        where = f" {exc.filename}" if exc.filename else ""
+        _say_error(f"cannot use{where}: {exc.strerror or exc}: check the folder exists, is "
+                   "writable and has free space, or choose another --out")
+        return 2
+    except Exception as exc:
+        message = getattr(exc, "format_message", None)
+        if not callable(message) or not isinstance(getattr(exc, "exit_code", None), int):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare ``robustkit``: show the help
+            sys.stderr.write(str(message()) + "\n")
+            return 2
+        ctx = getattr(exc, "ctx", None)
+        command = getattr(ctx, "command_path", None) or "robustkit"
+        _say_error(f"{message()} (see {command} --help)")
+        return 2
+    return _interrupted() if result == 130 else 0  # typer's answer to KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -11,9 +11,12 @@ same way. The resolved config serialises back to TOML and has a stable hash.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import hashlib
 import json
+import math
+import re
 import sys
 import types
 import typing
@@ -28,6 +31,13 @@ else:  # pragma: no cover
 
 from robustkit.errors import RobustkitError
 
+SEED_MAX = 2**32 - 1  # seeds are unsigned 32-bit: numpy's limit, and room for derived seeds
+MAX_RESTARTS = 1000  # restarts run one after another: memory does not grow with the count
+MAX_STEPS = 100_000
+MAX_NESTING = 8  # tables and lists inside each other; real configs use three levels
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}")
+LABEL_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+@() -]{0,63}")
+
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
            hi_open: bool = False) -> Any:
@@ -39,7 +49,7 @@ class DataConfig:
     dataset: Literal["mnist", "fashion-mnist"] = "mnist"
     dir: str | None = None
     val_size: int = field(default=5000, metadata=_range(0, 59_999))
-    split_seed: int = field(default=0, metadata=_range(0))
+    split_seed: int = field(default=0, metadata=_range(0, SEED_MAX))
 
 
 @dataclass(frozen=True)
@@ -52,13 +62,13 @@ class AdversarialConfig:
     """The inner attack of adversarial training (all ε in [0,1] pixel units, L∞)."""
 
     eps: float = field(default=0.3, metadata=_range(0, 1))
-    steps: int = field(default=40, metadata=_range(1))
+    steps: int = field(default=40, metadata=_range(1, MAX_STEPS))
     step_size: float | None = field(default=None, metadata=_range(0, 1, lo_open=True))
     random_start: bool = True
     warmup_epochs: int = field(default=0, metadata=_range(0))
     clean_fraction: float = field(default=0.0, metadata=_range(0, 1))
     beta: float = field(default=6.0, metadata=_range(0, lo_open=True))
-    val_steps: int = field(default=20, metadata=_range(1))
+    val_steps: int = field(default=20, metadata=_range(1, MAX_STEPS))
     val_n: int = field(default=1000, metadata=_range(1))
 
 
@@ -93,9 +103,9 @@ class AttackConfig:
 
     name: Literal["fgsm", "pgd", "apgd"] = "pgd"
     norm: Literal["linf", "l2"] = "linf"
-    steps: int = field(default=40, metadata=_range(1))
+    steps: int = field(default=40, metadata=_range(1, MAX_STEPS))
     step_size: float | None = field(default=None, metadata=_range(0, lo_open=True))
-    restarts: int = field(default=1, metadata=_range(1))
+    restarts: int = field(default=1, metadata=_range(1, MAX_RESTARTS))
     loss: Literal["ce", "margin"] = "ce"
     random_start: bool = True
     targeted: bool = False
@@ -130,7 +140,7 @@ class EvaluateConfig:
     n: int | None = field(default=None, metadata=_range(1))
     batch_size: int = field(default=1000, metadata=_range(1))
     split: Literal["test", "val"] = "test"
-    seed: int = field(default=0, metadata=_range(0))
+    seed: int = field(default=0, metadata=_range(0, SEED_MAX))
 
 
 @dataclass(frozen=True)
@@ -148,8 +158,8 @@ class ReferenceConfig:
 class ExperimentConfig:
     name: str = "experiment"
     description: str = ""
-    seed: int = field(default=0, metadata=_range(0))
-    seeds: tuple[int, ...] | None = None
+    seed: int = field(default=0, metadata=_range(0, SEED_MAX))
+    seeds: tuple[int, ...] | None = field(default=None, metadata=_range(0, SEED_MAX))
     device: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -224,6 +234,8 @@ def _convert(value: Any, hint: Any, path: str, meta: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(path, f"expected a number, got {value!r}")
         value = float(value)
+        if not math.isfinite(value):
+            _fail(path, f"{value!r} is not a finite number: give a value such as 0.1")
     elif hint is str and not isinstance(value, str):
         _fail(path, f"expected a string, got {value!r}")
     _check_range(value, path, meta)
@@ -257,7 +269,40 @@ def _build(cls: type, raw: dict[str, Any], path: str) -> Any:
     return cls(**kwargs)
 
 
+def _check_plain(value: Any, path: str, depth: int = 0) -> None:
+    """Only what configs are made of: tables, lists, strings without NUL, numbers, booleans,
+    nested at most ``MAX_NESTING`` deep (TOML dates and times are refused here)."""
+    where = path or "the config"
+    if depth > MAX_NESTING:
+        _fail(where, f"nested more than {MAX_NESTING} levels deep: configs use at most three")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_plain(item, f"{path}.{key}" if path else str(key), depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{path}[{i}]", depth + 1)
+    elif isinstance(value, (datetime.date, datetime.time)):
+        _fail(where, f"a date or time ({value}) is not a config value: write a number or a "
+              "quoted string")
+    elif isinstance(value, str) and "\0" in value:
+        _fail(where, "contains a NUL character: remove it")
+
+
+def check_name(name: str, what: str = "name") -> None:
+    """An experiment name is one safe folder name: it picks ``runs/NAME`` and
+    ``reports/NAME``, so it may not be empty, ``..``, absolute or contain a separator."""
+    if not NAME_PATTERN.fullmatch(name):
+        shown = name if len(name) <= 60 else name[:57] + "..."
+        _fail(what, f"{shown!r} is not a usable experiment name: use 1 to 100 letters, digits, "
+              "'_', '.', '+' or '-', starting with a letter, digit or '_' (it becomes a folder "
+              "name under runs/ and reports/)")
+
+
 def _check_consistency(config: ExperimentConfig) -> None:
+    check_name(config.name)
+    if not config.evaluate.eps or all(e == 0 for e in config.evaluate.eps):
+        _fail("evaluate.eps", "needs at least one budget above 0 (0 alone is clean accuracy "
+              "only), e.g. [0, 0.1, 0.2, 0.3]")
     upper = 1.0 if all(a.norm == "linf" for a in config.attacks) else 28.0
     for i, eps in enumerate(config.evaluate.eps):
         if not 0.0 <= eps <= upper:
@@ -266,6 +311,11 @@ def _check_consistency(config: ExperimentConfig) -> None:
     if config.seeds is not None and len(config.seeds) == 0:
         _fail("seeds", "must list at least one seed, or be left out")
     for i, attack in enumerate(config.attacks):
+        if attack.label is not None and (not LABEL_PATTERN.fullmatch(attack.label)
+                                         or attack.label == "any"):
+            _fail(f"attacks[{i}].label", f"{attack.label[:60]!r} is not a usable label: use 1 to "
+                  "64 letters, digits, spaces or _ . + - @ ( ), not 'any' (it names table "
+                  "columns and figure legends)")
         if attack.name == "apgd" and attack.step_size is not None:
             _fail(f"attacks[{i}].step_size", "APGD adapts its own step size (it starts at 2ε); "
                   "remove step_size, or use name = \"pgd\"")
@@ -288,7 +338,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise RobustkitError(f"--set {text!r}: the key {key!r} has an empty part")
     try:
         value = tomllib.loads(f"v = {value_text.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         value = value_text.strip()
     return keys, value
 
@@ -307,7 +357,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
+    _check_plain(raw, "")
     raw = apply_overrides(json.loads(json.dumps(raw)), overrides or [])
+    _check_plain(raw, "")
     config = typing.cast(ExperimentConfig, _build(ExperimentConfig, raw, ""))
     _check_consistency(config)
     return config
@@ -322,6 +374,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise RobustkitError(f"{path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise RobustkitError(f"{path} is nested too deeply to be a config: configs use at "
+                             "most three levels of tables and lists") from None
     raw.setdefault("name", path.stem)
     return config_from_dict(raw, overrides)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import zlib
 from collections.abc import Iterator
@@ -155,13 +156,31 @@ def locate(name: str, data_dir: str | Path | None = None) -> list[Located]:
     return found
 
 
+MAX_IDX_BYTES = 512 * 2**20  # far above any supported data set (MNIST train images: 47 MB)
+
+
 def read_bytes(path: Path) -> bytes:
-    """The uncompressed content of an IDX file, or a one-line error if it cannot be read."""
+    """The uncompressed content of an IDX file, or a one-line error if it cannot be read.
+
+    The header is read first and at most the data it announces (plus one byte, so that a
+    longer file shows up as corrupt) is inflated, so a gzip bomb never fills memory.
+    """
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as handle:
-                return handle.read()
-        return path.read_bytes()
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as handle:
+            magic = handle.read(4)
+            if len(magic) < 4 or magic[:3] != b"\x00\x00\x08":
+                return magic
+            dims = handle.read(4 * magic[3])
+            size = math.prod(int.from_bytes(dims[i:i + 4], "big")
+                             for i in range(0, len(dims) - 3, 4))
+            if size > MAX_IDX_BYTES:
+                raise RobustkitError(
+                    f"{path} announces {size} bytes of data in its IDX header, more than the "
+                    f"{MAX_IDX_BYTES >> 20} MiB robustkit reads: it is not a data set file; "
+                    "delete it and fetch it again (robustkit data --download)"
+                )
+            return magic + dims + handle.read(size + 1)
     except (EOFError, OSError, zlib.error) as exc:
         raise RobustkitError(
             f"{path} is truncated or corrupt ({exc}): delete it and fetch it again "

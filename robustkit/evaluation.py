@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,18 +102,32 @@ class Evaluation:
 
 
 class NoiseBank:
-    """Unit-ball start noise u[r, i] that depends only on (seed, attack, restart r, sample i)."""
+    """Unit-ball start noise u[r, i] that depends only on (seed, attack, restart r, sample i).
 
-    def __init__(self, x_shape: Sequence[int], norm: str, seed: int, attack_index: int) -> None:
+    Restart r's noise for the whole split is drawn from a generator seeded with
+    ``seed·1000003 + attack·1009 + r``. Drawn tensors are kept while they fit in
+    ``cache_bytes`` (least recently used goes first) and are drawn again, identically, when
+    needed after that, so memory does not grow with the number of restarts.
+    """
+
+    def __init__(self, x_shape: Sequence[int], norm: str, seed: int, attack_index: int,
+                 cache_bytes: int = 256 * 2**20) -> None:
         self.shape, self.norm = tuple(x_shape), norm
         self.seed = seed * 1_000_003 + attack_index * 1009
-        self._cache: dict[int, Tensor] = {}
+        per_restart = 4 * math.prod(self.shape)  # float32
+        self.capacity = max(1, cache_bytes // max(per_restart, 1))
+        self._cache: OrderedDict[int, Tensor] = OrderedDict()
 
     def __call__(self, restart: int) -> Tensor:
-        if restart not in self._cache:
-            generator = torch.Generator().manual_seed(self.seed + restart)
-            self._cache[restart] = random_unit_ball(self.shape, self.norm, generator)
-        return self._cache[restart]
+        if restart in self._cache:
+            self._cache.move_to_end(restart)
+            return self._cache[restart]
+        generator = torch.Generator().manual_seed(self.seed + restart)
+        noise = random_unit_ball(self.shape, self.norm, generator)
+        self._cache[restart] = noise
+        while len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        return noise
 
 
 def run_attack(model: nn.Module, attack: AttackConfig, x: Tensor, y: Tensor, eps: float,

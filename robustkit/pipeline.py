@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from robustkit import distributed
-from robustkit.config import AttackConfig, ReferenceConfig, to_dict
+from robustkit.config import SEED_MAX, AttackConfig, ReferenceConfig, to_dict
 from robustkit.data import load_dataset
 from robustkit.distributed import Context
 from robustkit.errors import RobustkitError
@@ -61,6 +61,7 @@ def attack_model(
     echo: Callable[[str], None] = print,
     log: Callable[[str], None] = print,
     report: bool = True,
+    trust_model_file: bool = False,
 ) -> Evaluation:
     """Load any supported model, sweep the attacks over ε on the test set, write a run folder."""
     for e in eps:
@@ -69,6 +70,13 @@ def attack_model(
                 f"--eps {e:g} is out of range: L∞ budgets are in [0, 1] pixel units "
                 "(write e.g. 0.3 or 8/255, not 8)"
             )
+    if not any(e > 0 for e in eps):
+        raise RobustkitError(
+            f"--eps {','.join(f'{e:g}' for e in eps) or '(empty)'}: give at least one budget "
+            "above 0 (0 alone measures clean accuracy only), e.g. 0,0.1,0.2,0.3"
+        )
+    if not 0 <= seed <= SEED_MAX:
+        raise RobustkitError(f"--seed {seed}: must be in [0, {SEED_MAX}]")
     if n is not None and n < 1:
         raise RobustkitError(f"--n {n}: must be at least 1")
     if batch_size < 1:
@@ -78,7 +86,8 @@ def attack_model(
     if not main:
         echo = log = _silent
     stats = parse_normalize(normalize) if normalize else None
-    net, info = load_model(model, weights=weights, device=target, normalize=stats)
+    net, info = load_model(model, weights=weights, device=target, normalize=stats,
+                           trust=trust_model_file)
     data = distributed.local_first(lambda: load_dataset(dataset, data_dir, target, val_size=0),
                                    dist)  # one download per node at most
     split = data.test.take(n)
@@ -95,11 +104,21 @@ def attack_model(
                 "model_info": {k: v for k, v in info.items() if k != "checkpoint"}}
     if info["kind"] == "checkpoint":
         manifest.update(weights_provenance(Path(info["path"])))
-    evaluation = _evaluate_to_folder(
-        net, split, attacks, eps, out_dir=folder, settings=settings, manifest=manifest,
-        model_name=name, batch_size=batch_size, seed=seed, progress=progress,
-        overwrite=overwrite, dist=dist,
-    )
+    try:
+        evaluation = _evaluate_to_folder(
+            net, split, attacks, eps, out_dir=folder, settings=settings, manifest=manifest,
+            model_name=name, batch_size=batch_size, seed=seed, progress=progress,
+            overwrite=overwrite, dist=dist,
+        )
+    except (RobustkitError, OSError, MemoryError):
+        raise
+    except Exception as exc:  # the user's model failed on some batch or its gradient
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise RobustkitError(
+            f"the model {model} failed during the sweep ({type(exc).__name__}: {first}); "
+            f"finished (attack, ε) cells are kept in {folder}: fix the model and run the same "
+            "command again"
+        ) from None
     echo(f"robust accuracy of {name} on {len(split)} {dataset} test images:")
     echo(accuracy_table(evaluation.results))
     for note in evaluation.notes:

@@ -30,8 +30,9 @@ class Bar:
     def __enter__(self) -> Bar:
         if self.enabled:
             self._progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                TextColumn("{task.description}", markup=False), BarColumn(),
+                MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}", markup=False),
                 console=Console(stderr=True), transient=False,
             )
             self._progress.start()

@@ -29,7 +29,7 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
         text = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(text)
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         raise RobustkitError(
             f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N"
         ) from None
@@ -47,6 +47,11 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
                 f"{torch.cuda.device_count()} CUDA device(s) (cuda:0 … "
                 f"cuda:{torch.cuda.device_count() - 1})"
             )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise RobustkitError(
+            f"device {spec!r} asked for, but this machine has no usable Apple GPU (MPS): "
+            "use --device cpu (or auto)"
+        )
     elif device.type not in {"cpu", "mps"}:
         raise RobustkitError(f"unsupported device {spec!r}: use auto, cpu, cuda or cuda:N")
     return device

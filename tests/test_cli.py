@@ -173,14 +173,14 @@ def test_attack_every_model_kind_gives_the_same_numbers(user_models: Path, tmp_p
     torch.export.save(program, exported)
     static = tmp_path / "static.pt2"
     torch.export.save(torch.export.export(model, (torch.rand(2, 1, 28, 28),)), static)
-    assert_user_error(run("attack", "--model", str(static), "--n", "20"),
-                      "needs a dynamic batch dimension")
+    assert_user_error(run("attack", "--model", str(static), "--n", "20",
+                          "--trust-model-file"), "needs a dynamic batch dimension")
     common = ["--attack", "fgsm,pgd,apgd", "--steps", "5", "--eps", "0,0.05,0.1", "--n", "100",
               "-q"]
     tables = {}
     for kind, spec in [("factory", ["--model", "usermodels:good", "--weights", str(weights)]),
-                       ("torchscript", ["--model", str(scripted)]),
-                       ("export", ["--model", str(exported)])]:
+                       ("torchscript", ["--model", str(scripted), "--trust-model-file"]),
+                       ("export", ["--model", str(exported), "--trust-model-file"])]:
         out = tmp_path / kind
         result = run("attack", *spec, *common, "--out", str(out), extra_path=user_models)
         assert result.returncode == 0, result.stderr

@@ -4,20 +4,32 @@ Accepted model specs:
 
 * a robustkit checkpoint: ``model.safetensors`` (or its stem) with its ``.json`` sidecar;
 * ``zoo:NAME``: the weights released with the report ``reports/NAME`` (:mod:`robustkit.released`);
-* a TorchScript file (``torch.jit.save``);
-* a ``torch.export`` program (``.pt2``);
+* a TorchScript file (``torch.jit.save``), only with ``trust=True``;
+* a ``torch.export`` program (``.pt2``), only with ``trust=True``;
 * ``package.module:factory`` plus ``weights`` (a state dict: ``.safetensors``, or a torch file
   read with ``weights_only=True`` and mapped to the chosen device).
 
 ``normalize=(mean, std)`` wraps a model that expects normalised input, so ε stays in pixel
 units. :func:`check_logits` rejects models whose outputs are not ``[N, classes]`` logits.
+
+Safety: a checkpoint is data (safetensors tensors and JSON) and loading it runs no code from
+the file; ``--weights`` torch files go through torch's ``weights_only`` unpickler. TorchScript
+and ``.pt2`` files are programs: ``torch.jit.load`` runs the archive's TorchScript code, and
+``torch.export.load`` unpickles payloads (sample inputs, pickled weights and constants), hands
+shape expressions to ``sympy.sympify`` (which evaluates Python) and calls whatever ``torch.*``
+or ``operator`` function a graph node names. A file from someone else can therefore run code
+on this machine, so these formats load only when the user says they trust the file
+(``--trust-model-file``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import pickle
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +97,14 @@ def _load_state_dict(weights: Path, device: torch.device) -> dict[str, Tensor]:
 
 def _from_factory(spec: str, weights: Path | None, device: torch.device) -> nn.Module:
     factory = _import_factory(spec)
-    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    try:
+        model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    except Exception as exc:  # a user's factory can fail in any way; say which and how
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise RobustkitError(
+            f"--model {spec}: calling the factory failed ({type(exc).__name__}: {first}); it "
+            "must take no arguments and return an nn.Module"
+        ) from None
     if not isinstance(model, nn.Module):
         raise RobustkitError(f"--model {spec} returned a {type(model).__name__}, not an nn.Module")
     if weights is not None:
@@ -117,16 +136,71 @@ def _is_zip(path: Path) -> bool:
     return zipfile.is_zipfile(path)
 
 
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives carry their code (``<name>/code/``); torch.save archives do not."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+TRUST_HINT = (
+    "it is a program, and loading it can run code the file's author chose (pickled payloads, "
+    "TorchScript code, evaluated shape expressions); if you trust whoever made it, pass "
+    "--trust-model-file, else ask for a robustkit checkpoint (.safetensors + .json) or a "
+    "state dict to load with --model package.module:factory --weights FILE"
+)
+
+
+@contextlib.contextmanager
+def _quiet_torch_loggers() -> Iterator[None]:
+    """torch.export.load logs a traceback before raising; robustkit says what went wrong."""
+    loggers = [logging.getLogger(name) for name in ("torch.export", "torch._export")]
+    before = [logger.disabled for logger in loggers]
+    for logger in loggers:
+        logger.disabled = True
+    try:
+        yield
+    finally:
+        for logger, state in zip(loggers, before, strict=True):
+            logger.disabled = state
+
+
+def _load_exported(path: Path, device: torch.device) -> nn.Module:
+    if not _is_zip(path):
+        raise RobustkitError(f"{path} is not a torch.export archive (not a zip file): export "
+                             "it with torch.export.save")
+    try:
+        with _quiet_torch_loggers():
+            program = torch.export.load(str(path))
+        graph = program.module().to(device)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise RobustkitError(f"{path} is not a loadable torch.export program ({first})"
+                             ) from None
+    return ExportedModel(graph)
+
+
 def load_model(
     spec: str | Path,
     *,
     weights: str | Path | None = None,
     device: torch.device | str = "cpu",
     normalize: tuple[list[float], list[float]] | None = None,
+    trust: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a model from any accepted spec; returns (model in eval mode, description)."""
+    """Load a model from any accepted spec; returns (model in eval mode, description).
+
+    ``trust`` allows the formats that can run code when loaded (TorchScript, ``.pt2``); see
+    the module docstring."""
     device = torch.device(device)
     text = str(spec)
+    if not text.strip() or "\0" in text:
+        raise RobustkitError(
+            f"--model {text!r} is not a model: pass a checkpoint, a TorchScript or .pt2 file, "
+            "or package.module:factory"
+        )
     if text.startswith(ZOO_PREFIX):
         text = str(resolve_zoo(text))
     path = Path(text)
@@ -140,11 +214,9 @@ def load_model(
     elif path.suffix == ".pt2":
         if not path.is_file():
             raise RobustkitError(f"model file {path} not found: check --model")
-        try:
-            program = torch.export.load(str(path))
-        except Exception as exc:
-            raise RobustkitError(f"{path} is not a torch.export program ({exc})") from None
-        model = ExportedModel(program.module().to(device))
+        if not trust:
+            raise RobustkitError(f"{path} is a torch.export program: {TRUST_HINT}")
+        model = _load_exported(path, device)
         info["kind"] = "torch.export"
     elif path.suffix in {".safetensors", ".json"} or (sidecar.is_file()
                                                          and sidecar_weights.is_file()):
@@ -159,9 +231,16 @@ def load_model(
                    "--model package.module:factory --weights FILE"
                    if path.suffix in PICKLE_SUFFIXES else "")
             )
+        if not _is_torchscript(path):
+            raise RobustkitError(
+                f"{path} is not a TorchScript file (a state dict or pickled model?): pass "
+                "--model package.module:factory --weights FILE"
+            )
+        if not trust:
+            raise RobustkitError(f"{path} is a TorchScript file: {TRUST_HINT}")
         try:
             model = torch.jit.load(str(path), map_location=device)
-        except RuntimeError:
+        except (RuntimeError, ValueError):
             raise RobustkitError(
                 f"{path} is not a TorchScript file (a state dict or pickled model?): pass "
                 "--model package.module:factory --weights FILE"
