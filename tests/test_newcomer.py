@@ -41,7 +41,7 @@ def test_eps_fractions_are_accepted_and_bad_ones_refused(linear_model: Path, tmp
                                                          mnist_root: Path) -> None:
     out = tmp_path / "frac"
     result = run("attack", "--model", str(linear_model), "--attack", "fgsm", "--eps",
-                 "0, 8/255,0.1", "--n", "20", "-q", "--out", str(out))
+                 "0, 8/255,0.1", "--n", "20", "-q", "--out", str(out), "--trust-model-file")
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "settings.json").read_text())["eps"] == [0.0, 8 / 255, 0.1]
     for bad in ("0,1/0", "0,8/", "0,a/255"):
