@@ -19,6 +19,8 @@
 #               (if it fails before its first epoch: again with ROBUSTKIT_CUDA_GRAPHS=0)
 #   eval        full 10k test set, APGD-100x2 CE + margin at eps 0.3 on the model just
 #               trained: clean and robust test accuracy, seconds -> eval.json   (cap 120 s)
+#   eval_released  the same on reports/mnist_cnn_pgd_at/model.safetensors (the CPU-trained
+#               model, when released in the tree): GPU vs committed CPU figures (cap  90 s)
 #   profile     torch.profiler tables: one PGD / APGD step, one PGD-AT step     (cap  75 s)
 #   compile     torch.compile(mode="reduce-overhead") PGD and PGD-AT timings    (cap  90 s)
 # A total budget (GPU_RUN_BUDGET, default 480 s) bounds the sum: each stage's timeout is its cap
@@ -124,6 +126,19 @@ gpu_run_eval() {
     } >> "$OUT/eval.log"
 }
 
+# The CPU-trained model as released in the report folder (when the tree has it): the same
+# evaluation on the GPU, to set beside the committed CPU figures of that very model.
+gpu_run_eval_released() {
+    local model="$GPU_RUN_ROOT/reports/mnist_cnn_pgd_at/model.safetensors" extra=()
+    if [ "$GPU_RUN_SMOKE" = 1 ]; then extra=(--smoke --threads 1); fi
+    if [ ! -f "$model" ]; then
+        echo "stage eval_released: skipped, no $model in this tree" | tee -a "$OUT/summary.txt"
+        return 0
+    fi
+    gpu_run_stage eval_released 90 "$PYTHON" "$GPU_RUN_ROOT/benchmarks/device_throughput.py" \
+        "${extra[@]}" --evaluate "$model" --json "$OUT/eval_released.json"
+}
+
 gpu_run_profile() {
     local smoke=()
     if [ "$GPU_RUN_SMOKE" = 1 ]; then smoke=(--smoke --threads 1); fi
@@ -145,6 +160,7 @@ gpu_run_all() {
     gpu_run_throughput
     gpu_run_train
     gpu_run_eval
+    gpu_run_eval_released
     gpu_run_profile
     gpu_run_compile
     echo "gpu_run: done in $(($(date +%s) - GPU_RUN_STARTED)) s" | tee -a "$OUT/summary.txt"

@@ -7,9 +7,11 @@ On one model and batch it times, in interleaved rounds (best kept):
 2. the pieces of one robustkit step on the same batch, each in its earlier and its current
    form: the forward/backward pass (the part both libraries share), the per-sample worst-case
    record (``torch.where`` over gathered rows and a scatter back, against copying only the rows
-   that changed), the box clamp (bounds recomputed from ``x`` every step, against computed
-   once), and the L∞ projection (a clamp against a per-sample ε tensor, against a scalar clamp
-   when every row has the same ε). Both forms of each piece give the same values.
+   that changed), the box clamp (bounds recomputed from ``x`` every step, against a scalar
+   clamp into [0, 1] when every pixel of ``x`` lies in [+0, 1]), the L∞ projection (a clamp
+   against a per-sample ε tensor, against a scalar clamp when every row has the same ε) and the
+   step ``α·sign(g)`` (a per-sample α tensor, against one number). Both forms of each piece give
+   the same values.
 
     python benchmarks/raw_step.py [--checkpoint runs/mnist_mlp/seed-0/model-best.safetensors]
 """
@@ -73,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     generator = torch.Generator().manual_seed(0)
     x_cur = (x + eps * (2 * torch.rand(x.shape, generator=generator) - 1)).clamp(0, 1)
     eps_rows = torch.full((n, 1, 1, 1), eps)
-    low, high = x.clamp(max=0.0), x.clamp(min=1.0)
+    alpha_rows = 2.5 * eps_rows / steps
+    alpha = float(alpha_rows[0])
+    direction = torch.sign(x_cur - x)
     record = x.clone()
     idx = torch.arange(n)
     take = torch.rand(n, generator=generator) < 0.5
@@ -99,10 +103,12 @@ def main(argv: list[str] | None = None) -> int:
          best_ms(record_rows, r, args.rounds)),
         ("box clamp", best_ms(lambda: torch.clamp(x_cur, min=x.clamp(max=0.0),
                                                   max=x.clamp(min=1.0)), r, args.rounds),
-         best_ms(lambda: torch.clamp(x_cur, min=low, max=high), r, args.rounds)),
+         best_ms(lambda: torch.clamp(x_cur, 0.0, 1.0), r, args.rounds)),
         ("L∞ projection", best_ms(lambda: torch.clamp(x_cur - x, min=-eps_rows, max=eps_rows),
                                   r, args.rounds),
          best_ms(lambda: torch.clamp(x_cur - x, min=-eps, max=eps), r, args.rounds)),
+        ("step α·sign(g)", best_ms(lambda: alpha_rows * direction, r, args.rounds),
+         best_ms(lambda: alpha * direction, r, args.rounds)),
     ]
     for model_param in model.parameters():
         model_param.requires_grad_(True)

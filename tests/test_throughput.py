@@ -190,3 +190,30 @@ def test_examples_builder_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     assert examples_builder(model, model, trades, cuda, None) is pgd_examples
     monkeypatch.setenv(CUDA_GRAPHS_ENV, "0")
     assert examples_builder(model, model, cfg, cuda, None) is pgd_examples
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_scalar_step_arithmetic_changes_nothing(norm: str) -> None:
+    """One ε and one step for every row (scalar clamp and multiply, a [0, 1] box) give
+    bitwise what per-row tensors and the widened box give."""
+    model, x, y = problem()
+    eps = 0.25 if norm == "linf" else 1.0
+    kwargs: dict[str, Any] = {"norm": norm, "steps": 6, "restarts": 2}
+
+    def run(eps_arg: Any, step_arg: Any, images: Tensor) -> Any:
+        return pgd(model, images, y, eps=eps_arg, step_size=step_arg,
+                   generator=torch.Generator().manual_seed(4), **kwargs)
+
+    rows = torch.full((len(x),), eps, dtype=DTYPE)
+    for step in (None, eps / 4):
+        scalar = run(eps, step, x)
+        per_row = run(rows, None if step is None else rows / 4, x)
+        assert torch.equal(scalar.x_adv, per_row.x_adv)
+        assert torch.equal(scalar.success, per_row.success)
+        assert scalar.grad_evals == per_row.grad_evals
+    # a −0 pixel keeps the widened box; the attack's outcome is the same as with +0
+    signed = x.clone()
+    signed[:, 0, 0, 0] = -0.0
+    unsigned = signed + 0.0  # −0 + 0 = +0
+    a, b = run(eps, None, signed), run(eps, None, unsigned)
+    assert torch.equal(a.success, b.success) and torch.equal(a.x_adv, b.x_adv)

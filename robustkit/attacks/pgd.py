@@ -91,18 +91,21 @@ def pgd(
     check_count(steps, "steps", minimum=0)
     check_count(restarts, "restarts", minimum=1)
     every = compaction_interval(x.device, compact_every)
-    # one L∞ budget for every row: each step's projection is a scalar clamp (the same values)
-    radius = float(eps) if norm == "linf" and isinstance(eps, (int, float)) else None
     if step_size is None:
         alpha = 2.5 * eps_t / max(steps, 1)
     else:
         alpha = per_sample(step_size, x, "step_size")
+    # one budget and one step for every row: scalar arithmetic in each step (the same values)
+    one_eps = isinstance(eps, (int, float)) and len(x) > 0
+    radius = float(eps) if one_eps and norm == "linf" else None
+    one_step = (step_size is None and one_eps) or isinstance(step_size, (int, float))
+    step = float(alpha[0]) if one_step and len(x) > 0 else None
 
     def one_start(worst: WorstCase, idx: Tensor, x_i: Tensor, y_i: Tensor, u: Tensor) -> int:
         return _run(
             model, worst, idx, x_i, y_i, eps_t[idx], alpha[idx], u,
             norm=norm, steps=steps, kind=kind, targeted=targeted, early_stop=early_stop,
-            every=every, radius=radius,
+            every=every, radius=radius, step=step,
         )  # fmt: skip
 
     return with_restarts(
@@ -205,6 +208,7 @@ def _run(
     early_stop: bool,
     every: int = 1,
     radius: float | None = None,
+    step: float | None = None,
 ) -> int:
     """One restart from ``δ₀ = ε·u`` on the sub-batch ``idx``; return the gradients it computed.
 
@@ -212,11 +216,14 @@ def _run(
     ``t`` come from one forward/backward pass, the final iterate needs a forward pass only.
     Broken samples leave the batch at the compactions of :class:`EarlyStop` (every ``every``
     steps); until then their later iterates cannot change their (successful) worst case.
-    ``radius``: the one L∞ budget of every row, when there is one (a scalar projection).
+    ``radius``, ``step``: the one L∞ budget and the one step size of every row, when there
+    is one (scalar arithmetic, the same values as the per-row tensors ``eps`` and ``alpha``).
     """
     stop = EarlyStop(len(idx), x.device, enabled=early_stop, every=every)
     x_cur = clip_box(x + project(eps * u, eps, norm), x)
     low, high = x.clamp(max=0.0), x.clamp(min=1.0)  # the box of clip_box, computed once
+    # every x in [+0, 1] (no −0): the box is [0, 1] and a scalar clamp gives the same values
+    unit_box = not bool(torch.signbit(x).any()) and bool((x <= 1).all())
     for t in range(steps + 1):
         value, adv, grad = probe(model, x_cur, y, kind, targeted, gradient=t < steps)
         worst.update(idx, x_cur, value, adv)
@@ -230,8 +237,10 @@ def _run(
             if idx.numel() == 0:
                 break
         ball = eps if radius is None else radius
-        delta = project(x_cur - x + alpha * steepest_step(grad, norm), ball, norm)
-        x_cur = torch.clamp(x + delta, min=low, max=high)  # = clip_box(x + delta, x)
+        length = alpha if step is None else step
+        delta = project(x_cur - x + length * steepest_step(grad, norm), ball, norm)
+        x_new = x + delta
+        x_cur = x_new.clamp(0.0, 1.0) if unit_box else torch.clamp(x_new, min=low, max=high)
     return stop.grad_evals
 
 

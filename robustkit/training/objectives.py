@@ -141,6 +141,9 @@ class CapturedPGD:
                                               eps=buffers["eps"], steps=steps,
                                               step_size=buffers["alpha"]))
 
+        if x.is_cuda:  # record on the batch's device, whichever is current
+            with torch.cuda.device(x.device):
+                return self.record(run), buffers
         return self.record(run), buffers
 
     def _fail(self, why: str) -> None:
