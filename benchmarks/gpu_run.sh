@@ -19,12 +19,14 @@
 #               (if it fails before its first epoch: again with ROBUSTKIT_CUDA_GRAPHS=0)
 #   eval        full 10k test set, APGD-100x2 CE + margin at eps 0.3 on the model just
 #               trained: clean and robust test accuracy, seconds -> eval.json   (cap 120 s)
-#   eval_released  the same on reports/mnist_cnn_pgd_at/model.safetensors (the CPU-trained
-#               model, when released in the tree): GPU vs committed CPU figures (cap  90 s)
 #   profile     torch.profiler tables: one PGD / APGD step, one PGD-AT step     (cap  75 s)
+#   eval_released  the same evaluation on reports/mnist_cnn_pgd_at/model.safetensors (the
+#               CPU-trained model, when released in the tree): GPU vs committed CPU (cap  90 s)
 #   compile     torch.compile(mode="reduce-overhead") PGD and PGD-AT timings    (cap  90 s)
 # A total budget (GPU_RUN_BUDGET, default 480 s) bounds the sum: each stage's timeout is its cap
-# or what is left of the budget, whichever is smaller; a stage with < 10 s left is skipped.
+# or what is left of the budget, whichever is smaller; a stage with < 10 s left is skipped
+# (stages run in the order above, most important first; e.g. GPU_RUN_BUDGET=300 when this
+# shares a window with other work).
 #
 # MNIST: ./.data/mnist inside the tree when it is there (ROBUSTKIT_DATA is set to it), else
 # $ROBUSTKIT_DATA as given.
@@ -160,8 +162,8 @@ gpu_run_all() {
     gpu_run_throughput
     gpu_run_train
     gpu_run_eval
-    gpu_run_eval_released
     gpu_run_profile
+    gpu_run_eval_released
     gpu_run_compile
     echo "gpu_run: done in $(($(date +%s) - GPU_RUN_STARTED)) s" | tee -a "$OUT/summary.txt"
 }
