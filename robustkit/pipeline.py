@@ -197,7 +197,9 @@ def run_experiment(
                     **weights_provenance(best), "weights_file": f"{WEIGHTS_STEM}.safetensors",
                     "config_hash": config_hash(cfg),
                     "training": _read_json(ckpt_dir / "manifest.json"),
-                    "checkpoint_epoch": info.get("epoch"), "reused_checkpoint": reusable}
+                    "checkpoint_epoch": info.get("epoch"),
+                    "checkpoint_selected_by": info.get("selected_by"),
+                    "reused_checkpoint": reusable}
         evaluation = _evaluate_to_folder(
             model, split, cfg.attacks, cfg.evaluate.eps, out_dir=eval_dir, settings=settings,
             manifest=manifest, model_name=f"{cfg.name}/seed-{seed}" if several else cfg.name,

@@ -376,3 +376,13 @@ def test_comparison_legend_has_one_entry_per_model_and_per_attack() -> None:
     labels = [h.get_label() for h in handles]
     assert labels == ["a", "b", "c", "fgsm", "pgd40", "any (worst case)"]
     assert [h.get_linestyle() for h in handles[3:]] == ["-", "--", ":"]
+
+
+def test_training_section_says_which_checkpoint_was_evaluated_and_why(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run")
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest.update(checkpoint_epoch=3, checkpoint_selected_by="last_epoch")
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    markdown = build_report([run], tmp_path / "out")["markdown"].read_text(encoding="utf-8")
+    assert ("Evaluated checkpoint: epoch 3, the last epoch: there was no validation split, and "
+            "test accuracy never selects a checkpoint.") in markdown

@@ -214,6 +214,50 @@ def test_adversarial_methods_train_and_record_robust_accuracy(mnist, tmp_path: P
         assert best["metrics"]["val_robust_acc"] == pytest.approx(m["val_robust_acc"].max())
 
 
+def _scripted_accuracy(monkeypatch: pytest.MonkeyPatch, test_by_epoch: list[float],
+                       val_by_epoch: list[float] | None = None) -> None:
+    """Make ``accuracy`` return scripted per-epoch figures, told apart by the split's size."""
+    calls = {"val": 0, "test": 0}
+
+    def scripted(model: torch.nn.Module, split: Split, batch_size: int = 2000) -> float:
+        kind = "test" if len(split) == 200 else "val"
+        values = test_by_epoch if kind == "test" else val_by_epoch
+        assert values is not None
+        calls[kind] += 1
+        return values[calls[kind] - 1]
+
+    monkeypatch.setattr("robustkit.training.loop.accuracy", scripted)
+
+
+def test_without_validation_split_the_best_checkpoint_is_the_last_epoch_not_the_best_test(
+        mnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    data = subset(mnist, 300, 200)
+    data = Dataset(data.name, data.classes, data.train, data.val.take(0), data.test, data.source)
+    _scripted_accuracy(monkeypatch, test_by_epoch=[0.9, 0.5, 0.7])  # test peaks at epoch 1
+    cfg = config_from_dict({"model": {"arch": "softmax"}, "train": {"epochs": 3},
+                            "device": "cpu"})
+    result = train(cfg, out_dir=tmp_path, data=data, progress=False)
+    best = load_checkpoint(result.best)[1]
+    assert best["epoch"] == 3 and best["selected_by"] == "last_epoch"
+    assert same_weights(result.best, result.last)
+    assert any("no validation split" in note for note in result.warnings)
+
+
+def test_with_validation_split_the_best_checkpoint_follows_validation_not_test(
+        mnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    data = subset(mnist, 300, 200)
+    data = Dataset(data.name, data.classes, data.train, data.val.take(100), data.test,
+                   data.source)
+    _scripted_accuracy(monkeypatch, test_by_epoch=[0.9, 0.5, 0.7],
+                       val_by_epoch=[0.6, 0.8, 0.7])
+    cfg = config_from_dict({"model": {"arch": "softmax"}, "train": {"epochs": 3},
+                            "device": "cpu"})
+    result = train(cfg, out_dir=tmp_path, data=data, progress=False)
+    best = load_checkpoint(result.best)[1]
+    assert best["epoch"] == 2 and best["selected_by"] == "val_acc"
+    assert not result.warnings
+
+
 def test_pgd_examples_stay_in_ball_and_box() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))

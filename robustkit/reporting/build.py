@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -273,6 +274,23 @@ def _confusion_section(runs: list[RunData]) -> tuple[Section | None, dict[str, p
     ), out
 
 
+#: How each ``selected_by`` of a checkpoint sidecar reads in the report.
+SELECTION_TEXT = {
+    "val_robust_acc": "the epoch with the best robust validation accuracy",
+    "val_acc": "the epoch with the best clean validation accuracy",
+    "last_epoch": ("the last epoch: there was no validation split, and test accuracy never "
+                   "selects a checkpoint"),
+}
+
+
+def _checkpoint_text(manifest: dict[str, Any]) -> str | None:
+    """Which training epoch the evaluated checkpoint is and why it was chosen."""
+    epoch, selected = manifest.get("checkpoint_epoch"), manifest.get("checkpoint_selected_by")
+    if epoch is None or selected is None:
+        return None
+    return f"Evaluated checkpoint: epoch {epoch}, {SELECTION_TEXT.get(selected, selected)}."
+
+
 def _training_section(runs: list[RunData]) -> Section | None:
     blocks: list[Block] = []
     for run in runs:
@@ -290,6 +308,9 @@ def _training_section(runs: list[RunData]) -> Section | None:
             )
         )
         blocks.append(Table(metrics.tail(1).reset_index(drop=True), caption="Last epoch"))
+        chosen = _checkpoint_text(run.manifest)
+        if chosen:
+            blocks.append(Text(chosen))
     return Section("training", "Training", blocks) if blocks else None
 
 

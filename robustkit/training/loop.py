@@ -4,7 +4,9 @@ One iteration draws a slice of a seeded permutation, builds the method's inputs 
 FGSM-RS or TRADES), takes an optimizer step and a scheduler step. Each epoch ends with clean
 validation and test accuracy, robust validation accuracy for adversarial methods, a ``last``
 checkpoint, a ``best`` checkpoint (best robust validation accuracy for adversarial methods,
-best clean validation accuracy otherwise) and a resume state.
+best clean validation accuracy otherwise) and a resume state. Test accuracy is recorded but
+never selects a checkpoint: without a validation split ``best`` is the last epoch, and the run
+says so in its notes.
 
 Resume state is also written every ``save_every`` seconds within an epoch. Everything random
 comes from explicit generators whose states are saved, so on CPU a run that is killed and
@@ -79,6 +81,21 @@ from robustkit.training.optim import build_optimizer, build_scheduler
 
 COLLAPSE_DROP = 0.3  # a fall of robust validation accuracy this large below the best is flagged
 PROGRESS_EVERY = 25  # steps between progress-bar refreshes (each reads the running sums back)
+LAST_EPOCH = "last_epoch"  # ``selected_by`` of a run without validation data
+NO_VALIDATION_NOTE = ("no validation split (data.val_size = 0): model-best is the last epoch; "
+                      "test accuracy is reported but never selects a checkpoint")
+
+
+def selection_metric(adversarial: bool, *, validated: bool) -> str:
+    """The metrics column that picks ``model-best``, or ``LAST_EPOCH`` without validation data.
+
+    Choosing on test accuracy would bias the reported clean accuracy upward, so the test split
+    never selects: robust validation accuracy for adversarial methods, clean validation
+    accuracy otherwise, and the last epoch when there is no validation split.
+    """
+    if adversarial:
+        return "val_robust_acc"
+    return "val_acc" if validated else LAST_EPOCH
 
 
 @dataclass
@@ -282,6 +299,7 @@ def train(
     if len(data.val) == 0 and adversarial:
         raise RobustkitError("adversarial training selects models on validation data: "
                              "set data.val_size > 0")
+    selected_by = selection_metric(adversarial, validated=len(data.val) > 0)
     model = build_model(config.model.arch, len(data.classes)).to(device)
     optimizer = build_optimizer(model, train_cfg)
     steps_per_epoch = -(-len(data.train) // train_cfg.batch_size)
@@ -327,6 +345,9 @@ def train(
         say("ignoring a resume state from a different config or seed")
     if main and not rows and start_step == 0:
         _remove_previous_outputs(out_dir)
+    if selected_by == LAST_EPOCH and NO_VALIDATION_NOTE not in notes:
+        notes.append(NO_VALIDATION_NOTE)
+        say(f"note: {NO_VALIDATION_NOTE}")
 
     info_base = {"arch": config.model.arch, "num_classes": len(data.classes),
                  "dataset": data.name, "config": config_hash(config),
@@ -422,9 +443,7 @@ def train(
             row["val_robust_acc"] = robust_accuracy(
                 evaluated, data.val.take(adv.val_n), eps=adv.eps, steps=adv.val_steps,
                 seed=config.evaluate.seed)
-            score = row["val_robust_acc"]
-        else:
-            score = row["val_acc"] if len(data.val) else row["test_acc"]
+        score = float(epoch + 1) if selected_by == LAST_EPOCH else row[selected_by]
         row["seconds"] = time.perf_counter() - epoch_start
         rows.append(row)
         if adversarial and best_score > 0 and score < best_score - COLLAPSE_DROP:
@@ -441,8 +460,8 @@ def train(
         if score > best_score:
             best_score = score
             if main:
-                save_checkpoint(out_dir / "model-best", evaluated, {**info, "selected_by": (
-                    "val_robust_acc" if adversarial else "val_acc")})
+                save_checkpoint(out_dir / "model-best", evaluated,
+                                {**info, "selected_by": selected_by})
         if main:
             pd.DataFrame(rows).to_csv(out_dir / "metrics.csv", index=False)
         snapshot(epoch + 1, 0, None)
