@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustkit.attacks import apgd, attack_mode, pgd, random_unit_ball
+from robustkit.attacks import NORMS, apgd, attack_mode, pgd, random_unit_ball, steepest_step
 from robustkit.config import AttackConfig, config_from_dict
 from robustkit.data import Split
 from robustkit.errors import RobustkitError
@@ -425,7 +425,9 @@ def check_gradients(
     """The fraction of samples whose cross-entropy input gradient is zero or not finite.
 
     Zero gradients (a non-differentiable step such as rounding, saturated probabilities) leave a
-    gradient attack nothing to follow; NaN/inf ones derail it. Subnormal values count as zero.
+    gradient attack nothing to follow; NaN/inf ones derail it. A row counts as zero when the
+    attacks' own steepest-ascent step (:func:`~robustkit.attacks.steepest_step`, L∞ or L2)
+    vanishes for it, or when all its values are subnormal.
     """
     with attack_mode(model):
         x_in = x.detach().clone().requires_grad_(True)
@@ -438,7 +440,8 @@ def check_gradients(
         flat = grad.flatten(1)
         finite = torch.isfinite(flat).all(1)
         tiny = torch.finfo(flat.dtype).tiny
-        zeros = finite & (flat.abs().amax(1) < tiny)
+        vanishes = [(steepest_step(flat, norm) == 0).all(1) for norm in NORMS]
+        zeros = finite & ((flat.abs().amax(1) < tiny) | torch.stack(vanishes).any(0))
         zero, bad = int(zeros.sum()), int((~finite).sum())
         fraction = (zero + bad) / len(y)
     detail = f"{zero} of {len(y)} samples have a zero input gradient, {bad} a non-finite one"

@@ -378,6 +378,44 @@ def test_norm_helpers() -> None:
     assert torch.equal(same, random_unit_ball((3, 2, 2, 2), "l2", torch.Generator().manual_seed(1)))
 
 
+def saturated_pair(margins: list[float]) -> tuple[nn.Module, Tensor, Tensor]:
+    """A float32 two-class linear model and one 2×2 image per margin ``z_0 − z_1``.
+
+    Logits ``z_1 − z_0 = 100·(Σ_j x_j − 1.6)``; image ``i`` is constant, chosen so the margin
+    is ``margins[i]``. The cross-entropy input gradient is ``≈ e^{−margin}·100`` per entry:
+    about 9e-25 at margin 60, a norm that underflows to 0 in float32, although the direction
+    (all ones) is perfectly usable.
+    """
+    layer = nn.Linear(4, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[-50.0] * 4, [50.0] * 4]))
+        layer.bias.copy_(torch.tensor([80.0, -80.0]))
+    # z_0 − z_1 = 160 − 400·x for a constant image x
+    x = torch.tensor([(160.0 - m) / 400.0 for m in margins]).view(-1, 1, 1, 1).expand(-1, 1, 2, 2)
+    return nn.Sequential(nn.Flatten(), layer), x.contiguous(), torch.zeros(len(margins),
+                                                                         dtype=torch.long)
+
+
+def test_l2_step_survives_gradients_whose_norm_underflows() -> None:
+    grad = torch.tensor([[3e-25, -4e-25], [3e30, -4e30], [1e-44, 0.0]]).view(3, 1, 1, 2)
+    unit = steepest_step(grad, "l2").flatten(1)
+    assert torch.allclose(unit, torch.tensor([[0.6, -0.8], [0.6, -0.8], [1.0, 0.0]]))
+    assert float(grad.flatten(1)[0].norm()) == 0.0  # the float32 norm the old step divided by
+
+
+@pytest.mark.parametrize("attack", [pgd, apgd])
+def test_l2_attacks_break_a_confident_model_with_tiny_gradients(attack: Any) -> None:
+    """Margin 60, ε = 1: the boundary lies 0.6 away in L2; the input gradient is ~9e-25."""
+    model, x, y = saturated_pair([60.0])
+    x_in = x.clone().requires_grad_(True)
+    loss = nn.functional.cross_entropy(model(x_in), y)
+    (grad,) = torch.autograd.grad(loss, x_in)
+    assert 0 < float(grad.abs().max()) < 1e-22
+    result = attack(model, x, y, eps=1.0, norm="l2", steps=10, random_start=False)
+    assert bool(result.success.all())
+    assert float((result.x_adv - x).flatten(1).norm(dim=1).max()) <= 1.0 + 1e-6
+
+
 def test_attack_mode_restores_modes_and_flags() -> None:
     hidden, norm, head = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)
     model = nn.Sequential(nn.Flatten(), hidden, norm, head)

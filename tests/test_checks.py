@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from robustkit.attacks import steepest_step
 from robustkit.checks import (
     CHECK_COLUMNS,
     Check,
@@ -29,6 +30,7 @@ from robustkit.checks import (
 from robustkit.config import AttackConfig, to_dict
 from robustkit.data import Split
 from robustkit.evaluation import evaluate, wilson_interval
+from tests.test_attacks import saturated_pair
 
 EPS = [0.0, 0.1, 0.2, 0.3]
 
@@ -237,6 +239,21 @@ def test_saturated_softmax_masks_gradients(data: tuple[Split, Tensor]) -> None:
     )
     assert check.status in {"warn", "fail"}
     assert check.value is not None and check.value > 0.01
+
+
+def test_gradient_check_counts_exactly_the_rows_whose_attack_step_vanishes() -> None:
+    """Margins 60 (gradient ~9e-25, its float32 norm underflows), 10 (ordinary) and 300 (the
+    gradient is exactly 0): a row is zero for the check iff the attacks' L2 step is 0."""
+    model, x, y = saturated_pair([60.0, 10.0, 300.0])
+    x_in = x.clone().requires_grad_(True)
+    loss = nn.functional.cross_entropy(model(x_in), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x_in)
+    vanishing = int((steepest_step(grad, "l2").flatten(1) == 0).all(1).sum())
+    assert vanishing == 1  # only the exactly-zero gradient
+    check = check_gradients(model, x, y)
+    assert check.detail.startswith(f"{vanishing} of 3 samples have a zero input gradient")
+    assert check.value == pytest.approx(1 / 3)
+    assert check_gradients(model, x[:2], y[:2]).status == "pass"
 
 
 def test_random_forward_is_flagged(data: tuple[Split, Tensor]) -> None:

@@ -3,7 +3,8 @@
 All functions act per sample (row) of a batch ``[N, ...]``:
 
 * :func:`steepest_step`: the unit-norm direction ``s`` maximising ``⟨g, s⟩`` —
-  ``sign(g)`` for L∞, ``g / ‖g‖₂`` for L2 (``0`` when ``g = 0``);
+  ``sign(g)`` for L∞, ``g / ‖g‖₂`` for L2 (``0`` when ``g = 0``; any other ``g``, however small,
+  gives a unit step);
 * :func:`project`: the Euclidean projection onto ``{δ : ‖δ‖ ≤ ε}`` —
   ``clamp(δ, −ε, ε)`` for L∞, ``δ · min(1, ε / ‖δ‖₂)`` for L2;
 * :func:`random_unit_ball`: a uniform sample from the unit ball.
@@ -37,9 +38,17 @@ def row_norm(t: Tensor) -> Tensor:
 
 
 def unit_rows(t: Tensor) -> Tensor:
-    """``t_i / ‖t_i‖₂`` per row; a zero row stays zero."""
-    norms = row_norm(t)
-    return torch.where(norms > 0, t / norms, torch.zeros_like(t))
+    """``t_i / ‖t_i‖₂`` per row; a zero row stays zero.
+
+    Computed as ``r_i / ‖r_i‖₂`` with ``r_i = t_i / max_j |t_ij|`` (the same direction): ``r_i``
+    has its largest entry at 1, so its norm neither underflows nor overflows. Taken directly,
+    ``‖t_i‖₂`` is 0 in float32 once every entry is below about 1e-22 (the input gradient of a
+    confident model's cross-entropy) and the step would vanish although its direction is usable.
+    """
+    scale = t.flatten(1).abs().amax(dim=1).view(-1, *([1] * (t.dim() - 1)))
+    scaled = t / torch.where(scale > 0, scale, 1.0)
+    norms = row_norm(scaled)
+    return torch.where(norms > 0, scaled / norms, torch.zeros_like(t))
 
 
 def steepest_step(grad: Tensor, norm: str) -> Tensor:
