@@ -1,8 +1,12 @@
 """The robust-accuracy sweep: attacks × ε on a labelled split, as tidy pandas frames.
 
 For each attack and each sample the engine finds the smallest ε of the sweep at which the sample
-is broken (misclassified, or classified as the target for targeted attacks). Robust accuracy at
-ε is the fraction of samples not broken at any ε' ≤ ε.
+is broken, i.e. misclassified. Robust accuracy at ε is the fraction of samples not broken at any
+ε' ≤ ε. A targeted attack pushes towards the target (y + 1) mod K but is judged the same way, as
+AutoAttack judges APGD-T: a sample it pushes into a third class is broken, and its worst case is
+the first misclassified iterate. How often the kept example is classified as the target is
+reported apart, in the ``target_hit`` column of the results (present only when an attack is
+targeted, so the results of untargeted sweeps keep their columns).
 
 Three shortcuts make this fast without making the attack weaker than attacking every ε from
 scratch:
@@ -52,6 +56,9 @@ from robustkit.progress import Bar
 ANY = "any"
 RESULT_COLUMNS = ["model", "attack", "norm", "eps", "n", "correct", "accuracy", "ci_low",
                   "ci_high", "grad_evals"]
+#: The extra results column of sweeps with a targeted attack: the fraction of all n samples whose
+#: kept adversarial example is classified as the target (empty for untargeted rows).
+TARGET_HIT = "target_hit"
 SHORTCUTS_NOTE = (
     "ε-monotone reuse: an adversarial example found at a smaller ε is admissible at every larger "
     "ε, so only samples still robust are attacked at the next ε; clean-misclassified samples "
@@ -81,6 +88,7 @@ class AttackState:
     grad_evals: dict[float, int] = field(default_factory=dict)
     seconds: dict[float, float] = field(default_factory=dict)
     success_at: dict[float, Tensor] = field(default_factory=dict)
+    target_at: dict[float, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -131,20 +139,23 @@ class NoiseBank:
 
 
 def run_attack(model: nn.Module, attack: AttackConfig, x: Tensor, y: Tensor, eps: float,
-               noise: Callable[[int], Tensor] | None, early_stop: bool = True) -> AttackResult:
-    """One attack at one ε on a batch."""
+               noise: Callable[[int], Tensor] | None, early_stop: bool = True,
+               labels: Tensor | None = None) -> AttackResult:
+    """One attack at one ε on a batch; ``y`` holds the targets of a targeted attack and
+    ``labels`` the true classes (success = misclassified)."""
+    targeted = attack.targeted
     if attack.name == "fgsm" and attack.norm == "linf":
-        return fgsm(model, x, y, eps=eps, targeted=attack.targeted, loss=attack.loss)
+        return fgsm(model, x, y, eps=eps, targeted=targeted, loss=attack.loss, labels=labels)
     if attack.name == "fgsm":  # the L2 fast gradient method: one step of length ε, no start
         return pgd(model, x, y, eps=eps, norm="l2", steps=1, step_size=eps, loss=attack.loss,
-                   random_start=False, targeted=attack.targeted, early_stop=early_stop)
+                   random_start=False, targeted=targeted, labels=labels, early_stop=early_stop)
     if attack.name == "apgd":
         return apgd(model, x, y, eps=eps, norm=attack.norm, steps=attack.steps, loss=attack.loss,
                     restarts=attack.restarts, random_start=attack.random_start,
-                    targeted=attack.targeted, early_stop=early_stop, start_noise=noise)
+                    targeted=targeted, labels=labels, early_stop=early_stop, start_noise=noise)
     return pgd(model, x, y, eps=eps, norm=attack.norm, steps=attack.steps,
                step_size=attack.step_size, loss=attack.loss, restarts=attack.restarts,
-               random_start=attack.random_start, targeted=attack.targeted,
+               random_start=attack.random_start, targeted=targeted, labels=labels,
                early_stop=early_stop, start_noise=noise)
 
 
@@ -288,13 +299,15 @@ def evaluate(
                     robust = (a_state.broken_eps == math.inf) if shortcuts else clean_correct.cpu()
                     key, previous = f"{title}@{e:g}", pictures
                     pictures = previous.clone()
-                    success_all, evals = _attack_cell(
-                        model, attack, x_all, targets, robust.nonzero().squeeze(1), e, bank,
-                        batch_size=batch_size, shortcuts=shortcuts, a_state=a_state,
+                    success_all, target_all, evals = _attack_cell(
+                        model, attack, x_all, y_all, targets, robust.nonzero().squeeze(1), e,
+                        bank, batch_size=batch_size, shortcuts=shortcuts, a_state=a_state,
                         picture_idx=example_idx.cpu(), pictures=pictures, dist=dist,
                     )
                     state.examples[key] = pictures
                     a_state.success_at[e] = success_all
+                    if attack.targeted:
+                        a_state.target_at[e] = target_all
                     a_state.grad_evals[e] = evals
                     a_state.seconds[e] = time.perf_counter() - started
                     a_state.done.append(e)
@@ -305,19 +318,21 @@ def evaluate(
 
 
 def _attack_cell(
-    model: nn.Module, attack: AttackConfig, x_all: Tensor, targets: Tensor, active: Tensor,
-    eps: float, bank: NoiseBank, *, batch_size: int, shortcuts: bool, a_state: AttackState,
-    picture_idx: Tensor, pictures: Tensor, dist: Context | None = None,
-) -> tuple[Tensor, int]:
+    model: nn.Module, attack: AttackConfig, x_all: Tensor, y_all: Tensor, targets: Tensor,
+    active: Tensor, eps: float, bank: NoiseBank, *, batch_size: int, shortcuts: bool,
+    a_state: AttackState, picture_idx: Tensor, pictures: Tensor, dist: Context | None = None,
+) -> tuple[Tensor, Tensor, int]:
     """Attack the ``active`` samples at one ε; record first breaks in ``a_state``.
 
     The adversarial images of the samples ``picture_idx`` (sorted) are written into
-    ``pictures``. Returns the per-sample success mask at this ε and the gradient evaluations.
-    With ``dist``, each rank attacks a contiguous run of the batches and the outcomes are
-    merged on every rank.
+    ``pictures``. Returns the per-sample success (misclassified) mask at this ε, the mask of
+    samples whose example is classified as the target (all false for untargeted attacks) and
+    the gradient evaluations. With ``dist``, each rank attacks a contiguous run of the batches
+    and the outcomes are merged on every rank.
     """
     device = x_all.device
     success = torch.zeros(len(x_all), dtype=torch.bool)
+    on_target = torch.zeros(len(x_all), dtype=torch.bool)
     evals = 0
     starts = range(0, len(active), batch_size)
     if dist is not None:
@@ -329,8 +344,9 @@ def _attack_cell(
         def noise(restart: int, index: Tensor = index) -> Tensor:
             return bank(restart)[index].to(device)
 
+        labels = y_all[on_device] if attack.targeted else None
         result = run_attack(model, attack, x_all[on_device], targets[on_device], eps, noise,
-                            early_stop=shortcuts)
+                            early_stop=shortcuts, labels=labels)
         evals += result.grad_evals
         hit = result.success.cpu()
         success[index[hit]] = True
@@ -340,18 +356,23 @@ def _attack_cell(
                 adv_logits = model(result.x_adv[first.to(device)])
             a_state.adv_pred[index[first]] = adv_logits.argmax(1).cpu()
             a_state.broken_eps[index[first]] = eps
+        if attack.targeted:
+            with torch.no_grad():
+                reached = model(result.x_adv).argmax(1) == targets[on_device]
+            on_target[index] = hit & reached.cpu()
         chosen = torch.isin(index, picture_idx)
         if chosen.any():
             slots = torch.searchsorted(picture_idx, index[chosen])
             pictures[slots] = result.x_adv[chosen.to(device)].detach().cpu()
     if dist is not None:
         mine = active[starts.start:starts.stop]
-        evals = _merge_cell(dist, mine, success, a_state, picture_idx, pictures, evals)
-    return success, evals
+        evals = _merge_cell(dist, mine, success, on_target, a_state, picture_idx, pictures,
+                            evals)
+    return success, on_target, evals
 
 
-def _merge_cell(dist: Context, mine: Tensor, success: Tensor, a_state: AttackState,
-                picture_idx: Tensor, pictures: Tensor, evals: int) -> int:
+def _merge_cell(dist: Context, mine: Tensor, success: Tensor, on_target: Tensor,
+                a_state: AttackState, picture_idx: Tensor, pictures: Tensor, evals: int) -> int:
     """Give every rank the outcomes of the samples each rank attacked in this cell.
 
     The ranks attacked disjoint samples, so their updates never overlap; returns the total
@@ -359,11 +380,12 @@ def _merge_cell(dist: Context, mine: Tensor, success: Tensor, a_state: AttackSta
     """
     chosen = mine[torch.isin(mine, picture_idx)]
     slots = torch.searchsorted(picture_idx, chosen)
-    parts = all_gather_object((mine, success[mine], a_state.broken_eps[mine],
+    parts = all_gather_object((mine, success[mine], on_target[mine], a_state.broken_eps[mine],
                                a_state.adv_pred[mine], slots, pictures[slots], evals), dist)
     total = 0
-    for index, hit, broken, pred, where, images, count in parts:
+    for index, hit, reached, broken, pred, where, images, count in parts:
         success[index] = hit
+        on_target[index] = reached
         a_state.broken_eps[index] = broken
         a_state.adv_pred[index] = pred
         pictures[where] = images
@@ -381,6 +403,19 @@ def _accuracy_at(a_state: AttackState, eps: float, clean_correct: Tensor, shortc
     return clean_correct & ~a_state.success_at[eps]
 
 
+def _target_hit_at(a_state: AttackState, eps: float, n: int, shortcuts: bool) -> float:
+    """Fraction of the n samples whose kept example at ε is classified as the target: with the
+    shortcuts a sample's example is the one of its first break at some ε' ≤ ε."""
+    if eps == 0:
+        return 0.0
+    if shortcuts:
+        hits = [mask for e, mask in a_state.target_at.items() if e <= eps]
+        reached = torch.stack(hits).any(0) if hits else torch.zeros(n, dtype=torch.bool)
+    else:
+        reached = a_state.target_at.get(eps, torch.zeros(n, dtype=torch.bool))
+    return int(reached.sum()) / n if n else math.nan
+
+
 def _frames(state: SweepState, attacks: Sequence[AttackConfig], eps_list: list[float],
             labels: Tensor, model_name: str, shortcuts: bool) -> Evaluation:
     clean_correct = (state.clean_pred == labels).cpu()
@@ -395,6 +430,8 @@ def _frames(state: SweepState, attacks: Sequence[AttackConfig], eps_list: list[f
             robust_any[e] &= robust
             rows.append(_row(model_name, attack.title, attack.norm, e, int(robust.sum()), n,
                              a_state.grad_evals.get(e, 0)))
+            if attack.targeted:
+                rows[-1][TARGET_HIT] = _target_hit_at(a_state, e, n, shortcuts)
             timing_rows.append({"model": model_name, "attack": attack.title, "eps": e,
                                 "seconds": a_state.seconds.get(e, 0.0),
                                 "grad_evals": a_state.grad_evals.get(e, 0)})
@@ -404,7 +441,8 @@ def _frames(state: SweepState, attacks: Sequence[AttackConfig], eps_list: list[f
         for e in eps_list:
             evals = sum(state.attacks[a.title].grad_evals.get(e, 0) for a in attacks)
             rows.append(_row(model_name, ANY, norm, e, int(robust_any[e].sum()), n, evals))
-    results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    targeted = any(a.targeted for a in attacks)
+    results = pd.DataFrame(rows, columns=RESULT_COLUMNS + ([TARGET_HIT] if targeted else []))
 
     per_sample = pd.DataFrame({
         "index": np.arange(n),

@@ -332,6 +332,31 @@ def test_targeted_attack_reaches_target(norm: str, loss: str) -> None:
 # --------------------------------------------------------------------------- pieces
 
 
+def test_targeted_attack_with_true_labels_keeps_the_first_misclassified_iterate() -> None:
+    """1-D picture: the class is 0 below 0.4, 2 in (0.4, 0.6), 1 above; the target is 1, the
+    true class 0. At ε = 0.5 the attack passes through class 2 on its way to the target."""
+    layer = nn.Linear(4, 3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[-5.0] * 4, [5.0] * 4, [0.0] * 4]))
+        layer.bias.copy_(torch.tensor([8.0, -12.0, 0.0]))
+    model = nn.Sequential(nn.Flatten(), layer)
+    x, target, label = torch.full((1, 1, 2, 2), 0.3), torch.tensor([1]), torch.tensor([0])
+    for attack in (pgd, apgd):
+        pure = attack(model, x, target, eps=0.2, steps=10, targeted=True, random_start=False)
+        judged = attack(model, x, target, eps=0.2, steps=10, targeted=True, random_start=False,
+                        labels=label)
+        assert not bool(pure.success[0]) and bool(judged.success[0])
+        assert int(model(judged.x_adv).argmax(1)[0]) == 2
+    # PGD's steps of 2.5·0.5/10 reach class 2 (s = 0.425) first and the target later
+    far = pgd(model, x, target, eps=0.5, steps=10, targeted=True, random_start=False,
+              labels=label, early_stop=False)
+    assert bool(far.success[0]) and int(model(far.x_adv).argmax(1)[0]) == 2
+    one_step = fgsm(model, x, target, eps=0.2, targeted=True, labels=label)
+    assert bool(one_step.success[0])
+    with pytest.raises(RobustkitError, match="targeted=True"):
+        pgd(model, x, label, eps=0.2, labels=label)
+
+
 def test_losses_match_hand_computation() -> None:
     z = torch.tensor([[1.0, 3.0, 2.0], [4.0, 0.0, -1.0]])
     y = torch.tensor([0, 0])

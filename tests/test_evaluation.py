@@ -99,12 +99,51 @@ def test_adversarial_predictions_are_reproduced_at_breaking_eps(model_and_data) 
     assert (model(x_adv).argmax(1).numpy() == broken["fgsm_pred"].to_numpy()).all()
 
 
-def test_targeted_attack_hits_target_class(model_and_data) -> None:  # type: ignore[no-untyped-def]
+def test_targeted_attack_is_judged_by_misclassification_with_target_hits_apart(
+        model_and_data) -> None:  # type: ignore[no-untyped-def]
     model, data = model_and_data
-    ev = evaluate(model, data, [AttackConfig(name="pgd", steps=20, targeted=True)], [0.0, 0.3])
-    ps = ev.per_sample
-    hit = ps[ps["pgd20-targeted_eps"] == 0.3]
-    assert len(hit) > 0 and (hit["pgd20-targeted_pred"] == (hit["label"] + 1) % 10).all()
+    targeted = AttackConfig(name="pgd", steps=20, targeted=True)
+    ev = evaluate(model, data, [targeted, AttackConfig(name="pgd", steps=20)], [0.0, 0.1, 0.3])
+    ps, res = ev.per_sample, ev.results.set_index(["attack", "eps"])
+    broken = ps[(ps["pgd20-targeted_eps"] > 0) & (ps["pgd20-targeted_eps"] < math.inf)]
+    assert len(broken) > 0 and (broken["pgd20-targeted_pred"] != broken["label"]).all()
+    on_target = broken["pgd20-targeted_pred"] == (broken["label"] + 1) % 10
+    for e in (0.1, 0.3):
+        row = res.loc[("pgd20-targeted", e)]
+        assert row["correct"] == int((ps["pgd20-targeted_eps"] > e).sum())
+        hits = int((on_target & (broken["pgd20-targeted_eps"] <= e)).sum())
+        assert row["target_hit"] == pytest.approx(hits / len(ps))
+        assert math.isnan(res.loc[("pgd20", e), "target_hit"])
+    assert 0 < res.loc[("pgd20-targeted", 0.3), "target_hit"] <= 1
+    untargeted = evaluate(model, data.take(50), [AttackConfig(name="fgsm")], [0.0, 0.1])
+    assert "target_hit" not in untargeted.results.columns  # untargeted results keep their columns
+
+
+class ThreeBands(nn.Module):
+    """Three classes by the mean brightness s of a 2×2 image: 0 below 0.4, 2 in (0.4, 0.6),
+    1 above 0.6 (z₀ = −20(s − 0.4), z₁ = 20(s − 0.6), z₂ = 0). From s = 0.3 (class 0) the way
+    to the target class 1 leads through class 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.layer.weight.copy_(torch.tensor([[-5.0] * 4, [5.0] * 4, [0.0] * 4]))
+            self.layer.bias.copy_(torch.tensor([8.0, -12.0, 0.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.flatten(1))
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "apgd"])
+def test_targeted_attack_that_stops_in_a_third_class_breaks_the_sample(name: str) -> None:
+    model = ThreeBands()
+    data = Split(torch.full((1, 1, 2, 2), 0.3), torch.tensor([0]))
+    attack = AttackConfig(name=name, steps=10, targeted=True, random_start=False)
+    ev = evaluate(model, data, [attack], [0.0, 0.2])
+    row = ev.results.iloc[-1]
+    assert (row["eps"], row["correct"], row["target_hit"]) == (0.2, 0, 0.0)
+    assert ev.per_sample[f"{attack.title}_pred"].tolist() == [2]
 
 
 def test_interrupted_sweep_resumes_to_the_same_results(model_and_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -386,3 +386,18 @@ def test_training_section_says_which_checkpoint_was_evaluated_and_why(tmp_path: 
     markdown = build_report([run], tmp_path / "out")["markdown"].read_text(encoding="utf-8")
     assert ("Evaluated checkpoint: epoch 3, the last epoch: there was no validation split, and "
             "test accuracy never selects a checkpoint.") in markdown
+
+
+def test_summary_shows_target_hits_of_targeted_attacks_only(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run")
+    results = pd.read_csv(run / "results.csv")
+    targeted = results["attack"] == "pgd40"
+    results["target_hit"] = np.where(targeted, results["eps"] * 2, np.nan)
+    results.to_csv(run / "results.csv", index=False)
+    markdown = build_report([run], tmp_path / "out")["markdown"].read_text(encoding="utf-8")
+    assert "Target hit: the fraction of samples" in markdown
+    hits = [line for line in markdown.splitlines() if line.startswith("| tiny | pgd40 | 0.000 |")]
+    assert len(hits) == 1 and "| 0.600 |" in hits[0]  # ε = 0.3
+    plain = write_run(tmp_path / "plain")
+    assert "Target hit" not in build_report([plain], tmp_path / "plain-out")["markdown"].read_text(
+        encoding="utf-8")

@@ -36,6 +36,7 @@ from robustkit.attacks.base import (
     WorstCase,
     as_eps,
     check_inputs,
+    check_labels,
     clip_box,
     compaction_interval,
 )
@@ -78,6 +79,7 @@ def apgd(
     restarts: int = 1,
     random_start: bool = True,
     targeted: bool = False,
+    labels: Tensor | None = None,
     early_stop: bool = True,
     generator: torch.Generator | None = None,
     start_noise: StartNoise | None = None,
@@ -89,6 +91,7 @@ def apgd(
     each sample's step starts at ``2ε`` and only ever halves.
     """
     check_inputs(x, y)
+    check_labels(labels, y, targeted)
     norm = check_norm(norm)
     kind = check_loss(loss)
     eps_t = as_eps(eps, x, norm)
@@ -105,7 +108,7 @@ def apgd(
     return with_restarts(
         model, x, y, eps_t, one_start, kind=kind, targeted=targeted, norm=norm,
         restarts=restarts if random_start else 1, random_start=random_start,
-        generator=generator, start_noise=start_noise,
+        generator=generator, start_noise=start_noise, labels=labels,
     )  # fmt: skip
 
 
@@ -142,7 +145,8 @@ def _run(
     value_before = torch.full_like(best, math.inf)  # no rise counted at t = 0
     rises = torch.zeros(len(idx), device=x.device)
     for t in range(steps + 1):
-        value, adv, grad = probe(model, x_cur, y, kind, targeted, gradient=t < steps)
+        value, adv, grad = probe(model, x_cur, y, kind, targeted, gradient=t < steps,
+                                 truth=worst.truth(idx))
         worst.update(idx, x_cur, value, adv)
         if t == steps:
             break

@@ -35,7 +35,8 @@ class AttackResult:
 
     Attributes:
         x_adv: ``[N, C, H, W]`` perturbed inputs, ``‖x_adv − x‖ ≤ ε`` and ``x_adv ∈ [0, 1]``.
-        success: ``[N]`` bool, ``is_adversarial(model(x_adv), y, targeted)`` for each sample.
+        success: ``[N]`` bool, ``is_adversarial(model(x_adv), y, targeted)`` for each sample;
+            for a targeted attack given the true ``labels``, ``argmax model(x_adv) ≠ labels``.
         grad_evals: per-sample input gradients computed, ``Σ_steps |active batch|``.
     """
 
@@ -48,13 +49,20 @@ class WorstCase:
     """Per-sample best candidate of an attack: its first success, else its highest objective.
 
     Iterative attacks offer every iterate; restarts offer theirs only for samples not yet broken,
-    so the record, and robust accuracy, can only get worse for the defender.
+    so the record, and robust accuracy, can only get worse for the defender. ``labels`` (the
+    true classes of a targeted attack) make "broken" mean misclassified: see :meth:`truth`.
     """
 
-    def __init__(self, x: Tensor) -> None:
+    def __init__(self, x: Tensor, labels: Tensor | None = None) -> None:
+        self.labels = labels
         self.x_adv = x.clone()
         self.loss = torch.full((x.shape[0],), float("-inf"), device=x.device, dtype=x.dtype)
         self.success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+
+    def truth(self, idx: Tensor) -> Tensor | None:
+        """The true labels of samples ``idx`` when success means ``argmax ≠ label`` although the
+        attack aims at targets, else None (success as :func:`is_adversarial` judges it)."""
+        return None if self.labels is None else self.labels[idx]
 
     def update(self, idx: Tensor, x_cand: Tensor, loss: Tensor, adv: Tensor) -> None:
         """Offer candidates ``x_cand`` for samples ``idx``: objective ``loss``, success ``adv``."""
@@ -173,6 +181,21 @@ def check_inputs(x: Tensor, y: Tensor) -> None:
         raise RobustkitError(
             f"x is on {x.device} but y is on {y.device}; move both to the same device"
         )
+
+
+def check_labels(labels: Tensor | None, y: Tensor, targeted: bool) -> None:
+    """``labels`` (true classes) go with a targeted attack only and are shaped like ``y``."""
+    if labels is None:
+        return
+    if not targeted:
+        raise RobustkitError("labels are the true classes of a targeted attack: pass them with "
+                             "targeted=True, or leave them out (y already holds the labels)")
+    if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != y.shape:
+        raise RobustkitError(f"labels must be an int64 tensor of shape {list(y.shape)} (one true "
+                             f"class per image), got {_describe(labels)}")
+    if labels.device != y.device:
+        raise RobustkitError(f"labels are on {labels.device} but y is on {y.device}; move both "
+                             "to the same device")
 
 
 def per_sample(value: float | Tensor, x: Tensor, name: str, upper: float = math.inf) -> Tensor:

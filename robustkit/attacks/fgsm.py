@@ -14,8 +14,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from robustkit.attacks.base import AttackResult, as_eps, attack_mode, check_inputs, clip_box
-from robustkit.attacks.losses import adversarial_loss, check_loss, is_adversarial
+from robustkit.attacks.base import (
+    AttackResult,
+    as_eps,
+    attack_mode,
+    check_inputs,
+    check_labels,
+    clip_box,
+)
+from robustkit.attacks.losses import adversarial_loss, check_loss, judge
 
 
 def fgsm(
@@ -26,13 +33,16 @@ def fgsm(
     eps: float | Tensor,
     targeted: bool = False,
     loss: str = "ce",
+    labels: Tensor | None = None,
 ) -> AttackResult:
     """``x_adv = clip_[0,1](x + ε · sign(∇_x L(x, y)))``; ``y`` holds targets when ``targeted``.
 
     ``eps`` is a float or a per-sample tensor ``[N]`` in ``[0, 1]``; samples with ``ε = 0`` come
-    back unchanged.
+    back unchanged. ``labels``: the true classes of a targeted attack; success then means
+    ``argmax ≠ labels`` rather than reaching the target.
     """
     check_inputs(x, y)
+    check_labels(labels, y, targeted)
     kind = check_loss(loss)
     eps_t = as_eps(eps, x)
     x = x.detach()
@@ -43,5 +53,5 @@ def fgsm(
         (grad,) = torch.autograd.grad(objective.sum(), x_in)
         x_adv = clip_box(x + eps_t * grad.sign(), x)
         with torch.no_grad():
-            success = is_adversarial(model(x_adv), y, targeted)
+            success = judge(model(x_adv), y, targeted, labels)
     return AttackResult(x_adv=x_adv, success=success, grad_evals=x.shape[0])

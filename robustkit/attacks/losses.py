@@ -10,7 +10,9 @@ kind           untargeted (y = true class)      targeted (y = target t)
 =============  ===============================  =================================
 
 The margin loss is Carlini & Wagner's (2017) with κ = ∞. In both cases the attack has succeeded
-once the prediction ``argmax z`` differs from ``y`` (untargeted) or equals ``t`` (targeted).
+once the prediction ``argmax z`` differs from ``y`` (untargeted) or equals ``t`` (targeted);
+:func:`judge` also knows the evaluation's rule for targeted attacks, success = ``argmax z`` differs
+from the true class (the attack only chooses where to push).
 """
 
 from __future__ import annotations
@@ -75,3 +77,11 @@ def is_adversarial(logits: Tensor, y: Tensor, targeted: bool = False) -> Tensor:
     """``[N]`` bool: ``argmax z ≠ y`` (untargeted) or ``argmax z = t`` (targeted, ``y = t``)."""
     predicted = logits.argmax(dim=1)
     return predicted == y if targeted else predicted != y
+
+
+def judge(logits: Tensor, y: Tensor, targeted: bool, truth: Tensor | None) -> Tensor:
+    """Success flags ``[n]``: ``argmax ≠ truth`` when the true labels are given, else
+    :func:`is_adversarial` (``argmax ≠ y``, or ``argmax = y`` for targets)."""
+    if truth is not None:
+        return logits.argmax(dim=1) != truth
+    return is_adversarial(logits, y, targeted)

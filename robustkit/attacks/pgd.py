@@ -35,11 +35,12 @@ from robustkit.attacks.base import (
     as_eps,
     attack_mode,
     check_inputs,
+    check_labels,
     clip_box,
     compaction_interval,
     per_sample,
 )
-from robustkit.attacks.losses import adversarial_loss, check_loss, is_adversarial, objective
+from robustkit.attacks.losses import adversarial_loss, check_loss, judge, objective
 from robustkit.attacks.norms import check_norm, project, random_unit_ball, steepest_step
 from robustkit.errors import RobustkitError
 
@@ -60,6 +61,7 @@ def pgd(
     restarts: int = 1,
     random_start: bool = True,
     targeted: bool = False,
+    labels: Tensor | None = None,
     early_stop: bool = True,
     generator: torch.Generator | None = None,
     start_noise: StartNoise | None = None,
@@ -75,6 +77,9 @@ def pgd(
         restarts: number of starts; each runs only on samples not yet broken. Without
             ``random_start`` all starts would be identical, so only one is run.
         targeted: ``y`` holds target classes and success means ``argmax = y``.
+        labels: with ``targeted``, the true classes; success then means ``argmax ≠ labels``
+            (misclassified, as AutoAttack judges its targeted attacks), so the worst case is
+            the first misclassified iterate, while the objective still pulls towards ``y``.
         early_stop: drop a sample from the batch as soon as it is broken (``False``: every
             sample of a restart runs all ``T`` steps; results are the same, it is a reference).
         generator: RNG for the random start when ``start_noise`` is not given.
@@ -85,6 +90,7 @@ def pgd(
             :func:`~robustkit.attacks.base.compaction_interval`). Results do not depend on it.
     """
     check_inputs(x, y)
+    check_labels(labels, y, targeted)
     norm = check_norm(norm)
     kind = check_loss(loss)
     eps_t = as_eps(eps, x, norm)
@@ -111,7 +117,7 @@ def pgd(
     return with_restarts(
         model, x, y, eps_t, one_start, kind=kind, targeted=targeted, norm=norm,
         restarts=restarts if random_start else 1, random_start=random_start,
-        generator=generator, start_noise=start_noise,
+        generator=generator, start_noise=start_noise, labels=labels,
     )  # fmt: skip
 
 
@@ -141,22 +147,25 @@ def with_restarts(
     random_start: bool,
     generator: torch.Generator | None,
     start_noise: StartNoise | None,
+    labels: Tensor | None = None,
 ) -> AttackResult:
     """The clean point, then ``restarts`` starts, each on the samples nothing has broken yet.
 
-    The model runs in :func:`attack_mode`; rows with ``ε = 0`` are never attacked.
+    The model runs in :func:`attack_mode`; rows with ``ε = 0`` are never attacked. ``labels``:
+    the true classes of a targeted attack (success = misclassified, see :class:`WorstCase`).
     """
     x = x.detach()
-    worst = WorstCase(x)
+    worst = WorstCase(x, labels)
     grad_evals = 0
     with attack_mode(model):
         with torch.no_grad():
             logits = model(x)
+            everyone = torch.arange(x.shape[0], device=x.device)
             worst.update(
-                torch.arange(x.shape[0], device=x.device),
+                everyone,
                 x,
                 adversarial_loss(logits, y, kind, targeted),
-                is_adversarial(logits, y, targeted),
+                judge(logits, y, targeted, worst.truth(everyone)),
             )
         for restart in range(restarts):
             idx = (~worst.success & (eps.view(-1) > 0)).nonzero().squeeze(1)
@@ -225,7 +234,8 @@ def _run(
     # every x in [+0, 1] (no −0): the box is [0, 1] and a scalar clamp gives the same values
     unit_box = not bool(torch.signbit(x).any()) and bool((x <= 1).all())
     for t in range(steps + 1):
-        value, adv, grad = probe(model, x_cur, y, kind, targeted, gradient=t < steps)
+        value, adv, grad = probe(model, x_cur, y, kind, targeted, gradient=t < steps,
+                                 truth=worst.truth(idx))
         worst.update(idx, x_cur, value, adv)
         if t == steps:
             break
@@ -245,17 +255,18 @@ def _run(
 
 
 def probe(model: nn.Module, x_cur: Tensor, y: Tensor, kind: str, targeted: bool, *,
-          gradient: bool) -> tuple[Tensor, Tensor, Tensor]:
+          gradient: bool, truth: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One pass at the iterates ``x_cur``: the objective ``L`` ``[n]``, the success flags ``[n]``
-    and ``∇L`` (an empty tensor when ``gradient`` is false: the forward-only final check)."""
+    (:func:`judge`) and ``∇L`` (an empty tensor when ``gradient`` is false: the forward-only
+    final check)."""
     if not gradient:
         with torch.no_grad():
             logits = model(x_cur)
             value = objective(logits, y, kind, targeted)
-        return value, is_adversarial(logits, y, targeted), x_cur.new_empty(0)
+        return value, judge(logits, y, targeted, truth), x_cur.new_empty(0)
     x_in = x_cur.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model(x_in)
         value = objective(logits, y, kind, targeted)
     (grad,) = torch.autograd.grad(value.sum(), x_in)
-    return value.detach(), is_adversarial(logits.detach(), y, targeted), grad
+    return value.detach(), judge(logits.detach(), y, targeted, truth), grad

@@ -198,6 +198,18 @@ def _summary_section(
         ),
         Table(accuracy),
     ]
+    target_hits = tables.target_hit_table(runs)
+    if not target_hits.empty:
+        blocks += [
+            Text(
+                "A targeted attack pushes towards the class (y + 1) mod K but, as in AutoAttack, "
+                "counts a sample as broken once it is misclassified, into whatever class; its "
+                "worst case is the first misclassified iterate. Target hit: the fraction of "
+                "samples whose kept example is classified as the target (a lower bound on how "
+                "often the attack could reach it, since it stops at the first misclassification)."
+            ),
+            Table(target_hits),
+        ]
     if not cost.empty:
         blocks += [
             Text("Cost of each attack, summed over ε (per-sample input gradients)."),

@@ -77,6 +77,22 @@ def accuracy_table(runs: list[RunData]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def target_hit_table(runs: list[RunData]) -> pd.DataFrame:
+    """The ``target_hit`` rate of each targeted attack, one column per ε (empty without one)."""
+    rows: list[dict[str, Any]] = []
+    for run in runs:
+        frame = run.results
+        if "target_hit" not in frame.columns:
+            continue
+        targeted = frame[frame["target_hit"].notna()]
+        for (model, attack), cells in targeted.groupby(["model", "attack"], sort=False):
+            row: dict[str, Any] = {"model": model, "attack": attack}
+            for _, r in cells.sort_values("eps").iterrows():
+                row[f"ε={fmt_eps(float(r['eps']))}"] = f"{float(r['target_hit']):.3f}"
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def cost_table(runs: list[RunData]) -> pd.DataFrame:
     """Seconds and gradient evaluations per model × attack, summed over ε."""
     rows: list[dict[str, Any]] = []
