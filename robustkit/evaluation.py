@@ -45,7 +45,15 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from robustkit.attacks import AttackResult, apgd, attack_mode, fgsm, pgd, random_unit_ball
+from robustkit.attacks import (
+    AttackResult,
+    apgd,
+    attack_mode,
+    fgsm,
+    margin,
+    pgd,
+    random_unit_ball,
+)
 from robustkit.attacks.base import max_eps
 from robustkit.config import AttackConfig
 from robustkit.data import Split
@@ -348,18 +356,16 @@ def _attack_cell(
         result = run_attack(model, attack, x_all[on_device], targets[on_device], eps, noise,
                             early_stop=shortcuts, labels=labels)
         evals += result.grad_evals
-        hit = result.success.cpu()
+        with torch.no_grad():
+            adv_logits = model(result.x_adv)
+        hit = rejudge(adv_logits, y_all[on_device], result.success, attack.title, eps).cpu()
+        adv_pred = adv_logits.argmax(1).cpu()
         success[index[hit]] = True
         first = hit & (a_state.broken_eps[index] == math.inf)
-        if first.any():
-            with torch.no_grad():
-                adv_logits = model(result.x_adv[first.to(device)])
-            a_state.adv_pred[index[first]] = adv_logits.argmax(1).cpu()
-            a_state.broken_eps[index[first]] = eps
+        a_state.adv_pred[index[first]] = adv_pred[first]
+        a_state.broken_eps[index[first]] = eps
         if attack.targeted:
-            with torch.no_grad():
-                reached = model(result.x_adv).argmax(1) == targets[on_device]
-            on_target[index] = hit & reached.cpu()
+            on_target[index] = hit & (adv_pred == targets[index.to(targets.device)].cpu())
         chosen = torch.isin(index, picture_idx)
         if chosen.any():
             slots = torch.searchsorted(picture_idx, index[chosen])
@@ -369,6 +375,41 @@ def _attack_cell(
         evals = _merge_cell(dist, mine, success, on_target, a_state, picture_idx, pictures,
                             evals)
     return success, on_target, evals
+
+
+#: Largest logit gap, relative to max(1, max |z|), that a disagreement between the attack's
+#: success flag and the re-run may have and still count as a float tie (batch-size-dependent
+#: kernels change the last bits of the logits); the re-run then decides.
+REJUDGE_TOLERANCE = 1e-4
+
+
+def rejudge(logits: Tensor, labels: Tensor, success: Tensor, title: str, eps: float) -> Tensor:
+    """Success (``argmax ≠ label``) judged on one forward pass over the returned examples.
+
+    The attack's own flag comes from the pass at the iterate, inside a batch that early stopping
+    shrinks; AutoAttack re-runs the model on the final examples and so does the engine. A float
+    tie (logit gap within ``REJUDGE_TOLERANCE``) goes by the re-run; a larger disagreement means
+    the model's output depends on the batch or on chance, and no number could be trusted:
+    :class:`RobustkitError`.
+    """
+    judged = logits.argmax(1) != labels
+    differ = judged != success.to(judged.device)
+    if not bool(differ.any()):
+        return judged
+    z = logits[differ].double()
+    gap = margin(z, labels[differ]).abs()  # |z_label − max_{j≠label} z_j|
+    scale = z.abs().amax(1).clamp(min=1.0)
+    real = gap > REJUDGE_TOLERANCE * scale
+    if bool(real.any()):
+        count, total = int(differ.sum()), len(labels)
+        raise RobustkitError(
+            f"{title} at ε = {eps:g}: for {count} of {total} samples the model's prediction on "
+            "the returned adversarial example differs from the one the attack saw (logit gap "
+            f"up to {float(gap.max()):.3g}): the model's output depends on the batch or on "
+            "chance (train-mode BatchNorm, dropout?); export it in eval mode, or attack a "
+            "random model with EOT"
+        )
+    return judged
 
 
 def _merge_cell(dist: Context, mine: Tensor, success: Tensor, on_target: Tensor,

@@ -11,6 +11,7 @@ from torch import nn
 
 from robustkit.config import AttackConfig
 from robustkit.data import Split
+from robustkit.errors import RobustkitError
 from robustkit.evaluation import evaluate, wilson_interval
 from robustkit.runs import load_sweep, save_sweep
 
@@ -187,3 +188,29 @@ def test_l2_sweep_and_split_of_n(model_and_data) -> None:  # type: ignore[no-unt
     ev = evaluate(model, small, [AttackConfig(name="pgd", norm="l2", steps=10)], [0.0, 1.0, 3.0])
     acc = ev.results.set_index("eps")["accuracy"]
     assert acc[0.0] > acc[1.0] > acc[3.0]
+
+
+class TwoFaced(nn.Module):
+    """Two classes; label 0 wins by ``gap`` in passes without autograd (the engine's re-run of
+    the returned examples) and loses by ``gap`` in the attack's gradient passes, as a model whose
+    outputs depend on the batch or on chance would."""
+
+    def __init__(self, gap: float) -> None:
+        super().__init__()
+        self.gap = gap
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sign = -1.0 if torch.is_grad_enabled() else 1.0
+        base = (x.flatten(1).sum(1, keepdim=True) * self.weight)
+        return torch.cat([base + sign * self.gap / 2, base - sign * self.gap / 2], dim=1)
+
+
+def test_success_is_rejudged_on_the_returned_examples() -> None:
+    data = Split(torch.full((3, 1, 2, 2), 0.5), torch.zeros(3, dtype=torch.long))
+    attack = [AttackConfig(name="pgd", steps=2)]
+    with pytest.raises(RobustkitError, match="differs from the one the attack saw"):
+        evaluate(TwoFaced(gap=5.0), data, attack, [0.0, 0.1])
+    # a float tie between the two passes goes by the re-run: nothing is broken
+    tie = evaluate(TwoFaced(gap=1e-6), data, attack, [0.0, 0.1])
+    assert tie.results["correct"].tolist() == [3, 3]
