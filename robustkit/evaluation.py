@@ -257,6 +257,9 @@ def evaluate(
 
     ``state``/``on_cell`` make a sweep resumable: ``on_cell`` is called after each finished
     (attack, ε) cell with the state to save, and a saved state passed back skips those cells.
+    A resumed sweep may add ε values below those already swept: there every sample not broken
+    at a smaller ε is attacked, including those first broken at a larger one, so the result
+    equals a fresh sweep's at that ε.
 
     ``dist`` shares the work among the processes of a torch.distributed group: every rank
     passes the same split and state and gets the same (complete) result; ``on_cell`` and the
@@ -304,7 +307,9 @@ def evaluate(
             with Bar(f"{model_name} {title}", len(todo), progress and main) as bar:
                 for e in todo:
                     started = time.perf_counter()
-                    robust = (a_state.broken_eps == math.inf) if shortcuts else clean_correct.cpu()
+                    # not broken at any ε' ≤ e: a resumed sweep may add an ε below those done,
+                    # and a sample first broken at a larger ε must be attacked there too
+                    robust = (a_state.broken_eps > e) if shortcuts else clean_correct.cpu()
                     key, previous = f"{title}@{e:g}", pictures
                     pictures = previous.clone()
                     success_all, target_all, evals = _attack_cell(
@@ -361,7 +366,7 @@ def _attack_cell(
         hit = rejudge(adv_logits, y_all[on_device], result.success, attack.title, eps).cpu()
         adv_pred = adv_logits.argmax(1).cpu()
         success[index[hit]] = True
-        first = hit & (a_state.broken_eps[index] == math.inf)
+        first = hit & (a_state.broken_eps[index] > eps)  # a new smallest breaking ε
         a_state.adv_pred[index[first]] = adv_pred[first]
         a_state.broken_eps[index[first]] = eps
         if attack.targeted:

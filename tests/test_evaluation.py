@@ -12,7 +12,7 @@ from torch import nn
 from robustkit.config import AttackConfig
 from robustkit.data import Split
 from robustkit.errors import RobustkitError
-from robustkit.evaluation import evaluate, wilson_interval
+from robustkit.evaluation import SweepState, evaluate, wilson_interval
 from robustkit.runs import load_sweep, save_sweep
 
 EPS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3]
@@ -214,3 +214,24 @@ def test_success_is_rejudged_on_the_returned_examples() -> None:
     # a float tie between the two passes goes by the re-run: nothing is broken
     tie = evaluate(TwoFaced(gap=1e-6), data, attack, [0.0, 0.1])
     assert tie.results["correct"].tolist() == [3, 3]
+
+
+def test_resuming_with_a_smaller_eps_attacks_samples_first_broken_at_a_larger_one(
+        model_and_data) -> None:  # type: ignore[no-untyped-def]
+    """Sweep [0, 0.1], then resume with [0, 0.03, 0.1]: at 0.03 the samples broken only at 0.1
+    must be attacked again, so the resumed figure equals a fresh sweep's."""
+    model, data = model_and_data
+    data = data.take(200)
+    attacks = [AttackConfig(name="pgd", steps=10)]
+    states: list[SweepState] = []
+    first = evaluate(model, data, attacks, [0.0, 0.1], on_cell=states.append)
+    resumed = evaluate(model, data, attacks, [0.0, 0.03, 0.1], state=states[-1])
+    fresh = evaluate(model, data, attacks, [0.0, 0.03, 0.1])
+    at = {name: ev.results.set_index("eps")["correct"] for name, ev in
+          (("resumed", resumed), ("fresh", fresh), ("first", first))}
+    assert at["resumed"][0.03] == at["fresh"][0.03]
+    assert at["resumed"][0.03] < at["first"][0.0]  # the small ε does break samples
+    assert at["resumed"][0.1] == at["first"][0.1]
+    ps = resumed.per_sample
+    assert int((ps["pgd10_eps"] > 0.03).sum()) == at["resumed"][0.03]
+
