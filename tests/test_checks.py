@@ -22,6 +22,7 @@ from robustkit.checks import (
     check_large_eps,
     check_logits,
     check_monotone,
+    check_monotone_from_scratch,
     check_step_budget,
     checks_from_results,
     main_attack,
@@ -254,6 +255,36 @@ def test_gradient_check_counts_exactly_the_rows_whose_attack_step_vanishes() -> 
     assert check.detail.startswith(f"{vanishing} of 3 samples have a zero input gradient")
     assert check.value == pytest.approx(1 / 3)
     assert check_gradients(model, x[:2], y[:2]).status == "pass"
+
+
+class NoiseGate(nn.Module):
+    """A "detector" defence on 8×8 images: z₁ − z₀ = 100·(mean x − 0.53) while the pixels are
+    quiet (std < 0.1), a constant −1 (class 0, no gradient) once they are noisy. PGD breaks a
+    grey 0.5 image at ε = 0.05; at ε = 0.3 its random start is noisy and it is stuck."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.flatten(1)
+        linear = 100 * (flat.mean(1) - 0.53)
+        diff = torch.where(flat.std(1) < 0.1, linear, torch.full_like(linear, -1.0))
+        return torch.stack([torch.zeros_like(diff), diff], dim=1)
+
+
+def test_monotone_check_re_attacks_from_scratch_and_can_fail_with_shortcuts_on() -> None:
+    model, eps = NoiseGate(), [0.0, 0.05, 0.3]
+    split = Split(torch.full((20, 1, 8, 8), 0.5), torch.zeros(20, dtype=torch.long))
+    attack = AttackConfig(name="pgd", steps=10)
+    evaluation = evaluate(model, split, [attack], eps)
+    assert evaluation.results["accuracy"].tolist() == [1.0, 0.0, 0.0]  # reuse hides the stall
+    assert check_monotone(evaluation.results).status == "pass"
+    scratch = check_monotone_from_scratch(model, split.images, split.labels, attack, eps)
+    assert scratch.status == "fail" and scratch.value == 1.0
+    assert "0.000 at ε=0.05 rises to 1.000 at ε=0.3" in scratch.detail
+    frame = run_checks(model, split, evaluation.results, settings_for(attack, eps=eps), n=20)
+    row = frame.set_index("name").loc["accuracy_monotone_in_eps"]
+    assert row["status"] == "fail" and "from scratch" in row["detail"]
+    sound = check_monotone_from_scratch(
+        model, split.images, split.labels, attack, [0.0, 0.03, 0.05])
+    assert sound.status == "pass" and "from scratch at each ε on 20 samples" in sound.detail
 
 
 def test_random_forward_is_flagged(data: tuple[Split, Tensor]) -> None:
