@@ -14,7 +14,8 @@ Two groups:
   ε-monotone reuse makes its curve monotone by construction);
 * with the model (:func:`run_checks` adds these): accuracy ≈ 0 at very large ε, random noise is
   far weaker than the attack, more steps or restarts barely help, input gradients are neither
-  zero nor non-finite, the outputs are logits and the forward pass is deterministic.
+  zero nor non-finite, the outputs are logits (not softmax or per-class sigmoid outputs) and
+  the forward pass is deterministic and independent of the rest of the batch.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from robustkit.attacks import NORMS, apgd, attack_mode, pgd, random_unit_ball, s
 from robustkit.config import AttackConfig, config_from_dict
 from robustkit.data import Split
 from robustkit.errors import RobustkitError
+from robustkit.models.loading import BATCH_TOLERANCE, batch_dependent
 
 Status = Literal["pass", "warn", "fail"]
 STATUSES: tuple[Status, ...] = ("pass", "warn", "fail")
@@ -539,6 +541,17 @@ def check_logits(model: nn.Module, x: Tensor) -> Check:
             "the outputs are probabilities (rows in [0, 1] summing to 1): remove the "
             "final softmax; attacks on probabilities mask gradients",
         )
+    unit = float(((out >= 0).all(1) & (out <= 1).all(1)).double().mean())
+    if unit > 0.5:
+        return Check(
+            "outputs_are_logits",
+            "warn",
+            fraction,
+            threshold,
+            f"{unit:.0%} of the output rows lie in [0, 1] without summing to 1: they look like "
+            "per-class sigmoid probabilities; remove the final sigmoid (attacks on squashed "
+            "outputs see vanishing gradients)",
+        )
     log_probs = bool((out <= 1e-6).all() and (out.logsumexp(1).abs() < 1e-3).all())
     detail = (
         "log-probabilities, which cross-entropy treats as logits"
@@ -598,6 +611,34 @@ def check_deterministic(
         threshold,
         f"two eval-mode passes over {len(x)} samples agree",
     )
+
+
+def check_batch_independent(model: nn.Module, x: Tensor, k: int | None = None) -> Check:
+    """A sample's output must not depend on the rest of its batch: ``model(x)[:k]`` against
+    ``model(x[:k])`` in eval mode.
+
+    A model that normalises with batch statistics (BatchNorm in a ``torch.export`` program or
+    traced TorchScript saved in train mode, where ``eval()`` changes nothing) predicts
+    differently when early stopping shrinks the batch, so no reported number is reproducible
+    and attacks see a different function from the one judged. Value: the largest absolute
+    difference; beyond float noise (``1e-4·max(1, |z|)``) or a changed prediction fails.
+    """
+    k = max(1, len(x) // 4) if k is None else k
+    with attack_mode(model), torch.no_grad():
+        whole, part = model(x)[:k], model(x[:k])
+    diff = float((whole.double() - part.double()).abs().max())
+    changed = int((whole.argmax(1) != part.argmax(1)).sum())
+    threshold = f"max |Δ| ≤ {BATCH_TOLERANCE:g}·max(1, |z|), no prediction changes"
+    if batch_dependent(whole, part):
+        return Check(
+            "batch_independent", "fail", diff, threshold,
+            f"the first {k} samples' outputs differ by up to {diff:.3g} between a batch of "
+            f"{len(x)} and one of {k}, and {changed} predictions change: the model uses batch "
+            "statistics (train-mode BatchNorm?); every figure depends on the batch, export "
+            "the model after model.eval()",
+        )
+    return Check("batch_independent", "pass", diff, threshold,
+                 f"the first {k} samples agree in batches of {len(x)} and of {k}")
 
 
 # --------------------------------------------------------------------------- all together
@@ -685,6 +726,7 @@ def run_checks(
         checks[0] = check_monotone_from_scratch(model, x, y, attack, eps, seed=seed)
     checks += [
         check_deterministic(model, x),
+        check_batch_independent(model, x),
         check_gradients(model, x, y),
         check_large_eps(model, x, y, attack, seed=seed),
         check_noise_vs_attack(model, x, y, attack, eps_max, seed=seed),

@@ -15,6 +15,7 @@ from robustkit.attacks import steepest_step
 from robustkit.checks import (
     CHECK_COLUMNS,
     Check,
+    check_batch_independent,
     check_convergence,
     check_deterministic,
     check_gradients,
@@ -30,7 +31,9 @@ from robustkit.checks import (
 )
 from robustkit.config import AttackConfig, to_dict
 from robustkit.data import Split
+from robustkit.errors import RobustkitError
 from robustkit.evaluation import evaluate, wilson_interval
+from robustkit.models.loading import check_logits as load_check_logits
 from tests.test_attacks import saturated_pair
 
 EPS = [0.0, 0.1, 0.2, 0.3]
@@ -285,6 +288,42 @@ def test_monotone_check_re_attacks_from_scratch_and_can_fail_with_shortcuts_on()
     sound = check_monotone_from_scratch(
         model, split.images, split.labels, attack, [0.0, 0.03, 0.05])
     assert sound.status == "pass" and "from scratch at each ε on 20 samples" in sound.detail
+
+
+class BatchStatistics(nn.Module):
+    """BatchNorm that always normalises with the batch's statistics, as a torch.export program
+    saved in train mode does (eval() cannot switch it)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.inner(x)
+        return z if len(z) == 1 else nn.functional.batch_norm(z, None, None, training=True)
+
+
+def test_batch_dependent_outputs_fail_the_check_and_are_refused_at_load(
+        data: tuple[Split, Tensor]) -> None:
+    split, templates = data
+    model = BatchStatistics(linear_model(templates))
+    check = check_batch_independent(model, split.images[:40])
+    assert check.status == "fail" and "batch of 40 and one of 10" in check.detail
+    assert check_deterministic(model, split.images[:40]).status == "pass"  # it cannot see this
+    sound = check_batch_independent(linear_model(templates), split.images[:40])
+    assert sound.status == "pass"
+    with pytest.raises(RobustkitError, match="change with the other images in the batch"):
+        load_check_logits(model, split.images[:8], 10)
+    frame = run_checks(model, split, pd.DataFrame(
+        {"model": "m", "attack": "pgd", "norm": "linf", "eps": [0.0], "accuracy": [1.0]}),
+        settings_for(AttackConfig(name="pgd", steps=5), eps=[0.0]), n=40)
+    assert frame.set_index("name").loc["batch_independent", "status"] == "fail"
+
+
+def test_per_class_sigmoid_outputs_are_flagged(data: tuple[Split, Tensor]) -> None:
+    split, templates = data
+    check = check_logits(nn.Sequential(linear_model(templates), nn.Sigmoid()), split.images[:50])
+    assert check.status == "warn" and "sigmoid" in check.detail
 
 
 def test_random_forward_is_flagged(data: tuple[Split, Tensor]) -> None:

@@ -192,6 +192,21 @@ def test_attack_every_model_kind_gives_the_same_numbers(user_models: Path, tmp_p
     assert tables["factory"].equals(tables["export"])
 
 
+def test_attack_refuses_a_program_exported_with_train_mode_batchnorm(tmp_path: Path,
+                                                                     mnist_root: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 16),
+                                torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 10)).train()
+    batch = {"input": {0: torch.export.Dim("batch")}}
+    program = torch.export.export(model, (torch.rand(4, 1, 28, 28),), dynamic_shapes=batch)
+    torch.export.save(program, tmp_path / "bn.pt2")
+    result = run("attack", "--model", str(tmp_path / "bn.pt2"), "--n", "20", "--data-dir",
+                 str(mnist_root), "--out", str(tmp_path / "o"))
+    assert_user_error(result, "change with the other images in the batch", "model.eval()")
+    assert not (tmp_path / "o").exists()
+
+
 def test_normalize_wrapper_keeps_pixel_units(user_models: Path, tmp_path: Path,
                                              mnist_root: Path) -> None:
     inner = _linear(1)

@@ -271,10 +271,24 @@ def _forward(model: nn.Module, x: Tensor) -> Any:
         ) from None
 
 
+#: How far a sample's logits may move when the rest of its batch changes, relative to
+#: max(1, |z|): batch-size-dependent kernels change only the last bits.
+BATCH_TOLERANCE = 1e-4
+
+
+def batch_dependent(in_batch: Tensor, alone: Tensor) -> bool:
+    """Whether the logits of the same samples in two batches differ beyond float noise, or
+    change a prediction."""
+    a, b = in_batch.double(), alone.double()
+    scale = max(1.0, float(a.abs().max()))
+    return bool((a - b).abs().max() > BATCH_TOLERANCE * scale) or bool(
+        (a.argmax(1) != b.argmax(1)).any())
+
+
 def check_logits(model: nn.Module, x: Tensor, num_classes: int) -> None:
     """Reject outputs that are not ``[N, num_classes]`` logits, with a message saying why."""
     out = _forward(model, x)
-    _forward(model, x[:3])  # attacks shrink the batch as samples break: sizes must be free
+    part = _forward(model, x[:3])  # attacks shrink the batch as samples break: sizes must be free
     if isinstance(out, (tuple, list)):
         raise RobustkitError(
             f"the model returns a {type(out).__name__} of {len(out)} items; it must return one "
@@ -289,6 +303,14 @@ def check_logits(model: nn.Module, x: Tensor, num_classes: int) -> None:
         )
     if not torch.isfinite(out).all():
         raise RobustkitError("the model returns non-finite outputs (nan or inf) on clean images")
+    if isinstance(part, Tensor) and part.shape == out[:3].shape and batch_dependent(out[:3], part):
+        raise RobustkitError(
+            "the model's outputs for the same images change with the other images in the batch "
+            f"(up to {float((out[:3] - part).abs().max()):.3g} between a batch of {len(x)} and "
+            "of 3): it normalises with batch statistics (BatchNorm saved in train mode in a "
+            "torch.export or TorchScript file, where eval() changes nothing), so every number "
+            "would depend on the batch; export the model after model.eval()"
+        )
     sums = out.sum(dim=1)
     if bool((out >= 0).all() and (out <= 1).all() and torch.allclose(sums, torch.ones_like(sums),
                                                                       atol=1e-3)):
