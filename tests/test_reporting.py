@@ -401,3 +401,12 @@ def test_summary_shows_target_hits_of_targeted_attacks_only(tmp_path: Path) -> N
     plain = write_run(tmp_path / "plain")
     assert "Target hit" not in build_report([plain], tmp_path / "plain-out")["markdown"].read_text(
         encoding="utf-8")
+
+
+def test_intervals_say_what_they_cover(report: dict[str, Path]) -> None:
+    md = report["markdown"].read_text(encoding="utf-8")
+    summary = md.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    assert "95% Wilson score interval" in summary
+    assert "robust accuracy under these attacks" in summary
+    assert "the true value can only be lower" in summary
+    assert "covers test-set sampling alone" in summary

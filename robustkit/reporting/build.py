@@ -194,7 +194,7 @@ def _summary_section(
         Text(
             "Robust accuracy (fraction of samples classified correctly under every attack "
             'point within ε) with its 95% Wilson score interval. The attack "any" is the '
-            "per-sample worst case over the attacks."
+            "per-sample worst case over the attacks. " + INTERVAL_SCOPE
         ),
         Table(accuracy),
     ]
@@ -284,6 +284,14 @@ def _confusion_section(runs: list[RunData]) -> tuple[Section | None, dict[str, p
             *blocks,
         ],
     ), out
+
+
+#: What the intervals cover, said next to them.
+INTERVAL_SCOPE = (
+    "Each figure is robust accuracy under these attacks: an upper bound, since a stronger "
+    "attack can only lower it, so the true value can only be lower. The interval covers "
+    "test-set sampling alone (which n images were drawn), not the attack's weakness."
+)
 
 
 #: How each ``selected_by`` of a checkpoint sidecar reads in the report.
@@ -441,7 +449,9 @@ def build_report(run_dirs: list[Path], out_dir: Path, title: str | None = None,
             "accuracy.png",
             accuracy_png,
             "robust accuracy vs epsilon",
-            "Robust accuracy vs ε, one line per model × attack; shaded: 95% intervals.",
+            "Robust accuracy vs ε, one line per model × attack; shaded: 95% intervals of "
+            "test-set sampling around robust accuracy under these attacks (the true value can "
+            "only be lower).",
         ),
     )
     sections: list[Section | None] = [summary, _examples_section(runs)]
