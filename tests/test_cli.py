@@ -201,8 +201,8 @@ def test_attack_refuses_a_program_exported_with_train_mode_batchnorm(tmp_path: P
     batch = {"input": {0: torch.export.Dim("batch")}}
     program = torch.export.export(model, (torch.rand(4, 1, 28, 28),), dynamic_shapes=batch)
     torch.export.save(program, tmp_path / "bn.pt2")
-    result = run("attack", "--model", str(tmp_path / "bn.pt2"), "--n", "20", "--data-dir",
-                 str(mnist_root), "--out", str(tmp_path / "o"))
+    result = run("attack", "--model", str(tmp_path / "bn.pt2"), "--trust-model-file", "--n", "20",
+                 "--data-dir", str(mnist_root), "--out", str(tmp_path / "o"))
     assert_user_error(result, "change with the other images in the batch", "model.eval()")
     assert not (tmp_path / "o").exists()
 
