@@ -76,11 +76,18 @@ def use_deterministic_algorithms() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
+#: A copy of the source tree without its ``.git`` (as sent to a remote GPU machine) names the
+#: commit it was copied from here, so results made there still trace to their code.
+SOURCE_COMMIT_ENV = "ROBUSTKIT_SOURCE_COMMIT"
+
+
 def git_commit() -> str | None:
-    """The commit of the robustkit source tree, with ``+dirty`` when it has local changes."""
+    """The commit of the robustkit source tree, with ``+dirty`` when it has local changes;
+    without a ``.git`` folder, ``$ROBUSTKIT_SOURCE_COMMIT`` marked ``+copied`` (or None)."""
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
-        return None
+        named = os.environ.get(SOURCE_COMMIT_ENV, "").strip()
+        return f"{named}+copied" if named else None
     try:
         sha = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"],

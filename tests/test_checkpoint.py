@@ -86,3 +86,17 @@ def test_resume_state_round_trip(tmp_path: Path) -> None:
     buf = opt2.state_dict()["state"][0]["momentum_buffer"]
     assert torch.equal(buf, opt.state_dict()["state"][0]["momentum_buffer"])
     assert torch.equal(back["rng"], g.get_state())
+
+
+def test_copied_tree_names_its_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without .git, the commit comes from $ROBUSTKIT_SOURCE_COMMIT, marked as a copy."""
+    import robustkit.runtime as runtime
+
+    fake = tmp_path / "robustkit" / "runtime.py"
+    fake.parent.mkdir()
+    fake.write_text("")
+    monkeypatch.setattr(runtime, "__file__", str(fake))
+    monkeypatch.delenv(runtime.SOURCE_COMMIT_ENV, raising=False)
+    assert runtime.git_commit() is None
+    monkeypatch.setenv(runtime.SOURCE_COMMIT_ENV, "abc123")
+    assert runtime.git_commit() == "abc123+copied"
