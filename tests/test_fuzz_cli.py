@@ -165,6 +165,8 @@ BAD_FLAGS: list[list[str]] = [
     ["--model", "/nonexistent/m.safetensors"], ["--model", "torch.nn:NoSuchThing"],
     ["--bogus"], ["--eps"], ["--out", "../configs/afile"], ["--model", "../configs/m.pt2"],
     ["--model", "../configs/m.json"], ["--model", "../configs/m.pt"],
+    ["--weights", "../configs/afile"], ["--weights", "../configs/m.pt"],
+    ["--weights", "/nonexistent/w.safetensors"],
 ]
 VALID_FLAGS: list[list[str]] = [
     ["--n", "10"], ["--steps", "5"], ["--attack", "fgsm"], ["--attack", "pgd,apgd"],

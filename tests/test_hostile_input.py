@@ -437,6 +437,16 @@ def test_factory_and_empty_model_specs(spec: str, fragment: str, faulty_models: 
     assert fragment in str(info.value)
 
 
+@pytest.mark.parametrize("content", [b"root:x:0:0:root:/root:/bin/bash\n", bytes(range(256)) * 8,
+                                     b"\x80\x02}q\x00."])
+def test_garbage_weights_are_one_error(content: bytes, tmp_path: Path) -> None:
+    """torch's weights_only unpickler fails on garbage with assorted exception types."""
+    path = tmp_path / "w.weights"
+    path.write_bytes(content)
+    with pytest.raises(RobustkitError, match=r"cannot be read as a plain state dict|not a state"):
+        load_model("torch.nn:Identity", weights=path)
+
+
 @pytest.mark.parametrize("sidecar", ["[1, 2]", '{"arch": "mlp", "num_classes": "ten"}',
                                      '{"arch": 5}', "{broken", '"just a string"'])
 def test_bad_sidecar_json_is_one_error(sidecar: str, tmp_path: Path) -> None:
