@@ -323,6 +323,14 @@ def _check_consistency(config: ExperimentConfig) -> None:
     duplicates = {t for t in titles if titles.count(t) > 1}
     if duplicates:
         _fail("attacks", f"two attacks share the name {sorted(duplicates)[0]!r}: give one a label")
+    reference = config.reference
+    if reference is not None:  # checked now, not after training and the sweep
+        rows = titles + (["any"] if len(titles) > 1 else [])
+        if reference.attack not in rows:
+            _fail("reference.attack", f"{reference.attack!r} is not an attack of this config: "
+                  f"choose one of {', '.join(map(repr, rows))}")
+        if not any(abs(e - reference.eps) < 1e-9 for e in config.evaluate.eps):
+            _fail("reference.eps", f"{reference.eps:g} is not in evaluate.eps: add it there")
 
 
 # --------------------------------------------------------------------------- loading

@@ -61,7 +61,8 @@ def test_overrides_are_parsed_as_toml_and_validated() -> None:
 
 def test_toml_round_trip_and_stable_hash(tmp_path: Path) -> None:
     cfg = config_from_dict({"name": "x", "train": {"method": "trades", "adversarial": {"beta": 3}},
-                            "attacks": [{"name": "pgd", "loss": "margin", "restarts": 3}],
+                            "attacks": [{"name": "fgsm"},
+                                        {"name": "pgd", "loss": "margin", "restarts": 3}],
                             "reference": {"source": "paper", "error": 0.999}})
     text = to_toml(cfg)
     again = config_from_dict(tomllib.loads(text))

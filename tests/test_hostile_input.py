@@ -286,6 +286,8 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("[evaluate]\neps = [0.0]\n", "evaluate.eps: needs at least one budget above 0"),
     ("[evaluate]\neps = []\n", "evaluate.eps: needs at least one budget above 0"),
     ("description = " + "[" * 20 + "1" + "]" * 20 + "\n", "nested more than"),
+    ("[reference]\nattack = \"pgd\"\n", "reference.attack: 'pgd' is not an attack"),
+    ("[reference]\neps = 0.125\n", "reference.eps: 0.125 is not in evaluate.eps"),
     ("description = " + "[" * 5000 + "1" + "]" * 5000 + "\n", "nested too deeply"),
 ])
 def test_values_that_used_to_crash_later_are_refused(text: str, fragment: str, tmp_path: Path
