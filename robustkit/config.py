@@ -310,6 +310,13 @@ def _check_consistency(config: ExperimentConfig) -> None:
                   "units (L∞ budgets are at most 1; L2 budgets at most √784 = 28)")
     if config.seeds is not None and len(config.seeds) == 0:
         _fail("seeds", "must list at least one seed, or be left out")
+    if config.seeds is not None and len(set(config.seeds)) != len(config.seeds):
+        _fail("seeds", f"{list(config.seeds)} lists a seed twice: list each seed once")
+    if config.data.val_size == 0 and config.evaluate.split == "val":
+        _fail("evaluate.split", "'val' needs validation images: set data.val_size > 0")
+    if config.data.val_size == 0 and config.train.method != "standard":
+        _fail("data.val_size", f"{config.train.method} training selects its checkpoint on "
+              "validation data: set data.val_size > 0")
     for i, attack in enumerate(config.attacks):
         if attack.label is not None and (not LABEL_PATTERN.fullmatch(attack.label)
                                          or attack.label == "any"):

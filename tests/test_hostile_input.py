@@ -287,6 +287,9 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("[evaluate]\neps = []\n", "evaluate.eps: needs at least one budget above 0"),
     ("description = " + "[" * 20 + "1" + "]" * 20 + "\n", "nested more than"),
     ("[reference]\nattack = \"pgd\"\n", "reference.attack: 'pgd' is not an attack"),
+    ("seeds = [3, 3]\n", "seeds: [3, 3] lists a seed twice"),
+    ("[data]\nval_size = 0\n[evaluate]\nsplit = \"val\"\n", "evaluate.split: 'val' needs"),
+    ("[data]\nval_size = 0\n[train]\nmethod = \"trades\"\n", "data.val_size: trades"),
     ("[reference]\neps = 0.125\n", "reference.eps: 0.125 is not in evaluate.eps"),
     ("description = " + "[" * 5000 + "1" + "]" * 5000 + "\n", "nested too deeply"),
 ])
