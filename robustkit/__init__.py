@@ -19,7 +19,8 @@ try:
 except _NotInstalled:  # pragma: no cover - a source tree on PYTHONPATH without installing
     __version__ = "0.1.0+source"
 
-from robustkit.attacks import AttackResult, apgd, fgsm, pgd
+from robustkit.attacks import AttackResult, apgd, apgd_targeted, fgsm, pgd, square
+from robustkit.attacks.ensemble import autoattack
 from robustkit.config import AttackConfig, ExperimentConfig, load_config
 from robustkit.data import Dataset, Split, load_dataset
 from robustkit.errors import RobustkitError
@@ -38,6 +39,8 @@ __all__ = [
     "Split",
     "__version__",
     "apgd",
+    "apgd_targeted",
+    "autoattack",
     "build_model",
     "evaluate",
     "fgsm",
@@ -45,5 +48,6 @@ __all__ = [
     "load_dataset",
     "load_model",
     "pgd",
+    "square",
     "train",
 ]

@@ -13,9 +13,10 @@ Two groups:
   the model, the first is replaced by a re-attack from scratch at each ε, because the sweep's
   ε-monotone reuse makes its curve monotone by construction);
 * with the model (:func:`run_checks` adds these): accuracy ≈ 0 at very large ε, random noise is
-  far weaker than the attack, more steps or restarts barely help, input gradients are neither
-  zero nor non-finite, the outputs are logits (not softmax or per-class sigmoid outputs) and
-  the forward pass is deterministic and independent of the rest of the batch.
+  far weaker than the attack, more steps or restarts barely help, a gradient-free attack
+  (Square) breaks almost nothing the strongest gradient attack left robust, input gradients
+  are neither zero nor non-finite, the outputs are logits (not softmax or per-class sigmoid
+  outputs) and the forward pass is deterministic and independent of the rest of the batch.
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustkit.attacks import NORMS, apgd, attack_mode, pgd, random_unit_ball, steepest_step
+from robustkit.attacks import (
+    NORMS,
+    apgd,
+    attack_mode,
+    pgd,
+    random_unit_ball,
+    square,
+    steepest_step,
+)
 from robustkit.config import AttackConfig, config_from_dict
 from robustkit.data import Split
 from robustkit.errors import RobustkitError
@@ -92,7 +101,8 @@ def _attack_kind(title: str, configs: dict[str, AttackConfig]) -> tuple[str, boo
     """(name, targeted) of an attack title: from the settings, else guessed from the title."""
     if title in configs:
         return configs[title].name, configs[title].targeted
-    name = next((n for n in ("fgsm", "apgd", "pgd") if title.startswith(n)), title)
+    name = next((n for n in ("fgsm", "apgd-t", "apgd", "pgd", "square", "autoattack")
+                 if title.startswith(n)), title)
     return name, "targeted" in title
 
 
@@ -262,13 +272,18 @@ def _robust_accuracy(
     **changes: Any,
 ) -> float:
     """Accuracy under an untargeted run of iterative ``attack`` (with ``changes``) at ``eps``."""
+    return 1.0 - float(_broken(model, x, y, attack, eps, seed, **changes).float().mean())
+
+
+def _broken(model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: float, seed: int,
+            **changes: Any) -> Tensor:
+    """Per-sample success ``[N]`` of an untargeted run of iterative ``attack`` at ``eps``."""
     config = dataclasses.replace(attack, **changes)
     generator = torch.Generator(device=x.device).manual_seed(seed)
     if config.name == "apgd":
-        result = apgd(model, x, y, eps=eps, norm=config.norm, steps=config.steps,
-                      loss=config.loss, restarts=config.restarts,
-                      random_start=config.random_start, generator=generator)
-        return 1.0 - float(result.success.float().mean())
+        return apgd(model, x, y, eps=eps, norm=config.norm, steps=config.steps,
+                    loss=config.loss, restarts=config.restarts,
+                    random_start=config.random_start, generator=generator).success
     result = pgd(
         model,
         x,
@@ -282,7 +297,7 @@ def _robust_accuracy(
         random_start=config.random_start,
         generator=generator,
     )
-    return 1.0 - float(result.success.float().mean())
+    return result.success
 
 
 @torch.no_grad()
@@ -469,6 +484,53 @@ def check_monotone_from_scratch(
     return _monotone_check(worst, where and f"{where} on {len(y)} samples", fail_above, passed)
 
 
+#: The finding of :func:`check_gradient_free` when it fails or warns.
+MASKING_SUSPECTED = ("gradient masking suspected: a gradient-free attack beats the gradient "
+                     "attacks on {k} of {m} samples")
+
+
+def check_gradient_free(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attack: AttackConfig,
+    eps: float,
+    *,
+    seed: int = 0,
+    budget: int = 1000,
+    warn_above: float = 0.01,
+    fail_above: float = 0.05,
+) -> Check:
+    """Square (gradient-free) on the samples the strongest gradient attack leaves robust at ε.
+
+    Gradients that carry no information (a non-differentiable input step, saturated logits,
+    noise) make every gradient attack fail while the model is not robust; a score-based
+    random search does not need them (Carlini et al., 2019, §5; AutoAttack's Square).
+    Value: ``K / M``, the fraction of the ``M`` samples the gradient attack left robust that
+    Square (``budget`` queries) breaks; above ``warn_above`` warns, above ``fail_above`` fails.
+    """
+    name = attack.name if attack.name in ITERATIVE else "pgd"
+    config = dataclasses.replace(attack, name=name, targeted=False)
+    robust = ~_broken(model, x, y, config, eps, seed)
+    threshold = f"broken by Square ≤ {warn_above:g} of the robust (fail > {fail_above:g})"
+    survivors = robust.nonzero().squeeze(1)
+    label = f"{name.upper()}-{config.steps}×{config.restarts} {config.loss}"
+    if survivors.numel() == 0:
+        return Check("gradient_free_finds_no_more", "pass", 0.0, threshold,
+                     f"at ε={eps:g}: {label} leaves no sample robust; nothing to test")
+    generator = torch.Generator(device=x.device).manual_seed(seed + 104_729)
+    found = square(model, x[survivors], y[survivors], eps=eps, norm=attack.norm, budget=budget,
+                   generator=generator).success
+    k, m = int(found.sum()), int(survivors.numel())
+    fraction = k / m
+    detail = (f"at ε={eps:g}: {label} leaves {m} of {len(y)} samples robust; Square "
+              f"({budget} queries) breaks {k} of them")
+    status = _grade(fraction, warn_above, fail_above)
+    if status != "pass":
+        detail = MASKING_SUSPECTED.format(k=k, m=m) + f" ({detail})"
+    return Check("gradient_free_finds_no_more", status, fraction, threshold, detail)
+
+
 def check_gradients(
     model: nn.Module, x: Tensor, y: Tensor, *, warn_above: float = 0.01, fail_above: float = 0.1
 ) -> Check:
@@ -651,6 +713,9 @@ def main_attack(results: pd.DataFrame, settings: dict[str, Any]) -> AttackConfig
     PGD (L∞, 40 steps, step 2.5·ε/steps, one random start).
     """
     configs = [c for c in attack_configs(settings).values() if c.name in ITERATIVE]
+    ensembles = [c for c in attack_configs(settings).values() if c.name == "autoattack"]
+    if not configs and ensembles:  # the ensemble's first stage: APGD with the CE loss
+        return AttackConfig(name="apgd", norm=ensembles[0].norm, steps=ensembles[0].steps)
     if not configs:
         norms = {c.norm for c in attack_configs(settings).values()}
         norm = norms.pop() if len(norms) == 1 else "linf"
@@ -731,8 +796,40 @@ def run_checks(
         check_large_eps(model, x, y, attack, seed=seed),
         check_noise_vs_attack(model, x, y, attack, eps_max, seed=seed),
         check_convergence(model, x, y, attack, convergence_eps(results, attack, eps), seed=seed),
+        check_gradient_free(model, x, y, attack, convergence_eps(results, attack, eps),
+                            seed=seed),
     ]
     return checks_frame(checks)
+
+
+#: Attacks with a gradient-free stage: a failing gradient-free check does not discredit them.
+GRADIENT_FREE = ("square", "autoattack")
+#: The mark put next to a number that a failing check makes unreliable.
+UNRELIABLE = "(unreliable)"
+
+
+def unreliable_attacks(checks: pd.DataFrame | None, settings: dict[str, Any],
+                       titles: Iterable[str]) -> dict[str, str]:
+    """Attack title → why its robust accuracies are unreliable, for a run whose checks failed.
+
+    Every attack of the run is, with one exception: when the only failures are the
+    gradient-free check, attacks that include Square (``square``, ``autoattack``, and the
+    per-sample worst case ``any`` over them) already did what that check asks for.
+    """
+    if checks is None or checks.empty or "status" not in checks:
+        return {}
+    failed = sorted(str(n) for n in checks.loc[checks["status"] == "fail", "name"])
+    if not failed:
+        return {}
+    reason = f"check{'s' if len(failed) > 1 else ''} {', '.join(failed)} failed"
+    configs = attack_configs(settings)
+    titles = list(titles)
+    free = {t for t in titles if _attack_kind(t, configs)[0] in GRADIENT_FREE}
+    if set(failed) == {"gradient_free_finds_no_more"} and free:
+        free.add(ANY)
+    else:
+        free = set()
+    return {t: reason for t in titles if t not in free}
 
 
 def worst_status(frame: pd.DataFrame) -> Status:

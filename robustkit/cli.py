@@ -172,21 +172,43 @@ def _float_list(text: str, what: str) -> list[float]:
     return values
 
 
-def _attack_configs(names: str, **settings: object) -> list[AttackConfig]:
-    from robustkit.config import config_from_dict
+#: What ``--attack`` accepts: attack names and the presets of ``config.ATTACK_PRESETS``.
+ATTACK_NAMES = ("fgsm", "pgd", "apgd", "apgd-t", "square", "autoattack")
+PRESET_NAMES = ("standard", "apgd-ce-margin", "fgsm-pgd")
 
-    attacks = []
+
+def _attack_configs(names: str, **settings: object) -> list[AttackConfig]:
+    """The attacks named by ``--attack`` (attack names or presets), with the options given."""
+    from robustkit.config import ATTACK_PRESETS, FIXED_RECIPES, config_from_dict, to_dict
+
+    given = {k: v for k, v in settings.items() if v is not None}
+    attacks: list[dict[str, object]] = []
     chosen = [n.strip().lower() for n in names.split(",") if n.strip()]
     for name in chosen:
-        if name not in {"fgsm", "pgd", "apgd"}:
+        if name in ATTACK_PRESETS:
+            bases = [to_dict(a) for a in ATTACK_PRESETS[name]]
+        elif name in ATTACK_NAMES:
+            bases = [{"name": name}]
+        else:
             raise RobustkitError(
-                f"unknown attack {name!r}: choose fgsm, pgd, apgd (comma-separated)")
-        entry = {"name": name, **{k: v for k, v in settings.items() if v is not None}}
-        if name == "apgd" and "pgd" in chosen:  # --step-size is PGD's; APGD sets its own
-            entry.pop("step_size", None)
-        attacks.append(entry)
+                f"unknown attack {name!r}: choose {', '.join(ATTACK_NAMES)} or a preset "
+                f"({', '.join(PRESET_NAMES)}), comma-separated")
+        for base in bases:
+            entry = {**base, **given}
+            kind = entry["name"]
+            if kind != "pgd" and "step_size" in entry and (
+                    "pgd" in chosen or name in ATTACK_PRESETS):
+                entry.pop("step_size")  # --step-size is PGD's; APGD sets its own
+            if kind == "apgd-t" or kind in FIXED_RECIPES:
+                # fixed objectives: drop the options left at their defaults; any other value
+                # reaches the config check, which names it
+                for key, default in (("loss", "ce"), ("restarts", 1), ("targeted", False)):
+                    if entry.get(key) == default:
+                        entry.pop(key)
+            attacks.append(entry)
     if not attacks:
-        raise RobustkitError("--attack is empty: choose fgsm, pgd, apgd (comma-separated)")
+        raise RobustkitError(
+            f"--attack is empty: choose {', '.join(ATTACK_NAMES)} (comma-separated)")
     return list(config_from_dict({"attacks": attacks}).attacks)
 
 
@@ -196,13 +218,13 @@ def _attack_configs(names: str, **settings: object) -> list[AttackConfig]:
 ))
 def attack(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint (e.g. reports/NAME/model.safetensors), zoo:NAME, TorchScript, .pt2, or package.module:factory.")],  # noqa: E501
-    attack_names: Annotated[str, typer.Option("--attack", help="Comma-separated: fgsm, pgd, apgd.")] = "fgsm,pgd",  # noqa: E501
+    attack_names: Annotated[str, typer.Option("--attack", help="Comma-separated attacks (fgsm, pgd, apgd, apgd-t, square, autoattack) or a preset: standard = fgsm + autoattack; apgd-ce-margin = APGD-100 CE and margin (cheaper); fgsm-pgd = FGSM and PGD-40 (quick, overstates robustness).")] = "standard",  # noqa: E501
     eps: Annotated[str, typer.Option("--eps", help="Comma-separated budgets in [0,1] pixel units; fractions such as 8/255 accepted.")] = "0,0.05,0.1,0.15,0.2,0.25,0.3",  # noqa: E501
     norm: Annotated[str, typer.Option("--norm", help="linf or l2.")] = "linf",
-    steps: Annotated[int, typer.Option("--steps", help="PGD/APGD steps.")] = 40,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="PGD/APGD steps (default: PGD 40, APGD 100).")] = None,  # noqa: E501, UP045
     step_size: Annotated[Optional[float], typer.Option("--step-size", help="PGD step (default 2.5·ε/steps).")] = None,  # noqa: E501, UP045
-    restarts: Annotated[int, typer.Option("--restarts", help="PGD/APGD random restarts.")] = 1,
-    loss: Annotated[str, typer.Option("--loss", help="ce or margin.")] = "ce",
+    restarts: Annotated[Optional[int], typer.Option("--restarts", help="PGD/APGD random restarts (default 1).")] = None,  # noqa: E501, UP045
+    loss: Annotated[Optional[str], typer.Option("--loss", help="ce (default), margin or dlr.")] = None,  # noqa: E501, UP045
     targeted: Annotated[bool, typer.Option("--targeted", help="Aim at class (y+1) mod K.")] = False,
     n: Annotated[Optional[int], typer.Option("--n", help="Evaluate the first N test images.")] = None,  # noqa: E501, UP045
     batch_size: Annotated[int, typer.Option("--batch-size")] = 1000,

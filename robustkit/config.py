@@ -96,20 +96,37 @@ class TrainConfig:
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
 
+#: Steps per start when a config leaves ``steps`` out: PGD 40, the APGD family 100 (AutoAttack's).
+DEFAULT_STEPS = {"apgd": 100, "apgd-t": 100, "autoattack": 100}
+#: Attacks with fixed objectives, one start and no step size: only ``norm``, ``steps`` (the
+#: APGD stages), ``targets``, ``queries``, ``p_init`` and ``label`` apply.
+FIXED_RECIPES = ("square", "autoattack")
+
+
 @dataclass(frozen=True)
 class AttackConfig:
     """One attack of an evaluation; ``step_size`` None means 2.5·ε/steps (PGD only: APGD sets
-    its own step)."""
+    its own step). ``steps`` left out (0) means the attack's default, :data:`DEFAULT_STEPS`
+    or 40. ``targets``: APGD-T's number of target classes (None: 9, AutoAttack's).
+    ``queries`` and ``p_init``: Square's query budget per sample and initial square fraction
+    (None: 5000 and 0.8, AutoAttack's), for ``square`` and the ``autoattack`` ensemble."""
 
-    name: Literal["fgsm", "pgd", "apgd"] = "pgd"
+    name: Literal["fgsm", "pgd", "apgd", "apgd-t", "square", "autoattack"] = "pgd"
     norm: Literal["linf", "l2"] = "linf"
-    steps: int = field(default=40, metadata=_range(1, MAX_STEPS))
+    steps: int = field(default=0, metadata=_range(1, MAX_STEPS))
     step_size: float | None = field(default=None, metadata=_range(0, lo_open=True))
     restarts: int = field(default=1, metadata=_range(1, MAX_RESTARTS))
-    loss: Literal["ce", "margin"] = "ce"
+    loss: Literal["ce", "margin", "dlr"] = "ce"
     random_start: bool = True
     targeted: bool = False
     label: str | None = None
+    targets: int | None = field(default=None, metadata=_range(1))
+    queries: int | None = field(default=None, metadata=_range(1, 1_000_000))
+    p_init: float | None = field(default=None, metadata=_range(0, 1, lo_open=True))
+
+    def __post_init__(self) -> None:
+        if self.steps == 0:
+            object.__setattr__(self, "steps", DEFAULT_STEPS.get(self.name, 40))
 
     @property
     def title(self) -> str:
@@ -118,9 +135,25 @@ class AttackConfig:
             return self.label
         if self.name == "fgsm":
             return "fgsm" if self.norm == "linf" else f"fgsm-{self.norm}"
+        if self.name in FIXED_RECIPES:
+            parts = [self.name if self.name == "autoattack" else f"square{self.queries or 5000}"]
+            if self.name == "autoattack" and self.steps != 100:
+                parts.append(f"apgd{self.steps}")
+            if self.name == "autoattack" and self.queries not in (None, 5000):
+                parts.append(f"square{self.queries}")
+            if self.targets:
+                parts.append(f"{self.targets}targets")
+            if self.p_init is not None:
+                parts.append(f"p{self.p_init:g}")
+            if self.norm != "linf":
+                parts.append(self.norm)
+            return "-".join(parts)
         tag = f"{self.name}{self.steps}"
         if self.restarts > 1:
             tag += f"x{self.restarts}"
+        if self.name == "apgd-t":
+            tag += f"-{self.targets}targets" if self.targets else ""
+            return tag + (f"-{self.norm}" if self.norm != "linf" else "")
         if self.loss != "ce":
             tag += f"-{self.loss}"
         if self.norm != "linf":
@@ -131,7 +164,18 @@ class AttackConfig:
 
 
 def _default_attacks() -> tuple[AttackConfig, ...]:
-    return (AttackConfig(name="fgsm"), AttackConfig(name="pgd"))
+    return ATTACK_PRESETS["standard"]
+
+
+#: Named attack lists (``--attack NAME`` in the CLI). ``standard``, the default: FGSM and the
+#: AutoAttack-style ensemble. ``apgd-ce-margin``: the cheaper APGD-100 with the CE and the margin
+#: loss (the gradient-free sanity check still runs Square on what they leave robust).
+#: ``fgsm-pgd``: FGSM and PGD-40, the quick look that overstates robustness.
+ATTACK_PRESETS: dict[str, tuple[AttackConfig, ...]] = {
+    "standard": (AttackConfig(name="fgsm"), AttackConfig(name="autoattack")),
+    "apgd-ce-margin": (AttackConfig(name="apgd"), AttackConfig(name="apgd", loss="margin")),
+    "fgsm-pgd": (AttackConfig(name="fgsm"), AttackConfig(name="pgd")),
+}
 
 
 @dataclass(frozen=True)
@@ -323,9 +367,25 @@ def _check_consistency(config: ExperimentConfig) -> None:
             _fail(f"attacks[{i}].label", f"{attack.label[:60]!r} is not a usable label: use 1 to "
                   "64 letters, digits, spaces or _ . + - @ ( ), not 'any' (it names table "
                   "columns and figure legends)")
-        if attack.name == "apgd" and attack.step_size is not None:
+        if attack.name in ("apgd", "apgd-t") and attack.step_size is not None:
             _fail(f"attacks[{i}].step_size", "APGD adapts its own step size (it starts at 2ε); "
                   "remove step_size, or use name = \"pgd\"")
+        if attack.name == "apgd-t" and (attack.targeted or attack.loss != "ce"):
+            _fail(f"attacks[{i}]", "apgd-t is untargeted and always uses the targeted DLR loss "
+                  "towards each of its target classes; remove targeted and loss")
+        if attack.targets is not None and attack.name not in ("apgd-t", "autoattack"):
+            _fail(f"attacks[{i}].targets", f"targets is an apgd-t setting, not {attack.name}'s")
+        for key in ("queries", "p_init"):
+            if getattr(attack, key) is not None and attack.name not in FIXED_RECIPES:
+                _fail(f"attacks[{i}].{key}", f"{key} is a Square setting (square, autoattack), "
+                      f"not {attack.name}'s")
+        if attack.name in FIXED_RECIPES:
+            changed = [k for k, default in (("loss", "ce"), ("targeted", False), ("restarts", 1),
+                                            ("step_size", None), ("random_start", True))
+                       if getattr(attack, k) != default]
+            if changed:
+                _fail(f"attacks[{i}]", f"{attack.name} runs a fixed recipe; remove "
+                      f"{', '.join(changed)} (it takes norm, steps, targets, queries, p_init)")
     titles = [a.title for a in config.attacks]
     duplicates = {t for t in titles if titles.count(t) > 1}
     if duplicates:

@@ -54,7 +54,10 @@ from robustkit.attacks import (
     pgd,
     random_unit_ball,
 )
+from robustkit.attacks.apgd_t import DEFAULT_TARGETS, apgd_targeted
 from robustkit.attacks.base import max_eps
+from robustkit.attacks.ensemble import autoattack
+from robustkit.attacks.square import DEFAULT_P_INIT, DEFAULT_QUERIES, SquareNoise, square
 from robustkit.config import AttackConfig
 from robustkit.data import Split
 from robustkit.distributed import Context, all_gather_object, all_gather_tensor, batch_shard, shard
@@ -94,6 +97,7 @@ class AttackState:
     adv_pred: Tensor
     done: list[float] = field(default_factory=list)
     grad_evals: dict[float, int] = field(default_factory=dict)
+    queries: dict[float, int] = field(default_factory=dict)
     seconds: dict[float, float] = field(default_factory=dict)
     success_at: dict[float, Tensor] = field(default_factory=dict)
     target_at: dict[float, Tensor] = field(default_factory=dict)
@@ -146,17 +150,43 @@ class NoiseBank:
         return noise
 
 
+class SquareBank:
+    """Square's uniforms u[step, i, :m] that depend only on (seed, attack, step, sample i)."""
+
+    def __init__(self, n: int, seed: int, attack_index: int) -> None:
+        self.n = n
+        self.seed = seed * 1_000_003 + attack_index * 1009 + 7_919
+
+    def __call__(self, step: int, m: int) -> Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 65_537 + step + 1)
+        return torch.rand((self.n, m), generator=generator, dtype=torch.float64)
+
+
 def run_attack(model: nn.Module, attack: AttackConfig, x: Tensor, y: Tensor, eps: float,
                noise: Callable[[int], Tensor] | None, early_stop: bool = True,
-               labels: Tensor | None = None) -> AttackResult:
+               labels: Tensor | None = None,
+               square_noise: SquareNoise | None = None) -> AttackResult:
     """One attack at one ε on a batch; ``y`` holds the targets of a targeted attack and
     ``labels`` the true classes (success = misclassified)."""
+    if attack.name == "autoattack":
+        return autoattack(model, x, y, eps=eps, norm=attack.norm, steps=attack.steps,
+                          targets=attack.targets, budget=attack.queries or DEFAULT_QUERIES,
+                          p_init=attack.p_init or DEFAULT_P_INIT, start_noise=noise,
+                          square_noise=square_noise)
+    if attack.name == "square":
+        return square(model, x, y, eps=eps, norm=attack.norm,
+                      budget=attack.queries or DEFAULT_QUERIES,
+                      p_init=attack.p_init or DEFAULT_P_INIT, noise=square_noise)
     targeted = attack.targeted
     if attack.name == "fgsm" and attack.norm == "linf":
         return fgsm(model, x, y, eps=eps, targeted=targeted, loss=attack.loss, labels=labels)
     if attack.name == "fgsm":  # the L2 fast gradient method: one step of length ε, no start
         return pgd(model, x, y, eps=eps, norm="l2", steps=1, step_size=eps, loss=attack.loss,
                    random_start=False, targeted=targeted, labels=labels, early_stop=early_stop)
+    if attack.name == "apgd-t":
+        return apgd_targeted(model, x, y, eps=eps, norm=attack.norm, steps=attack.steps,
+                             targets=attack.targets or DEFAULT_TARGETS, restarts=attack.restarts,
+                             early_stop=early_stop, start_noise=noise)
     if attack.name == "apgd":
         return apgd(model, x, y, eps=eps, norm=attack.norm, steps=attack.steps, loss=attack.loss,
                     restarts=attack.restarts, random_start=attack.random_start,
@@ -277,7 +307,8 @@ def evaluate(
     if len(set(titles)) != len(titles):
         raise RobustkitError(f"two attacks share a name in {titles}: give one a label")
     if not attacks:
-        raise RobustkitError("no attack given: choose at least one of fgsm, pgd, apgd")
+        raise RobustkitError("no attack given: choose at least one of fgsm, pgd, apgd, apgd-t, "
+                             "square, autoattack")
     x_all, y_all = data.images, data.labels
     device = x_all.device
 
@@ -300,6 +331,7 @@ def evaluate(
             a_state = state.attacks[title]
             targets = target_labels(y_all, num_classes) if attack.targeted else y_all
             bank = NoiseBank(x_all.shape, attack.norm, seed, a_index)
+            square_bank = SquareBank(len(x_all), seed, a_index)
             todo = [e for e in eps_list if e > 0 and e not in a_state.done]
             done = [e for e in a_state.done if f"{title}@{e:g}" in state.examples]
             pictures = (state.examples[f"{title}@{max(done):g}"] if done
@@ -312,16 +344,18 @@ def evaluate(
                     robust = (a_state.broken_eps > e) if shortcuts else clean_correct.cpu()
                     key, previous = f"{title}@{e:g}", pictures
                     pictures = previous.clone()
-                    success_all, target_all, evals = _attack_cell(
+                    success_all, target_all, evals, queries = _attack_cell(
                         model, attack, x_all, y_all, targets, robust.nonzero().squeeze(1), e,
-                        bank, batch_size=batch_size, shortcuts=shortcuts, a_state=a_state,
-                        picture_idx=example_idx.cpu(), pictures=pictures, dist=dist,
+                        (bank, square_bank), batch_size=batch_size, shortcuts=shortcuts,
+                        a_state=a_state, picture_idx=example_idx.cpu(), pictures=pictures,
+                        dist=dist,
                     )
                     state.examples[key] = pictures
                     a_state.success_at[e] = success_all
                     if attack.targeted:
                         a_state.target_at[e] = target_all
                     a_state.grad_evals[e] = evals
+                    a_state.queries[e] = queries
                     a_state.seconds[e] = time.perf_counter() - started
                     a_state.done.append(e)
                     bar.advance(1, f"ε={e:g}")
@@ -332,21 +366,24 @@ def evaluate(
 
 def _attack_cell(
     model: nn.Module, attack: AttackConfig, x_all: Tensor, y_all: Tensor, targets: Tensor,
-    active: Tensor, eps: float, bank: NoiseBank, *, batch_size: int, shortcuts: bool,
-    a_state: AttackState, picture_idx: Tensor, pictures: Tensor, dist: Context | None = None,
-) -> tuple[Tensor, Tensor, int]:
+    active: Tensor, eps: float, banks: tuple[NoiseBank, SquareBank], *, batch_size: int,
+    shortcuts: bool, a_state: AttackState, picture_idx: Tensor, pictures: Tensor,
+    dist: Context | None = None,
+) -> tuple[Tensor, Tensor, int, int]:
     """Attack the ``active`` samples at one ε; record first breaks in ``a_state``.
 
     The adversarial images of the samples ``picture_idx`` (sorted) are written into
     ``pictures``. Returns the per-sample success (misclassified) mask at this ε, the mask of
-    samples whose example is classified as the target (all false for untargeted attacks) and
-    the gradient evaluations. With ``dist``, each rank attacks a contiguous run of the batches
-    and the outcomes are merged on every rank.
+    samples whose example is classified as the target (all false for untargeted attacks), the
+    gradient evaluations and the queries (forward passes of gradient-free attacks). With
+    ``dist``, each rank attacks a contiguous run of the batches and the outcomes are merged on
+    every rank.
     """
     device = x_all.device
     success = torch.zeros(len(x_all), dtype=torch.bool)
     on_target = torch.zeros(len(x_all), dtype=torch.bool)
-    evals = 0
+    evals = queries = 0
+    bank, square_bank = banks
     starts = range(0, len(active), batch_size)
     if dist is not None:
         starts = starts[shard(len(starts), dist.rank, dist.world)]
@@ -357,10 +394,15 @@ def _attack_cell(
         def noise(restart: int, index: Tensor = index) -> Tensor:
             return bank(restart)[index].to(device)
 
+        def square_noise(step: int, m: int, index: Tensor = index) -> Tensor:
+            return square_bank(step, m)[index].to(device)
+
         labels = y_all[on_device] if attack.targeted else None
         result = run_attack(model, attack, x_all[on_device], targets[on_device], eps, noise,
-                            early_stop=shortcuts, labels=labels)
+                            early_stop=shortcuts, labels=labels,
+                            square_noise=square_noise)
         evals += result.grad_evals
+        queries += result.queries
         with torch.no_grad():
             adv_logits = model(result.x_adv)
         hit = rejudge(adv_logits, y_all[on_device], result.success, attack.title, eps).cpu()
@@ -377,9 +419,9 @@ def _attack_cell(
             pictures[slots] = result.x_adv[chosen.to(device)].detach().cpu()
     if dist is not None:
         mine = active[starts.start:starts.stop]
-        evals = _merge_cell(dist, mine, success, on_target, a_state, picture_idx, pictures,
-                            evals)
-    return success, on_target, evals
+        evals, queries = _merge_cell(dist, mine, success, on_target, a_state, picture_idx,
+                                     pictures, (evals, queries))
+    return success, on_target, evals, queries
 
 
 #: Largest logit gap, relative to max(1, max |z|), that a disagreement between the attack's
@@ -418,25 +460,27 @@ def rejudge(logits: Tensor, labels: Tensor, success: Tensor, title: str, eps: fl
 
 
 def _merge_cell(dist: Context, mine: Tensor, success: Tensor, on_target: Tensor,
-                a_state: AttackState, picture_idx: Tensor, pictures: Tensor, evals: int) -> int:
+                a_state: AttackState, picture_idx: Tensor, pictures: Tensor,
+                evals: tuple[int, int]) -> tuple[int, int]:
     """Give every rank the outcomes of the samples each rank attacked in this cell.
 
     The ranks attacked disjoint samples, so their updates never overlap; returns the total
-    gradient evaluations.
+    gradient evaluations and queries.
     """
     chosen = mine[torch.isin(mine, picture_idx)]
     slots = torch.searchsorted(picture_idx, chosen)
     parts = all_gather_object((mine, success[mine], on_target[mine], a_state.broken_eps[mine],
                                a_state.adv_pred[mine], slots, pictures[slots], evals), dist)
-    total = 0
-    for index, hit, reached, broken, pred, where, images, count in parts:
+    total, total_queries = 0, 0
+    for index, hit, reached, broken, pred, where, images, (count, queries) in parts:
         success[index] = hit
         on_target[index] = reached
         a_state.broken_eps[index] = broken
         a_state.adv_pred[index] = pred
         pictures[where] = images
         total += count
-    return total
+        total_queries += queries
+    return total, total_queries
 
 
 def _accuracy_at(a_state: AttackState, eps: float, clean_correct: Tensor, shortcuts: bool
@@ -480,7 +524,8 @@ def _frames(state: SweepState, attacks: Sequence[AttackConfig], eps_list: list[f
                 rows[-1][TARGET_HIT] = _target_hit_at(a_state, e, n, shortcuts)
             timing_rows.append({"model": model_name, "attack": attack.title, "eps": e,
                                 "seconds": a_state.seconds.get(e, 0.0),
-                                "grad_evals": a_state.grad_evals.get(e, 0)})
+                                "grad_evals": a_state.grad_evals.get(e, 0),
+                                "queries": a_state.queries.get(e, 0)})
     if len(attacks) > 1:
         norms = {a.norm for a in attacks}
         norm = norms.pop() if len(norms) == 1 else "mixed"

@@ -36,10 +36,32 @@ def model_name(spec: str) -> str:
     return path.parent.name if checkpoint and path.parent.name else stem
 
 
-def accuracy_table(results: Any) -> str:
-    """Accuracy vs ε, one column per attack, as text."""
+def accuracy_table(results: Any, unreliable: dict[str, str] | None = None) -> str:
+    """Accuracy vs ε, one column per attack, as text; the numbers at ε > 0 of the attacks in
+    ``unreliable`` (title → reason, from :func:`robustkit.checks.unreliable_attacks`) carry a
+    mark, explained below the table."""
     table = results.pivot_table(index="eps", columns="attack", values="accuracy", sort=False)
-    return str(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    if not unreliable:
+        return str(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    from robustkit.checks import UNRELIABLE
+
+    text = table.apply(lambda column: [
+        f"{v:.4f}" + (f" {UNRELIABLE}" if column.name in unreliable and eps > 0 else "")
+        for eps, v in column.items()])
+    reasons = sorted(set(unreliable.values()))
+    return str(text.to_string()) + f"\n{UNRELIABLE}: {'; '.join(reasons)} (see checks.csv)"
+
+
+def _unreliable(folder: Path, results: Any, settings: dict[str, Any]) -> dict[str, str]:
+    """The attacks whose numbers the failing checks in ``folder/checks.csv`` discredit."""
+    from robustkit.checks import unreliable_attacks
+
+    file = folder / "checks.csv"
+    if not file.is_file():
+        return {}
+    import pandas as pd
+
+    return unreliable_attacks(pd.read_csv(file), settings, results["attack"].unique())
 
 
 def attack_model(
@@ -119,13 +141,15 @@ def attack_model(
             f"finished (attack, ε) cells are kept in {folder}: fix the model and run the same "
             "command again"
         ) from None
-    echo(f"robust accuracy of {name} on {len(split)} {dataset} test images:")
-    echo(accuracy_table(evaluation.results))
-    for note in evaluation.notes:
-        echo(f"note: {note}")
     if report and main:
         _after_evaluation(net, split, evaluation, settings, folder, seed=seed, reference=None,
                           log=log)
+    echo(f"robust accuracy of {name} on {len(split)} {dataset} test images:")
+    echo(accuracy_table(evaluation.results,
+                        _unreliable(folder, evaluation.results, settings) if main else None))
+    for note in evaluation.notes:
+        echo(f"note: {note}")
+    if report and main:
         _report_folders(folder, [folder], name, log)
     echo(f"results in {folder}/ (results.csv, per_sample.csv, timings.csv, settings.json)")
     return evaluation
@@ -214,7 +238,8 @@ def run_experiment(
         evaluations[seed] = evaluation
         echo(f"{cfg.name} seed {seed}: robust accuracy on {len(split)} {cfg.evaluate.split} "
              "images")
-        echo(accuracy_table(evaluation.results))
+        echo(accuracy_table(evaluation.results,
+                            _unreliable(eval_dir, evaluation.results, settings) if main else None))
     if not main:
         return evaluations
     if several:

@@ -83,7 +83,8 @@ def save_sweep(out_dir: Path, fingerprint: str, state: SweepState) -> None:
         "clean_pred": state.clean_pred,
         "examples": state.examples,
         "attacks": {title: {"broken_eps": a.broken_eps, "adv_pred": a.adv_pred, "done": a.done,
-                            "grad_evals": a.grad_evals, "seconds": a.seconds,
+                            "grad_evals": a.grad_evals, "queries": a.queries,
+                            "seconds": a.seconds,
                             "success_at": a.success_at, "target_at": a.target_at}
                     for title, a in state.attacks.items()},
     })

@@ -7,31 +7,47 @@ Every attack takes a model mapping ``x ∈ [0, 1]^{N×C×H×W}`` to logits ``[N,
 * :func:`fgsm` — one signed-gradient step (Goodfellow et al., 2015).
 * :func:`pgd` — projected gradient ascent with restarts, L∞ or L2 (Madry et al., 2018).
 * :func:`apgd` — PGD with momentum and a self-adjusting step size (Croce & Hein, 2020).
+* :func:`apgd_targeted` — APGD-T: APGD with the targeted DLR loss, once per target class.
+* :func:`square` — the gradient-free Square attack (Andriushchenko et al., 2020).
 """
 
 from __future__ import annotations
 
 from robustkit.attacks.apgd import apgd
+from robustkit.attacks.apgd_t import apgd_targeted
 from robustkit.attacks.base import AttackResult, as_eps, attack_mode
 from robustkit.attacks.fgsm import fgsm
-from robustkit.attacks.losses import LOSSES, adversarial_loss, is_adversarial, margin
+from robustkit.attacks.losses import (
+    LOSSES,
+    adversarial_loss,
+    dlr,
+    is_adversarial,
+    margin,
+    targeted_dlr,
+)
 from robustkit.attacks.norms import NORMS, project, random_unit_ball, steepest_step
 from robustkit.attacks.pgd import StartNoise, pgd
+from robustkit.attacks.square import SquareNoise, square
 
 __all__ = [
     "LOSSES",
     "NORMS",
     "AttackResult",
+    "SquareNoise",
     "StartNoise",
     "adversarial_loss",
     "apgd",
+    "apgd_targeted",
     "as_eps",
     "attack_mode",
+    "dlr",
     "fgsm",
     "is_adversarial",
     "margin",
     "pgd",
     "project",
     "random_unit_ball",
+    "square",
     "steepest_step",
+    "targeted_dlr",
 ]

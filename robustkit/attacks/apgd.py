@@ -84,11 +84,14 @@ def apgd(
     generator: torch.Generator | None = None,
     start_noise: StartNoise | None = None,
     compact_every: int | None = None,
+    aim: Tensor | None = None,
 ) -> AttackResult:
     """APGD within ``‖x_adv − x‖ ≤ ε`` (``norm`` ∈ {"linf", "l2"}) and ``x_adv ∈ [0, 1]``.
 
     Arguments as for :func:`~robustkit.attacks.pgd`, except that there is no step size:
-    each sample's step starts at ``2ε`` and only ever halves.
+    each sample's step starts at ``2ε`` and only ever halves. ``aim`` (with ``loss="dlr"``,
+    untargeted): one target class per sample for the targeted DLR loss of APGD-T
+    (:func:`~robustkit.attacks.apgd_t.apgd_targeted`); success still means ``argmax ≠ y``.
     """
     check_inputs(x, y)
     check_labels(labels, y, targeted)
@@ -103,12 +106,12 @@ def apgd(
     def one_start(worst: WorstCase, idx: Tensor, x_i: Tensor, y_i: Tensor, u: Tensor) -> int:
         return _run(model, worst, idx, x_i, y_i, eps_t[idx], u, norm=norm, steps=steps,
                     halve_at=halve_at, kind=kind, targeted=targeted, early_stop=early_stop,
-                    every=every)
+                    every=every, aim=None if aim is None else aim[idx])
 
     return with_restarts(
         model, x, y, eps_t, one_start, kind=kind, targeted=targeted, norm=norm,
         restarts=restarts if random_start else 1, random_start=random_start,
-        generator=generator, start_noise=start_noise, labels=labels,
+        generator=generator, start_noise=start_noise, labels=labels, aim=aim,
     )  # fmt: skip
 
 
@@ -128,6 +131,7 @@ def _run(
     targeted: bool,
     early_stop: bool,
     every: int = 1,
+    aim: Tensor | None = None,
 ) -> int:
     """One APGD run from ``x⁽⁰⁾ = P(x + ε·u)`` on the sub-batch ``idx``; return its gradients.
 
@@ -146,7 +150,7 @@ def _run(
     rises = torch.zeros(len(idx), device=x.device)
     for t in range(steps + 1):
         value, adv, grad = probe(model, x_cur, y, kind, targeted, gradient=t < steps,
-                                 truth=worst.truth(idx))
+                                 truth=worst.truth(idx), aim=aim)
         worst.update(idx, x_cur, value, adv)
         if t == steps:
             break
@@ -161,6 +165,7 @@ def _run(
             eta_then, best_then = eta, best
         keep = stop.after_step(t, adv)
         if keep is not None:
+            aim = None if aim is None else aim[keep]
             (idx, x, y, eps, eta, x_cur, x_prev, grad, best, x_best, grad_best, value_before,
              rises, eta_then, best_then) = (
                 v[keep] for v in (idx, x, y, eps, eta, x_cur, x_prev, grad, best, x_best,

@@ -38,11 +38,14 @@ class AttackResult:
         success: ``[N]`` bool, ``is_adversarial(model(x_adv), y, targeted)`` for each sample;
             for a targeted attack given the true ``labels``, ``argmax model(x_adv) ≠ labels``.
         grad_evals: per-sample input gradients computed, ``Σ_steps |active batch|``.
+        queries: per-sample forward passes of a gradient-free attack (Square), counted the same
+            way; 0 for gradient attacks, whose forward passes go with their gradients.
     """
 
     x_adv: Tensor
     success: Tensor
     grad_evals: int
+    queries: int = 0
 
 
 class WorstCase:

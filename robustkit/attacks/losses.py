@@ -7,12 +7,24 @@ kind           untargeted (y = true class)      targeted (y = target t)
 =============  ===============================  =================================
 ``"ce"``       ``CE(z, y)``                     ``−CE(z, t)``
 ``"margin"``   ``max_{j≠y} z_j − z_y``          ``z_t − max_{j≠t} z_j``
+``"dlr"``      ``DLR(z, y)``                    ``−(max_{j≠t} z_j − z_t) / D₃₄(z)``
 =============  ===============================  =================================
 
 The margin loss is Carlini & Wagner's (2017) with κ = ∞. In both cases the attack has succeeded
 once the prediction ``argmax z`` differs from ``y`` (untargeted) or equals ``t`` (targeted);
 :func:`judge` also knows the evaluation's rule for targeted attacks, success = ``argmax z`` differs
 from the true class (the attack only chooses where to push).
+
+The Difference of Logits Ratio (Croce & Hein, 2020), with ``z_π1 ≥ z_π2 ≥ …`` the sorted logits::
+
+    DLR(z, y)      = −(z_y − max_{j≠y} z_j) / (z_π1 − z_π3)
+    DLR_T(z, y, t) = −(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2)          (:func:`targeted_dlr`)
+
+Both are unchanged when the logits are shifted or rescaled, so a model cannot hide behind large
+or saturated logits. ``DLR_T`` is APGD-T's objective: untargeted success (``argmax z ≠ y``)
+reached by pushing towards one target ``t``; pass ``t`` as ``aim`` with ``kind="dlr"``. A plain
+targeted attack (``targeted=True``) knows only ``t``, so its DLR puts ``t``'s strongest rival
+in the place of the true class, ``D₃₄(z) = z_π1 − (z_π3 + z_π4)/2``.
 """
 
 from __future__ import annotations
@@ -23,7 +35,9 @@ from torch import Tensor
 from robustkit.errors import RobustkitError
 
 #: The objectives :func:`adversarial_loss` knows.
-LOSSES: tuple[str, ...] = ("ce", "margin")
+LOSSES: tuple[str, ...] = ("ce", "margin", "dlr")
+#: Added to the DLR denominators, as in the paper, so that tied logits do not divide by zero.
+DLR_FLOOR = 1e-12
 
 
 def check_loss(kind: str) -> str:
@@ -57,18 +71,56 @@ def margin(logits: Tensor, y: Tensor) -> Tensor:
     return z_y - z_other
 
 
-def adversarial_loss(logits: Tensor, y: Tensor, kind: str = "ce", targeted: bool = False) -> Tensor:
-    """Per-sample objective ``L(z, y)`` ``[N]`` that the attacker maximises (see module table)."""
+def dlr(logits: Tensor, y: Tensor) -> Tensor:
+    """``DLR(z, y) = −(z_y − max_{j≠y} z_j) / (z_π1 − z_π3)`` per sample ``[N]`` (K ≥ 3)."""
+    top = logits.sort(dim=1, descending=True).values
+    return -margin(logits, y) / (top[:, 0] - top[:, 2] + DLR_FLOOR)
+
+
+def targeted_dlr(logits: Tensor, y: Tensor, t: Tensor) -> Tensor:
+    """``DLR_T(z, y, t) = −(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2)`` per sample ``[N]`` (K ≥ 4)."""
+    top = logits.sort(dim=1, descending=True).values
+    z_y = logits.gather(1, y.unsqueeze(1)).squeeze(1)
+    z_t = logits.gather(1, t.unsqueeze(1)).squeeze(1)
+    return -(z_y - z_t) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + DLR_FLOOR)
+
+
+def adversarial_loss(logits: Tensor, y: Tensor, kind: str = "ce", targeted: bool = False,
+                     aim: Tensor | None = None) -> Tensor:
+    """Per-sample objective ``L(z, y)`` ``[N]`` that the attacker maximises (see module table).
+
+    ``aim`` (``kind="dlr"``, untargeted only): APGD-T's target classes ``t`` ``[N]``; the
+    objective is then :func:`targeted_dlr` ``DLR_T(z, y, t)``.
+    """
     check_loss(kind)
     check_logits(logits, y)
-    return objective(logits, y, kind, targeted)
+    if kind == "dlr":
+        needed = 4 if targeted or aim is not None else 3
+        if logits.shape[1] < needed:
+            raise RobustkitError(
+                f"the dlr loss needs at least {needed} classes, the model has "
+                f"{logits.shape[1]}; use loss ce or margin"
+            )
+    if aim is not None:
+        if kind != "dlr" or targeted:
+            raise RobustkitError("aim (a target class for APGD-T) needs loss dlr, untargeted")
+        check_logits(logits, aim)
+    return objective(logits, y, kind, targeted, aim)
 
 
-def objective(logits: Tensor, y: Tensor, kind: str, targeted: bool) -> Tensor:
+def objective(logits: Tensor, y: Tensor, kind: str, targeted: bool,
+              aim: Tensor | None = None) -> Tensor:
     """:func:`adversarial_loss` without argument checks, for inner loops on checked inputs."""
     if kind == "ce":
         ce = F.cross_entropy(logits, y, reduction="none")
         return -ce if targeted else ce
+    if kind == "dlr":
+        if aim is not None:
+            return targeted_dlr(logits, y, aim)
+        if targeted:  # y = t: t's strongest rival stands in for the unknown true class
+            top = logits.sort(dim=1, descending=True).values
+            return margin(logits, y) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + DLR_FLOOR)
+        return dlr(logits, y)
     m = margin(logits, y)
     return m if targeted else -m
 

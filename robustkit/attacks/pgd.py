@@ -73,7 +73,7 @@ def pgd(
         eps: budget in pixel units, float or per-sample ``[N]``; ``ε = 0`` rows return ``x``.
         steps: gradient steps ``T`` per restart.
         step_size: ``α``; float or ``[N]``; default ``2.5·ε/T`` per sample.
-        loss: ``"ce"`` or ``"margin"`` (see :mod:`robustkit.attacks.losses`).
+        loss: ``"ce"``, ``"margin"`` or ``"dlr"`` (see :mod:`robustkit.attacks.losses`).
         restarts: number of starts; each runs only on samples not yet broken. Without
             ``random_start`` all starts would be identical, so only one is run.
         targeted: ``y`` holds target classes and success means ``argmax = y``.
@@ -148,11 +148,13 @@ def with_restarts(
     generator: torch.Generator | None,
     start_noise: StartNoise | None,
     labels: Tensor | None = None,
+    aim: Tensor | None = None,
 ) -> AttackResult:
     """The clean point, then ``restarts`` starts, each on the samples nothing has broken yet.
 
     The model runs in :func:`attack_mode`; rows with ``ε = 0`` are never attacked. ``labels``:
     the true classes of a targeted attack (success = misclassified, see :class:`WorstCase`).
+    ``aim``: APGD-T's target classes, for the clean point's objective.
     """
     x = x.detach()
     worst = WorstCase(x, labels)
@@ -164,7 +166,7 @@ def with_restarts(
             worst.update(
                 everyone,
                 x,
-                adversarial_loss(logits, y, kind, targeted),
+                adversarial_loss(logits, y, kind, targeted, aim),
                 judge(logits, y, targeted, worst.truth(everyone)),
             )
         for restart in range(restarts):
@@ -255,18 +257,20 @@ def _run(
 
 
 def probe(model: nn.Module, x_cur: Tensor, y: Tensor, kind: str, targeted: bool, *,
-          gradient: bool, truth: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+          gradient: bool, truth: Tensor | None = None, aim: Tensor | None = None
+          ) -> tuple[Tensor, Tensor, Tensor]:
     """One pass at the iterates ``x_cur``: the objective ``L`` ``[n]``, the success flags ``[n]``
     (:func:`judge`) and ``∇L`` (an empty tensor when ``gradient`` is false: the forward-only
-    final check)."""
+    final check). ``aim``: APGD-T's target classes (see
+    :func:`~robustkit.attacks.losses.adversarial_loss`)."""
     if not gradient:
         with torch.no_grad():
             logits = model(x_cur)
-            value = objective(logits, y, kind, targeted)
+            value = objective(logits, y, kind, targeted, aim)
         return value, judge(logits, y, targeted, truth), x_cur.new_empty(0)
     x_in = x_cur.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model(x_in)
-        value = objective(logits, y, kind, targeted)
+        value = objective(logits, y, kind, targeted, aim)
     (grad,) = torch.autograd.grad(value.sum(), x_in)
     return value.detach(), judge(logits.detach(), y, targeted, truth), grad

@@ -210,6 +210,7 @@ def _summary_section(
             ),
             Table(target_hits),
         ]
+    blocks += [Text(note) for note in tables.unreliable_notes(runs)]
     if not cost.empty:
         blocks += [
             Text("Cost of each attack, summed over ε (per-sample input gradients)."),

@@ -16,6 +16,7 @@ else:  # pragma: no cover
 import numpy as np
 import pandas as pd
 
+from robustkit.checks import UNRELIABLE, unreliable_attacks
 from robustkit.reporting.load import RunData
 
 ANY = "any"
@@ -52,6 +53,7 @@ def accuracy_table(runs: list[RunData]) -> pd.DataFrame:
     eps_all = sorted({float(e) for run in runs for e in run.results["eps"]})
     for run in runs:
         frame = run.results
+        unreliable = unreliable_attacks(run.checks, run.settings, frame["attack"].unique())
         for model in frame["model"].unique():
             sub = frame[frame["model"] == model]
             for attack in _attack_order(sub):
@@ -72,7 +74,7 @@ def accuracy_table(runs: list[RunData]) -> pd.DataFrame:
                         float(r["accuracy"]),
                         float(r.get("ci_low", math.nan)),
                         float(r.get("ci_high", math.nan)),
-                    )
+                    ) + (f" {UNRELIABLE}" if attack in unreliable and eps > 0 else "")
                 rows.append(row)
     return pd.DataFrame(rows)
 
@@ -91,6 +93,19 @@ def target_hit_table(runs: list[RunData]) -> pd.DataFrame:
                 row[f"ε={fmt_eps(float(r['eps']))}"] = f"{float(r['target_hit']):.3f}"
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def unreliable_notes(runs: list[RunData]) -> list[str]:
+    """One line per run whose failing checks mark numbers of the accuracy table."""
+    notes = []
+    for run in runs:
+        marked = unreliable_attacks(run.checks, run.settings, run.results["attack"].unique())
+        if marked:
+            reasons = "; ".join(sorted(set(marked.values())))
+            notes.append(f"{run.name}: the numbers marked {UNRELIABLE} (attacks "
+                         f"{', '.join(sorted(marked))}) may overstate robustness: {reasons}; "
+                         "see Sanity checks.")
+    return notes
 
 
 def cost_table(runs: list[RunData]) -> pd.DataFrame:

@@ -1,0 +1,265 @@
+"""The Square attack (Andriushchenko et al., 2020): random search that needs no gradient.
+
+Square only reads the model's logits, so gradient masking (non-differentiable layers,
+saturated or noisy gradients) cannot hide a non-robust sample from it. With the margin
+``m(x') = z'_y − max_{j≠y} z'_j`` (:func:`~robustkit.attacks.losses.margin`) it keeps per sample
+the point ``x̂`` with the lowest margin found so far and, at each iteration ``i``, proposes
+
+    x_new = clip_[0,1](x + δ_new),   accepted iff m(x_new) < m(x̂) or argmax f(x_new) ≠ y
+
+where ``δ_new`` equals ``δ̂ = x̂ − x`` except on one random ``s × s`` square:
+
+* **L∞** (Algorithm 2): the square is set to ``±ε``, one random sign per channel; the start is
+  vertical stripes, ``δ⁽⁰⁾[c, :, j] = ±ε`` (one sign per channel and column).
+* **L2** (Algorithm 3): a second square ``W₂`` gives up its mass to the first, ``W₁``, which gets
+  ``η_s·(±1) + δ̂_{W₁}/‖δ̂_{W₁}‖`` per channel, rescaled to norm
+  ``√(max(ε² − ‖δ̂‖², 0)/c + ‖δ̂_{W₁∪W₂}‖²)``; ``δ̂_{W₂} := 0``; then ``δ_new`` is rescaled to
+  ``‖δ_new‖₂ = ε``. ``η_s`` (:func:`eta`) is a ``+/−`` pair of centred pyramids of weights
+  ``Σ_{k ≥ d} 1/(k+1)²`` (``d`` = distance to the centre in the max norm), unit norm, transposed
+  with probability ½; the start tiles the image with such patterns, rescaled to norm ``ε``.
+
+The square side is ``s = round(√(p·h·w))`` (at least 1 for L∞, at least 3 and odd for L2), with
+``p`` halved on the paper's schedule (:func:`square_fraction`) from ``p_init = 0.8``
+(AutoAttack's). A sample stops as soon as it is broken (per-sample early stop).
+
+``queries`` counts forward passes per sample, summed over samples, as ``grad_evals`` counts
+gradients: the start costs one, each iteration one per sample still being attacked; the
+forward pass at the clean point, shared by every attack, is not counted. So no sample uses more
+than ``budget`` queries. All randomness comes from ``noise(step, m)`` — ``m`` uniforms in
+``[0, 1)`` per sample of the batch for step ``step`` (``−1`` the start) — or, without it, from
+``generator``: with the same draws per sample the attack on a sample does not depend on the
+rest of its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from robustkit.attacks.base import AttackResult, as_eps, attack_mode, check_inputs, clip_box
+from robustkit.attacks.losses import check_logits, is_adversarial, margin
+from robustkit.attacks.norms import check_norm, row_norm
+from robustkit.attacks.pgd import check_count
+from robustkit.errors import RobustkitError
+
+#: ``noise(step, m)`` → ``[N, m]`` uniforms in [0, 1) for every sample of the batch ``x``.
+SquareNoise = Callable[[int, int], Tensor]
+
+#: AutoAttack's query budget and initial square fraction.
+DEFAULT_QUERIES = 5000
+DEFAULT_P_INIT = 0.8
+#: The schedule is written for 10 000 iterations; ``p`` halves each time ``i`` (rescaled to
+#: that length) passes one of these.
+HALVE_AFTER = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def square_fraction(p_init: float, i: int, budget: int) -> float:
+    """``p`` at iteration ``i`` of ``budget``: ``p_init / 2^k``, ``k`` = thresholds passed by
+    ``⌊10 000·i/budget⌋``."""
+    rescaled = int(i / budget * 10_000)
+    return p_init / 2 ** sum(rescaled > t for t in HALVE_AFTER)
+
+
+def square_side(p: float, h: int, w: int, norm: str) -> int:
+    """``s = round(√(p·h·w))``: at least 1 (L∞), or at least 3 and odd (L2); at most
+    ``min(h, w)``."""
+    s = round(math.sqrt(p * h * w))
+    if norm == "l2":
+        s = max(s, 3)
+        s += 1 - s % 2
+    return max(1, min(s, h, w))
+
+
+def eta(rows: int, cols: int, *, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The L2 proposal pattern ``[rows, cols]``: the top half a centred pyramid, the bottom half
+    its negative, unit Frobenius norm."""
+
+    def pyramid(r: int, c: int) -> Tensor:
+        depth = max(r // 2 + 1, c // 2 + 1)
+        weights = 1.0 / torch.arange(1, depth + 1, dtype=dtype, device=device) ** 2
+        tail = weights.flip(0).cumsum(0).flip(0)  # tail[d] = Σ_{k ≥ d} 1/(k+1)²
+        di = (torch.arange(r, device=device) - r // 2).abs()
+        dj = (torch.arange(c, device=device) - c // 2).abs()
+        block = tail[torch.maximum(di[:, None], dj[None, :])]
+        return block / block.norm()
+
+    half = rows // 2
+    parts = [pyramid(half, cols)] if half else []
+    pattern = torch.cat([*parts, -pyramid(rows - half, cols)])
+    return pattern / pattern.norm()
+
+
+def square(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float | Tensor,
+    norm: str = "linf",
+    budget: int = DEFAULT_QUERIES,
+    p_init: float = DEFAULT_P_INIT,
+    generator: torch.Generator | None = None,
+    noise: SquareNoise | None = None,
+) -> AttackResult:
+    """Square attack within ``‖x_adv − x‖ ≤ ε`` and ``x_adv ∈ [0, 1]``; ``y`` true labels.
+
+    Args:
+        budget: queries (forward passes) per sample, the start included.
+        p_init: initial fraction of the image a square covers, in ``(0, 1]``.
+        generator / noise: the source of randomness (see the module docstring).
+
+    Returns ``AttackResult`` with ``grad_evals = 0`` and ``queries`` the forward passes spent;
+    ``x_adv`` is each sample's first adversarial point, else its lowest-margin point.
+    """
+    check_inputs(x, y)
+    norm = check_norm(norm)
+    eps_t = as_eps(eps, x, norm)
+    check_count(budget, "budget", minimum=1)
+    if not 0 < p_init <= 1:
+        raise RobustkitError(f"p_init must lie in (0, 1], got {p_init}")
+    draw = noise if noise is not None else _generator_noise(len(x), x, generator)
+    x = x.detach()
+    n, c, h, w = x.shape
+    with attack_mode(model), torch.no_grad():
+        logits = model(x)
+        check_logits(logits, y)
+        x_best, m_best = x.clone(), margin(logits, y)
+        success = is_adversarial(logits, y)
+        idx = (~success & (eps_t.view(-1) > 0)).nonzero().squeeze(1)
+        start = _start(x[idx], eps_t[idx], norm, _uniforms(draw, -1, c * w + c * 25 + 1, n, idx, x))
+        queries = _offer(model, x_best, m_best, success, idx, start, y)
+        for i in range(1, budget):
+            idx = idx[~success[idx]]
+            if idx.numel() == 0:
+                break
+            s = square_side(square_fraction(p_init, i - 1, budget), h, w, norm)
+            u = _uniforms(draw, i, c + 5, n, idx, x)
+            x_i = x[idx]
+            if norm == "linf":
+                proposal = _linf_proposal(x_i, x_best[idx], eps_t[idx], s, u)
+            else:
+                proposal = _l2_proposal(x_i, x_best[idx], eps_t[idx], s, u)
+            queries += _offer(model, x_best, m_best, success, idx, proposal, y)
+    return AttackResult(x_adv=x_best, success=success, grad_evals=0, queries=queries)
+
+
+def _offer(model: nn.Module, x_best: Tensor, m_best: Tensor, success: Tensor, idx: Tensor,
+           x_new: Tensor, y: Tensor) -> int:
+    """Query the model at ``x_new`` (samples ``idx``); keep it where the margin fell or the
+    sample broke. Returns the queries spent."""
+    if idx.numel() == 0:
+        return 0
+    logits = model(x_new)
+    m_new = margin(logits, y[idx])
+    adv = is_adversarial(logits, y[idx])
+    accept = (m_new < m_best[idx]) | adv
+    x_best[idx] = torch.where(accept.view(-1, 1, 1, 1), x_new, x_best[idx])
+    m_best[idx] = torch.where(accept, m_new, m_best[idx])
+    success[idx] |= adv
+    return int(idx.numel())
+
+
+def _generator_noise(n: int, x: Tensor, generator: torch.Generator | None) -> SquareNoise:
+    def draw(step: int, m: int) -> Tensor:
+        device = generator.device if generator is not None else x.device
+        return torch.rand((n, m), generator=generator, device=device, dtype=torch.float64)
+
+    return draw
+
+
+def _uniforms(draw: SquareNoise, step: int, m: int, n: int, idx: Tensor, x: Tensor) -> Tensor:
+    u = draw(step, m)
+    if not isinstance(u, Tensor) or u.shape != (n, m):
+        raise RobustkitError(f"noise({step}, {m}) must return a tensor of shape [{n}, {m}], got "
+                             f"{list(u.shape) if isinstance(u, Tensor) else type(u).__name__}")
+    return u.to(device=x.device)[idx]
+
+
+def _signs(u: Tensor) -> Tensor:
+    """±1 from uniforms: −1 below ½, +1 from ½ on."""
+    return torch.where(u < 0.5, -1.0, 1.0)
+
+
+def _corner(u: Tensor, side: int, s: int) -> Tensor:
+    """A uniform top-left corner in ``{0, …, side − s}`` from uniforms ``u``."""
+    return (u * (side - s + 1)).floor().long().clamp(max=side - s)
+
+
+def _window(top: Tensor, left: Tensor, s: int, h: int, w: int) -> Tensor:
+    """``[k, 1, h, w]`` bool mask of the ``s × s`` square at (``top``, ``left``) per sample."""
+    rows = torch.arange(h, device=top.device)
+    cols = torch.arange(w, device=top.device)
+    in_rows = (rows[None] >= top[:, None]) & (rows[None] < top[:, None] + s)
+    in_cols = (cols[None] >= left[:, None]) & (cols[None] < left[:, None] + s)
+    return (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)
+
+
+def _start(x: Tensor, eps: Tensor, norm: str, u: Tensor) -> Tensor:
+    """The starting point: stripes of ``±ε`` (L∞) or tiled ``η`` patterns of norm ``ε`` (L2)."""
+    k, c, h, w = x.shape
+    if norm == "linf":
+        stripes = _signs(u[:, : c * w]).to(x.dtype).view(k, c, 1, w)
+        return clip_box(x + eps * stripes, x)
+    s = max(h // 5, 1)
+    first = (h - 5 * s) // 2
+    delta = torch.zeros_like(x)
+    signs = _signs(u[:, c * w: c * w + c * 25]).to(x.dtype).view(k, c, 25)
+    tile = eta(s, s, dtype=x.dtype, device=x.device)
+    for a in range(min(h // s, 5)):
+        for b in range(min(w // s, 5)):
+            top, left = first + a * s, first + b * s
+            if top + s <= h and left + s <= w:
+                delta[:, :, top:top + s, left:left + s] += (
+                    tile * signs[:, :, a * 5 + b, None, None])
+    return clip_box(x + eps * _unit(delta), x)
+
+
+def _unit(delta: Tensor) -> Tensor:
+    norms = row_norm(delta)
+    return torch.where(norms > 0, delta / norms.clamp_min(1e-12), delta)
+
+
+def _linf_proposal(x: Tensor, x_hat: Tensor, eps: Tensor, s: int, u: Tensor) -> Tensor:
+    """Algorithm 2: ``δ̂`` with one ``s × s`` square set to ``±ε`` (a sign per channel).
+
+    A proposal equal to ``x̂`` would waste a query; there the signs are flipped, which always
+    changes the square when ``ε > 0`` (the authors' code redraws the signs instead).
+    """
+    k, c, h, w = x.shape
+    mask = _window(_corner(u[:, 0], h, s), _corner(u[:, 1], w, s), s, h, w)
+    signs = _signs(u[:, 5:5 + c]).to(x.dtype).view(k, c, 1, 1)
+    proposal = clip_box(x + torch.where(mask, eps * signs, x_hat - x), x)
+    same = (proposal == x_hat).flatten(1).all(dim=1).view(k, 1, 1, 1)
+    flipped = clip_box(x + torch.where(mask, -eps * signs, x_hat - x), x)
+    return torch.where(same, flipped, proposal)
+
+
+def _l2_proposal(x: Tensor, x_hat: Tensor, eps: Tensor, s: int, u: Tensor) -> Tensor:
+    """Algorithm 3: square ``W₂`` gives its mass to square ``W₁``; the result has norm ``ε``."""
+    k, c, h, w = x.shape
+    delta = x_hat - x
+    top1, left1 = _corner(u[:, 0], h, s), _corner(u[:, 1], w, s)
+    w1 = _window(top1, left1, s, h, w)
+    w2 = _window(_corner(u[:, 2], h, s), _corner(u[:, 3], w, s), s, h, w)
+    budget_left = (eps.view(-1) ** 2 - row_norm(delta).view(-1) ** 2).clamp_min(0)
+    union = row_norm(delta * (w1 | w2)).view(-1)
+    target = torch.sqrt(budget_left / c + union**2).view(k, 1, 1, 1)
+
+    rows = top1[:, None] + torch.arange(s, device=x.device)  # [k, s]
+    cols = left1[:, None] + torch.arange(s, device=x.device)
+    b = torch.arange(k, device=x.device)[:, None, None, None]
+    ch = torch.arange(c, device=x.device)[None, :, None, None]
+    old = delta[b, ch, rows[:, None, :, None], cols[:, None, None, :]]  # [k, c, s, s]
+    old_norm = old.flatten(2).norm(dim=2)[:, :, None, None]
+    pattern = eta(s, s, dtype=x.dtype, device=x.device)
+    patterns = torch.where((u[:, 4] < 0.5).view(k, 1, 1), pattern, pattern.T)
+    signs = _signs(u[:, 5:5 + c]).to(x.dtype).view(k, c, 1, 1)
+    new = patterns[:, None] * signs + old / (old_norm + 1e-12)
+    new = new / new.flatten(2).norm(dim=2)[:, :, None, None] * target
+
+    delta = torch.where(w2, torch.zeros_like(delta), delta)
+    delta[b, ch, rows[:, None, :, None], cols[:, None, None, :]] = new
+    return clip_box(x + eps * _unit(delta), x)
