@@ -151,7 +151,8 @@ def check_monotone(results: pd.DataFrame, fail_above: float = 0.02) -> Check:
 def check_iterative_stronger(
     results: pd.DataFrame, settings: dict[str, Any], fail_above: float = 0.02
 ) -> Check:
-    """An iterative attack (PGD, APGD) must be at least as strong as FGSM at every ε.
+    """An iterative attack (PGD, APGD, APGD-T, the ensemble) must be at least as strong as FGSM
+    at every ε.
 
     Value: the largest ``acc(PGD) − acc(FGSM)`` over ε and comparable pairs (same model, norm and
     targeting); positive means PGD missed examples that one gradient step found.
@@ -165,7 +166,7 @@ def check_iterative_stronger(
             for t, n in frame.groupby("attack", sort=False)["norm"].first().items()
         }
         singles = [t for t, k in kinds.items() if k[0] == "fgsm"]
-        iteratives = [t for t, k in kinds.items() if k[0] in ITERATIVE]
+        iteratives = [t for t, k in kinds.items() if k[0] in (*ITERATIVE, "apgd-t", "autoattack")]
         for f in singles:
             for p in iteratives:
                 if kinds[f][1:] != kinds[p][1:]:

@@ -548,3 +548,18 @@ def test_cli_attack_names_and_presets() -> None:
         titles("autoattack", loss="margin")
     with pytest.raises(RobustkitError, match=r"unknown attack 'fab'.*preset \(standard"):
         titles("fab")
+
+
+def test_fgsm_is_compared_with_the_ensemble() -> None:
+    import pandas as pd
+
+    from robustkit.checks import check_iterative_stronger
+
+    results = pd.DataFrame({"model": "m", "attack": ["fgsm", "fgsm", "autoattack", "autoattack"],
+                            "norm": "linf", "eps": [0.0, 0.1, 0.0, 0.1],
+                            "accuracy": [0.9, 0.5, 0.9, 0.6]})
+    settings = {"attacks": [{"name": "fgsm"}, {"name": "autoattack"}]}
+    check = check_iterative_stronger(results, settings)
+    assert check.status == "fail" and check.value == pytest.approx(0.1)
+    results.loc[3, "accuracy"] = 0.4
+    assert check_iterative_stronger(results, settings).status == "pass"

@@ -131,18 +131,33 @@ def square(
         idx = (~success & (eps_t.view(-1) > 0)).nonzero().squeeze(1)
         start = _start(x[idx], eps_t[idx], norm, _uniforms(draw, -1, c * w + c * 25 + 1, n, idx, x))
         queries = _offer(model, x_best, m_best, success, idx, start, y)
+        # the samples still being attacked, as contiguous tensors: idx, their x, x̂, margin,
+        # label and ε; a sample leaves (its x̂ written back) as soon as it breaks
+        idx = idx[~success[idx]]
+        state = [idx, x[idx], x_best[idx], m_best[idx], y[idx], eps_t[idx]]
         for i in range(1, budget):
-            idx = idx[~success[idx]]
+            idx, x_i, x_hat, m_hat, y_i, eps_i = state
             if idx.numel() == 0:
                 break
             s = square_side(square_fraction(p_init, i - 1, budget), h, w, norm)
             u = _uniforms(draw, i, c + 5, n, idx, x)
-            x_i = x[idx]
             if norm == "linf":
-                proposal = _linf_proposal(x_i, x_best[idx], eps_t[idx], s, u)
+                proposal = _linf_proposal(x_i, x_hat, eps_i, s, u)
             else:
-                proposal = _l2_proposal(x_i, x_best[idx], eps_t[idx], s, u)
-            queries += _offer(model, x_best, m_best, success, idx, proposal, y)
+                proposal = _l2_proposal(x_i, x_hat, eps_i, s, u)
+            logits = model(proposal)
+            queries += int(idx.numel())
+            m_new = margin(logits, y_i)
+            adv = is_adversarial(logits, y_i)
+            accept = (m_new < m_hat) | adv
+            state[2] = torch.where(accept.view(-1, 1, 1, 1), proposal, x_hat)
+            state[3] = torch.where(accept, m_new, m_hat)
+            if bool(adv.any()):
+                x_best[idx[adv]], m_best[idx[adv]] = state[2][adv], state[3][adv]
+                success[idx[adv]] = True
+                state = [v[~adv] for v in state]
+        idx, _, x_hat, m_hat, _, _ = state
+        x_best[idx], m_best[idx] = x_hat, m_hat
     return AttackResult(x_adv=x_best, success=success, grad_evals=0, queries=queries)
 
 
@@ -231,10 +246,13 @@ def _linf_proposal(x: Tensor, x_hat: Tensor, eps: Tensor, s: int, u: Tensor) -> 
     k, c, h, w = x.shape
     mask = _window(_corner(u[:, 0], h, s), _corner(u[:, 1], w, s), s, h, w)
     signs = _signs(u[:, 5:5 + c]).to(x.dtype).view(k, c, 1, 1)
-    proposal = clip_box(x + torch.where(mask, eps * signs, x_hat - x), x)
-    same = (proposal == x_hat).flatten(1).all(dim=1).view(k, 1, 1, 1)
-    flipped = clip_box(x + torch.where(mask, -eps * signs, x_hat - x), x)
-    return torch.where(same, flipped, proposal)
+    proposal = torch.where(mask, clip_box(x + eps * signs, x), x_hat)  # x̂ is in the box
+    same = (proposal == x_hat).flatten(1).all(dim=1).nonzero().squeeze(1)
+    if same.numel():
+        x_s = x[same]
+        flipped = clip_box(x_s - eps[same] * signs[same], x_s)
+        proposal[same] = torch.where(mask[same], flipped, x_hat[same])
+    return proposal
 
 
 def _l2_proposal(x: Tensor, x_hat: Tensor, eps: Tensor, s: int, u: Tensor) -> Tensor:
