@@ -18,7 +18,7 @@ saves the same figures (with every disagreeing index) as JSON.
     python benchmarks/autoattack_compare.py --checkpoint runs/mlp_at/model-best.safetensors \\
         --eps 0.1 --n 1000
     python benchmarks/autoattack_compare.py \\
-        --checkpoint runs/mnist_cnn_pgd_at/model-best.safetensors \\
+        --checkpoint runs/mnist_cnn_pgd_at/seed-0/model-best.safetensors \\
         --eps 0.3 --device cuda --json logs/aa_pgd_at.json
 """
 
