@@ -45,7 +45,7 @@ from robustkit.attacks import (
 from robustkit.config import AttackConfig, config_from_dict
 from robustkit.data import Split
 from robustkit.errors import RobustkitError
-from robustkit.models.loading import BATCH_TOLERANCE, batch_dependent
+from robustkit.models.loading import BATCH_TOLERANCE, batch_dependent, same_size_batches
 
 Status = Literal["pass", "warn", "fail"]
 STATUSES: tuple[Status, ...] = ("pass", "warn", "fail")
@@ -677,8 +677,9 @@ def check_deterministic(
 
 
 def check_batch_independent(model: nn.Module, x: Tensor, k: int | None = None) -> Check:
-    """A sample's output must not depend on the rest of its batch: ``model(x)[:k]`` against
-    ``model(x[:k])`` in eval mode.
+    """A sample's output must not depend on the rest of its batch: the logits of ``x[:k]`` in
+    two eval-mode batches of ``len(x)`` images that differ after position ``k``
+    (:func:`~robustkit.models.loading.same_size_batches`).
 
     A model that normalises with batch statistics (BatchNorm in a ``torch.export`` program or
     traced TorchScript saved in train mode, where ``eval()`` changes nothing) predicts
@@ -687,21 +688,22 @@ def check_batch_independent(model: nn.Module, x: Tensor, k: int | None = None) -
     difference; beyond float noise (``1e-4·max(1, |z|)``) or a changed prediction fails.
     """
     k = max(1, len(x) // 4) if k is None else k
-    with attack_mode(model), torch.no_grad():
-        whole, part = model(x)[:k], model(x[:k])
+    with attack_mode(model):
+        whole, part = same_size_batches(model, x, k)
     diff = float((whole.double() - part.double()).abs().max())
     changed = int((whole.argmax(1) != part.argmax(1)).sum())
     threshold = f"max |Δ| ≤ {BATCH_TOLERANCE:g}·max(1, |z|), no prediction changes"
     if batch_dependent(whole, part):
         return Check(
             "batch_independent", "fail", diff, threshold,
-            f"the first {k} samples' outputs differ by up to {diff:.3g} between a batch of "
-            f"{len(x)} and one of {k}, and {changed} predictions change: the model uses batch "
-            "statistics (train-mode BatchNorm?); every figure depends on the batch, export "
+            f"the first {k} samples' outputs differ by up to {diff:.3g} between two batches "
+            f"of {len(x)} that differ elsewhere, and {changed} predictions change: the model "
+            "uses batch statistics (train-mode BatchNorm?); every figure depends on the batch, "
+            "export "
             "the model after model.eval()",
         )
     return Check("batch_independent", "pass", diff, threshold,
-                 f"the first {k} samples agree in batches of {len(x)} and of {k}")
+                 f"the first {k} samples agree in two batches of {len(x)} that differ elsewhere")
 
 
 # --------------------------------------------------------------------------- all together

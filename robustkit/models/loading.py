@@ -271,8 +271,25 @@ def _forward(model: nn.Module, x: Tensor) -> Any:
 
 
 #: How far a sample's logits may move when the rest of its batch changes, relative to
-#: max(1, |z|): batch-size-dependent kernels change only the last bits.
+#: max(1, |z|). Both batches have the same size, so the same kernels run on both.
 BATCH_TOLERANCE = 1e-4
+
+
+def same_size_batches(model: nn.Module, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The logits of ``x[:k]`` in two batches of ``len(x)`` images that differ only after
+    position ``k`` (there, ``1 − x``): ``(model(x)[:k], model([x[:k]; 1 − x[k:]])[:k])``.
+
+    A model that normalises with batch statistics gives different logits; one that does not
+    gives the same up to float noise. Equal batch sizes matter: GPU libraries pick kernels by
+    batch size (TF32 convolutions on an H200 move logits by ~2e-3 between batches of 200 and
+    50), which a comparison of ``model(x)[:k]`` with ``model(x[:k])`` would mistake for batch
+    statistics."""
+    if not 0 < k < len(x):
+        raise ValueError(f"need 0 < k < len(x), got k = {k} for {len(x)} images")
+    with torch.no_grad():
+        first = model(x)
+        second = model(torch.cat([x[:k], 1 - x[k:]]))
+    return first[:k], second[:k]
 
 
 def batch_dependent(in_batch: Tensor, alone: Tensor) -> bool:
@@ -302,14 +319,10 @@ def check_logits(model: nn.Module, x: Tensor, num_classes: int) -> None:
         )
     if not torch.isfinite(out).all():
         raise RobustkitError("the model returns non-finite outputs (nan or inf) on clean images")
-    if isinstance(part, Tensor) and part.shape == out[:3].shape and batch_dependent(out[:3], part):
-        raise RobustkitError(
-            "the model's outputs for the same images change with the other images in the batch "
-            f"(up to {float((out[:3] - part).abs().max()):.3g} between a batch of {len(x)} and "
-            "of 3): it normalises with batch statistics (BatchNorm saved in train mode in a "
-            "torch.export or TorchScript file, where eval() changes nothing), so every number "
-            "would depend on the batch; export the model after model.eval()"
-        )
+    if isinstance(part, Tensor) and part.shape == out[:3].shape and len(x) > 3:
+        in_batch, swapped = same_size_batches(model, x, 3)
+        if batch_dependent(in_batch, swapped):
+            _refuse_batch_statistics(float((in_batch - swapped).abs().max()), len(x))
     sums = out.sum(dim=1)
     if bool((out >= 0).all() and (out <= 1).all() and torch.allclose(sums, torch.ones_like(sums),
                                                                       atol=1e-3)):
@@ -317,3 +330,13 @@ def check_logits(model: nn.Module, x: Tensor, num_classes: int) -> None:
             "the model returns probabilities (rows in [0, 1] summing to 1), not logits: remove "
             "the final softmax; attacks on probabilities mask gradients and overstate robustness"
         )
+
+
+def _refuse_batch_statistics(diff: float, n: int) -> None:
+    raise RobustkitError(
+        "the model's outputs for the same images change with the other images in the batch "
+        f"(up to {diff:.3g} between two batches of {n} that share their first 3 images): it "
+        "normalises with batch statistics (BatchNorm saved in train mode in a torch.export or "
+        "TorchScript file, where eval() changes nothing), so every number would depend on the "
+        "batch; export the model after model.eval()"
+    )
