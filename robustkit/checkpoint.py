@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from robustkit.errors import RobustkitError
-from robustkit.models.zoo import build_model
+from robustkit.models.factory import build_network
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".bin", ".ckpt"}
 
@@ -143,7 +143,7 @@ def load_checkpoint(stem: Path | str, device: torch.device | str = "cpu"
         load_tensors(stem)  # raises the pickle refusal
     weights, _ = checkpoint_paths(stem)
     info = read_sidecar(stem)
-    model = build_model(str(info.get("arch")), int(info.get("num_classes", 10)))
+    model = build_network(info, int(info.get("num_classes", 10)))
     state = load_tensors(weights, device)
     try:
         model.load_state_dict(state)

@@ -37,6 +37,20 @@ DeviceOption = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option("--device", help="auto, cpu, cuda or cuda:N (default: the config's, else auto)."),
 ]
+DataOption = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--data", help="mnist, fashion-mnist, cifar10, svhn, …, a .npz/.safetensors file "
+                 "or an image folder (class_name/*.png)."),
+]
+ResizeOption = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--resize", help="Resize images to H,W (or S for S×S); default: keep sizes."),
+]
+AppDirOption = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option("--app-dir", help="Folder to import package.module:factory from (searched "
+                 "before the current folder)."),
+]
 DataDirOption = Annotated[
     Optional[Path],  # noqa: UP045
     typer.Option("--data-dir", help="Folder holding the IDX files (else $ROBUSTKIT_DATA, cache)."),
@@ -74,6 +88,9 @@ def train(
     config: Annotated[Path, typer.Argument(help="Experiment TOML file (see experiments/).")],
     set_: SetOption = None,
     device: DeviceOption = None,
+    data_source: DataOption = None,
+    resize: ResizeOption = None,
+    app_dir: AppDirOption = None,
     data_dir: DataDirOption = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default runs/NAME).")] = None,  # noqa: E501, UP045
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore a resume state in the output folder.")] = False,  # noqa: E501
@@ -84,10 +101,7 @@ def train(
     from robustkit.config import load_config
     from robustkit.training import train as train_model
 
-    overrides = list(set_ or [])
-    if data_dir is not None:
-        overrides.append(f"data.dir={str(data_dir)!r}")
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, _data_overrides(set_, data_dir, data_source, resize, app_dir))
     folder = out_dir or Path("runs") / cfg.name
     _check_out(folder, "--out")
     target_device, dist = distributed.setup(device or cfg.device)
@@ -107,6 +121,37 @@ def train(
                   f"(epoch {int(best['epoch'].iloc[0])}) at {result.best}.safetensors")
         for note in result.warnings:
             err.print(f"warning: {note}")
+
+
+def _data_overrides(set_: list[str] | None, data_dir: Path | None, data_source: str | None,
+                    resize: str | None, app_dir: Path | None) -> list[str]:
+    """--set overrides plus the data options (--data-dir, --data, --resize); --app-dir goes
+    onto the import path."""
+    import json
+
+    overrides = list(set_ or [])
+    if data_dir is not None:
+        overrides.append(f"data.dir={json.dumps(str(data_dir))}")
+    if data_source is not None:
+        overrides.append(f"data.source={json.dumps(data_source)}")
+    if resize is not None:
+        overrides.append(f"data.resize={_resize(resize)}")
+    if app_dir is not None:
+        from robustkit.models.factory import add_app_dir
+
+        add_app_dir(app_dir)
+    return overrides
+
+
+def _resize(text: str) -> list[int]:
+    try:
+        size = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        size = []
+    if len(size) not in (1, 2) or min(size) < 1:
+        raise RobustkitError(f"--resize {text!r}: expected H,W or S (positive pixel counts), "
+                             "e.g. 32,32")
+    return size
 
 
 def _best_epoch(stem: Path) -> int:
@@ -229,7 +274,10 @@ def attack(
     n: Annotated[Optional[int], typer.Option("--n", help="Evaluate the first N test images.")] = None,  # noqa: E501, UP045
     batch_size: Annotated[int, typer.Option("--batch-size")] = 1000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random starts.")] = 0,
-    dataset: Annotated[str, typer.Option("--dataset", help="mnist or fashion-mnist.")] = "mnist",
+    dataset: Annotated[str, typer.Option("--dataset", help="mnist or fashion-mnist (see --data).")] = "mnist",  # noqa: E501
+    data_source: DataOption = None,
+    resize: ResizeOption = None,
+    app_dir: AppDirOption = None,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="State dict for a factory model.")] = None,  # noqa: E501, UP045
     normalize: Annotated[Optional[str], typer.Option("--normalize", help="MEAN,STD the model expects.")] = None,  # noqa: E501, UP045
     device: DeviceOption = None,
@@ -255,7 +303,8 @@ def attack(
                   "again to resume the sweep")
     attack_model(
         model=model, attacks=attacks, eps=eps_values, n=n, batch_size=batch_size, seed=seed,
-        dataset=dataset, weights=weights, normalize=normalize, device=device, data_dir=data_dir,
+        dataset=dataset, data_source=data_source, resize=_resize(resize) if resize else None,
+        app_dir=app_dir, weights=weights, normalize=normalize, device=device, data_dir=data_dir,
         out_dir=out_dir, overwrite=overwrite, progress=not quiet, echo=out.print, log=_log,
         trust_model_file=trust_model_file,
     )
@@ -266,6 +315,9 @@ def run(
     config: Annotated[Path, typer.Argument(help="Experiment TOML file (see experiments/).")],
     set_: SetOption = None,
     device: DeviceOption = None,
+    data_source: DataOption = None,
+    resize: ResizeOption = None,
+    app_dir: AppDirOption = None,
     data_dir: DataDirOption = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default reports/NAME).")] = None,  # noqa: E501, UP045
     runs_dir: Annotated[Path, typer.Option("--runs", help="Checkpoint folder.")] = Path("runs"),
@@ -277,9 +329,7 @@ def run(
     from robustkit.config import load_config
     from robustkit.pipeline import run_experiment
 
-    overrides = list(set_ or [])
-    if data_dir is not None:
-        overrides.append(f"data.dir={str(data_dir)!r}")
+    overrides = _data_overrides(set_, data_dir, data_source, resize, app_dir)
     cfg = load_config(config, overrides)
     folder = out_dir or Path("reports") / cfg.name
     _check_out(folder, "--out")

@@ -47,6 +47,11 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 @dataclass(frozen=True)
 class DataConfig:
     dataset: Literal["mnist", "fashion-mnist"] = "mnist"
+    # any other data (robustkit.sources): a torchvision name (cifar10, svhn, ...), a .npz or
+    # .safetensors file, or an image folder; replaces `dataset` when set
+    source: str | None = None
+    # resize every image to [H, W] (or [S] for S×S); images keep their size when unset
+    resize: tuple[int, ...] | None = field(default=None, metadata=_range(1))
     dir: str | None = None
     val_size: int = field(default=5000, metadata=_range(0, 59_999))
     split_seed: int = field(default=0, metadata=_range(0, SEED_MAX))
@@ -55,6 +60,11 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     arch: Literal["softmax", "mlp", "cnn", "madry-cnn", "strided-cnn"] = "mlp"
+    # your own network: "package.module:function" (or a class) called with `args` as keyword
+    # arguments, imported from app_dir, then the current folder; arch is then not used
+    factory: str | None = None
+    args: dict[str, Any] | None = None
+    app_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -348,10 +358,21 @@ def _check_consistency(config: ExperimentConfig) -> None:
         _fail("evaluate.eps", "needs at least one budget above 0 (0 alone is clean accuracy "
               "only), e.g. [0, 0.1, 0.2, 0.3]")
     upper = 1.0 if all(a.norm == "linf" for a in config.attacks) else 28.0
+    if config.data.source is not None and upper > 1:
+        upper = math.inf  # L2's bound √d depends on the image size: checked once data is loaded
+    if config.data.resize is not None and len(config.data.resize) not in (1, 2):
+        _fail("data.resize", f"{list(config.data.resize)}: give [H, W] or [S]")
     for i, eps in enumerate(config.evaluate.eps):
         if not 0.0 <= eps <= upper:
             _fail(f"evaluate.eps[{i}]", f"{eps} is out of range: ε is in [0, {upper:g}] pixel "
                   "units (L∞ budgets are at most 1; L2 budgets at most √784 = 28)")
+    model = config.model
+    if model.factory is not None and (":" not in model.factory or model.factory.startswith(":")
+                                      or model.factory.endswith(":")):
+        _fail("model.factory", f"{model.factory!r}: expected \"package.module:function\"")
+    if model.factory is None and (model.args is not None or model.app_dir is not None):
+        _fail("model.args" if model.args is not None else "model.app_dir",
+              "only used with model.factory = \"package.module:function\"")
     if config.seeds is not None and len(config.seeds) == 0:
         _fail("seeds", "must list at least one seed, or be left out")
     if config.seeds is not None and len(set(config.seeds)) != len(config.seeds):

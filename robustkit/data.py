@@ -26,7 +26,7 @@ import math
 import os
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -242,11 +242,26 @@ class Dataset:
     val: Split
     test: Split
     source: Path
+    # where the data came from, for reports: kind, source, files' checksums
+    provenance: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def in_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        images = self.test.images if len(self.test) else self.train.images
+        c, h, w = (int(v) for v in images.shape[1:])
+        return c, h, w
 
 
-def load_split_files(located: Located, spec: DatasetSpec) -> dict[str, np.ndarray]:
+def empty_split(like: Split) -> Split:
+    """A split of no samples with ``like``'s image shape, dtype and device."""
+    return Split(like.images[:0], like.labels[:0])
+
+
+def load_split_files(located: Located, spec: DatasetSpec,
+                     keys: tuple[str, ...] = FILE_KEYS) -> dict[str, np.ndarray]:
     arrays = {}
-    for key in FILE_KEYS:
+    for key in keys:
         path = located.files[key]
         content = read_bytes(path)
         check_md5(path, content, spec.raw_md5[key])
@@ -289,9 +304,12 @@ def find_dataset_files(
                 "or leave out --data-dir to use the default locations"
             )
         found = explicit
-    for located in found:
-        if located.complete:
+    complete = [f for f in found if f.complete]
+    for located in complete:
+        if len(complete) == 1 or _is_this_dataset(located, spec):
             return located
+    if complete:  # none holds this data set: the first one's checksum error says so
+        return complete[0]
     if found:
         partial = found[0]
         missing = [FILE_NAMES[k] + ".gz" for k in FILE_KEYS if k not in partial.files]
@@ -305,6 +323,13 @@ def find_dataset_files(
             f"copy them into one of these folders, set {DATA_ENV}, or allow a download"
         )
     return _download(spec)
+
+
+def _is_this_dataset(located: Located, spec: DatasetSpec) -> bool:
+    """Whether the folder's test labels (10 kB) are this data set's: MNIST and Fashion-MNIST
+    share file names, so a flat folder of one must not be taken for the other."""
+    path = located.files["test_labels"]
+    return hashlib.md5(read_bytes(path)).hexdigest() == spec.raw_md5["test_labels"]
 
 
 def validation_indices(n_train: int, val_size: int, split_seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -329,13 +354,22 @@ def load_dataset(
     val_size: int = 5000,
     split_seed: int = 0,
     download: bool = True,
+    parts: tuple[str, ...] = ("train", "test"),
 ) -> Dataset:
-    """Load a data set as whole tensors on ``device``, checksums verified."""
+    """Load a data set as whole tensors on ``device``, checksums verified.
+
+    ``parts=("test",)`` reads only the test files (``robustkit attack``); train and validation
+    are then empty.
+    """
     spec = dataset_spec(name)
     located = find_dataset_files(name, data_dir, download=download)
-    arrays = load_split_files(located, spec)
+    keys = tuple(f"{part}_{kind}" for part in parts for kind in ("images", "labels"))
+    arrays = load_split_files(located, spec, keys)
+    provenance = {"data_source": f"{name} ({located.folder})",
+                  "data_checksum": "md5 of " + ", ".join(
+                      FILE_NAMES[k] for k in keys) + " match the canonical files"}
     splits = {}
-    for part in ("train", "test"):
+    for part in parts:
         images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
         if images.ndim != 3 or images.shape[0] != labels.shape[0]:
             raise RobustkitError(
@@ -345,11 +379,22 @@ def load_dataset(
         x = torch.from_numpy(images.copy()).to(device).unsqueeze(1).float().div_(255.0)
         y = torch.from_numpy(labels.astype(np.int64)).to(device)
         splits[part] = Split(x, y)
-    train_idx, val_idx = validation_indices(len(splits["train"]), val_size, split_seed)
-    full = splits["train"]
+    if "train" not in splits:
+        nothing = empty_split(splits["test"])
+        return Dataset(spec.name, spec.classes, nothing, nothing, splits["test"], located.folder,
+                       provenance)
+    train, val = split_validation(splits["train"], val_size, split_seed)
+    return Dataset(spec.name, spec.classes, train, val, splits["test"], located.folder,
+                   provenance)
+
+
+def split_validation(full: Split, val_size: int, split_seed: int = 0) -> tuple[Split, Split]:
+    """(train, validation) by :func:`validation_indices`."""
+    device = full.images.device
+    train_idx, val_idx = validation_indices(len(full), val_size, split_seed)
     train = Split(full.images[train_idx.to(device)], full.labels[train_idx.to(device)])
     val = Split(full.images[val_idx.to(device)], full.labels[val_idx.to(device)])
-    return Dataset(spec.name, spec.classes, train, val, splits["test"], located.folder)
+    return train, val
 
 
 def batches(

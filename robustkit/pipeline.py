@@ -13,7 +13,7 @@ from typing import Any
 
 from robustkit import distributed
 from robustkit.config import SEED_MAX, AttackConfig, ReferenceConfig, to_dict
-from robustkit.data import load_dataset
+from robustkit.data import DATASETS
 from robustkit.distributed import Context
 from robustkit.errors import RobustkitError
 from robustkit.evaluation import Evaluation
@@ -21,6 +21,7 @@ from robustkit.models import check_logits, load_model, parse_normalize
 from robustkit.released import WEIGHTS_STEM, ZOO_PREFIX, release_weights, weights_provenance
 from robustkit.runs import evaluate_to_folder
 from robustkit.runtime import now_iso, provenance
+from robustkit.sources import load_configured, load_data
 
 
 def model_name(spec: str) -> str:
@@ -73,6 +74,9 @@ def attack_model(
     batch_size: int = 1000,
     seed: int = 0,
     dataset: str = "mnist",
+    data_source: str | None = None,
+    resize: Sequence[int] | None = None,
+    app_dir: Path | None = None,
     weights: Path | None = None,
     normalize: str | None = None,
     device: str | None = None,
@@ -109,20 +113,23 @@ def attack_model(
         echo = log = _silent
     stats = parse_normalize(normalize) if normalize else None
     net, info = load_model(model, weights=weights, device=target, normalize=stats,
-                           trust=trust_model_file)
-    data = distributed.local_first(lambda: load_dataset(dataset, data_dir, target, val_size=0),
-                                   dist)  # one download per node at most
+                           trust=trust_model_file, app_dir=app_dir)
+    data = distributed.local_first(lambda: load_data(
+        data_source, dataset=dataset, data_dir=data_dir, device=target, val_size=0,
+        parts=("test",), resize=resize), dist)  # the test split only; one download per node
     split = data.test.take(n)
     check_logits(net, split.images[:8], len(data.classes))
     name = model_name(model)
     folder = out_dir or Path("runs") / f"attack-{name}"
     settings = {
         "model": info["model"], "model_kind": info["kind"], "weights": str(weights or ""),
-        "normalize": normalize or "", "dataset": dataset, "split": "test", "n": len(split),
+        "normalize": normalize or "", "dataset": data.name, "split": "test", "n": len(split),
         "eps": sorted(set(eps)), "attacks": [to_dict(a) for a in attacks], "seed": seed,
         "device": str(target), "batch_size": batch_size,
     }
+    settings.update(_data_settings(data))
     manifest = {"command": "attack", "start": now_iso(), **provenance(target, seed),
+                **_data_provenance(data, split),
                 "model_info": {k: v for k, v in info.items() if k != "checkpoint"}}
     if info["kind"] == "checkpoint":
         manifest.update(weights_provenance(Path(info["path"])))
@@ -144,7 +151,7 @@ def attack_model(
     if report and main:
         _after_evaluation(net, split, evaluation, settings, folder, seed=seed, reference=None,
                           log=log)
-    echo(f"robust accuracy of {name} on {len(split)} {dataset} test images:")
+    echo(f"robust accuracy of {name} on {len(split)} {data.name} test images:")
     echo(accuracy_table(evaluation.results,
                         _unreliable(folder, evaluation.results, settings) if main else None))
     for note in evaluation.notes:
@@ -184,9 +191,8 @@ def run_experiment(
     if not main:
         echo = log = _silent
     folder = out_dir or Path("reports") / cfg.name
-    data = distributed.local_first(lambda: load_dataset(
-        cfg.data.dataset, cfg.data.dir, target, val_size=cfg.data.val_size,
-        split_seed=cfg.data.split_seed), dist)  # one download per node at most
+    data = distributed.local_first(lambda: load_configured(cfg.data, target),
+                                   dist)  # one download per node at most
     split = (data.test if cfg.evaluate.split == "test" else data.val).take(cfg.evaluate.n)
     several = len(cfg.all_seeds) > 1
     evaluations: dict[int, Evaluation] = {}
@@ -198,26 +204,31 @@ def run_experiment(
 
         def can_reuse(best: Path = best, ckpt_dir: Path = ckpt_dir, fingerprint: str = fingerprint
                       ) -> bool:
-            return (not retrain and best.with_suffix(".json").is_file()
-                    and not (ckpt_dir / "state.json").exists()
-                    and read_sidecar(best).get("training_hash") == fingerprint)
+            if retrain or not best.with_suffix(".json").is_file() or (
+                    ckpt_dir / "state.json").exists():
+                return False
+            sidecar = read_sidecar(best)  # a user's data file can change under the same name
+            return (sidecar.get("training_hash") == fingerprint
+                    and sidecar.get("data_sha256") == data.provenance.get("data_sha256"))
 
         reusable = distributed.on_main(can_reuse, dist)  # rank 0's disk decides
         if reusable:
             log(f"seed {seed}: reusing {best}.safetensors (training hash {fingerprint})")
         else:
-            log(f"seed {seed}: training {cfg.model.arch} ({cfg.train.method}) into {ckpt_dir}")
+            log(f"seed {seed}: training {cfg.model.factory or cfg.model.arch} "
+                f"({cfg.train.method}) into {ckpt_dir}")
             train(cfg, out_dir=ckpt_dir, seed=seed, device=target, data=data,
                   progress=progress, resume=not retrain, log=log, dist=dist)
         model, info = _load_everywhere(best, target, dist)
         settings = {
             "experiment": cfg.name, "config_hash": config_hash(cfg), "seed": seed,
-            "training_hash": fingerprint, "model": str(best), "dataset": cfg.data.dataset,
+            "training_hash": fingerprint, "model": str(best), "dataset": data.name,
             "split": cfg.evaluate.split, "n": len(split), "eps": sorted(set(cfg.evaluate.eps)),
             "attacks": [to_dict(a) for a in cfg.attacks], "device": str(target),
-            "batch_size": cfg.evaluate.batch_size,
+            "batch_size": cfg.evaluate.batch_size, **_data_settings(data),
         }
         manifest = {"command": "run", "start": now_iso(), **provenance(target, seed),
+                    **_data_provenance(data, split),
                     **weights_provenance(best), "weights_file": f"{WEIGHTS_STEM}.safetensors",
                     "config_hash": config_hash(cfg),
                     "training": _read_json(ckpt_dir / "manifest.json"),
@@ -247,6 +258,21 @@ def run_experiment(
     run_dirs = [folder / f"seed-{s}" for s in cfg.all_seeds] if several else [folder]
     _report_folders(folder, run_dirs, cfg.name, log)
     return evaluations
+
+
+def _data_settings(data: Any) -> dict[str, Any]:
+    """What identifies data beyond the built-in sets: their class names and checksum (left out
+    for MNIST and Fashion-MNIST, whose files are md5-checked, so earlier settings still match)."""
+    if data.name in DATASETS:
+        return {}
+    return {"classes": list(data.classes), "data_sha256": data.provenance.get("data_sha256")}
+
+
+def _data_provenance(data: Any, split: Any) -> dict[str, Any]:
+    """The data's source, size and checksum for the manifest (and the report's provenance)."""
+    c, h, w = data.in_shape
+    return {**data.provenance,
+            "data_evaluated": f"{len(split)} {c}×{h}×{w} images of {data.name}"}
 
 
 def _silent(message: str) -> None:
@@ -305,7 +331,7 @@ def _evaluate_to_folder(model: Any, split: Any, attacks: Any, eps: Any, *, out_d
 def _load_everywhere(best: Path, device: Any, dist: Context | None) -> tuple[Any, dict[str, Any]]:
     """Load a checkpoint on rank 0 and hand its weights to every rank (no shared disk needed)."""
     from robustkit.checkpoint import load_checkpoint
-    from robustkit.models.zoo import build_model
+    from robustkit.models.factory import build_network
 
     if dist is None:
         return load_checkpoint(best, device)
@@ -315,7 +341,7 @@ def _load_everywhere(best: Path, device: Any, dist: Context | None) -> tuple[Any
         return {k: v.cpu() for k, v in model.state_dict().items()}, info
 
     weights, info = distributed.on_main(read, dist)
-    model = build_model(str(info.get("arch")), int(info.get("num_classes", 10)))
+    model = build_network(info, int(info.get("num_classes", 10)))
     model.load_state_dict(weights)
     return model.to(device).eval(), info
 

@@ -25,7 +25,6 @@ on this machine, so these formats load only when the user says they trust the fi
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import zipfile
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ from torch import Tensor, nn
 
 from robustkit.checkpoint import PICKLE_SUFFIXES, checkpoint_paths, load_checkpoint, load_tensors
 from robustkit.errors import RobustkitError
+from robustkit.models.factory import add_app_dir, call_factory
 from robustkit.models.zoo import Normalized
 from robustkit.released import ZOO_PREFIX, resolve_zoo
 
@@ -55,23 +55,6 @@ def parse_normalize(text: str) -> tuple[list[float], list[float]]:
     if len(mean) != len(std):
         raise RobustkitError(f"--normalize {text!r}: mean and std need the same number of values")
     return mean, std
-
-
-def _import_factory(spec: str) -> Any:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise RobustkitError(
-            f"cannot import {module_name!r} for --model {spec} ({exc}): check the module is on "
-            "PYTHONPATH"
-        ) from None
-    target: Any = module
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise RobustkitError(f"{module_name!r} has no attribute {attr!r} (--model {spec})")
-        target = getattr(target, part)
-    return target
 
 
 def _load_state_dict(weights: Path, device: torch.device) -> dict[str, Tensor]:
@@ -94,18 +77,9 @@ def _load_state_dict(weights: Path, device: torch.device) -> dict[str, Tensor]:
     return state
 
 
-def _from_factory(spec: str, weights: Path | None, device: torch.device) -> nn.Module:
-    factory = _import_factory(spec)
-    try:
-        model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
-    except Exception as exc:  # a user's factory can fail in any way; say which and how
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise RobustkitError(
-            f"--model {spec}: calling the factory failed ({type(exc).__name__}: {first}); it "
-            "must take no arguments and return an nn.Module"
-        ) from None
-    if not isinstance(model, nn.Module):
-        raise RobustkitError(f"--model {spec} returned a {type(model).__name__}, not an nn.Module")
+def _from_factory(spec: str, weights: Path | None, device: torch.device,
+                  app_dir: str | Path | None) -> nn.Module:
+    model = call_factory(spec, app_dir=app_dir)
     if weights is not None:
         try:
             model.load_state_dict(_load_state_dict(weights, device))
@@ -188,12 +162,16 @@ def load_model(
     device: torch.device | str = "cpu",
     normalize: tuple[list[float], list[float]] | None = None,
     trust: bool = False,
+    app_dir: str | Path | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load a model from any accepted spec; returns (model in eval mode, description).
 
     ``trust`` allows the formats that can run code when loaded (TorchScript, ``.pt2``); see
-    the module docstring."""
+    the module docstring. ``package.module:factory`` (and a checkpoint of a factory-built
+    network) imports from ``app_dir``, then the current folder, then ``sys.path``.
+    """
     device = torch.device(device)
+    add_app_dir(app_dir)
     text = str(spec)
     if not text.strip() or "\0" in text:
         raise RobustkitError(
@@ -208,7 +186,7 @@ def load_model(
     sidecar_weights, sidecar = checkpoint_paths(path)
 
     if ":" in text and not path.exists() and not text.startswith(("/", ".")):
-        model = _from_factory(text, weights_path, device)
+        model = _from_factory(text, weights_path, device, app_dir)
         info["kind"] = "factory"
     elif path.suffix == ".pt2":
         if not path.is_file():

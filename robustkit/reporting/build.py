@@ -41,7 +41,10 @@ def _classes(run: RunData) -> list[str]:
     from robustkit.data import DATASETS
 
     spec = DATASETS.get(str(run.settings.get("dataset", "")))
-    return list(spec.classes) if spec else [str(i) for i in range(10)]
+    if spec:
+        return list(spec.classes)
+    named = run.settings.get("classes")
+    return [str(c) for c in named] if isinstance(named, list) else [str(i) for i in range(10)]
 
 
 # --------------------------------------------------------------------------- examples
@@ -115,6 +118,13 @@ class _Predictions:
         return int(row[f"{attack}_pred"] if broken else row["clean_pred"])
 
 
+def _picture(image: np.ndarray) -> np.ndarray:
+    """``[C, H, W]`` → ``[H, W]`` (one channel) or ``[H, W, C]`` (colour), for imshow."""
+    if image.ndim == 3 and image.shape[0] > 1:
+        return np.ascontiguousarray(image.transpose(1, 2, 0))
+    return image.reshape(image.shape[-2:])
+
+
 def _example_blocks(
     run: RunData, classes: list[str], max_eps: int, samples: int = 3
 ) -> list[tuple[str, FigureBlock]]:
@@ -160,8 +170,8 @@ def _example_blocks(
             text, flip = preds.adversarial(key, attack, eps, i)
             rows.append(
                 figures.Panel(
-                    clean=ex["clean"][i].reshape(ex["clean"][i].shape[-2:]),
-                    adv=ex[f"adv/{key}"][i].reshape(ex["clean"][i].shape[-2:]),
+                    clean=_picture(ex["clean"][i]),
+                    adv=_picture(ex[f"adv/{key}"][i]),
                     clean_text=preds.clean(i),
                     adv_text=text,
                     flipped=bool(flip),

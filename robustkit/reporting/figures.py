@@ -116,7 +116,7 @@ def _legend_handles(models: Sequence[str], attacks: Sequence[str]) -> list[Line2
 class Panel:
     """One row of an adversarial-example figure."""
 
-    clean: np.ndarray  # [H, W] in [0, 1]
+    clean: np.ndarray  # [H, W] (grey) or [H, W, 3] (colour) in [0, 1]
     adv: np.ndarray
     clean_text: str
     adv_text: str
@@ -127,7 +127,9 @@ def example_figure(rows: Sequence[Panel], eps: float, norm: str, attack: str) ->
     """Rows of  clean  +  k·δ  =  adversarial, after Goodfellow et al.'s panda figure.
 
     The perturbation ``δ = x_adv − x`` is drawn as ``δ/ε`` on a diverging map over [−1, 1], that
-    is magnified ``×(1/ε)``; red pixels were brightened, blue ones darkened.
+    is magnified ``×(1/ε)``; red pixels were brightened, blue ones darkened. Colour images show
+    the perturbation per channel as ``0.5 + δ/(2ε)``: grey is unchanged, a tint is the channel
+    pushed up.
     """
     n = len(rows)
     fig = Figure(figsize=(5.6, 1.95 * n + 0.35))
@@ -141,14 +143,19 @@ def example_figure(rows: Sequence[Panel], eps: float, norm: str, attack: str) ->
             else float(np.sqrt((delta.astype(np.float64) ** 2).sum()))
         )
         axes = {c: fig.add_subplot(grid[r, c]) for c in (0, 2, 4)}
-        axes[0].imshow(row.clean, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        colour = row.clean.ndim == 3
+        pixels = {"interpolation": "nearest"} if colour else {
+            "cmap": "gray", "vmin": 0, "vmax": 1, "interpolation": "nearest"}
+        axes[0].imshow(np.clip(row.clean, 0, 1), **pixels)
         axes[0].set_title(row.clean_text, fontsize=9)
-        axes[2].imshow(
-            np.clip(delta * scale, -1, 1), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest"
-        )
+        if colour:  # each channel's δ/ε on [−1, 1] shown as 0.5 + δ/(2ε): grey = unchanged
+            axes[2].imshow(0.5 + 0.5 * np.clip(delta * scale, -1, 1), interpolation="nearest")
+        else:
+            axes[2].imshow(np.clip(delta * scale, -1, 1), cmap="RdBu_r", vmin=-1, vmax=1,
+                           interpolation="nearest")
         symbol = "∞" if norm == "linf" else "₂"
         axes[2].set_title(f"δ ×{scale:.3g}  (‖δ‖{symbol}={size:.3f})", fontsize=9)
-        axes[4].imshow(row.adv, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        axes[4].imshow(np.clip(row.adv, 0, 1), **pixels)
         axes[4].set_title(row.adv_text, fontsize=9, color="#b2182b" if row.flipped else "black")
         for ax in axes.values():
             ax.set_xticks([])

@@ -49,7 +49,7 @@ from robustkit.checkpoint import (
     write_text,
 )
 from robustkit.config import ExperimentConfig, config_hash, to_toml, training_hash
-from robustkit.data import Dataset, Split, batches, load_dataset
+from robustkit.data import Dataset, Split, batches
 from robustkit.distributed import (
     Context,
     agree,
@@ -61,7 +61,7 @@ from robustkit.distributed import (
     wrap,
 )
 from robustkit.errors import RobustkitError
-from robustkit.models.zoo import build_model
+from robustkit.models.factory import build_network, network_spec
 from robustkit.progress import Bar
 from robustkit.runtime import (
     now_iso,
@@ -70,6 +70,7 @@ from robustkit.runtime import (
     seed_everything,
     use_deterministic_algorithms,
 )
+from robustkit.sources import load_configured
 from robustkit.training.objectives import (
     CapturedPGD,
     PGDExamples,
@@ -291,16 +292,17 @@ def train(
     use_deterministic_algorithms()
     seed_everything(seed)
     if data is None:
-        data = local_first(lambda: load_dataset(
-            config.data.dataset, config.data.dir, device, val_size=config.data.val_size,
-            split_seed=config.data.split_seed), dist)  # one download per node at most
+        data = local_first(lambda: load_configured(config.data, device),
+                           dist)  # one download per node at most
     elif data.train.images.device != device:
         raise RobustkitError(f"data lives on {data.train.images.device}, training on {device}")
     if len(data.val) == 0 and adversarial:
         raise RobustkitError("adversarial training selects models on validation data: "
                              "set data.val_size > 0")
     selected_by = selection_metric(adversarial, validated=len(data.val) > 0)
-    model = build_model(config.model.arch, len(data.classes)).to(device)
+    network = network_spec(config.model.arch, config.model.factory, config.model.args,
+                           config.model.app_dir, in_shape=data.in_shape)
+    model = build_network(network, len(data.classes)).to(device)
     optimizer = build_optimizer(model, train_cfg)
     steps_per_epoch = -(-len(data.train) // train_cfg.batch_size)
     scheduler = build_scheduler(optimizer, train_cfg, steps_per_epoch)
@@ -349,7 +351,9 @@ def train(
         notes.append(NO_VALIDATION_NOTE)
         say(f"note: {NO_VALIDATION_NOTE}")
 
-    info_base = {"arch": config.model.arch, "num_classes": len(data.classes),
+    info_base = {**network, "num_classes": len(data.classes),
+                 **({"data_sha256": data.provenance["data_sha256"]}
+                    if "data_sha256" in data.provenance else {}),
                  "dataset": data.name, "config": config_hash(config),
                  "training_hash": fingerprint, "seed": seed}
     if main:
@@ -475,7 +479,7 @@ def train(
         write_json(out_dir / "manifest.json", {**manifest, "end": now_iso(), "seconds": seconds,
                                                "warnings": notes, "processes": world})
         clear_state(out_dir)
-    best_model = build_model(config.model.arch, len(data.classes)).to(device)
+    best_model = build_network(network, len(data.classes)).to(device)
     from robustkit.checkpoint import load_tensors
 
     best_state = on_main(lambda: load_tensors(out_dir / "model-best.safetensors"), dist)

@@ -1,0 +1,112 @@
+"""Networks by description: a built-in ``arch`` or a user's ``package.module:factory``.
+
+``package.module:factory`` is resolved as uvicorn and gunicorn resolve ``module:app``: an
+``--app-dir`` (``model.app_dir`` in a config) is searched first, then the current folder (so
+``robustkit attack --model lenet5_module:LeNet5`` works beside ``lenet5_module.py``), then the
+usual ``sys.path``. ``factory`` may be a function or a class returning an ``nn.Module``;
+``args`` are passed as keyword arguments.
+
+A checkpoint's sidecar describes its network with :func:`network_spec` (``arch``, or
+``factory`` + ``factory_args``, and ``in_shape``), and :func:`build_network` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from robustkit.errors import RobustkitError
+from robustkit.models.zoo import MNIST_SHAPE, Shape, build_model
+
+FACTORY_ARCH = "factory"
+
+
+def add_app_dir(app_dir: str | Path | None = None) -> None:
+    """Put the current folder, then ``app_dir``, at the front of ``sys.path`` (once each), so
+    ``app_dir`` is searched first, then the current folder, then the rest of ``sys.path``."""
+    folders = [Path.cwd()]
+    if app_dir is not None:
+        folder = Path(app_dir).expanduser()
+        if not folder.is_dir():
+            raise RobustkitError(f"--app-dir {app_dir}: no such folder; pass the folder that "
+                                 "holds your model's module")
+        folders.append(folder)
+    for folder in folders:
+        text = str(folder.resolve())
+        if text in sys.path:
+            sys.path.remove(text)
+        sys.path.insert(0, text)
+
+
+def import_factory(spec: str, app_dir: str | Path | None = None, what: str = "--model") -> Any:
+    """The object named by ``package.module:attribute`` (the attribute may be dotted)."""
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:
+        raise RobustkitError(f"{what} {spec!r}: expected package.module:factory, e.g. "
+                             "lenet5_module:LeNet5")
+    add_app_dir(app_dir)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        where = f"{Path.cwd()}" + (f" or {app_dir}" if app_dir is not None else "")
+        raise RobustkitError(
+            f"cannot import {module_name!r} for {what} {spec} ({exc}): run robustkit from the "
+            f"folder that holds it (searched {where}), pass --app-dir DIR, or put it on "
+            "PYTHONPATH"
+        ) from None
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise RobustkitError(f"{module_name!r} has no attribute {attr!r} ({what} {spec})")
+        target = getattr(target, part)
+    return target
+
+
+def call_factory(spec: str, args: dict[str, Any] | None = None,
+                 app_dir: str | Path | None = None, what: str = "--model") -> nn.Module:
+    """Import ``spec`` and call it with ``args``; the result must be an ``nn.Module``."""
+    factory = import_factory(spec, app_dir, what)
+    if isinstance(factory, nn.Module):
+        if args:
+            raise RobustkitError(f"{what} {spec} is a module instance: it takes no arguments")
+        return factory
+    if not callable(factory):
+        raise RobustkitError(f"{what} {spec} is a {type(factory).__name__}, not a function or "
+                             "class returning an nn.Module")
+    try:
+        model = factory(**(args or {}))
+    except Exception as exc:  # a user's factory can fail in any way; say which and how
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        takes = f"keyword arguments {args}" if args else "no arguments"
+        raise RobustkitError(
+            f"{what} {spec}: calling the factory failed ({type(exc).__name__}: {first}); it "
+            f"must take {takes} and return an nn.Module"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise RobustkitError(f"{what} {spec} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def network_spec(arch: str, factory: str | None = None, args: dict[str, Any] | None = None,
+                 app_dir: str | None = None, in_shape: Shape = MNIST_SHAPE) -> dict[str, Any]:
+    """What a checkpoint's sidecar records to rebuild its network."""
+    spec: dict[str, Any] = {"arch": FACTORY_ARCH if factory else arch, "in_shape": list(in_shape)}
+    if factory:
+        spec.update(factory=factory, factory_args=dict(args or {}))
+        if app_dir is not None:
+            spec["app_dir"] = app_dir
+    return spec
+
+
+def build_network(spec: dict[str, Any], num_classes: int) -> nn.Module:
+    """A freshly initialised network from a :func:`network_spec` (or an older sidecar)."""
+    if spec.get("factory"):
+        return call_factory(str(spec["factory"]), spec.get("factory_args") or {},
+                            spec.get("app_dir"), what="model.factory")
+    shape = spec.get("in_shape") or MNIST_SHAPE
+    c, h, w = (int(v) for v in shape)
+    return build_model(str(spec.get("arch")), num_classes, (c, h, w))

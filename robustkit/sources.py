@@ -1,0 +1,390 @@
+"""Any image-classification data as a :class:`~robustkit.data.Dataset`: the ``--data`` option and
+``data.source`` in configs.
+
+A source is one of
+
+* ``mnist`` or ``fashion-mnist``: the built-in IDX files (:mod:`robustkit.data`);
+* a torchvision data set by name (``cifar10``, ``cifar100``, ``svhn``): found in ``--data-dir``,
+  ``$ROBUSTKIT_DATA/<name>`` or the cache ``~/.cache/robustkit/<name>`` in torchvision's own
+  layout, downloaded into the cache when none has it;
+* an array file, ``.npz`` or ``.safetensors``: ``images`` + ``labels`` (one split, evaluated as
+  the test set), or ``train_images``/``train_labels`` + ``test_images``/``test_labels``;
+  optional ``classes`` (npz: an array of names; safetensors: a JSON list in the metadata);
+* an image folder in torchvision's ``ImageFolder`` layout: ``class_name/*.png|jpg|…`` (one split)
+  or ``train/class_name/…`` + ``test/class_name/…`` (``val/`` is accepted for ``test/``).
+
+Images become float32 ``[N, C, H, W]`` in [0, 1], whatever their layout (N×C×H×W, N×H×W×C or
+N×H×W) and type (uint8 0–255, or float already in [0, 1]); ε therefore stays in pixel units.
+Images are resized only when asked (``resize``), with antialiased bilinear interpolation; an
+image folder whose images differ in size is refused with a message naming ``--resize``.
+
+Every loaded data set records its provenance: the source, the number of images and a sha256 of
+the source files (array files; an image folder's files in sorted order) or of the decoded arrays
+(torchvision sets).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from robustkit.data import (
+    DATA_ENV,
+    DATASETS,
+    Dataset,
+    Split,
+    cache_dir,
+    empty_split,
+    load_dataset,
+    split_validation,
+)
+from robustkit.errors import RobustkitError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff",
+                  ".webp"}
+ARRAY_SUFFIXES = {".npz", ".safetensors"}
+#: torchvision data sets robustkit knows how to read: (class name, split argument style)
+TORCHVISION = {"cifar10": ("CIFAR10", "train"), "cifar100": ("CIFAR100", "train"),
+               "svhn": ("SVHN", "split")}
+CHOICES = (f"{', '.join(DATASETS)}, {', '.join(TORCHVISION)}, a .npz or .safetensors file, "
+           "or an image folder (class_name/*.png)")
+
+
+def load_data(
+    source: str | None = None,
+    *,
+    dataset: str = "mnist",
+    data_dir: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    val_size: int = 5000,
+    split_seed: int = 0,
+    parts: tuple[str, ...] = ("train", "test"),
+    resize: Sequence[int] | None = None,
+) -> Dataset:
+    """Load ``source`` (default: the built-in ``dataset``) as whole tensors on ``device``.
+
+    ``parts=("test",)`` loads only what an evaluation needs; a single-split source (one array
+    pair, a flat image folder) can only be evaluated, not trained on.
+    """
+    name = (source or dataset).strip()
+    size = _resize_shape(resize)
+    if name.lower() in DATASETS and not Path(name).exists():
+        data = load_dataset(name.lower(), data_dir, device, val_size=val_size,
+                            split_seed=split_seed, parts=parts)
+        return data if size is None else _resized(data, size)
+    path = Path(name).expanduser()
+    if path.suffix.lower() in ARRAY_SUFFIXES or path.is_file():
+        splits, classes, digest = _read_arrays(path)
+        kind = "array file"
+    elif path.is_dir():
+        splits, classes, digest = _read_folder(path, size)
+        kind = "image folder"
+    elif name.lower() in TORCHVISION:
+        splits, classes, digest = _read_torchvision(name.lower(), data_dir)
+        kind = "torchvision"
+        path = Path(name.lower())
+    else:
+        raise RobustkitError(f"data source {name!r} not found: pass {CHOICES}")
+    images = {part: _to_float(x, f"{name} {part} images") for part, (x, _) in splits.items()}
+    labels = {part: _to_labels(y, len(images[part]), f"{name} {part} labels")
+              for part, (_, y) in splits.items()}
+    if size is not None:
+        images = {part: _interpolate(x, size) for part, x in images.items()}
+    shapes = {tuple(x.shape[1:]) for x in images.values()}
+    if len(shapes) > 1:
+        raise RobustkitError(f"{name}: train and test images differ in shape "
+                             f"({', '.join(map(str, sorted(shapes)))}): pass --resize H,W")
+    num_classes = max(int(y.max()) + 1 if len(y) else 0 for y in labels.values())
+    classes = classes or tuple(str(i) for i in range(num_classes))
+    if num_classes > len(classes):
+        raise RobustkitError(f"{name}: a label is {num_classes - 1} but only {len(classes)} "
+                             "classes are named; fix the labels or the class names")
+    split = {part: Split(images[part].to(device), labels[part].to(device)) for part in images}
+    if "train" in parts and "train" not in split:
+        raise RobustkitError(
+            f"{name} holds one split, which robustkit evaluates as the test set; to train, give "
+            "train_images/train_labels and test_images/test_labels (array file) or train/ and "
+            "test/ sub-folders (image folder)")
+    test = split["test"]
+    if "train" in split and "train" in parts:
+        train, val = split_validation(split["train"], val_size, split_seed)
+    else:
+        train = val = empty_split(test)
+    provenance = {"data_source": f"{kind} {path}", "data_size": _sizes(split),
+                  "data_sha256": digest}
+    return Dataset(path.name, classes, train, val, test, path, provenance)
+
+
+def _sizes(splits: dict[str, Split]) -> str:
+    c, h, w = (int(v) for v in next(iter(splits.values())).images.shape[1:])
+    counts = ", ".join(f"{len(s)} {part}" for part, s in splits.items())
+    return f"{counts} images of {c}×{h}×{w}"
+
+
+# --------------------------------------------------------------------------- conversions
+
+
+def _resize_shape(resize: Sequence[int] | None) -> tuple[int, int] | None:
+    if resize is None or len(resize) == 0:
+        return None
+    if len(resize) > 2 or any(int(v) < 1 for v in resize):
+        raise RobustkitError(f"resize {list(resize)}: give H or H,W, positive pixel counts")
+    h, w = (int(resize[0]), int(resize[-1]))
+    return h, w
+
+
+def _interpolate(x: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(x.shape[-2:]) == size:
+        return x
+    out = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True,
+                                          align_corners=False)
+    return out.clamp_(0.0, 1.0)
+
+
+def _resized(data: Dataset, size: tuple[int, int]) -> Dataset:
+    def one(s: Split) -> Split:
+        return Split(_interpolate(s.images, size), s.labels)
+
+    return Dataset(data.name, data.classes, one(data.train), one(data.val), one(data.test),
+                   data.source, {**data.provenance, "data_resize": f"{size[0]}×{size[1]}"})
+
+
+def _to_float(array: np.ndarray, what: str) -> Tensor:
+    """N×C×H×W, N×H×W×C or N×H×W; uint8 0–255 or float in [0, 1] → float32 N×C×H×W."""
+    if array.ndim == 3:
+        array = array[:, None]
+    if array.ndim != 4:
+        raise RobustkitError(f"{what} have shape {list(array.shape)}: expected N×C×H×W, "
+                             "N×H×W×C or N×H×W")
+    channels_first = array.shape[1] in (1, 3, 4)
+    channels_last = array.shape[-1] in (1, 3, 4)
+    if channels_last and not channels_first:
+        array = array.transpose(0, 3, 1, 2)
+    elif not channels_first:
+        raise RobustkitError(f"{what} have shape {list(array.shape)}: no axis of 1, 3 or 4 "
+                             "channels after N; expected N×C×H×W or N×H×W×C")
+    if array.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(array)).float().div_(255.0)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise RobustkitError(f"{what} are {array.dtype}: give uint8 (0–255) or floats in [0, 1]")
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if len(x) and not bool(torch.isfinite(x).all()):
+        raise RobustkitError(f"{what} contain nan or inf")
+    if len(x) and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
+        raise RobustkitError(
+            f"{what} lie in [{float(x.min()):g}, {float(x.max()):g}]: robustkit needs pixels in "
+            "[0, 1] (ε is in pixel units): store uint8 or divide by 255, and give the model its "
+            "normalisation with --normalize")
+    return x
+
+
+def _to_labels(array: np.ndarray, n: int, what: str) -> Tensor:
+    if array.ndim != 1 or len(array) != n:
+        raise RobustkitError(f"{what} have shape {list(array.shape)}: expected {n} integer "
+                             "labels, one per image")
+    whole = np.issubdtype(array.dtype, np.integer) or (
+        np.issubdtype(array.dtype, np.floating) and bool(np.all(array == np.round(array))))
+    if not whole:
+        raise RobustkitError(f"{what} are {array.dtype}: expected integer class indices")
+    labels = torch.from_numpy(array.astype(np.int64))
+    if len(labels) and int(labels.min()) < 0:
+        raise RobustkitError(f"{what} hold {int(labels.min())}: class indices start at 0")
+    return labels
+
+
+def _file_digest(paths: Sequence[Path], root: Path | None = None) -> str:
+    """sha256 over the files' relative names and contents, in the order given."""
+    digest = hashlib.sha256()
+    for path in paths:
+        if root is not None:
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- array files
+
+
+def _read_arrays(path: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
+                                      tuple[str, ...], str]:
+    if not path.is_file():
+        raise RobustkitError(f"data file {path} not found: check --data")
+    arrays, classes = _array_file(path)
+    if {"images", "labels"} <= set(arrays):
+        splits = {"test": (arrays["images"], arrays["labels"])}
+    elif {"test_images", "test_labels"} <= set(arrays):
+        splits = {part: (arrays[f"{part}_images"], arrays[f"{part}_labels"])
+                  for part in ("train", "test")
+                  if {f"{part}_images", f"{part}_labels"} <= set(arrays)}
+    else:
+        raise RobustkitError(
+            f"{path} holds {', '.join(sorted(arrays)) or 'no arrays'}: expected images and "
+            "labels, or train_images, train_labels, test_images and test_labels")
+    return splits, classes, _file_digest([path])
+
+
+def _array_file(path: Path) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="np") as handle:
+                arrays = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+                meta = handle.metadata() or {}
+            classes = tuple(json.loads(meta["classes"])) if "classes" in meta else ()
+            return arrays, tuple(str(c) for c in classes)
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as exc:  # numpy and safetensors raise many types on a bad file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise RobustkitError(f"{path} cannot be read as {suffix or 'an array file'} ({first}): "
+                             "save it with numpy.savez or safetensors (no pickled objects)"
+                             ) from None
+    names = arrays.pop("classes", None)
+    return arrays, tuple(str(c) for c in names) if names is not None else ()
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def _class_folders(root: Path) -> list[Path]:
+    return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: p.name)
+
+
+def _read_folder(root: Path, size: tuple[int, int] | None
+                 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], tuple[str, ...], str]:
+    names = {p.name for p in _class_folders(root)}
+    test_name = "test" if "test" in names else "val" if "val" in names else None
+    if "train" in names and test_name is not None:
+        parts = {"train": root / "train", "test": root / test_name}
+    else:
+        parts = {"test": root}
+    classes = tuple(p.name for p in _class_folders(parts["test"]))
+    if not classes:
+        raise RobustkitError(f"{root} has no class folders: lay it out as class_name/image.png "
+                             "(torchvision ImageFolder), optionally under train/ and test/")
+    splits, files = {}, []
+    for part, folder in parts.items():
+        found = tuple(p.name for p in _class_folders(folder))
+        if found != classes:
+            raise RobustkitError(f"{folder} has classes {list(found)}, {parts['test']} has "
+                                 f"{list(classes)}: both need the same class folders")
+        images, labels = [], []
+        for label, class_dir in enumerate(_class_folders(folder)):
+            for path in sorted(class_dir.rglob("*")):
+                if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                    images.append(path)
+                    labels.append(label)
+        if not images:
+            raise RobustkitError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        splits[part] = (_decode(images, size, root), np.asarray(labels, dtype=np.int64))
+        files += images
+    return splits, classes, _file_digest(files, root)
+
+
+def _decode(paths: list[Path], size: tuple[int, int] | None, root: Path) -> np.ndarray:
+    """The images as uint8 N×H×W×C: grey when every file is grey, else RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    opened: list[Image.Image] = []
+    for path in paths:
+        try:
+            with Image.open(path) as handle:
+                handle.load()
+                opened.append(handle.copy())
+        except (UnidentifiedImageError, OSError) as exc:
+            raise RobustkitError(f"{path} is not a readable image ({exc}): remove or replace it"
+                                 ) from None
+    grey = all(im.mode in ("1", "L", "I;16", "I") for im in opened)
+    mode = "L" if grey else "RGB"
+    arrays = []
+    first_size = None
+    for path, original in zip(paths, opened, strict=True):
+        image = original.convert(mode)
+        if size is not None:
+            image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        if first_size is None:
+            first_size = image.size
+        elif image.size != first_size:
+            raise RobustkitError(
+                f"{path.relative_to(root)} is {image.size[0]}×{image.size[1]} pixels, other "
+                f"images {first_size[0]}×{first_size[1]}: pass --resize H,W (data.resize) to "
+                "bring them to one size")
+        array = np.asarray(image, dtype=np.uint8)
+        arrays.append(array[..., None] if array.ndim == 2 else array)
+    return np.stack(arrays)
+
+
+# --------------------------------------------------------------------------- torchvision
+
+
+def _torchvision_roots(name: str, data_dir: str | Path | None) -> list[Path]:
+    roots = []
+    if data_dir is not None:
+        roots.append(Path(data_dir).expanduser())
+    if os.environ.get(DATA_ENV):
+        roots.append(Path(os.environ[DATA_ENV]).expanduser() / name)
+    roots.append(cache_dir() / name)
+    return roots
+
+
+def _read_torchvision(name: str, data_dir: str | Path | None
+                      ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], tuple[str, ...], str]:
+    import torchvision
+
+    class_name, style = TORCHVISION[name]
+    cls = getattr(torchvision.datasets, class_name)
+
+    def build(root: Path, part: str, download: bool) -> Any:
+        if style == "split":
+            return cls(root=str(root), split=part, download=download)
+        return cls(root=str(root), train=part == "train", download=download)
+
+    roots = _torchvision_roots(name, data_dir)
+    sets: dict[str, Any] = {}
+    for root in roots:
+        try:
+            sets = {part: build(root, part, False) for part in ("train", "test")}
+            break
+        except (RuntimeError, OSError):
+            continue
+    if not sets:
+        target = roots[-1]
+        try:
+            sets = {part: build(target, part, True) for part in ("train", "test")}
+        except Exception as exc:  # network errors come in many types
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise RobustkitError(
+                f"{name} not found in {', '.join(str(r) for r in roots)} and the download "
+                f"failed ({reason}): download it once where you are online (robustkit attack "
+                f"--data {name} fetches it into {target}) and copy that folder here, or pass "
+                "--data-dir DIR") from None
+    splits = {}
+    digest = hashlib.sha256()
+    for part, ds in sets.items():
+        images = np.asarray(ds.data)
+        labels = np.asarray(getattr(ds, "targets", None) if hasattr(ds, "targets")
+                            else ds.labels, dtype=np.int64)
+        splits[part] = (images, labels)
+        digest.update(images.tobytes())
+        digest.update(labels.tobytes())
+    classes = tuple(getattr(sets["test"], "classes", ()) or (str(i) for i in range(10)))
+    return splits, classes, digest.hexdigest()
+
+
+def load_configured(data: Any, device: torch.device | str = "cpu",
+                    parts: tuple[str, ...] = ("train", "test")) -> Dataset:
+    """:func:`load_data` from a config's ``[data]`` section (``config.DataConfig``)."""
+    return load_data(data.source, dataset=data.dataset, data_dir=data.dir, device=device,
+                     val_size=data.val_size, split_seed=data.split_seed, parts=parts,
+                     resize=data.resize)
