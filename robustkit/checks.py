@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -46,6 +46,7 @@ from robustkit.config import AttackConfig, config_from_dict
 from robustkit.data import Split
 from robustkit.errors import RobustkitError
 from robustkit.models.loading import BATCH_TOLERANCE, batch_dependent, same_size_batches
+from robustkit.progress import Bar
 
 Status = Literal["pass", "warn", "fail"]
 STATUSES: tuple[Status, ...] = ("pass", "warn", "fail")
@@ -767,6 +768,7 @@ def run_checks(
     n: int = 200,
     seed: int = 0,
     shortcuts: bool = True,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """Every check: the results-table ones and the model ones on the first ``n`` samples.
 
@@ -776,6 +778,7 @@ def run_checks(
     :func:`~robustkit.evaluation.evaluate`), so the monotonicity check re-attacks the samples
     from scratch at each ε (:func:`check_monotone_from_scratch`) instead of reading a curve
     that is monotone by construction.
+    ``progress`` shows a bar over the model checks (the slowest phase of a small run).
     """
     checks = _group_a(results, settings)
     if n < 1 or len(split) == 0:
@@ -792,16 +795,21 @@ def run_checks(
     eps_max = max(eps) if eps else 0.3
     if shortcuts and eps:
         checks[0] = check_monotone_from_scratch(model, x, y, attack, eps, seed=seed)
-    checks += [
-        check_deterministic(model, x),
-        check_batch_independent(model, x),
-        check_gradients(model, x, y),
-        check_large_eps(model, x, y, attack, seed=seed),
-        check_noise_vs_attack(model, x, y, attack, eps_max, seed=seed),
-        check_convergence(model, x, y, attack, convergence_eps(results, attack, eps), seed=seed),
-        check_gradient_free(model, x, y, attack, convergence_eps(results, attack, eps),
-                            seed=seed),
+    model_checks: list[Callable[[], Check]] = [
+        lambda: check_deterministic(model, x),
+        lambda: check_batch_independent(model, x),
+        lambda: check_gradients(model, x, y),
+        lambda: check_large_eps(model, x, y, attack, seed=seed),
+        lambda: check_noise_vs_attack(model, x, y, attack, eps_max, seed=seed),
+        lambda: check_convergence(model, x, y, attack, convergence_eps(results, attack, eps),
+                                  seed=seed),
+        lambda: check_gradient_free(model, x, y, attack, convergence_eps(results, attack, eps),
+                                    seed=seed),
     ]
+    with Bar("sanity checks", len(model_checks), progress) as bar:
+        for run_check in model_checks:
+            checks.append(run_check())
+            bar.advance(1, checks[-1].name)
     return checks_frame(checks)
 
 

@@ -290,9 +290,13 @@ def attack(
         help="Load a TorchScript or .pt2 --model although loading it can run code its author "
              "chose (pickles, TorchScript, shape expressions). Only for files from people you "
              "trust; checkpoints and factories never need it.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document (accuracies, intervals, checks, files) on stdout; the rest goes to stderr.")] = False,  # noqa: E501
+    fail_on_check: Annotated[bool, typer.Option("--fail-on-check", help="Exit with code 1 when a sanity check fails (for CI).")] = False,  # noqa: E501
 ) -> None:
     """Attack a model over an ε sweep; writes results.csv, per_sample.csv and a report."""
-    from robustkit.pipeline import attack_model, model_name
+    import json
+
+    from robustkit.pipeline import attack_model, attack_summary, model_name
 
     eps_values = _float_list(eps, "--eps")
     attacks = _attack_configs(attack_names, norm=norm, steps=steps, step_size=step_size,
@@ -301,13 +305,23 @@ def attack(
     _check_out(folder, "--out")
     _on_interrupt(f"finished (attack, ε) cells are kept in {folder}; run the same command "
                   "again to resume the sweep")
-    attack_model(
+    outcome = attack_model(
         model=model, attacks=attacks, eps=eps_values, n=n, batch_size=batch_size, seed=seed,
         dataset=dataset, data_source=data_source, resize=_resize(resize) if resize else None,
         app_dir=app_dir, weights=weights, normalize=normalize, device=device, data_dir=data_dir,
-        out_dir=out_dir, overwrite=overwrite, progress=not quiet, echo=out.print, log=_log,
+        out_dir=out_dir, overwrite=overwrite, progress=not quiet,
+        echo=_log if as_json else out.print, log=_log,
         trust_model_file=trust_model_file,
     )
+    if as_json:
+        sys.stdout.write(json.dumps(attack_summary(outcome), indent=2, allow_nan=False) + "\n")
+        sys.stdout.flush()
+    failed = [] if outcome.checks is None else list(
+        outcome.checks.loc[outcome.checks["status"] == "fail", "name"])
+    if fail_on_check and failed:
+        err.print(f"checks failed: {', '.join(failed)} (exit code 1: --fail-on-check)",
+                  highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command(epilog="Example: robustkit run experiments/quickstart.toml")
@@ -467,7 +481,9 @@ def _main() -> int:
         command = getattr(ctx, "command_path", None) or "robustkit"
         _say_error(f"{message()} (see {command} --help)")
         return 2
-    return _interrupted() if result == 130 else 0  # typer's answer to KeyboardInterrupt
+    if result == 130:  # typer's answer to KeyboardInterrupt
+        return _interrupted()
+    return result if isinstance(result, int) else 0  # a command's typer.Exit(n) comes back as n
 
 
 if __name__ == "__main__":

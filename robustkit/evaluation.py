@@ -336,7 +336,10 @@ def evaluate(
             done = [e for e in a_state.done if f"{title}@{e:g}" in state.examples]
             pictures = (state.examples[f"{title}@{max(done):g}"] if done
                         else x_all[example_idx].detach().cpu())
-            with Bar(f"{model_name} {title}", len(todo), progress and main) as bar:
+            # the bar counts samples × ε, advancing per batch; samples a shortcut spares at an
+            # ε are counted when that ε ends
+            n_all = len(x_all)
+            with Bar(f"{model_name} {title}", len(todo) * n_all, progress and main) as bar:
                 for e in todo:
                     started = time.perf_counter()
                     # not broken at any ε' ≤ e: a resumed sweep may add an ε below those done,
@@ -344,11 +347,18 @@ def evaluate(
                     robust = (a_state.broken_eps > e) if shortcuts else clean_correct.cpu()
                     key, previous = f"{title}@{e:g}", pictures
                     pictures = previous.clone()
+                    attacked = [0]
+
+                    def on_batch(size: int, e: float = e, attacked: list[int] = attacked) -> None:
+                        attacked[0] += size
+                        bar.advance(size, f"ε={e:g}")
+
                     success_all, target_all, evals, queries = _attack_cell(
                         model, attack, x_all, y_all, targets, robust.nonzero().squeeze(1), e,
                         (bank, square_bank), batch_size=batch_size, shortcuts=shortcuts,
                         a_state=a_state, picture_idx=example_idx.cpu(), pictures=pictures,
                         dist=dist,
+                        on_batch=on_batch,
                     )
                     state.examples[key] = pictures
                     a_state.success_at[e] = success_all
@@ -358,7 +368,7 @@ def evaluate(
                     a_state.queries[e] = queries
                     a_state.seconds[e] = time.perf_counter() - started
                     a_state.done.append(e)
-                    bar.advance(1, f"ε={e:g}")
+                    bar.advance(n_all - attacked[0], f"ε={e:g}")
                     if on_cell is not None and main:
                         on_cell(state)
     return _frames(state, attacks, eps_list, y_all, model_name, shortcuts)
@@ -368,7 +378,7 @@ def _attack_cell(
     model: nn.Module, attack: AttackConfig, x_all: Tensor, y_all: Tensor, targets: Tensor,
     active: Tensor, eps: float, banks: tuple[NoiseBank, SquareBank], *, batch_size: int,
     shortcuts: bool, a_state: AttackState, picture_idx: Tensor, pictures: Tensor,
-    dist: Context | None = None,
+    dist: Context | None = None, on_batch: Callable[[int], None] | None = None,
 ) -> tuple[Tensor, Tensor, int, int]:
     """Attack the ``active`` samples at one ε; record first breaks in ``a_state``.
 
@@ -417,6 +427,8 @@ def _attack_cell(
         if chosen.any():
             slots = torch.searchsorted(picture_idx, index[chosen])
             pictures[slots] = result.x_adv[chosen.to(device)].detach().cpu()
+        if on_batch is not None:
+            on_batch(len(index))
     if dist is not None:
         mine = active[starts.start:starts.stop]
         evals, queries = _merge_cell(dist, mine, success, on_target, a_state, picture_idx,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -49,3 +50,241 @@ def test_eps_fractions_are_accepted_and_bad_ones_refused(linear_model: Path, tmp
         assert refused.returncode == 2, refused.stderr
         assert refused.stderr.startswith(f"error: --eps {bad!r}: expected comma-separated "
                                          "numbers or fractions"), refused.stderr
+
+
+def test_example_figures_never_repeat_a_smaller_eps_pictures(tmp_path: Path) -> None:
+    """A sample broken at ε_k keeps its ε_k picture at larger ε: such copies are not shown as
+    pictures of the larger ε, and an ε whose pictures all repeat gets no figure (the quickstart
+    report showed the ε = 0.2 pictures again under ε = 0.3)."""
+    import pandas as pd
+    from safetensors.torch import save_file
+
+    from robustkit.evaluation import wilson_interval
+    from robustkit.reporting import build_report
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    eps = [0.0, 0.1, 0.2, 0.3]
+    rows = []
+    for e, correct in zip(eps, [3, 2, 0, 0], strict=True):
+        low, high = wilson_interval(correct, 3)
+        rows.append({"model": "m", "attack": "pgd5", "norm": "linf", "eps": e, "n": 3,
+                     "correct": correct, "accuracy": correct / 3, "ci_low": low,
+                     "ci_high": high, "grad_evals": 1})
+    pd.DataFrame(rows).to_csv(run_dir / "results.csv", index=False)
+    clean = torch.full((3, 1, 8, 8), 0.5)
+    at = {0.1: clean + 0.1, 0.2: clean + 0.2}
+    at[0.2][0] = at[0.1][0]  # sample 0 broken at 0.1: its picture is carried over
+    at[0.3] = at[0.2].clone()  # all broken by 0.2: nothing new at 0.3
+    per_sample = pd.DataFrame({"index": [0, 1, 2], "label": [0, 1, 2], "clean_pred": [0, 1, 2],
+                               "pgd5_eps": [0.1, 0.2, 0.2], "pgd5_pred": [5, 6, 7]})
+    per_sample.to_csv(run_dir / "per_sample.csv", index=False)
+    save_file({"clean": clean, "labels": torch.arange(3), "index": torch.arange(3),
+               **{f"adv/pgd5@{e:g}": x for e, x in at.items()}},
+              str(run_dir / "examples.safetensors"))
+    build_report([run_dir], run_dir)
+    names = sorted(p.name for p in (run_dir / "figures").glob("examples-*"))
+    assert names == ["examples-run-pgd5-eps0.1.png", "examples-run-pgd5-eps0.2.png"]
+    markdown = (run_dir / "report.md").read_text()
+    at_02 = next(line for line in markdown.splitlines() if "examples at ε=0.2" in line)
+    assert "label 1" in at_02 and "label 2" in at_02 and "label 0" not in at_02
+
+
+class RecordingBar:
+    """Stands in for robustkit.progress.Bar and records every advance."""
+
+    made: ClassVar[list[RecordingBar]] = []
+
+    def __init__(self, title: str, total: int, enabled: bool = True) -> None:
+        self.title, self.total, self.enabled = title, total, enabled
+        self.steps: list[tuple[int, str | None]] = []
+        RecordingBar.made.append(self)
+
+    def __enter__(self) -> RecordingBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def advance(self, steps: int = 1, info: str | None = None) -> None:
+        self.steps.append((steps, info))
+
+
+def _linear_split(n: int = 30) -> tuple[torch.nn.Module, object]:
+    from robustkit.data import Split
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    x = torch.rand(n, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every sample clean-correct
+    return model, Split(x, y)
+
+
+def test_sweep_progress_advances_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import robustkit.evaluation as evaluation
+    from robustkit.config import AttackConfig
+
+    monkeypatch.setattr(evaluation, "Bar", RecordingBar)
+    RecordingBar.made = []
+    model, split = _linear_split(30)
+    evaluation.evaluate(model, split, [AttackConfig(name="pgd", steps=3)], [0, 0.05, 0.5],
+                        batch_size=10, progress=True)
+    (bar,) = RecordingBar.made
+    assert bar.enabled and bar.total == 2 * 30  # samples × ε attacked
+    # ε = 0.05: all 30 samples, three batches of 10, nothing spared
+    assert bar.steps[:4] == [(10, "ε=0.05")] * 3 + [(0, "ε=0.05")]
+    # ε = 0.5: the samples still robust, per batch; the spared ones when the ε ends
+    later = bar.steps[4:]
+    assert all(info == "ε=0.5" for _, info in later)
+    assert all(step <= 10 for step, _ in later[:-1]) and len(later) >= 2
+    assert sum(step for step, _ in bar.steps) == bar.total
+
+
+def test_checks_show_a_progress_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    import robustkit.checks as checks
+    from robustkit.config import AttackConfig, to_dict
+    from robustkit.evaluation import evaluate
+
+    model, split = _linear_split(30)
+    attacks = [AttackConfig(name="fgsm"), AttackConfig(name="pgd", steps=3)]
+    ev = evaluate(model, split, attacks, [0, 0.1, 0.3])
+    monkeypatch.setattr(checks, "Bar", RecordingBar)
+    RecordingBar.made = []
+    frame = checks.run_checks(model, split, ev.results, {
+        "eps": [0, 0.1, 0.3], "attacks": [to_dict(a) for a in attacks]}, n=30, progress=True)
+    (bar,) = RecordingBar.made
+    assert bar.enabled and bar.total == len(bar.steps) >= 5
+    assert [info for _, info in bar.steps] == list(frame["name"])[-len(bar.steps):]
+
+
+NOISY = """
+import torch
+from torch import nn
+
+class Noisy(nn.Module):
+    '''A linear model whose forward adds noise: the determinism check must fail.'''
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(784, 10)
+    def forward(self, x):
+        return self.linear(x.flatten(1)) + 0.1 * torch.randn(len(x), 10)
+
+def noisy():
+    return Noisy()
+
+def wrong_width():
+    return nn.Sequential(nn.Flatten(), nn.Linear(700, 10))
+"""
+
+#: The --json document: field → type, a one-item list for "list of", a dict for an object.
+RESULT_ROW = {"attack": str, "norm": str, "eps": float, "n": int, "correct": int,
+              "accuracy": float, "ci_low": float, "ci_high": float, "grad_evals": int}
+CHECK_ROW = {"name": str, "status": str, "value": (float, type(None)), "threshold": str,
+             "detail": str}
+ATTACK_JSON = {"model": str, "model_spec": str, "dataset": str, "split": str, "n": int,
+               "eps": [float], "attacks": [str], "results": [RESULT_ROW], "checks": [CHECK_ROW],
+               "checks_summary": {"pass": int, "warn": int, "fail": int}, "warnings": [str],
+               "outputs": {"folder": str, "results": str, "per_sample": str, "timings": str,
+                           "checks": str, "report_html": str, "report_markdown": str,
+                           "report_figures": str, "report_tables": str}}
+
+
+def conforms(value: object, schema: object, where: str = "$") -> list[str]:
+    """Problems of ``value`` against ``schema`` (exact keys for objects, item type for lists)."""
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return [f"{where}: expected an object"]
+        problems = [f"{where}: missing {k}" for k in schema if k not in value]
+        problems += [f"{where}: unexpected {k}" for k in value if k not in schema]
+        for k in schema:
+            if k in value:
+                problems += conforms(value[k], schema[k], f"{where}.{k}")
+        return problems
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return [f"{where}: expected a list"]
+        return [p for i, v in enumerate(value) for p in conforms(v, schema[0], f"{where}[{i}]")]
+    types = schema if isinstance(schema, tuple) else (schema,)
+    if float in types and isinstance(value, int) and not isinstance(value, bool):
+        return []
+    return [] if isinstance(value, types) and not isinstance(value, bool) else [
+        f"{where}: {value!r} is not {' or '.join(t.__name__ for t in types)}"]
+
+
+def test_conforms_catches_schema_breaks() -> None:
+    assert conforms({"a": 1}, {"a": int}) == []
+    assert conforms({"a": "1"}, {"a": int}) == ["$.a: '1' is not int"]
+    assert conforms({"a": [1, "x"]}, {"a": [int]}) == ["$.a[1]: 'x' is not int"]
+    assert conforms({}, {"a": int}) == ["$: missing a"]
+    assert conforms({"a": 1, "b": 2}, {"a": int}) == ["$: unexpected b"]
+
+
+@pytest.fixture(scope="module")
+def noisy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("noisy")
+    (folder / "noisymodels.py").write_text(NOISY)
+    return folder
+
+
+def test_json_summary_verdict_and_fail_on_check(noisy_dir: Path, mnist_root: Path) -> None:
+    import pandas as pd
+
+    args = ["attack", "--model", "noisymodels:noisy", "--attack", "fgsm,pgd", "--steps", "3",
+            "--eps", "0,0.1", "--n", "40", "-q"]
+    plain = run(*args, "--out", "plain", cwd=noisy_dir)
+    assert plain.returncode == 0, plain.stderr  # a failed check alone keeps exit code 0
+    checks = pd.read_csv(noisy_dir / "plain" / "checks.csv")
+    counts = {s: int((checks["status"] == s).sum()) for s in ("pass", "warn", "fail")}
+    assert counts["fail"] >= 1
+    lines = plain.stdout.splitlines()
+    verdict = lines.index(f"checks: {counts['pass']} pass, {counts['warn']} warn, "
+                          f"{counts['fail']} fail")
+    table_end = next(i for i, line in enumerate(lines) if line.startswith("0.1"))
+    assert verdict > table_end  # after the results table
+    for _, row in checks[checks["status"] != "pass"].iterrows():
+        assert f"  {row['status']}: {row['name']}: {row['detail']}" in lines
+    assert "  fail: forward_deterministic: " in plain.stdout
+
+    as_json = run(*args, "--out", "as-json", "--json", "--fail-on-check", cwd=noisy_dir)
+    assert as_json.returncode == 1, as_json.stderr
+    assert "checks failed: forward_deterministic" in as_json.stderr
+    document = json.loads(as_json.stdout)  # stdout holds the JSON document and nothing else
+    assert conforms(document, ATTACK_JSON) == []
+    results = pd.read_csv(noisy_dir / "as-json" / "results.csv")
+    assert [r["accuracy"] for r in document["results"]] == pytest.approx(
+        results["accuracy"].tolist(), abs=1e-6)
+    assert {(r["attack"], r["eps"]) for r in document["results"]} == {
+        (a, e) for a in ("fgsm", "pgd3", "any") for e in (0.0, 0.1)}
+    assert document["checks_summary"]["fail"] >= 1
+    assert document["attacks"] == ["fgsm", "pgd3"] and document["eps"] == [0.0, 0.1]
+    for path in document["outputs"].values():
+        assert (noisy_dir / path).exists(), path
+
+
+def test_export_hint_only_for_exported_programs(noisy_dir: Path, mnist_root: Path) -> None:
+    result = run("attack", "--model", "noisymodels:wrong_width", "--n", "20", "-q",
+                 cwd=noisy_dir)
+    assert result.returncode == 2
+    assert "the model failed on a batch of 8 images [8, 1, 28, 28]" in result.stderr
+    assert "torch.export" not in result.stderr
+
+
+def test_attack_reads_only_the_test_files(linear_model: Path, mnist_root: Path,
+                                          tmp_path: Path) -> None:
+    """Damaged training files do not matter to an evaluation on the test set."""
+    import shutil
+
+    from robustkit.data import FILE_NAMES
+
+    for key in ("test_images", "test_labels"):
+        shutil.copy(mnist_root / f"{FILE_NAMES[key]}.gz", tmp_path)
+    for key in ("train_images", "train_labels"):
+        (tmp_path / f"{FILE_NAMES[key]}.gz").write_bytes(b"not a gzip file")
+    result = run("attack", "--model", str(linear_model), "--attack", "fgsm", "--eps", "0,0.1",
+                 "--n", "20", "-q", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr
+    refused = run("train", "experiments/mnist_softmax.toml", "--data-dir", str(tmp_path),
+                  "--out", str(tmp_path / "t"), "-q")
+    assert refused.returncode == 2 and "truncated or corrupt" in refused.stderr

@@ -104,3 +104,45 @@ def test_zoo_lists_released_models_and_rejects_unknown_names(released: Path) -> 
     assert unknown.stderr.startswith("error: no released model 'zoo:nope' (released: tiny)")
     escape = robustkit("attack", "--model", "zoo:../reports/tiny", "-q", cwd=released)
     assert escape.returncode == 2 and "no released model" in escape.stderr
+
+
+def test_forgotten_normalize_is_named(released: Path, tmp_path: Path) -> None:
+    """A model trained on normalised inputs, fed raw pixels: clean accuracy falls and the
+    warning names --normalize; with the right statistics the accuracy is the original's."""
+    import torch
+
+    from robustkit.models import load_model
+
+    trained, _ = load_model(released / "reports" / "tiny" / "model.safetensors")
+    mean, std = 0.1307, 0.3081
+
+    class ExpectsNormalised(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = trained
+            self.mean, self.std = mean, std
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return self.inner(z * self.std + self.mean)  # undoes the normalisation
+
+    path = tmp_path / "normalised.torchscript"
+    torch.jit.save(torch.jit.script(ExpectsNormalised()), path)
+    common = ["--attack", "fgsm", "--eps", "0,0.1", "--n", "300", "-q"]
+    original = pd.read_csv(released / "reports" / "tiny" / "results.csv")
+    clean = float(original.loc[original["eps"] == 0, "accuracy"].iloc[0])
+    assert clean >= 0.9  # the trained softmax is a plausible MNIST model
+    right = robustkit("attack", "--model", str(path), "--normalize", f"{mean},{std}", *common,
+                      "--out", "right", cwd=tmp_path)
+    assert right.returncode == 0, right.stderr
+    assert "warning: clean accuracy" not in right.stderr
+    got = pd.read_csv(tmp_path / "right" / "results.csv")
+    assert float(got.loc[got["eps"] == 0, "accuracy"].iloc[0]) == pytest.approx(clean, abs=0.004)
+    forgot = robustkit("attack", "--model", str(path), *common, "--out", "forgot", cwd=tmp_path)
+    assert forgot.returncode == 0, forgot.stderr
+    bad = pd.read_csv(tmp_path / "forgot" / "results.csv")
+    bad_clean = float(bad.loc[bad["eps"] == 0, "accuracy"].iloc[0])
+    assert bad_clean < 0.9
+    assert (f"warning: clean accuracy {bad_clean:.1%} on mnist is far below what models reach "
+            "there") in forgot.stderr
+    assert "pass --normalize MEAN,STD (for mnist: --normalize 0.1307,0.3081)" in " ".join(
+        forgot.stderr.split())

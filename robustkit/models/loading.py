@@ -241,10 +241,11 @@ def _forward(model: nn.Module, x: Tensor) -> Any:
             return model(x)
     except Exception as exc:  # a user's model can fail in any way; say where
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+        hint = (" (a torch.export program needs a dynamic batch dimension: export with "
+                "dynamic_shapes={'x': {0: torch.export.Dim('batch')}})"
+                if isinstance(model, ExportedModel) or _wraps_exported(model) else "")
         raise RobustkitError(
-            f"the model failed on a batch of {x.shape[0]} images {list(x.shape)}: {first} "
-            "(a torch.export program needs a dynamic batch dimension: export with "
-            "dynamic_shapes={'x': {0: torch.export.Dim('batch')}})"
+            f"the model failed on a batch of {x.shape[0]} images {list(x.shape)}: {first}{hint}"
         ) from None
 
 
@@ -279,6 +280,11 @@ def batch_dependent(in_batch: Tensor, alone: Tensor) -> bool:
         (a.argmax(1) != b.argmax(1)).any())
 
 
+def _wraps_exported(model: nn.Module) -> bool:
+    """A ``Normalized`` wrapper around an exported program."""
+    return isinstance(getattr(model, "model", None), ExportedModel)
+
+
 def check_logits(model: nn.Module, x: Tensor, num_classes: int) -> None:
     """Reject outputs that are not ``[N, num_classes]`` logits, with a message saying why."""
     out = _forward(model, x)
@@ -293,7 +299,8 @@ def check_logits(model: nn.Module, x: Tensor, num_classes: int) -> None:
     if out.shape != (x.shape[0], num_classes):
         raise RobustkitError(
             f"the model returns shape {list(out.shape)} for a batch of {x.shape[0]} images; "
-            f"expected [N, {num_classes}] logits (input is [N, 1, 28, 28] pixels in [0, 1])"
+            f"expected [N, {num_classes}] logits (input is [N, {', '.join(map(str, x.shape[1:]))}] "
+            "pixels in [0, 1])"
         )
     if not torch.isfinite(out).all():
         raise RobustkitError("the model returns non-finite outputs (nan or inf) on clean images")

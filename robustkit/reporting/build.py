@@ -118,6 +118,22 @@ class _Predictions:
         return int(row[f"{attack}_pred"] if broken else row["clean_pred"])
 
 
+def _fresh_pictures(ex: dict[str, np.ndarray], by_eps: dict[float, str],
+                    eps_sorted: list[float]) -> dict[float, list[int]]:
+    """ε → the example samples whose picture was made at that ε.
+
+    The sweep attacks a sample again only while it is unbroken, so a sample broken at ε_k
+    carries its ε_k picture to every larger ε; such a copy is not fresh."""
+    fresh: dict[float, list[int]] = {}
+    previous: np.ndarray | None = None
+    for eps in eps_sorted:
+        images = ex[f"adv/{by_eps[eps]}"]
+        fresh[eps] = [i for i in range(len(images))
+                      if previous is None or not np.array_equal(images[i], previous[i])]
+        previous = images
+    return fresh
+
+
 def _picture(image: np.ndarray) -> np.ndarray:
     """``[C, H, W]`` → ``[H, W]`` (one channel) or ``[H, W, C]`` (colour), for imshow."""
     if image.ndim == 3 and image.shape[0] > 1:
@@ -148,12 +164,16 @@ def _example_blocks(
     def flipped(eps: float) -> list[bool | None]:
         return [preds.adversarial(by_eps[eps], attack, eps, i)[1] for i in range(k)]
 
-    first_flip = next((e for e in eps_sorted if any(flipped(e))), eps_sorted[0])
+    fresh = _fresh_pictures(ex, by_eps, eps_sorted)
+    shown = [e for e in eps_sorted if fresh[e]]  # an ε whose pictures all repeat is left out
+    if not shown:
+        return []
+    first_flip = next((e for e in shown if any(flipped(e)[i] for i in fresh[e])), shown[0])
     chosen = [first_flip]
-    middle = [e for e in eps_sorted if first_flip < e < eps_sorted[-1]]
+    middle = [e for e in shown if first_flip < e < shown[-1]]
     if max_eps > 2 and middle:
         chosen.append(middle[len(middle) // 2])
-    chosen.append(eps_sorted[-1])
+    chosen.append(shown[-1])
     chosen = sorted(dict.fromkeys(chosen))[:max_eps]
     blocks = []
     for eps in chosen:
@@ -161,9 +181,9 @@ def _example_blocks(
         flags = flipped(eps)
         delta = np.abs(ex[f"adv/{key}"].astype(np.float64) - ex["clean"]).reshape(k, -1)
         size = delta.max(axis=1) if norm == "linf" else np.sqrt((delta**2).sum(axis=1))
-        # broken samples first, those that use most of this ε first (not reused from a
-        # smaller ε), then by position
-        order = sorted(range(k), key=lambda i: (flags[i] is not True, -round(size[i], 4), i))
+        # only pictures made at this ε (a sample broken at a smaller ε keeps that ε's
+        # picture, which would repeat it); broken ones first, then by size and position
+        order = sorted(fresh[eps], key=lambda i: (flags[i] is not True, -round(size[i], 4), i))
         order = order[:samples]
         rows = []
         for i in order:
