@@ -3,7 +3,7 @@
 The public API, for notebooks and scripts::
 
     import robustkit as rk
-    data = rk.load_dataset("mnist")
+    data = rk.load_dataset("mnist")        # or rk.load_data("cifar10" | "my.npz" | "my_images/")
     model, _ = rk.load_model("runs/mnist_cnn/model-best.safetensors")
     ev = rk.evaluate(model, data.test, [rk.AttackConfig(name="pgd")], eps=[0, 0.1, 0.3])
     ev.results, ev.per_sample
@@ -26,6 +26,7 @@ from robustkit.data import Dataset, Split, load_dataset
 from robustkit.errors import RobustkitError
 from robustkit.evaluation import Evaluation, evaluate
 from robustkit.models import Normalized, build_model, load_model
+from robustkit.sources import load_data
 from robustkit.training import train
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "evaluate",
     "fgsm",
     "load_config",
+    "load_data",
     "load_dataset",
     "load_model",
     "pgd",

@@ -35,8 +35,10 @@ TINYNET = textwrap.dedent("""
 
 def robustkit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "robustkit", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=600, env=env)
+    # -P: the current folder is not put on sys.path, as for the installed `robustkit` script;
+    # finding a user's module there is robustkit's own doing
+    return subprocess.run([sys.executable, "-P", "-m", "robustkit", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
 
 
 def colour_images(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -309,3 +311,21 @@ def test_factory_config_round_trips_and_leaves_builtin_hashes_alone() -> None:
     # unset new keys stay out of the hashed view, so earlier checkpoints and reports still match
     assert to_dict(builtin.model) == {"arch": "cnn"}
     assert set(to_dict(builtin.data)) == {"dataset", "val_size", "split_seed"}
+
+
+@pytest.mark.parametrize("arch", ["softmax", "mlp", "cnn", "madry-cnn", "strided-cnn"])
+def test_builtin_architectures_take_colour_images(arch: str) -> None:
+    from robustkit.models.factory import build_network, network_spec
+    from robustkit.models.zoo import build_model
+
+    torch.manual_seed(0)
+    mnist = build_model(arch, 10)
+    torch.manual_seed(0)
+    same = build_network(network_spec(arch), 10)  # an older sidecar's description
+    assert all(torch.equal(a, b) for a, b in zip(mnist.state_dict().values(),
+                                                 same.state_dict().values(), strict=True))
+    assert mnist(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    colour = build_network(network_spec(arch, in_shape=(3, 32, 32)), 7)
+    assert colour(torch.rand(2, 3, 32, 32)).shape == (2, 7)
+    first = next(p for p in colour.parameters() if p.dim() > 1)
+    assert first.shape[1] == (3 if first.dim() == 4 else 3 * 32 * 32)

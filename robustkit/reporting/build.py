@@ -199,9 +199,11 @@ def _example_blocks(
             )
         png = figures.example_figure(rows, eps, norm, attack)
         name = f"examples-{_safe(run.name)}-{_safe(attack)}-eps{eps:g}.png"
+        colours = ("grey: unchanged, a tint: those channels pushed up" if ex["clean"].shape[1] > 1
+                   else "red brighter, blue darker")
         caption = (
             f"{run.name}, {attack} at ε = {eps:g}: clean image + perturbation "
-            f"(magnified ×{1 / eps:.3g}; red brighter, blue darker) = adversarial image."
+            f"(magnified ×{1 / eps:.3g}; {colours}) = adversarial image."
         )
         if "clean_probs" not in ex:
             caption += " Confidences need probabilities stored in examples.safetensors."
