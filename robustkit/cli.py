@@ -61,6 +61,11 @@ def _log(message: str) -> None:
     err.print(message)
 
 
+def _echo(message: str) -> None:
+    """Results for stdout, printed as they are (the consoles take no rich markup)."""
+    out.print(message)
+
+
 def _version(value: bool) -> None:
     if value:
         from importlib.metadata import PackageNotFoundError, version
@@ -163,10 +168,31 @@ def _best_epoch(stem: Path) -> int:
 @app.command(epilog="Example: robustkit data --dataset mnist --data-dir ../shared/data/mnist")
 def data(
     dataset: Annotated[str, typer.Option("--dataset", help="mnist or fashion-mnist.")] = "mnist",
+    data_source: DataOption = None,
+    resize: ResizeOption = None,
     data_dir: DataDirOption = None,
     download: Annotated[bool, typer.Option("--download", help="Fetch missing files through torchvision.")] = False,  # noqa: E501
 ) -> None:
     """Show where data is looked for, what was found and whether checksums match."""
+    if data_source is not None and data_source.lower() not in {"mnist", "fashion-mnist"}:
+        from robustkit.sources import load_data
+
+        size = _resize(resize) if resize else None
+        try:
+            loaded = load_data(data_source, data_dir=data_dir, val_size=0, resize=size)
+        except RobustkitError as exc:  # one split only: show it as the test set it is
+            if "holds one split" not in str(exc):
+                raise
+            loaded = load_data(data_source, data_dir=data_dir, parts=("test",), resize=size)
+        c, h, w = loaded.in_shape
+        out.print(f"{data_source}: {len(loaded.train)} train and {len(loaded.test)} test images "
+                  f"of {c}×{h}×{w}, {len(loaded.classes)} classes "
+                  f"({', '.join(loaded.classes[:10])}{', …' if len(loaded.classes) > 10 else ''})",
+                  highlight=False, markup=False)
+        for key, value in loaded.provenance.items():
+            out.print(f"  {key}: {value}", highlight=False, markup=False)
+        return
+    dataset = (data_source or dataset).lower()
     from robustkit.data import (
         FILE_KEYS,
         dataset_spec,
@@ -310,7 +336,7 @@ def attack(
         dataset=dataset, data_source=data_source, resize=_resize(resize) if resize else None,
         app_dir=app_dir, weights=weights, normalize=normalize, device=device, data_dir=data_dir,
         out_dir=out_dir, overwrite=overwrite, progress=not quiet,
-        echo=_log if as_json else out.print, log=_log,
+        echo=_log if as_json else _echo, log=_log,
         trust_model_file=trust_model_file,
     )
     if as_json:
@@ -353,7 +379,7 @@ def run(
                   "resume")
     run_experiment(config, overrides=overrides, out_dir=out_dir, runs_dir=runs_dir,
                    retrain=retrain, device=device, progress=not quiet, overwrite=overwrite,
-                   echo=out.print, log=_log)
+                   echo=_echo, log=_log)
 
 
 @app.command(epilog="Example: robustkit zoo; robustkit attack --model zoo:mnist_cnn --eps 0,0.3")

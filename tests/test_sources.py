@@ -329,3 +329,16 @@ def test_builtin_architectures_take_colour_images(arch: str) -> None:
     assert colour(torch.rand(2, 3, 32, 32)).shape == (2, 7)
     first = next(p for p in colour.parameters() if p.dim() > 1)
     assert first.shape[1] == (3 if first.dim() == 4 else 3 * 32 * 32)
+
+
+def test_data_command_describes_a_source(tmp_path: Path) -> None:
+    images, labels = colour_images(6, seed=0)
+    np.savez(tmp_path / "one.npz", images=images, labels=labels, classes=np.array(CLASSES))
+    shown = robustkit("data", "--data", "one.npz", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("one.npz: 0 train and 6 test images of 3×32×32, 3 classes "
+                                   "(0_red, 1_green, 2_blue)")
+    digest = __import__("hashlib").sha256((tmp_path / "one.npz").read_bytes()).hexdigest()
+    assert f"data_sha256: {digest}" in shown.stdout
+    missing = robustkit("data", "--data", "two.npz", cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: data file two.npz")
