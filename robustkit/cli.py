@@ -324,6 +324,9 @@ def attack(
 
     from robustkit.pipeline import attack_model, attack_summary, model_name
 
+    if data_source is not None and dataset != "mnist" and data_source != dataset:
+        raise RobustkitError(f"--dataset {dataset} and --data {data_source} name different "
+                             "data: pass only --data")
     eps_values = _float_list(eps, "--eps")
     attacks = _attack_configs(attack_names, norm=norm, steps=steps, step_size=step_size,
                               restarts=restarts, loss=loss, targeted=targeted)

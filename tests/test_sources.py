@@ -342,3 +342,11 @@ def test_data_command_describes_a_source(tmp_path: Path) -> None:
     assert f"data_sha256: {digest}" in shown.stdout
     missing = robustkit("data", "--data", "two.npz", cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.startswith("error: data file two.npz")
+
+
+def test_dataset_and_data_naming_different_data_is_refused(tmp_path: Path) -> None:
+    result = robustkit("attack", "--model", "m.pt2", "--dataset", "fashion-mnist", "--data",
+                       "one.npz", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: --dataset fashion-mnist and --data one.npz name "
+                                     "different data: pass only --data")
