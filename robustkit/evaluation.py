@@ -383,11 +383,11 @@ def _attack_cell(
     """Attack the ``active`` samples at one ε; record first breaks in ``a_state``.
 
     The adversarial images of the samples ``picture_idx`` (sorted) are written into
-    ``pictures``. Returns the per-sample success (misclassified) mask at this ε, the mask of
-    samples whose example is classified as the target (all false for untargeted attacks), the
-    gradient evaluations and the queries (forward passes of gradient-free attacks). With
-    ``dist``, each rank attacks a contiguous run of the batches and the outcomes are merged on
-    every rank.
+    ``pictures``; ``on_batch(size)`` follows each batch (the progress bar). Returns the
+    per-sample success (misclassified) mask at this ε, the mask of samples whose example is
+    classified as the target (all false for untargeted attacks), the gradient evaluations and
+    the queries (forward passes of gradient-free attacks). With ``dist``, each rank attacks a
+    contiguous run of the batches and the outcomes are merged on every rank.
     """
     device = x_all.device
     success = torch.zeros(len(x_all), dtype=torch.bool)
