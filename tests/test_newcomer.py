@@ -283,7 +283,8 @@ def test_attack_reads_only_the_test_files(linear_model: Path, mnist_root: Path,
     for key in ("train_images", "train_labels"):
         (tmp_path / f"{FILE_NAMES[key]}.gz").write_bytes(b"not a gzip file")
     result = run("attack", "--model", str(linear_model), "--attack", "fgsm", "--eps", "0,0.1",
-                 "--n", "20", "-q", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"))
+                 "--n", "20", "-q", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--trust-model-file")
     assert result.returncode == 0, result.stderr
     refused = run("train", "experiments/mnist_softmax.toml", "--data-dir", str(tmp_path),
                   "--out", str(tmp_path / "t"), "-q")
