@@ -162,17 +162,18 @@ NOISY = """
 import torch
 from torch import nn
 
-class Noisy(nn.Module):
-    '''A linear model whose forward adds noise: the determinism check must fail.'''
+class Quantised(nn.Module):
+    '''A linear model on pixels rounded to 1/8: its input gradient is zero everywhere, so
+    the gradient check must fail (gradient masking).'''
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.linear = nn.Linear(784, 10)
     def forward(self, x):
-        return self.linear(x.flatten(1)) + 0.1 * torch.randn(len(x), 10)
+        return self.linear(torch.round(x.flatten(1) * 8) / 8)
 
-def noisy():
-    return Noisy()
+def quantised():
+    return Quantised()
 
 def wrong_width():
     return nn.Sequential(nn.Flatten(), nn.Linear(700, 10))
@@ -231,7 +232,7 @@ def noisy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_json_summary_verdict_and_fail_on_check(noisy_dir: Path, mnist_root: Path) -> None:
     import pandas as pd
 
-    args = ["attack", "--model", "noisymodels:noisy", "--attack", "fgsm,pgd", "--steps", "3",
+    args = ["attack", "--model", "noisymodels:quantised", "--attack", "fgsm,pgd", "--steps", "3",
             "--eps", "0,0.1", "--n", "40", "-q"]
     plain = run(*args, "--out", "plain", cwd=noisy_dir)
     assert plain.returncode == 0, plain.stderr  # a failed check alone keeps exit code 0
@@ -245,11 +246,11 @@ def test_json_summary_verdict_and_fail_on_check(noisy_dir: Path, mnist_root: Pat
     assert verdict > table_end  # after the results table
     for _, row in checks[checks["status"] != "pass"].iterrows():
         assert f"  {row['status']}: {row['name']}: {row['detail']}" in lines
-    assert "  fail: forward_deterministic: " in plain.stdout
+    assert "  fail: input_gradients_usable: " in plain.stdout
 
     as_json = run(*args, "--out", "as-json", "--json", "--fail-on-check", cwd=noisy_dir)
     assert as_json.returncode == 1, as_json.stderr
-    assert "checks failed: forward_deterministic" in as_json.stderr
+    assert "checks failed: " in as_json.stderr and "input_gradients_usable" in as_json.stderr
     document = json.loads(as_json.stdout)  # stdout holds the JSON document and nothing else
     assert conforms(document, ATTACK_JSON) == []
     results = pd.read_csv(noisy_dir / "as-json" / "results.csv")
