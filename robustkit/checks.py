@@ -45,6 +45,7 @@ from robustkit.attacks import (
 from robustkit.config import AttackConfig, config_from_dict
 from robustkit.data import Split
 from robustkit.errors import RobustkitError
+from robustkit.models.defences import with_bpda
 from robustkit.models.loading import BATCH_TOLERANCE, batch_dependent, same_size_batches
 from robustkit.progress import Bar
 
@@ -281,6 +282,8 @@ def _broken(model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: f
             **changes: Any) -> Tensor:
     """Per-sample success ``[N]`` of an untargeted run of iterative ``attack`` at ``eps``."""
     config = dataclasses.replace(attack, **changes)
+    if config.bpda is not None:
+        model = with_bpda(model, config.bpda)
     generator = torch.Generator(device=x.device).manual_seed(seed)
     if config.name == "apgd":
         return apgd(model, x, y, eps=eps, norm=config.norm, steps=config.steps,
@@ -657,7 +660,8 @@ def check_deterministic(
             threshold,
             f"outputs differ by up to {diff:.3g} and {changed} of {len(x)} predictions "
             "change between two identical eval-mode passes: the model is random; "
-            "attack it with EOT or remove the randomness",
+            "attack it with EOT (eot_samples = K in [[attacks]], --eot-samples K) or remove "
+            "the randomness",
         )
     if diff > rtol * scale:
         return Check(

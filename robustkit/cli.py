@@ -248,8 +248,10 @@ ATTACK_NAMES = ("fgsm", "pgd", "apgd", "apgd-t", "square", "autoattack")
 PRESET_NAMES = ("standard", "apgd-ce-margin", "fgsm-pgd")
 
 
-def _attack_configs(names: str, **settings: object) -> list[AttackConfig]:
-    """The attacks named by ``--attack`` (attack names or presets), with the options given."""
+def _attack_configs(names: str, *, extra: dict[str, object] | None = None,
+                    **settings: object) -> list[AttackConfig]:
+    """The attacks named by ``--attack`` (attack names or presets), with the options given;
+    ``extra`` adds top-level tables (``defence``, ``transforms``) they are checked against."""
     from robustkit.config import ATTACK_PRESETS, FIXED_RECIPES, config_from_dict, to_dict
 
     given = {k: v for k, v in settings.items() if v is not None}
@@ -276,11 +278,13 @@ def _attack_configs(names: str, **settings: object) -> list[AttackConfig]:
                 for key, default in (("loss", "ce"), ("restarts", 1), ("targeted", False)):
                     if entry.get(key) == default:
                         entry.pop(key)
+            if kind not in ("pgd", "apgd"):  # --eot-samples is for PGD and APGD
+                entry.pop("eot_samples", None)
             attacks.append(entry)
     if not attacks:
         raise RobustkitError(
             f"--attack is empty: choose {', '.join(ATTACK_NAMES)} (comma-separated)")
-    return list(config_from_dict({"attacks": attacks}).attacks)
+    return list(config_from_dict({"attacks": attacks, **(extra or {})}).attacks)
 
 
 @app.command(epilog=(
@@ -318,18 +322,30 @@ def attack(
              "trust; checkpoints and factories never need it.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document (accuracies, intervals, checks, files) on stdout; the rest goes to stderr.")] = False,  # noqa: E501
     fail_on_check: Annotated[bool, typer.Option("--fail-on-check", help="Exit with code 1 when a sanity check fails (for CI).")] = False,  # noqa: E501
+    defence: Annotated[Optional[str], typer.Option("--defence", help="Preprocessing in front of the model: bit-depth:BITS, median:SIZE or noise:SIGMA.")] = None,  # noqa: E501, UP045
+    bpda: Annotated[Optional[str], typer.Option("--bpda", help="Attack through the --defence with BPDA: identity or mean-filter.")] = None,  # noqa: E501, UP045
+    eot_samples: Annotated[Optional[int], typer.Option("--eot-samples", help="EOT: average each PGD/APGD step's gradient over K draws of --transform.")] = None,  # noqa: E501, UP045
+    transform: Annotated[Optional[str], typer.Option("--transform", help="Transformations, e.g. rotate=15,translate=2,scale=0.9:1.1,noise=0.05 (also eval_samples=M, eps=E).")] = None,  # noqa: E501, UP045
 ) -> None:
     """Attack a model over an ε sweep; writes results.csv, per_sample.csv and a report."""
     import json
 
+    from robustkit.config import config_from_dict, parse_defence_spec, parse_transform_spec
     from robustkit.pipeline import attack_model, attack_summary, model_name
 
     if data_source is not None and dataset != "mnist" and data_source != dataset:
         raise RobustkitError(f"--dataset {dataset} and --data {data_source} name different "
                              "data: pass only --data")
     eps_values = _float_list(eps, "--eps")
-    attacks = _attack_configs(attack_names, norm=norm, steps=steps, step_size=step_size,
-                              restarts=restarts, loss=loss, targeted=targeted)
+    extra: dict[str, object] = {}
+    if defence is not None:
+        extra["defence"] = parse_defence_spec(defence)
+    if transform is not None:
+        extra["transforms"] = parse_transform_spec(transform)
+    attacks = _attack_configs(attack_names, extra=extra, norm=norm, steps=steps,
+                              step_size=step_size, restarts=restarts, loss=loss,
+                              targeted=targeted, bpda=bpda, eot_samples=eot_samples)
+    tables = config_from_dict({"attacks": [], **extra}) if extra else None
     folder = out_dir or Path("runs") / f"attack-{model_name(model)}"
     _check_out(folder, "--out")
     _on_interrupt(f"finished (attack, ε) cells are kept in {folder}; run the same command "
@@ -341,6 +357,8 @@ def attack(
         out_dir=out_dir, overwrite=overwrite, progress=not quiet,
         echo=_log if as_json else _echo, log=_log,
         trust_model_file=trust_model_file,
+        defence=tables.defence if tables else None,
+        transforms=tables.transforms if tables else None,
     )
     if as_json:
         sys.stdout.write(json.dumps(attack_summary(outcome), indent=2, allow_nan=False) + "\n")

@@ -134,6 +134,12 @@ class AttackConfig:
     queries: int | None = field(default=None, metadata=_range(1, 1_000_000))
     p_init: float | None = field(default=None, metadata=_range(0, 1, lo_open=True))
 
+    # EOT (PGD/APGD): each step's gradient is the mean over this many draws of [transforms]
+    # (the identity when there is no [transforms] table: for a randomised model); None: plain
+    eot_samples: int | None = field(default=None, metadata=_range(1))
+    # BPDA through the [defence] preprocessing: its backward pass becomes this approximation's
+    bpda: Literal["identity", "mean-filter"] | None = None
+
     def __post_init__(self) -> None:
         if self.steps == 0:
             object.__setattr__(self, "steps", DEFAULT_STEPS.get(self.name, 40))
@@ -170,6 +176,10 @@ class AttackConfig:
             tag += f"-{self.norm}"
         if self.targeted:
             tag += "-targeted"
+        if self.eot_samples is not None:
+            tag += f"-eot{self.eot_samples}"
+        if self.bpda is not None:
+            tag += f"-bpda-{self.bpda}" if self.bpda != "identity" else "-bpda"
         return tag
 
 
@@ -198,6 +208,39 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class TransformConfig:
+    """``[transforms]``: the distribution EOT attacks average over and robustness under
+    transformation is measured with (ranges are ``[low, high]``, sampled uniformly)."""
+
+    rotate: float = field(default=0.0, metadata=_range(0, 180))  # ± degrees
+    translate: float = field(default=0.0, metadata=_range(0, 28))  # ± pixels
+    scale: tuple[float, ...] = field(default=(1.0, 1.0), metadata=_range(0, 10, lo_open=True))
+    brightness: tuple[float, ...] = field(default=(0.0, 0.0), metadata=_range(-1, 1))
+    contrast: tuple[float, ...] = field(default=(1.0, 1.0), metadata=_range(0, 10))
+    noise: float = field(default=0.0, metadata=_range(0, 1))  # σ, pixel units
+    blur: tuple[float, ...] = field(default=(0.0, 0.0), metadata=_range(0, 5))  # σ, pixels
+    # robustness under transformation: M fresh draws per image, at these ε (default: the sweep's)
+    eval_samples: int = field(default=100, metadata=_range(1))
+    eps: tuple[float, ...] | None = None
+    examples: int = field(default=6, metadata=_range(1, 32))  # draws shown in the report
+    seed: int = field(default=0, metadata=_range(0))
+
+
+#: The ``[transforms]`` keys that describe the distribution (the rest say how to measure).
+TRANSFORM_KEYS = ("rotate", "translate", "scale", "brightness", "contrast", "noise", "blur")
+
+
+@dataclass(frozen=True)
+class DefenceConfig:
+    """``[defence]``: a preprocessing step in front of the trained model, ``f(g(x))``."""
+
+    preprocess: Literal["bit-depth", "median", "noise"] = "bit-depth"
+    bits: int | None = field(default=None, metadata=_range(1, 16))  # bit-depth (default 3)
+    size: int | None = field(default=None, metadata=_range(1, 27))  # median (odd, default 3)
+    sigma: float | None = field(default=None, metadata=_range(0, 1))  # noise (default 0.3)
+
+
+@dataclass(frozen=True)
 class ReferenceConfig:
     """A published figure to put beside robustkit's: the error rate of ``attack`` at ``eps``."""
 
@@ -221,6 +264,8 @@ class ExperimentConfig:
     attacks: tuple[AttackConfig, ...] = field(default_factory=_default_attacks)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     reference: ReferenceConfig | None = None
+    transforms: TransformConfig | None = None
+    defence: DefenceConfig | None = None
 
     @property
     def all_seeds(self) -> tuple[int, ...]:
@@ -354,7 +399,9 @@ def check_name(name: str, what: str = "name") -> None:
 
 def _check_consistency(config: ExperimentConfig) -> None:
     check_name(config.name)
-    if not config.evaluate.eps or all(e == 0 for e in config.evaluate.eps):
+    measured_elsewhere = config.transforms is not None and bool(config.transforms.eps)
+    if not config.evaluate.eps or (all(e == 0 for e in config.evaluate.eps)
+                                   and not measured_elsewhere):  # transforms.eps: the attacks
         _fail("evaluate.eps", "needs at least one budget above 0 (0 alone is clean accuracy "
               "only), e.g. [0, 0.1, 0.2, 0.3]")
     upper = 1.0 if all(a.norm == "linf" for a in config.attacks) else 28.0
@@ -407,6 +454,15 @@ def _check_consistency(config: ExperimentConfig) -> None:
             if changed:
                 _fail(f"attacks[{i}]", f"{attack.name} runs a fixed recipe; remove "
                       f"{', '.join(changed)} (it takes norm, steps, targets, queries, p_init)")
+        if attack.eot_samples is not None and attack.name == "fgsm":
+            _fail(f"attacks[{i}].eot_samples", "EOT averages the gradients of an iterative "
+                  "attack's steps: use name = \"pgd\" or \"apgd\"")
+        if attack.bpda is not None and config.defence is None:
+            _fail(f"attacks[{i}].bpda", "BPDA replaces the backward pass of a preprocessing "
+                  "defence: declare one (a defence table in the config, --defence on the command "
+                  "line), or remove bpda")
+    _check_transforms(config.transforms)
+    _check_defence(config.defence)
     titles = [a.title for a in config.attacks]
     duplicates = {t for t in titles if titles.count(t) > 1}
     if duplicates:
@@ -419,6 +475,32 @@ def _check_consistency(config: ExperimentConfig) -> None:
                   f"choose one of {', '.join(map(repr, rows))}")
         if not any(abs(e - reference.eps) < 1e-9 for e in config.evaluate.eps):
             _fail("reference.eps", f"{reference.eps:g} is not in evaluate.eps: add it there")
+
+
+def _check_transforms(transforms: TransformConfig | None) -> None:
+    if transforms is None:
+        return
+    for key in ("scale", "brightness", "contrast", "blur"):
+        pair = getattr(transforms, key)
+        if len(pair) != 2 or pair[0] > pair[1]:
+            _fail(f"transforms.{key}", f"expected a range of two numbers, low <= high, got "
+                  f"{list(pair)}")
+    for i, eps in enumerate(transforms.eps or ()):
+        if not 0.0 < eps <= 1.0:
+            _fail(f"transforms.eps[{i}]", f"{eps} is out of range: ε is in (0, 1] (L∞ pixel "
+                  "units)")
+
+
+def _check_defence(defence: DefenceConfig | None) -> None:
+    if defence is None:
+        return
+    own = {"bit-depth": "bits", "median": "size", "noise": "sigma"}[defence.preprocess]
+    for key in ("bits", "size", "sigma"):
+        if key != own and getattr(defence, key) is not None:
+            _fail(f"defence.{key}", f"does not apply to preprocess = {defence.preprocess!r} "
+                  f"(it takes {own})")
+    if defence.size is not None and defence.size % 2 == 0:
+        _fail("defence.size", f"{defence.size} is even: a median window needs an odd size")
 
 
 # --------------------------------------------------------------------------- loading
@@ -540,3 +622,58 @@ def to_toml(config: ExperimentConfig) -> str:
 
     table("", to_dict(config), None)
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- command-line specs
+
+
+def parse_transform_spec(text: str) -> dict[str, Any]:
+    """``rotate=15,translate=2,scale=0.9:1.1,noise=0.05`` → a raw ``[transforms]`` table.
+
+    A range is ``low:high``; a single number means ``±b`` for brightness, ``[0, b]`` for blur
+    and ``[b, b]`` for scale and contrast; ``eps=0.1:0.2:0.3`` lists the ε to measure at.
+    Keys and values are validated like the config's.
+    """
+    raw: dict[str, Any] = {}
+    ranges = {f.name for f in dataclasses.fields(TransformConfig)
+              if f.name in TRANSFORM_KEYS and isinstance(f.default, tuple)}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or not value.strip():
+            raise RobustkitError(f"--transform {text!r}: expected key=value pairs, e.g. "
+                                 "rotate=15,translate=2,scale=0.9:1.1,noise=0.05")
+        try:
+            numbers = [float(v) for v in value.split(":")]
+        except ValueError:
+            raise RobustkitError(f"--transform {text!r}: {value!r} is not a number or "
+                                 "low:high range") from None
+        if key == "eps":  # the ε list of the measurement: eps=0.1:0.2:0.3
+            raw[key] = numbers
+        elif key in ranges:
+            if len(numbers) == 1:
+                b = numbers[0]
+                numbers = {"brightness": [-b, b], "blur": [0.0, b]}.get(key, [b, b])
+            raw[key] = numbers
+        elif len(numbers) != 1:
+            raise RobustkitError(f"--transform {text!r}: {key} takes one number, not a range")
+        else:
+            integer = key in ("eval_samples", "examples", "seed") and numbers[0].is_integer()
+            raw[key] = int(numbers[0]) if integer else numbers[0]
+    return raw
+
+
+def parse_defence_spec(text: str) -> dict[str, Any]:
+    """``bit-depth:3``, ``median:3``, ``noise:0.3`` (or the name alone) → a raw ``[defence]``."""
+    kind, _, value = text.strip().partition(":")
+    raw: dict[str, Any] = {"preprocess": kind}
+    if value:
+        key = {"bit-depth": "bits", "median": "size", "noise": "sigma"}.get(kind, "bits")
+        try:
+            raw[key] = float(value) if key == "sigma" else int(value)
+        except ValueError:
+            raise RobustkitError(f"--defence {text!r}: {value!r} is not a number "
+                                 "(e.g. bit-depth:3, median:3, noise:0.3)") from None
+    return raw

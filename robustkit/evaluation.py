@@ -58,10 +58,12 @@ from robustkit.attacks.apgd_t import DEFAULT_TARGETS, apgd_targeted
 from robustkit.attacks.base import max_eps
 from robustkit.attacks.ensemble import autoattack
 from robustkit.attacks.square import DEFAULT_P_INIT, DEFAULT_QUERIES, SquareNoise, square
+from robustkit.attacks.transforms import EOT, Transform
 from robustkit.config import AttackConfig
 from robustkit.data import Split
 from robustkit.distributed import Context, all_gather_object, all_gather_tensor, batch_shard, shard
 from robustkit.errors import RobustkitError
+from robustkit.models.defences import with_bpda
 from robustkit.progress import Bar
 
 ANY = "any"
@@ -162,12 +164,20 @@ class SquareBank:
         return torch.rand((self.n, m), generator=generator, dtype=torch.float64)
 
 
+def eot_seed(seed: int, attack_index: int, eps: float, first: int) -> int:
+    """The seed of an EOT attack's draws on the batch whose first sample is ``first``."""
+    return (seed * 1_000_003 + attack_index * 1009 + round(eps * 1e6) * 7 + first) % 2**62
+
+
 def run_attack(model: nn.Module, attack: AttackConfig, x: Tensor, y: Tensor, eps: float,
                noise: Callable[[int], Tensor] | None, early_stop: bool = True,
                labels: Tensor | None = None,
-               square_noise: SquareNoise | None = None) -> AttackResult:
+               square_noise: SquareNoise | None = None, *, transform: Transform | None = None,
+               generator: torch.Generator | None = None) -> AttackResult:
     """One attack at one ε on a batch; ``y`` holds the targets of a targeted attack and
-    ``labels`` the true classes (success = misclassified)."""
+    ``labels`` the true classes (success = misclassified); ``attack.eot_samples`` draws of
+    ``transform`` (the identity by default) per step from ``generator``; ``attack.bpda``
+    through the model's preprocessing."""
     if attack.name == "autoattack":
         return autoattack(model, x, y, eps=eps, norm=attack.norm, steps=attack.steps,
                           targets=attack.targets, budget=attack.queries or DEFAULT_QUERIES,
@@ -178,6 +188,10 @@ def run_attack(model: nn.Module, attack: AttackConfig, x: Tensor, y: Tensor, eps
                       budget=attack.queries or DEFAULT_QUERIES,
                       p_init=attack.p_init or DEFAULT_P_INIT, noise=square_noise)
     targeted = attack.targeted
+    if attack.bpda is not None:
+        model = with_bpda(model, attack.bpda)
+    eot = (EOT(transform or Transform(), attack.eot_samples, generator)
+           if attack.eot_samples is not None else None)
     if attack.name == "fgsm" and attack.norm == "linf":
         return fgsm(model, x, y, eps=eps, targeted=targeted, loss=attack.loss, labels=labels)
     if attack.name == "fgsm":  # the L2 fast gradient method: one step of length ε, no start
@@ -190,11 +204,12 @@ def run_attack(model: nn.Module, attack: AttackConfig, x: Tensor, y: Tensor, eps
     if attack.name == "apgd":
         return apgd(model, x, y, eps=eps, norm=attack.norm, steps=attack.steps, loss=attack.loss,
                     restarts=attack.restarts, random_start=attack.random_start,
-                    targeted=targeted, labels=labels, early_stop=early_stop, start_noise=noise)
+                    targeted=targeted, labels=labels, early_stop=early_stop, start_noise=noise,
+                    eot=eot)
     return pgd(model, x, y, eps=eps, norm=attack.norm, steps=attack.steps,
                step_size=attack.step_size, loss=attack.loss, restarts=attack.restarts,
                random_start=attack.random_start, targeted=targeted, labels=labels,
-               early_stop=early_stop, start_noise=noise)
+               early_stop=early_stop, start_noise=noise, eot=eot)
 
 
 def check_eps(eps: Sequence[float], norm: str, x: Tensor) -> None:
@@ -282,6 +297,7 @@ def evaluate(
     on_cell: Callable[[SweepState], None] | None = None,
     dist: Context | None = None,
     device_batch: bool = True,
+    transform: Transform | None = None,
 ) -> Evaluation:
     """Sweep every attack over every ε; return tidy results, per-sample outcomes and timings.
 
@@ -298,6 +314,9 @@ def evaluate(
     ``device_batch``: on CUDA (one process), attack and predict in the batches the device
     chooses (:func:`device_batch_size`, the whole split when it fits) instead of
     ``batch_size``; the CPU always uses ``batch_size``.
+
+    EOT attacks (``eot_samples``) draw from ``transform`` (default: the identity, for a
+    randomised model), seeded per (seed, attack, ε, first sample of the batch).
     """
     main = dist is None or dist.is_main
     eps_list = sorted({float(e) for e in eps})
@@ -358,7 +377,7 @@ def evaluate(
                         (bank, square_bank), batch_size=batch_size, shortcuts=shortcuts,
                         a_state=a_state, picture_idx=example_idx.cpu(), pictures=pictures,
                         dist=dist,
-                        on_batch=on_batch,
+                        on_batch=on_batch, transform=transform, eot=(seed, a_index),
                     )
                     state.examples[key] = pictures
                     a_state.success_at[e] = success_all
@@ -379,6 +398,7 @@ def _attack_cell(
     active: Tensor, eps: float, banks: tuple[NoiseBank, SquareBank], *, batch_size: int,
     shortcuts: bool, a_state: AttackState, picture_idx: Tensor, pictures: Tensor,
     dist: Context | None = None, on_batch: Callable[[int], None] | None = None,
+    transform: Transform | None = None, eot: tuple[int, int] = (0, 0),
 ) -> tuple[Tensor, Tensor, int, int]:
     """Attack the ``active`` samples at one ε; record first breaks in ``a_state``.
 
@@ -408,14 +428,18 @@ def _attack_cell(
             return square_bank(step, m)[index].to(device)
 
         labels = y_all[on_device] if attack.targeted else None
+        generator = (torch.Generator(device).manual_seed(eot_seed(*eot, eps, int(index[0])))
+                     if attack.eot_samples is not None else None)
         result = run_attack(model, attack, x_all[on_device], targets[on_device], eps, noise,
                             early_stop=shortcuts, labels=labels,
-                            square_noise=square_noise)
+                            square_noise=square_noise, transform=transform,
+                            generator=generator)
         evals += result.grad_evals
         queries += result.queries
         with torch.no_grad():
             adv_logits = model(result.x_adv)
-        hit = rejudge(adv_logits, y_all[on_device], result.success, attack.title, eps).cpu()
+        hit = (result.success.cpu() if attack.eot_samples is not None  # all K draws fooled
+               else rejudge(adv_logits, y_all[on_device], result.success, attack.title, eps).cpu())
         adv_pred = adv_logits.argmax(1).cpu()
         success[index[hit]] = True
         first = hit & (a_state.broken_eps[index] > eps)  # a new smallest breaking ε

@@ -13,12 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from robustkit import distributed
-from robustkit.config import SEED_MAX, AttackConfig, ReferenceConfig, to_dict
+from robustkit.config import (
+    SEED_MAX,
+    AttackConfig,
+    DefenceConfig,
+    ReferenceConfig,
+    TransformConfig,
+    to_dict,
+)
 from robustkit.data import DATASETS
 from robustkit.distributed import Context
 from robustkit.errors import RobustkitError
 from robustkit.evaluation import Evaluation
 from robustkit.models import check_logits, load_model, parse_normalize
+from robustkit.physical import build_defence, build_transform
 from robustkit.released import WEIGHTS_STEM, ZOO_PREFIX, release_weights, weights_provenance
 from robustkit.runs import evaluate_to_folder
 from robustkit.runtime import now_iso, provenance
@@ -89,11 +97,15 @@ def attack_model(
     log: Callable[[str], None] = print,
     report: bool = True,
     trust_model_file: bool = False,
+    defence: DefenceConfig | None = None,
+    transforms: TransformConfig | None = None,
 ) -> AttackOutcome:
     """Load any supported model, sweep the attacks over ε on the test set, write a run folder.
 
     Returns the evaluation with its checks, warnings and output files (see
-    :func:`attack_summary` for the ``--json`` document).
+    :func:`attack_summary` for the ``--json`` document). ``defence`` puts a preprocessing step
+    in front of the model; ``transforms`` is the distribution EOT attacks draw from and
+    robustness under transformation is measured with.
     """
     for e in eps:
         if e < 0 or (e > 1 and all(a.norm == "linf" for a in attacks)):
@@ -101,7 +113,7 @@ def attack_model(
                 f"--eps {e:g} is out of range: L∞ budgets are in [0, 1] pixel units "
                 "(write e.g. 0.3 or 8/255, not 8)"
             )
-    if not any(e > 0 for e in eps):
+    if not any(e > 0 for e in eps) and not (transforms is not None and transforms.eps):
         raise RobustkitError(
             f"--eps {','.join(f'{e:g}' for e in eps) or '(empty)'}: give at least one budget "
             "above 0 (0 alone measures clean accuracy only), e.g. 0,0.1,0.2,0.3"
@@ -124,6 +136,7 @@ def attack_model(
         parts=("test",), resize=resize), dist)  # the test split only; one download per node
     split = data.test.take(n)
     check_logits(net, split.images[:8], len(data.classes))
+    net = build_defence(net, defence)  # after the checks a random defence would fail
     name = model_name(model)
     folder = out_dir or Path("runs") / f"attack-{name}"
     settings = {
@@ -131,6 +144,7 @@ def attack_model(
         "normalize": normalize or "", "dataset": data.name, "split": "test", "n": len(split),
         "eps": sorted(set(eps)), "attacks": [to_dict(a) for a in attacks], "seed": seed,
         "device": str(target), "batch_size": batch_size,
+        **_physical_settings(defence, transforms),
     }
     settings.update(_data_settings(data))
     manifest = {"command": "attack", "start": now_iso(), **provenance(target, seed),
@@ -142,7 +156,7 @@ def attack_model(
         evaluation = _evaluate_to_folder(
             net, split, attacks, eps, out_dir=folder, settings=settings, manifest=manifest,
             model_name=name, batch_size=batch_size, seed=seed, progress=progress,
-            overwrite=overwrite, dist=dist,
+            overwrite=overwrite, dist=dist, transform=build_transform(transforms),
         )
     except (RobustkitError, OSError, MemoryError):
         raise
@@ -158,6 +172,8 @@ def attack_model(
     if report and main:
         checks = _after_evaluation(net, split, evaluation, settings, folder, seed=seed,
                                    reference=None, log=log, progress=progress)
+        _physical(net, split, attacks, transforms, eps, folder, batch_size=batch_size,
+                  seed=seed, progress=progress, log=log)
     echo(f"robust accuracy of {name} on {len(split)} {data.name} test images:")
     echo(accuracy_table(evaluation.results,
                         _unreliable(folder, evaluation.results, settings) if main else None))
@@ -312,12 +328,14 @@ def run_experiment(
             train(cfg, out_dir=ckpt_dir, seed=seed, device=target, data=data,
                   progress=progress, resume=not retrain, log=log, dist=dist)
         model, info = _load_everywhere(best, target, dist)
+        model = build_defence(model, cfg.defence)
         settings = {
             "experiment": cfg.name, "config_hash": config_hash(cfg), "seed": seed,
             "training_hash": fingerprint, "model": str(best), "dataset": data.name,
             "split": cfg.evaluate.split, "n": len(split), "eps": sorted(set(cfg.evaluate.eps)),
             "attacks": [to_dict(a) for a in cfg.attacks], "device": str(target),
             "batch_size": cfg.evaluate.batch_size, **_data_settings(data),
+            **_physical_settings(cfg.defence, cfg.transforms),
         }
         manifest = {"command": "run", "start": now_iso(), **provenance(target, seed),
                     **_data_provenance(data, split),
@@ -331,7 +349,7 @@ def run_experiment(
             model, split, cfg.attacks, cfg.evaluate.eps, out_dir=eval_dir, settings=settings,
             manifest=manifest, model_name=f"{cfg.name}/seed-{seed}" if several else cfg.name,
             batch_size=cfg.evaluate.batch_size, seed=cfg.evaluate.seed, progress=progress,
-            overwrite=overwrite, dist=dist,
+            overwrite=overwrite, dist=dist, transform=build_transform(cfg.transforms),
         )
         checks = None
         if main:
@@ -340,6 +358,9 @@ def run_experiment(
             checks = _after_evaluation(model, split, evaluation, settings, eval_dir,
                                        seed=cfg.evaluate.seed, reference=cfg.reference, log=log,
                                        progress=progress)
+            _physical(model, split, cfg.attacks, cfg.transforms, cfg.evaluate.eps, eval_dir,
+                      batch_size=cfg.evaluate.batch_size, seed=cfg.evaluate.seed,
+                      progress=progress, log=log)
         evaluations[seed] = evaluation
         echo(f"{cfg.name} seed {seed}: robust accuracy on {len(split)} {cfg.evaluate.split} "
              "images")
@@ -371,6 +392,34 @@ def _data_provenance(data: Any, split: Any) -> dict[str, Any]:
             "data_evaluated": f"{len(split)} {c}×{h}×{w} images of {data.name}"}
 
 
+def _physical_settings(defence: DefenceConfig | None, transforms: TransformConfig | None
+                       ) -> dict[str, Any]:
+    """The settings entries of a defence and a transformation distribution, when declared."""
+    entries: dict[str, Any] = {}
+    if defence is not None:
+        entries["defence"] = to_dict(defence)
+    if transforms is not None:
+        entries["transforms"] = to_dict(transforms)
+    return entries
+
+
+def _physical(model: Any, split: Any, attacks: Sequence[AttackConfig],
+              transforms: TransformConfig | None, eps: Sequence[float], eval_dir: Path, *,
+              batch_size: int, seed: int, progress: bool, log: Callable[[str], None]) -> None:
+    """Robustness under transformation (:mod:`robustkit.physical`) when there is a
+    ``[transforms]`` table, or a randomised model attacked with EOT."""
+    from robustkit.physical import transformation_robustness, wants_physical, write_physical
+
+    config = wants_physical(model, attacks, transforms)
+    if config is None:
+        return
+    physical = transformation_robustness(model, split, attacks, config, eps,
+                                         batch_size=batch_size, seed=seed, progress=progress)
+    write_physical(eval_dir, physical, {"transforms": to_dict(config),
+                                        "transform": build_transform(config).describe()})
+    log(f"robustness under transformation written to {eval_dir / 'physical.csv'}")
+
+
 def _silent(message: str) -> None:
     """What ranks other than 0 print: nothing."""
 
@@ -378,7 +427,7 @@ def _silent(message: str) -> None:
 def _evaluate_to_folder(model: Any, split: Any, attacks: Any, eps: Any, *, out_dir: Path,
                         settings: dict[str, Any], manifest: dict[str, Any], model_name: str,
                         batch_size: int, seed: int, progress: bool, overwrite: bool,
-                        dist: Context | None) -> Evaluation:
+                        dist: Context | None, transform: Any = None) -> Evaluation:
     """:func:`robustkit.runs.evaluate_to_folder`, shared out over the ranks of ``dist``.
 
     Rank 0 guards the folder and reads a saved sweep state, which every rank then resumes; all
@@ -388,7 +437,7 @@ def _evaluate_to_folder(model: Any, split: Any, attacks: Any, eps: Any, *, out_d
         return evaluate_to_folder(
             model, split, attacks, eps, out_dir=out_dir, settings=settings, manifest=manifest,
             model_name=model_name, batch_size=batch_size, seed=seed, progress=progress,
-            overwrite=overwrite)
+            overwrite=overwrite, transform=transform)
     import time
 
     from robustkit.evaluation import evaluate
@@ -413,7 +462,7 @@ def _evaluate_to_folder(model: Any, split: Any, attacks: Any, eps: Any, *, out_d
     evaluation = evaluate(
         model, split, attacks, eps, model_name=model_name, batch_size=batch_size, seed=seed,
         progress=progress, state=state, on_cell=lambda s: save_sweep(out_dir, fingerprint, s),
-        dist=dist,
+        dist=dist, transform=transform,
     )
     if dist.is_main:
         manifest = {**manifest, "fingerprint": fingerprint, "end": now_iso(),

@@ -122,6 +122,7 @@ def evaluate_to_folder(
     seed: int,
     progress: bool,
     overwrite: bool = False,
+    transform: Any = None,
 ) -> Evaluation:
     """Guard the folder, run (or resume) the sweep, write every output; return the frames."""
     import time
@@ -137,6 +138,7 @@ def evaluate_to_folder(
     evaluation = evaluate(
         model, split, attacks, eps, model_name=model_name, batch_size=batch_size, seed=seed,
         progress=progress, state=state, on_cell=lambda s: save_sweep(out_dir, fingerprint, s),
+        transform=transform,
     )
     manifest = {**manifest, "fingerprint": fingerprint, "end": now_iso(),
                 "evaluation_seconds": time.perf_counter() - started,

@@ -43,6 +43,7 @@ from robustkit.attacks.base import (
 from robustkit.attacks.losses import check_loss
 from robustkit.attacks.norms import check_norm, project, steepest_step
 from robustkit.attacks.pgd import StartNoise, check_count, probe, with_restarts
+from robustkit.attacks.transforms import EOT
 
 #: Weight of the new step against the momentum term (``a`` above).
 MOMENTUM_WEIGHT = 0.75
@@ -85,6 +86,7 @@ def apgd(
     start_noise: StartNoise | None = None,
     compact_every: int | None = None,
     aim: Tensor | None = None,
+    eot: EOT | None = None,
 ) -> AttackResult:
     """APGD within ``‖x_adv − x‖ ≤ ε`` (``norm`` ∈ {"linf", "l2"}) and ``x_adv ∈ [0, 1]``.
 
@@ -106,7 +108,8 @@ def apgd(
     def one_start(worst: WorstCase, idx: Tensor, x_i: Tensor, y_i: Tensor, u: Tensor) -> int:
         return _run(model, worst, idx, x_i, y_i, eps_t[idx], u, norm=norm, steps=steps,
                     halve_at=halve_at, kind=kind, targeted=targeted, early_stop=early_stop,
-                    every=every, aim=None if aim is None else aim[idx])
+                    every=every, aim=None if aim is None else aim[idx],
+                    eot=eot)
 
     return with_restarts(
         model, x, y, eps_t, one_start, kind=kind, targeted=targeted, norm=norm,
@@ -132,6 +135,7 @@ def _run(
     early_stop: bool,
     every: int = 1,
     aim: Tensor | None = None,
+    eot: EOT | None = None,
 ) -> int:
     """One APGD run from ``x⁽⁰⁾ = P(x + ε·u)`` on the sub-batch ``idx``; return its gradients.
 
@@ -150,7 +154,7 @@ def _run(
     rises = torch.zeros(len(idx), device=x.device)
     for t in range(steps + 1):
         value, adv, grad = probe(model, x_cur, y, kind, targeted, gradient=t < steps,
-                                 truth=worst.truth(idx), aim=aim)
+                                 truth=worst.truth(idx), aim=aim, eot=eot)
         worst.update(idx, x_cur, value, adv)
         if t == steps:
             break
@@ -184,7 +188,7 @@ def _run(
             rises = torch.zeros_like(rises)
             last_checkpoint = t
         x_prev, x_cur = x_cur, apgd_step(x, x_cur, x_prev, grad, eta, eps, norm, first=t == 0)
-    return stop.grad_evals
+    return stop.grad_evals * (eot.samples if eot else 1)
 
 
 def apgd_step(x: Tensor, x_cur: Tensor, x_prev: Tensor, grad: Tensor, eta: Tensor,

@@ -42,6 +42,7 @@ from robustkit.attacks.base import (
 )
 from robustkit.attacks.losses import adversarial_loss, check_loss, judge, objective
 from robustkit.attacks.norms import check_norm, project, random_unit_ball, steepest_step
+from robustkit.attacks.transforms import EOT
 from robustkit.errors import RobustkitError
 
 #: ``start_noise(restart)`` returns unit-ball noise shaped like the whole batch ``x``.
@@ -66,6 +67,7 @@ def pgd(
     generator: torch.Generator | None = None,
     start_noise: StartNoise | None = None,
     compact_every: int | None = None,
+    eot: EOT | None = None,
 ) -> AttackResult:
     """PGD attack within ``‖x_adv − x‖ ≤ ε`` (``norm`` ∈ {"linf", "l2"}) and ``x_adv ∈ [0, 1]``.
 
@@ -88,6 +90,8 @@ def pgd(
         compact_every: with ``early_stop``, drop broken samples every this many steps
             (default: every step on the CPU, every few on CUDA; see
             :func:`~robustkit.attacks.base.compaction_interval`). Results do not depend on it.
+        eot: ascend the mean objective over ``eot.samples`` random transformations per step
+            (:class:`~robustkit.attacks.transforms.EOT`, which also defines success then).
     """
     check_inputs(x, y)
     check_labels(labels, y, targeted)
@@ -111,7 +115,7 @@ def pgd(
         return _run(
             model, worst, idx, x_i, y_i, eps_t[idx], alpha[idx], u,
             norm=norm, steps=steps, kind=kind, targeted=targeted, early_stop=early_stop,
-            every=every, radius=radius, step=step,
+            every=every, radius=radius, step=step, eot=eot,
         )  # fmt: skip
 
     return with_restarts(
@@ -220,6 +224,7 @@ def _run(
     every: int = 1,
     radius: float | None = None,
     step: float | None = None,
+    eot: EOT | None = None,
 ) -> int:
     """One restart from ``δ₀ = ε·u`` on the sub-batch ``idx``; return the gradients it computed.
 
@@ -237,7 +242,7 @@ def _run(
     unit_box = not bool(torch.signbit(x).any()) and bool((x <= 1).all())
     for t in range(steps + 1):
         value, adv, grad = probe(model, x_cur, y, kind, targeted, gradient=t < steps,
-                                 truth=worst.truth(idx))
+                                 truth=worst.truth(idx), eot=eot)
         worst.update(idx, x_cur, value, adv)
         if t == steps:
             break
@@ -253,16 +258,19 @@ def _run(
         delta = project(x_cur - x + length * steepest_step(grad, norm), ball, norm)
         x_new = x + delta
         x_cur = x_new.clamp(0.0, 1.0) if unit_box else torch.clamp(x_new, min=low, max=high)
-    return stop.grad_evals
+    return stop.grad_evals * (eot.samples if eot else 1)
 
 
 def probe(model: nn.Module, x_cur: Tensor, y: Tensor, kind: str, targeted: bool, *,
-          gradient: bool, truth: Tensor | None = None, aim: Tensor | None = None
-          ) -> tuple[Tensor, Tensor, Tensor]:
+          gradient: bool, truth: Tensor | None = None, aim: Tensor | None = None,
+          eot: EOT | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One pass at the iterates ``x_cur``: the objective ``L`` ``[n]``, the success flags ``[n]``
     (:func:`judge`) and ``∇L`` (an empty tensor when ``gradient`` is false: the forward-only
     final check). ``aim``: APGD-T's target classes (see
-    :func:`~robustkit.attacks.losses.adversarial_loss`)."""
+    :func:`~robustkit.attacks.losses.adversarial_loss`). With ``eot``, its ``K`` transformed
+    passes (:meth:`EOT.probe`)."""
+    if eot is not None:
+        return eot.probe(model, x_cur, y, kind, targeted, gradient=gradient, truth=truth)
     if not gradient:
         with torch.no_grad():
             logits = model(x_cur)

@@ -14,6 +14,7 @@ from robustkit.checkpoint import write_text
 from robustkit.errors import RobustkitError
 from robustkit.reporting import figures, tables
 from robustkit.reporting.load import RunData, load_runs
+from robustkit.reporting.physical import physical_section
 from robustkit.reporting.render import (
     Block,
     Code,
@@ -29,8 +30,9 @@ from robustkit.reporting.render import (
 ANY = "any"
 FIGURE_DIR = "figures"
 TABLE_DIR = "tables"
-OUR_FIGURES = re.compile(r"^(accuracy|examples-.*|confusion-.*|training-.*)\.png$")
-OUR_TABLES = re.compile(r"^(accuracy|results|cost|checks|provenance|reference|confusion-.*)\.csv$")
+OUR_FIGURES = re.compile(r"^(accuracy|examples-.*|confusion-.*|training-.*|physical-.*)\.png$")
+OUR_TABLES = re.compile(
+    r"^(accuracy|results|cost|checks|provenance|reference|confusion-.*|physical-.*)\.csv$")
 
 
 def _safe(name: str) -> str:
@@ -490,7 +492,9 @@ def build_report(run_dirs: list[Path], out_dir: Path, title: str | None = None,
     sections: list[Section | None] = [summary, _examples_section(runs)]
     confusion, confusion_csvs = _confusion_section(runs)
     csvs.update(confusion_csvs)
-    sections += [confusion, _training_section(runs)]
+    physical, physical_csvs = physical_section(runs, _safe)
+    csvs.update(physical_csvs)
+    sections += [physical, confusion, _training_section(runs)]
     checks, checks_frame = _checks_section(runs)
     reference, reference_frame = _reference_section(runs)
     provenance, provenance_frame = _provenance_section(runs)

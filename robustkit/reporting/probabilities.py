@@ -31,10 +31,13 @@ def add_probabilities(path: Path, model: nn.Module) -> Path:
     logits) to an ``examples.safetensors`` file (or a run folder holding one) and rewrite it.
 
     Existing probability keys are replaced; the images are left as they are. Returns the path.
+    A run folder whose sweep attacked nothing (ε = 0 only) has no such file and is left as is.
     """
     path = Path(path)
     if path.is_dir():
         path = path / EXAMPLES_FILE
+    if not path.is_file() and (path.parent / "results.csv").is_file():
+        return path  # a sweep at ε = 0 alone keeps no adversarial examples: nothing to add
     if not path.is_file():
         raise RobustkitError(
             f"{path} not found: add_probabilities needs the examples.safetensors "
