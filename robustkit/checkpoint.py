@@ -222,6 +222,20 @@ def load_state(folder: Path) -> dict[str, Any] | None:
     return state
 
 
+def remove_leftovers(folder: Path) -> None:
+    """Remove what a killed process left in ``folder``: temporary files of atomic writes
+    (``.NAME.*.tmp``) and resume tensors that ``state.json`` does not name."""
+    if not folder.is_dir():
+        return
+    current = _state_tensor_file(folder)
+    for path in folder.iterdir():
+        orphan_state = (path.name.startswith("state-") and path.suffix == ".safetensors"
+                        and path.name != current)
+        temporary = path.name.startswith(".") and path.name.endswith(".tmp")
+        if (orphan_state or temporary) and path.is_file():
+            path.unlink(missing_ok=True)
+
+
 def clear_state(folder: Path) -> None:
     """Remove the resume state once a run has finished."""
     name = _state_tensor_file(folder)

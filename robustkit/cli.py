@@ -58,7 +58,7 @@ DataDirOption = Annotated[
 
 
 def _log(message: str) -> None:
-    err.print(message)
+    err.print(message, soft_wrap=True)  # one message, one line
 
 
 def _echo(message: str) -> None:
@@ -99,11 +99,13 @@ def train(
     data_dir: DataDirOption = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default runs/NAME).")] = None,  # noqa: E501, UP045
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore a resume state in the output folder.")] = False,  # noqa: E501
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace another experiment's model in --out.")] = False,  # noqa: E501
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train a model from an experiment config; writes checkpoints, metrics.csv and manifest."""
     from robustkit import distributed
     from robustkit.config import load_config
+    from robustkit.outputs import Owner, config_file_label, guard_folder, refuse_working_folder
     from robustkit.training import train as train_model
 
     cfg = load_config(config, _data_overrides(set_, data_dir, data_source, resize, app_dir))
@@ -112,8 +114,17 @@ def train(
     target_device, dist = distributed.setup(device or cfg.device)
     _on_interrupt(f"the training state saved at each epoch end and every minute is kept in "
                   f"{folder}; run the same command again to resume (--fresh starts over)")
+    refuse_working_folder(folder)
+    owner = Owner("train", cfg.name, config_file_label(config))
+    targets = {seed: folder if len(cfg.all_seeds) == 1 else folder / f"seed-{seed}"
+               for seed in cfg.all_seeds}
+    replacing = distributed.on_main(lambda: [  # before any work; train() resumes or restarts
+        guard_folder(t, owner, overwrite, announce_same=False) for t in targets.values()], dist)
+    for line in replacing:
+        if line and distributed.is_main():
+            _log(line)
     for seed in cfg.all_seeds:
-        target = folder if len(cfg.all_seeds) == 1 else folder / f"seed-{seed}"
+        target = targets[seed]
         result = train_model(cfg, out_dir=target, seed=seed, device=target_device,
                              progress=not quiet, resume=not fresh, log=_log, dist=dist)
         if not distributed.is_main():
@@ -383,7 +394,7 @@ def run(
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default reports/NAME).")] = None,  # noqa: E501, UP045
     runs_dir: Annotated[Path, typer.Option("--runs", help="Checkpoint folder.")] = Path("runs"),
     retrain: Annotated[bool, typer.Option("--retrain", help="Train anew even if a matching checkpoint exists.")] = False,  # noqa: E501
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace another experiment's results in --out.")] = False,  # noqa: E501
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace another experiment's results in --out (and its checkpoints in --runs).")] = False,  # noqa: E501
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train (or reuse), attack over the ε sweep, check and report: the whole experiment."""
@@ -432,20 +443,23 @@ def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Evaluation folders to put on one report.")],  # noqa: E501
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default: the only RUN_DIR).")] = None,  # noqa: E501, UP045
     title: Annotated[Optional[str], typer.Option("--title", help="Report title.")] = None,  # noqa: UP045
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace another experiment's results or report in --out.")] = False,  # noqa: E501
 ) -> None:
     """Build one HTML + Markdown + CSV report from one or more evaluation folders."""
-    from robustkit.reporting import build_report
+    from robustkit.reporting.build import publish_report
 
     if out_dir is None:
         if len(run_dirs) != 1:
             raise RobustkitError("several RUN_DIRs need --out DIR for the combined report")
         out_dir = run_dirs[0]
     _check_out(out_dir, "--out")
-    _on_interrupt(f"the report in {out_dir} may be incomplete; run the same command again to "
-                  "rebuild it")
-    paths = build_report(list(run_dirs), out_dir, title=title)
+    _on_interrupt(f"the report in {out_dir} is left as it was (reports are swapped in whole); "
+                  "run the same command again to rebuild it")
+    paths, replaced = publish_report(list(run_dirs), out_dir, title=title, overwrite=overwrite)
     for kind, path in paths.items():
         out.print(f"{kind}: {path}")
+    if replaced:
+        _log(replaced)
 
 
 def _rank_prefix() -> str:

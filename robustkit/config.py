@@ -574,14 +574,65 @@ def to_dict(config: Any) -> Any:
     return config
 
 
+#: The fields that count in every hash at any value: the schema as it stood when the hashes of
+#: the committed reports and checkpoints were made (robustkit 0.1.0). A field added since counts
+#: only when it holds something other than its default, so a new field whose default keeps the
+#: old behaviour moves no hash and orphans no result folder or checkpoint. (Hence: never change
+#: the default of a field that is not listed here; add a new field instead.) None never counts.
+HASHED_FIELDS: dict[str, frozenset[str]] = {
+    "ExperimentConfig": frozenset({"name", "description", "seed", "seeds", "device", "data",
+                                   "model", "train", "attacks", "evaluate", "reference"}),
+    "DataConfig": frozenset({"dataset", "dir", "val_size", "split_seed"}),
+    "ModelConfig": frozenset({"arch"}),
+    "TrainConfig": frozenset({"method", "epochs", "batch_size", "optimizer", "lr", "momentum",
+                              "nesterov", "weight_decay", "schedule", "lr_step_epochs",
+                              "lr_gamma", "label_smoothing", "precision", "amp_attacks",
+                              "compile", "ema_decay", "adversarial"}),
+    "AdversarialConfig": frozenset({"eps", "steps", "step_size", "random_start",
+                                    "warmup_epochs", "clean_fraction", "beta", "val_steps",
+                                    "val_n"}),
+    "AttackConfig": frozenset({"name", "norm", "steps", "step_size", "restarts", "loss",
+                               "random_start", "targeted", "label"}),
+    "EvaluateConfig": frozenset({"eps", "n", "batch_size", "split", "seed"}),
+    "ReferenceConfig": frozenset({"source", "attack", "eps", "error", "note"}),
+}
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def hash_view(value: Any) -> Any:
+    """What a hash covers: :func:`to_dict`, less the fields added after the hashed schema
+    (:data:`HASHED_FIELDS`) that hold their default."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        always = HASHED_FIELDS.get(type(value).__name__, frozenset())
+        view = {}
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            if item is None or (f.name not in always and item == _default(f)):
+                continue
+            view[f.name] = hash_view(item)
+        return view
+    if isinstance(value, (tuple, list)):
+        return [hash_view(v) for v in value]
+    if isinstance(value, dict):
+        return {k: hash_view(v) for k, v in value.items()}
+    return value
+
+
 def digest(value: Any) -> str:
-    """sha256 (first 16 hex digits) of a canonical JSON encoding."""
-    text = json.dumps(to_dict(value), sort_keys=True, separators=(",", ":"))
+    """sha256 (first 16 hex digits) of the canonical JSON encoding of :func:`hash_view`."""
+    text = json.dumps(hash_view(value), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def config_hash(config: ExperimentConfig) -> str:
-    """The hash of everything in the config that can change a result."""
+    """The hash of everything in the config that can change a result (see :func:`hash_view`)."""
     return digest(dataclasses.replace(config, description=""))
 
 

@@ -26,9 +26,19 @@ from robustkit.distributed import Context
 from robustkit.errors import RobustkitError
 from robustkit.evaluation import Evaluation
 from robustkit.models import check_logits, load_model, parse_normalize
+from robustkit.outputs import (
+    Holder,
+    Owner,
+    guard_folder,
+    hash_change,
+    prepare_staging,
+    refuse_working_folder,
+    swap_in,
+    version_change,
+)
 from robustkit.physical import build_defence, build_transform
 from robustkit.released import WEIGHTS_STEM, ZOO_PREFIX, release_weights, weights_provenance
-from robustkit.runs import evaluate_to_folder
+from robustkit.runs import STATE_DIR, attack_records, evaluate_to_folder, settings_fingerprint
 from robustkit.runtime import now_iso, provenance
 from robustkit.sources import load_configured, load_data
 
@@ -139,24 +149,32 @@ def attack_model(
     net = build_defence(net, defence)  # after the checks a random defence would fail
     name = model_name(model)
     folder = out_dir or Path("runs") / f"attack-{name}"
+    owner = Owner("attack", model)
     settings = {
         "model": info["model"], "model_kind": info["kind"], "weights": str(weights or ""),
         "normalize": normalize or "", "dataset": data.name, "split": "test", "n": len(split),
-        "eps": sorted(set(eps)), "attacks": [to_dict(a) for a in attacks], "seed": seed,
+        "eps": sorted(set(eps)), "attacks": attack_records(attacks), "seed": seed,
         "device": str(target), "batch_size": batch_size,
         **_physical_settings(defence, transforms),
     }
     settings.update(_data_settings(data))
-    manifest = {"command": "attack", "start": now_iso(), **provenance(target, seed),
-                **_data_provenance(data, split),
+    fingerprint = settings_fingerprint(settings)
+    refuse_working_folder(folder)
+    replacing = distributed.on_main(lambda: guard_folder(
+        folder, owner, overwrite, lambda held: _settings_changes(held, folder, fingerprint)),
+        dist)
+    work = distributed.on_main(lambda: prepare_staging(folder, _keep_sweep(folder, [None])),
+                               dist)
+    manifest = {"command": "attack", "owner": owner.record(), "start": now_iso(),
+                **provenance(target, seed), **_data_provenance(data, split),
                 "model_info": {k: v for k, v in info.items() if k != "checkpoint"}}
     if info["kind"] == "checkpoint":
         manifest.update(weights_provenance(Path(info["path"])))
     try:
         evaluation = _evaluate_to_folder(
-            net, split, attacks, eps, out_dir=folder, settings=settings, manifest=manifest,
-            model_name=name, batch_size=batch_size, seed=seed, progress=progress,
-            overwrite=overwrite, dist=dist, transform=build_transform(transforms),
+            net, split, attacks, eps, out_dir=work, settings=settings, manifest=manifest,
+            model_name=name, batch_size=batch_size, seed=seed, progress=progress, dist=dist,
+            transform=build_transform(transforms),
         )
     except (RobustkitError, OSError, MemoryError):
         raise
@@ -164,25 +182,29 @@ def attack_model(
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise RobustkitError(
             f"the model {model} failed during the sweep ({type(exc).__name__}: {first}); "
-            f"finished (attack, ε) cells are kept in {folder}: fix the model and run the same "
+            f"finished (attack, ε) cells are kept in {work}: fix the model and run the same "
             "command again"
         ) from None
     warnings = clean_accuracy_warnings(evaluation.results, data.name, normalize)
     checks, outputs = None, {"folder": str(folder)}
     if report and main:
-        checks = _after_evaluation(net, split, evaluation, settings, folder, seed=seed,
-                                   reference=None, log=log, progress=progress)
-        _physical(net, split, attacks, transforms, eps, folder, batch_size=batch_size,
+        checks = _after_evaluation(net, split, evaluation, settings, work, seed=seed,
+                                   reference=None, log=log, progress=progress, shown=folder)
+        _physical(net, split, attacks, transforms, eps, work, batch_size=batch_size,
                   seed=seed, progress=progress, log=log)
     echo(f"robust accuracy of {name} on {len(split)} {data.name} test images:")
     echo(accuracy_table(evaluation.results,
-                        _unreliable(folder, evaluation.results, settings) if main else None))
+                        _unreliable(work, evaluation.results, settings) if main else None))
     for note in evaluation.notes:
         echo(f"note: {note}")
     if report and main:
-        outputs.update(_report_folders(folder, [folder], name, log))
+        outputs.update(_report_folders(work, [work], name, log, shown_as=folder))
         for line in verdict_lines(checks):
             echo(line)
+    if main:
+        swap_in(work, folder)
+        if replacing:
+            log(replacing)
     for warning in warnings:
         log(f"warning: {warning}")
     outputs.update({kind: str(folder / f"{kind}.csv")
@@ -291,6 +313,7 @@ def run_experiment(
     """
     from robustkit.checkpoint import read_sidecar
     from robustkit.config import config_hash, load_config, to_toml, training_hash
+    from robustkit.outputs import config_file_label
     from robustkit.training import train
 
     cfg = load_config(config_path, list(overrides))
@@ -299,14 +322,31 @@ def run_experiment(
     if not main:
         echo = log = _silent
     folder = out_dir or Path("reports") / cfg.name
+    config_file = config_file_label(config_path)
+    owner = Owner("run", cfg.name, config_file)
+    several = len(cfg.all_seeds) > 1
+    refuse_working_folder(folder)
+
+    def guard() -> list[str]:  # before any work: the report folder, then the checkpoints
+        lines = [guard_folder(folder, owner, overwrite,
+                              lambda held: _config_changes(held, folder, config_hash(cfg)))]
+        lines += [guard_folder(runs_dir / cfg.name / f"seed-{seed}",
+                               Owner("train", cfg.name, config_file), overwrite,
+                               announce_same=False)  # train() says whether it reuses or resumes
+                  for seed in cfg.all_seeds]
+        return [line for line in lines if line]
+
+    replacing = distributed.on_main(guard, dist)
     data = distributed.local_first(lambda: load_configured(cfg.data, target),
                                    dist)  # one download per node at most
     split = (data.test if cfg.evaluate.split == "test" else data.val).take(cfg.evaluate.n)
-    several = len(cfg.all_seeds) > 1
+    seed_dirs = [f"seed-{s}" for s in cfg.all_seeds] if several else [None]
+    work = distributed.on_main(lambda: prepare_staging(folder, _keep_sweep(folder, seed_dirs)),
+                               dist)
     evaluations: dict[int, Evaluation] = {}
     for seed in cfg.all_seeds:
         ckpt_dir = runs_dir / cfg.name / f"seed-{seed}"
-        eval_dir = folder / f"seed-{seed}" if several else folder
+        eval_dir = work / f"seed-{seed}" if several else work
         fingerprint = training_hash(cfg, seed)
         best = ckpt_dir / "model-best"
 
@@ -333,12 +373,12 @@ def run_experiment(
             "experiment": cfg.name, "config_hash": config_hash(cfg), "seed": seed,
             "training_hash": fingerprint, "model": str(best), "dataset": data.name,
             "split": cfg.evaluate.split, "n": len(split), "eps": sorted(set(cfg.evaluate.eps)),
-            "attacks": [to_dict(a) for a in cfg.attacks], "device": str(target),
+            "attacks": attack_records(cfg.attacks), "device": str(target),
             "batch_size": cfg.evaluate.batch_size, **_data_settings(data),
             **_physical_settings(cfg.defence, cfg.transforms),
         }
-        manifest = {"command": "run", "start": now_iso(), **provenance(target, seed),
-                    **_data_provenance(data, split),
+        manifest = {"command": "run", "owner": owner.record(), "start": now_iso(),
+                    **provenance(target, seed), **_data_provenance(data, split),
                     **weights_provenance(best), "weights_file": f"{WEIGHTS_STEM}.safetensors",
                     "config_hash": config_hash(cfg),
                     "training": _read_json(ckpt_dir / "manifest.json"),
@@ -349,7 +389,7 @@ def run_experiment(
             model, split, cfg.attacks, cfg.evaluate.eps, out_dir=eval_dir, settings=settings,
             manifest=manifest, model_name=f"{cfg.name}/seed-{seed}" if several else cfg.name,
             batch_size=cfg.evaluate.batch_size, seed=cfg.evaluate.seed, progress=progress,
-            overwrite=overwrite, dist=dist, transform=build_transform(cfg.transforms),
+            dist=dist, transform=build_transform(cfg.transforms),
         )
         checks = None
         if main:
@@ -357,7 +397,8 @@ def run_experiment(
             _copy_training_outputs(ckpt_dir, eval_dir, to_toml(cfg))
             checks = _after_evaluation(model, split, evaluation, settings, eval_dir,
                                        seed=cfg.evaluate.seed, reference=cfg.reference, log=log,
-                                       progress=progress)
+                                       progress=progress,
+                                       shown=folder / eval_dir.relative_to(work))
             _physical(model, split, cfg.attacks, cfg.transforms, cfg.evaluate.eps, eval_dir,
                       batch_size=cfg.evaluate.batch_size, seed=cfg.evaluate.seed,
                       progress=progress, log=log)
@@ -371,9 +412,17 @@ def run_experiment(
     if not main:
         return evaluations
     if several:
-        _write_seed_summary(folder, evaluations, echo)
-    run_dirs = [folder / f"seed-{s}" for s in cfg.all_seeds] if several else [folder]
-    _report_folders(folder, run_dirs, cfg.name, log)
+        from robustkit.checkpoint import write_json
+
+        _write_seed_summary(work, evaluations, echo)
+        write_json(work / "manifest.json", {
+            "command": "run", "owner": owner.record(), "config_hash": config_hash(cfg),
+            "seeds": list(cfg.all_seeds), **provenance(target)})
+    run_dirs = [work / f"seed-{s}" for s in cfg.all_seeds] if several else [work]
+    _report_folders(work, run_dirs, cfg.name, log, shown_as=folder)
+    swap_in(work, folder)
+    for line in replacing:
+        log(line)
     return evaluations
 
 
@@ -426,34 +475,26 @@ def _silent(message: str) -> None:
 
 def _evaluate_to_folder(model: Any, split: Any, attacks: Any, eps: Any, *, out_dir: Path,
                         settings: dict[str, Any], manifest: dict[str, Any], model_name: str,
-                        batch_size: int, seed: int, progress: bool, overwrite: bool,
+                        batch_size: int, seed: int, progress: bool,
                         dist: Context | None, transform: Any = None) -> Evaluation:
     """:func:`robustkit.runs.evaluate_to_folder`, shared out over the ranks of ``dist``.
 
-    Rank 0 guards the folder and reads a saved sweep state, which every rank then resumes; all
+    Rank 0 reads a saved sweep state (the caller guarded the folder), which every rank resumes; all
     ranks sweep together; rank 0 saves the state after each cell and writes the outputs.
     """
     if dist is None:
         return evaluate_to_folder(
             model, split, attacks, eps, out_dir=out_dir, settings=settings, manifest=manifest,
             model_name=model_name, batch_size=batch_size, seed=seed, progress=progress,
-            overwrite=overwrite, transform=transform)
+            transform=transform)
     import time
 
     from robustkit.evaluation import evaluate
-    from robustkit.runs import (
-        finish_sweep,
-        guard_folder,
-        load_sweep,
-        save_sweep,
-        settings_fingerprint,
-        write_evaluation,
-    )
+    from robustkit.runs import finish_sweep, load_sweep, save_sweep, write_evaluation
 
     fingerprint = settings_fingerprint(settings)
 
     def prepare() -> Any:
-        guard_folder(out_dir, fingerprint, overwrite)
         out_dir.mkdir(parents=True, exist_ok=True)
         return load_sweep(out_dir, fingerprint)
 
@@ -511,9 +552,10 @@ def _copy_training_outputs(ckpt_dir: Path, eval_dir: Path, config_toml: str) -> 
 
 def _after_evaluation(model: Any, split: Any, evaluation: Evaluation, settings: dict[str, Any],
                       eval_dir: Path, *, seed: int, reference: ReferenceConfig | None,
-                      log: Callable[[str], None], progress: bool = False) -> Any:
+                      log: Callable[[str], None], progress: bool = False,
+                      shown: Path | None = None) -> Any:
     """Sanity checks, example probabilities and the paper reference, when available; returns
-    the checks frame."""
+    the checks frame. ``shown``: the folder ``eval_dir`` becomes (it may be a staging one)."""
     from robustkit.checkpoint import write_json
     from robustkit.checks import run_checks
     from robustkit.reporting import add_probabilities
@@ -524,7 +566,7 @@ def _after_evaluation(model: Any, split: Any, evaluation: Evaluation, settings: 
     add_probabilities(eval_dir / "examples.safetensors", model)
     if reference:
         write_json(eval_dir / "reference.json", _reference(reference, evaluation))
-    log(f"sanity checks and example pictures written to {eval_dir}")
+    log(f"sanity checks and example pictures written to {shown or eval_dir}")
     return checks
 
 
@@ -559,9 +601,53 @@ def _write_seed_summary(folder: Path, evaluations: dict[int, Evaluation],
 
 
 def _report_folders(folder: Path, run_dirs: list[Path], title: str,
-                    log: Callable[[str], None]) -> dict[str, str]:
+                    log: Callable[[str], None], shown_as: Path) -> dict[str, str]:
+    """Build the report in the staging ``folder`` as the one it becomes, ``shown_as``."""
     from robustkit.reporting import build_report
 
-    paths = build_report(run_dirs, folder, title=title)
-    log(f"report: {', '.join(str(p) for p in paths.values())}")
-    return {f"report_{kind}": str(path) for kind, path in paths.items()}
+    paths = build_report(run_dirs, folder, title=title, shown_as=shown_as)
+    final = {kind: shown_as / p.relative_to(folder) for kind, p in paths.items()}
+    log(f"report: {', '.join(str(p) for p in final.values())}")
+    return {f"report_{kind}": str(path) for kind, path in final.items()}
+
+
+def _keep_sweep(folder: Path, seed_dirs: Sequence[str | None]) -> Callable[[Path], bool]:
+    """What of an interrupted run's staging folder to keep: the sweep states of this layout
+    (``sweep-state/``, or ``seed-S/sweep-state/`` per seed); they resume when their
+    fingerprint matches and are replaced otherwise."""
+    from robustkit.outputs import staging_path
+
+    work = staging_path(folder)
+    wanted = {work / d / STATE_DIR if d else work / STATE_DIR for d in seed_dirs}
+    return lambda path: path in wanted
+
+
+def _config_changes(held: Holder, folder: Path, new: str) -> str:
+    """What differs from the run recorded in ``folder``: config hash and robustkit version.
+    The recorded config is re-hashed under today's scheme, so that a change of hashing alone
+    reads as the same settings."""
+    from robustkit.config import config_hash, load_config
+
+    recorded = held.manifest.get("config_hash")
+    configs = [folder / "config.toml", *sorted(folder.glob("seed-*/config.toml"))]
+    rehashed = None
+    for path in configs:
+        if path.is_file():
+            try:
+                rehashed = config_hash(load_config(path))
+            except RobustkitError:
+                rehashed = None
+            break
+    return (f"{hash_change('config hash', str(recorded) if recorded else rehashed, new, rehashed)}"
+            f", {version_change(held.manifest)}")
+
+
+def _settings_changes(held: Holder, folder: Path, new: str) -> str:
+    """What differs from the attack recorded in ``folder``: settings fingerprint, version."""
+    from robustkit.outputs import read_json
+
+    recorded = held.manifest.get("fingerprint")
+    settings = read_json(folder / "settings.json")
+    rehashed = settings_fingerprint(settings) if settings else None
+    return (f"{hash_change('settings', str(recorded) if recorded else rehashed, new, rehashed)}"
+            f", {version_change(held.manifest)}")

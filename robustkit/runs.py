@@ -1,14 +1,13 @@
-"""Run folders: writing an evaluation's outputs, guarding folders, resuming sweeps.
+"""Run folders: writing an evaluation's outputs, resuming sweeps (guards: :mod:`outputs`).
 
 An evaluation folder holds ``results.csv`` (byte-stable: no timings), ``per_sample.csv``,
 ``timings.csv``, ``examples.safetensors`` (clean and adversarial images of a few samples),
 ``settings.json`` (what was evaluated, how) and ``manifest.json`` (provenance). While a sweep
-runs, ``sweep-state.*`` holds the finished (attack, ε) cells so an interrupted sweep resumes.
+runs, ``sweep-state/`` holds the finished (attack, ε) cells so an interrupted sweep resumes.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,31 +17,15 @@ from robustkit.checkpoint import (
     atomic_path,
     clear_state,
     load_state,
+    remove_leftovers,
     save_state,
     save_tensors,
     write_json,
 )
-from robustkit.config import digest
-from robustkit.errors import RobustkitError
+from robustkit.config import digest, hash_view
 from robustkit.evaluation import AttackState, Evaluation, SweepState
 
 STATE_DIR = "sweep-state"
-
-
-def guard_folder(out_dir: Path, fingerprint: str, overwrite: bool = False) -> None:
-    """Refuse to write into a folder that holds a different experiment's results."""
-    manifest = out_dir / "manifest.json"
-    if overwrite or not manifest.is_file():
-        return
-    try:
-        existing = json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint")
-    except (OSError, ValueError):
-        existing = None
-    if existing != fingerprint:
-        raise RobustkitError(
-            f"{out_dir} already holds results of a different experiment or settings: choose "
-            "another --out, or pass --overwrite to replace them"
-        )
 
 
 def write_frame(path: Path, frame: Any) -> None:
@@ -73,8 +56,23 @@ def write_evaluation(out_dir: Path, evaluation: Evaluation, settings: dict[str, 
     write_json(out_dir / "manifest.json", {**manifest, "notes": evaluation.notes})
 
 
+def attack_records(attacks: Any) -> list[dict[str, Any]]:
+    """The attacks as ``settings.json`` records them: every field of the hashed schema, a
+    field added since only when set (:func:`robustkit.config.hash_view`)."""
+    return [hash_view(a) for a in attacks]
+
+
 def settings_fingerprint(settings: dict[str, Any]) -> str:
-    return digest(settings)
+    """The hash of an evaluation's settings, with its attacks read as today's code reads them
+    (so a recorded ``settings.json`` re-hashes to the fingerprint a re-run would have)."""
+    from robustkit.config import config_from_dict
+    from robustkit.errors import RobustkitError
+
+    try:
+        attacks = attack_records(config_from_dict({"attacks": list(settings["attacks"])}).attacks)
+    except (KeyError, TypeError, RobustkitError):
+        return digest(settings)
+    return digest({**settings, "attacks": attacks})
 
 
 def save_sweep(out_dir: Path, fingerprint: str, state: SweepState) -> None:
@@ -91,6 +89,7 @@ def save_sweep(out_dir: Path, fingerprint: str, state: SweepState) -> None:
 
 
 def load_sweep(out_dir: Path, fingerprint: str) -> SweepState | None:
+    remove_leftovers(out_dir / STATE_DIR)
     saved = load_state(out_dir / STATE_DIR)
     if saved is None or saved.get("fingerprint") != fingerprint:
         return None
@@ -121,17 +120,16 @@ def evaluate_to_folder(
     batch_size: int,
     seed: int,
     progress: bool,
-    overwrite: bool = False,
     transform: Any = None,
 ) -> Evaluation:
-    """Guard the folder, run (or resume) the sweep, write every output; return the frames."""
+    """Run (or resume) the sweep in ``out_dir`` (a staging folder the caller guarded and will
+    swap in), write every output; return the frames."""
     import time
 
     from robustkit.evaluation import evaluate
     from robustkit.runtime import now_iso
 
     fingerprint = settings_fingerprint(settings)
-    guard_folder(out_dir, fingerprint, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = load_sweep(out_dir, fingerprint)
     started = time.perf_counter()

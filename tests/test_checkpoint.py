@@ -100,3 +100,16 @@ def test_copied_tree_names_its_commit(tmp_path: Path, monkeypatch: pytest.Monkey
     assert runtime.git_commit() is None
     monkeypatch.setenv(runtime.SOURCE_COMMIT_ENV, "abc123")
     assert runtime.git_commit() == "abc123+copied"
+
+
+def test_leftovers_of_a_killed_write_are_removed_and_the_live_state_kept(tmp_path: Path) -> None:
+    from robustkit.checkpoint import remove_leftovers
+
+    save_state(tmp_path, {"step": 3, "w": torch.ones(2)})
+    live = {p.name for p in tmp_path.iterdir()}
+    (tmp_path / "state-1-2.safetensors").write_bytes(b"orphan: state.json never named it")
+    (tmp_path / ".metrics.csv.abc123.tmp").write_text("half")
+    (tmp_path / "notes.tmp").write_text("not ours: no leading dot")
+    remove_leftovers(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == live | {"notes.tmp"}
+    assert load_state(tmp_path)["step"] == 3  # type: ignore[index]

@@ -246,14 +246,21 @@ def test_output_folder_of_another_experiment_is_not_overwritten(user_models: Pat
                                                                 tmp_path: Path,
                                                                 mnist_root: Path) -> None:
     out = tmp_path / "o"
-    base = ["attack", "--model", "usermodels:good", "--attack", "fgsm", "--n", "20", "-q",
-            "--out", str(out), "--data-dir", str(mnist_root)]
-    assert run(*base, "--eps", "0,0.1", extra_path=user_models).returncode == 0
+    base = ["--attack", "fgsm", "--n", "20", "-q", "--out", str(out), "--data-dir",
+            str(mnist_root)]
+    good = ["attack", "--model", "usermodels:good", *base]
+    assert run(*good, "--eps", "0,0.1", extra_path=user_models).returncode == 0
     before = (out / "results.csv").read_text()
-    assert_user_error(run(*base, "--eps", "0,0.2", extra_path=user_models),
-                      "already holds results of a different experiment")
+    other = ["attack", "--model", "usermodels:normalised", *base]
+    assert_user_error(run(*other, "--eps", "0,0.1", extra_path=user_models),
+                      "already holds the attack on model 'usermodels:good'")
     assert (out / "results.csv").read_text() == before
-    assert run(*base, "--eps", "0,0.2", "--overwrite", extra_path=user_models).returncode == 0
+    again = run(*good, "--eps", "0,0.2", extra_path=user_models)  # the same model: replaced
+    assert again.returncode == 0, again.stderr
+    assert f"replacing {out}, written by an earlier run of the same attack: settings " in \
+        again.stderr
+    assert "0.2" in (out / "results.csv").read_text()
+    assert run(*other, "--eps", "0,0.1", "--overwrite", extra_path=user_models).returncode == 0
 
 
 def test_data_command_reports_checksums(mnist_root: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -67,13 +68,79 @@ def test_run_twice_gives_identical_results_and_reuses_the_checkpoint(workdir: Pa
     assert (workdir / "again" / "results.csv").read_bytes() == results  # bitwise on CPU
 
 
-def test_changed_config_is_not_written_over_another_experiment(workdir: Path) -> None:
+def test_rerun_with_changed_settings_replaces_its_own_results_with_one_line(workdir: Path
+                                                                           ) -> None:
     assert robustkit("run", "tiny.toml", "-q", cwd=workdir).returncode == 0
-    before = (workdir / "reports" / "tiny" / "results.csv").read_bytes()
-    other = robustkit("run", "tiny.toml", "-q", "--set", "evaluate.eps=[0, 0.3]", cwd=workdir)
+    changed = robustkit("run", "tiny.toml", "-q", "--set", "evaluate.eps=[0, 0.15]",
+                        cwd=workdir)
+    assert changed.returncode == 0, changed.stderr
+    lines = [line for line in changed.stderr.splitlines() if line.startswith("replacing")]
+    assert len(lines) == 1
+    assert lines[0].startswith(f"replacing {Path('reports') / 'tiny'}, written by an earlier "
+                               "run of the same experiment: config hash ")
+    assert " → " in lines[0] and "robustkit 0.1.0" in lines[0]
+    results = pd.read_csv(workdir / "reports" / "tiny" / "results.csv")
+    assert sorted(results["eps"].unique()) == [0.0, 0.15]
+    assert not (workdir / "reports" / ".tiny.partial").exists()
+
+
+def test_another_experiment_is_refused_before_any_work(workdir: Path) -> None:
+    assert robustkit("run", "tiny.toml", "-q", cwd=workdir).returncode == 0
+    before = sorted((workdir / "reports" / "tiny").rglob("*"))
+    (workdir / "other.toml").write_text(TINY.replace('name = "tiny"', 'name = "other"'))
+    other = robustkit("run", "other.toml", "-q", "--out", "reports/tiny", cwd=workdir)
     assert other.returncode == 2
-    assert "already holds results of a different experiment" in other.stderr
-    assert (workdir / "reports" / "tiny" / "results.csv").read_bytes() == before
+    assert other.stderr.startswith("error: reports/tiny already holds experiment 'tiny' "
+                                   "(tiny.toml), not experiment 'other' (other.toml)")
+    assert "training" not in other.stderr and not (workdir / "runs" / "other").exists()
+    assert sorted((workdir / "reports" / "tiny").rglob("*")) == before
+    replaced = robustkit("run", "other.toml", "-q", "--out", "reports/tiny", "--overwrite",
+                         cwd=workdir)
+    assert replaced.returncode == 0, replaced.stderr
+    assert "which held experiment 'tiny'" in replaced.stderr
+
+
+def test_files_robustkit_did_not_write_are_refused(workdir: Path) -> None:
+    (workdir / "mine").mkdir()
+    (workdir / "mine" / "report.html").write_text("my own report")
+    result = robustkit("run", "tiny.toml", "-q", "--out", "mine", cwd=workdir)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: mine holds files robustkit did not write "
+                                    "(report.html)")
+    assert (workdir / "mine" / "report.html").read_text() == "my own report"
+    assert not (workdir / "runs").exists()
+
+
+def test_train_does_not_delete_another_models_folder(workdir: Path) -> None:
+    assert robustkit("train", "tiny.toml", "-q", "--out", "model", cwd=workdir).returncode == 0
+    weights = (workdir / "model" / "model-best.safetensors").read_bytes()
+    (workdir / "other.toml").write_text(TINY.replace('name = "tiny"', 'name = "other"'))
+    result = robustkit("train", "other.toml", "-q", "--out", "model", cwd=workdir)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: model already holds the training run of 'tiny'")
+    assert (workdir / "model" / "model-best.safetensors").read_bytes() == weights
+
+
+def test_report_does_not_replace_another_experiments_report(workdir: Path) -> None:
+    assert robustkit("run", "tiny.toml", "-q", "--out", "a", cwd=workdir).returncode == 0
+    assert robustkit("run", "tiny.toml", "-q", "--out", "b", "--set", "evaluate.eps=[0, 0.05]",
+                     cwd=workdir).returncode == 0
+    b_report = (workdir / "b" / "report.html").read_bytes()
+    into_b = robustkit("report", "a", "--out", "b", cwd=workdir)
+    assert into_b.returncode == 2
+    assert into_b.stderr.startswith("error: b already holds experiment 'tiny'")
+    assert (workdir / "b" / "report.html").read_bytes() == b_report
+    assert robustkit("report", "a", "b", "--out", "both", cwd=workdir).returncode == 0
+    manifest = json.loads((workdir / "both" / "manifest.json").read_text())
+    assert manifest["owner"] == {"command": "report", "name": "a, b"}
+    again = robustkit("report", "b", "a", "--out", "both", cwd=workdir)  # the same sources
+    assert again.returncode == 0, again.stderr
+    assert "replacing both, written by an earlier run of the same report" in again.stderr
+    only_a = robustkit("report", "a", "--out", "both", cwd=workdir)
+    assert only_a.returncode == 2 and "already holds the report of 'a, b'" in only_a.stderr
+    in_place = robustkit("report", "b", cwd=workdir)  # a run folder's own report, rebuilt
+    assert in_place.returncode == 0, in_place.stderr
+    assert "(report rebuilt by `robustkit report b`)" in (workdir / "b" / "report.md").read_text()
 
 
 def test_invalid_config_stops_before_any_work(workdir: Path) -> None:
@@ -107,7 +174,7 @@ def test_killed_sweep_resumes_from_finished_cells(workdir: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "robustkit", "run", "slow.toml", "-q",
                              "--out", "killed"], cwd=workdir, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    state = workdir / "killed" / "sweep-state" / "state.json"
+    state = workdir / ".killed.partial" / "sweep-state" / "state.json"
     deadline = time.time() + 300
     while not state.is_file() and time.time() < deadline:
         time.sleep(0.05)
@@ -115,10 +182,10 @@ def test_killed_sweep_resumes_from_finished_cells(workdir: Path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert state.is_file(), "the sweep finished before it could be interrupted"
-    assert not (workdir / "killed" / "results.csv").exists()
+    assert not (workdir / "killed").exists()  # nothing half-written where the report goes
     resumed = robustkit("run", "slow.toml", "-q", "--out", "killed", cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr
     assert '"resumed": true' in (workdir / "killed" / "manifest.json").read_text()
     for name in ("results.csv", "per_sample.csv"):
         assert (workdir / "killed" / name).read_bytes() == (workdir / "whole" / name).read_bytes()
-    assert not state.exists()
+    assert not (workdir / ".killed.partial").exists()

@@ -82,6 +82,36 @@ def test_fresh_start_removes_an_earlier_runs_outputs_before_training(
                        "model-last.json", "metrics.csv", "manifest.json"}
 
 
+def test_a_kill_while_metrics_csv_is_written_keeps_the_previous_one(
+        mnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    import pandas as pd
+
+    real_to_csv = pd.DataFrame.to_csv
+
+    def dies_halfway(frame: pd.DataFrame, path: object, *args: object, **kwargs: object) -> None:
+        if len(frame) == 2 and "epoch" in frame.columns:  # the second epoch's metrics
+            Path(str(path)).write_text("epoch,l")
+            raise KeyboardInterrupt
+        real_to_csv(frame, path, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", dies_halfway)
+    cfg = config_from_dict({"model": {"arch": "softmax"}, "train": {"epochs": 2},
+                            "device": "cpu"})
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out_dir=tmp_path, data=subset(mnist, 500, 100), progress=False)
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert list(metrics["epoch"]) == [1]
+    monkeypatch.setattr(pd.DataFrame, "to_csv", real_to_csv)
+    # what SIGKILL (which runs no cleanup) leaves: the temporary file, an unnamed state file
+    (tmp_path / ".metrics.csv.k1ll3d.tmp").write_text("epoch,l")
+    (tmp_path / "state-99-1.safetensors").write_bytes(b"\0" * 1024)
+    result = train(cfg, out_dir=tmp_path, data=subset(mnist, 500, 100), progress=False)
+    assert list(result.metrics["epoch"]) == [1, 2]  # resumed at epoch 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.toml", "manifest.json", "metrics.csv", "model-best.json",
+        "model-best.safetensors", "model-last.json", "model-last.safetensors"]
+
+
 @pytest.mark.parametrize("schedule", ["constant", "step", "cosine", "onecycle"])
 def test_schedules(schedule: str, mnist, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cfg = config_from_dict({"model": {"arch": "softmax"}, "device": "cpu", "train": {
@@ -184,17 +214,25 @@ def test_killed_run_resumes_to_bitwise_identical_weights(mnist_root: Path, tmp_p
             state = load_state(killed) if (killed / "state.json").is_file() else None
         except RobustkitError:  # read between the writer's rename and its removal of old tensors
             state = None
-        if state is not None and (state["epoch"], state["step"]) >= (1, 10):
-            break
+        if state is not None and state["epoch"] == 1 and 10 <= state["step"] <= 25:
+            break  # mid-epoch (40 steps an epoch): the resumed epoch's sums must carry over
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     state = load_state(killed)
     assert state is not None and (state["epoch"], state["step"]) < (3, 0), "run was not interrupted"
+    assert state["step"] > 0, "killed at an epoch's end: no mid-epoch resume to test"
     subprocess.run([sys.executable, str(script), str(killed), str(mnist_root)], check=True,
                    env=env, timeout=600)
     assert same_weights(whole / "model-last", killed / "model-last")
     assert same_weights(whole / "model-best", killed / "model-best")
+    import pandas as pd
+
+    metrics = [pd.read_csv(folder / "metrics.csv").drop(columns="seconds")
+               for folder in (whole, killed)]
+    pd.testing.assert_frame_equal(metrics[0], metrics[1], check_exact=True)
+    assert not [p.name for p in killed.iterdir() if p.name.endswith(".tmp")
+                or p.name.startswith("state")]
 
 
 def test_adversarial_methods_train_and_record_robust_accuracy(mnist, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -9,6 +9,7 @@ but unreadable is skipped and named in :attr:`RunData.problems`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,9 +117,12 @@ def _optional_examples(path: Path, problems: list[str]) -> dict[str, np.ndarray]
         return None
 
 
-def load_run(path: Path) -> RunData:
-    """Read one run folder; raise :class:`RobustkitError` when it has no usable results.csv."""
+def load_run(path: Path, shown: Path | None = None) -> RunData:
+    """Read one run folder; raise :class:`RobustkitError` when it has no usable results.csv.
+
+    ``shown``: the path to name the run by (a staging folder reads as its final place)."""
     path = Path(path)
+    shown = shown or path
     results = _read_results(path)
     problems: list[str] = []
     config = path / "config.toml"
@@ -137,8 +141,8 @@ def load_run(path: Path) -> RunData:
         problems.append("per_sample.csv skipped: it lacks the columns index, label, clean_pred")
         per_sample = None
     return RunData(
-        path=path,
-        name=path.resolve().name or str(path),
+        path=shown,
+        name=shown.resolve().name or str(shown),
         results=results,
         per_sample=per_sample,
         timings=_optional_csv(path / "timings.csv", problems),
@@ -153,11 +157,13 @@ def load_run(path: Path) -> RunData:
     )
 
 
-def load_runs(paths: list[Path]) -> list[RunData]:
-    """Read every folder; give models that share a name across folders distinct names."""
+def load_runs(paths: list[Path], shown: Callable[[Path], Path] | None = None
+              ) -> list[RunData]:
+    """Read every folder; give models that share a name across folders distinct names.
+    ``shown`` maps a folder to the path it is named by (default: itself)."""
     if not paths:
         raise RobustkitError("no run folder given: pass at least one evaluation run folder")
-    runs = [load_run(Path(p)) for p in paths]
+    runs = [load_run(Path(p), shown(Path(p)) if shown else None) for p in paths]
     names: set[str] = set()
     for i, run in enumerate(runs):  # folder names label the runs: make them unique first
         if run.name in names:

@@ -41,8 +41,10 @@ from torch import Tensor, nn
 
 from robustkit.attacks import attack_mode, pgd
 from robustkit.checkpoint import (
+    atomic_path,
     clear_state,
     load_state,
+    remove_leftovers,
     save_checkpoint,
     save_state,
     write_json,
@@ -287,6 +289,7 @@ def train(
     out_dir = Path(out_dir)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out_dir)  # temporary files of a killed run
     fingerprint = training_hash(config, seed)
 
     use_deterministic_algorithms()
@@ -319,6 +322,7 @@ def train(
     notes: list[str] = []
     best_score, start_epoch, start_step, order = -1.0, 0, 0, None
     elapsed_before = 0.0
+    resumed_sums: tuple[float, int, int] = (0.0, 0, 0)  # train loss, correct, seen so far
     state = on_main(lambda: load_state(out_dir) if resume else None, dist)
     if state is not None and state.get("fingerprint") == fingerprint:
         saved_world = int(state.get("world_size", 1))
@@ -342,6 +346,9 @@ def train(
         start_epoch, start_step, order = state["epoch"], state["step"], state["order"]
         rows, notes = list(state["rows"]), list(state["notes"])
         best_score, elapsed_before = state["best_score"], state["elapsed"]
+        if state.get("running_sums"):  # the interrupted epoch's sums (mid-epoch states)
+            loss_so_far, correct_so_far, seen_so_far = state["running_sums"][rank]
+            resumed_sums = (float(loss_so_far), int(correct_so_far), int(seen_so_far))
         say(f"resuming from epoch {start_epoch + 1}, step {start_step}")
     elif state is not None:
         say("ignoring a resume state from a different config or seed")
@@ -365,11 +372,13 @@ def train(
     started = time.perf_counter()
     last_save = started
 
-    def snapshot(epoch: int, step: int, current_order: Tensor | None) -> None:
-        extra: dict[str, Any] = {}
-        if dist is not None:  # a collective: every rank's attack generator goes into the state
+    def snapshot(epoch: int, step: int, current_order: Tensor | None,
+                 sums: tuple[float, int, int] = (0.0, 0, 0)) -> None:
+        extra: dict[str, Any] = {"running_sums": [list(sums)]}
+        if dist is not None:  # a collective: every rank's generator and sums go into the state
             extra = {"world_size": world, "attack_generators": all_gather_object(
-                attack_generator.get_state(), dist)}
+                attack_generator.get_state(), dist),
+                "running_sums": all_gather_object(list(sums), dist)}
         if not main:
             return
         save_state(out_dir, {
@@ -388,10 +397,11 @@ def train(
             order = torch.randperm(len(data.train), generator=order_generator)
         device_order = order.to(device)
         model.train()
-        # running sums stay on the device (no host sync per step); float64 like Python floats
-        loss_total = torch.zeros((), dtype=torch.float64, device=device)
-        correct_total = torch.zeros((), dtype=torch.int64, device=device)
-        seen = 0
+        # running sums stay on the device (no host sync per step); float64 like Python floats;
+        # a mid-epoch resume starts from the interrupted epoch's sums
+        loss_so_far, correct_so_far, seen = resumed_sums if start_step > 0 else (0.0, 0, 0)
+        loss_total = torch.tensor(loss_so_far, dtype=torch.float64, device=device)
+        correct_total = torch.tensor(correct_so_far, dtype=torch.int64, device=device)
         with Bar(f"epoch {epoch + 1}/{train_cfg.epochs}", steps_per_epoch, progress) as bar:
             bar.advance(start_step)
             for step in range(start_step, steps_per_epoch):
@@ -425,7 +435,8 @@ def train(
                                 f"acc {int(correct_total) / shown:.4f}")
                 due = time.perf_counter() - last_save > save_every
                 if step + 1 < steps_per_epoch and agree(due, dist):
-                    snapshot(epoch, step + 1, order)
+                    snapshot(epoch, step + 1, order,
+                             (float(loss_total), int(correct_total), seen))
                     last_save = time.perf_counter()
         start_step = 0
         loss_sum, correct = float(loss_total), int(correct_total)
@@ -467,7 +478,8 @@ def train(
                 save_checkpoint(out_dir / "model-best", evaluated,
                                 {**info, "selected_by": selected_by})
         if main:
-            pd.DataFrame(rows).to_csv(out_dir / "metrics.csv", index=False)
+            with atomic_path(out_dir / "metrics.csv") as tmp:
+                pd.DataFrame(rows).to_csv(tmp, index=False)
         snapshot(epoch + 1, 0, None)
         last_save = time.perf_counter()
         say(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"

@@ -1,0 +1,363 @@
+"""Output folders: who owns one, when robustkit may replace it, and replacing it atomically.
+
+Every folder robustkit writes records its **owner** in ``manifest.json``: the command
+(``run``, ``attack``, ``train``, ``report``), the experiment (config name, model, or the report's
+sources) and, for configs, the config file. Before any work, :func:`guard_folder` decides:
+
+- empty or absent: write it;
+- the same owner (a re-run of the same experiment): replace it, and say what changed;
+- another owner: refuse unless ``--overwrite``;
+- files without robustkit's manifest: refuse unless ``--overwrite`` (never write over a user's
+  files).
+
+Reports are built in a staging folder beside the target (``.NAME.partial``, which also holds a
+resumable sweep state) and swapped in by one atomic rename (``renameat2(RENAME_EXCHANGE)`` on
+Linux), so a killed process leaves the old report or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import shlex
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from robustkit.errors import RobustkitError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+MANIFEST = "manifest.json"
+STAGING_SUFFIX = ".partial"
+OLD_SUFFIX = ".old"
+#: Files a report-only folder (``robustkit report --out``) holds.
+REPORT_ENTRIES = frozenset({"report.html", "report.md", "figures", "tables", MANIFEST})
+#: robustkit's own scratch entries: never a reason to refuse a folder.
+SCRATCH = re.compile(r"^(sweep-state|\..+\.tmp)$")
+#: What a training folder holds before its manifest exists (a run killed before its end).
+TRAINING_ENTRIES = re.compile(r"^(config\.toml|metrics\.csv|model-(best|last)\.(json|safetensors)"
+                              r"|state\.json|state-.+\.safetensors)$")
+
+
+@dataclass(frozen=True)
+class Owner:
+    """What wrote a folder: ``command`` and ``name`` (experiment, model, or report sources);
+    ``config_file`` is the config's path as given (None when not known)."""
+
+    command: str
+    name: str
+    config_file: str | None = None
+
+    def same_as(self, other: Owner) -> bool:
+        """The same experiment: command and name match, and the config file's name when both
+        are known (clones and working folders differ; the file is the same)."""
+        if (self.command, self.name) != (other.command, other.name):
+            return False
+        if self.config_file and other.config_file:
+            return Path(self.config_file).name == Path(other.config_file).name
+        return True
+
+    def describe(self) -> str:
+        what = {"run": "experiment", "train": "the training run of",
+                "attack": "the attack on model", "report": "the report of"}.get(
+                    self.command, self.command)
+        text = f"{what} {self.name!r}"
+        return text + (f" ({self.config_file})" if self.config_file else "")
+
+    def record(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def config_file_label(path: Path) -> str:
+    """A config's path as recorded: relative to the working folder when inside it."""
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return resolved.as_posix()
+
+
+# --------------------------------------------------------------------------- reading a folder
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _config_name(path: Path) -> str | None:
+    try:
+        name = tomllib.loads(path.read_text(encoding="utf-8")).get("name")
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def command_config(command_line: str | None) -> str | None:
+    """The config argument of a recorded ``robustkit run|train CONFIG …`` command line."""
+    try:
+        args = shlex.split(command_line or "")
+    except ValueError:
+        return None
+    if len(args) < 3 or args[1] not in {"run", "train"}:
+        return None
+    return next((a for a in args[2:] if a.endswith(".toml") and not a.startswith("-")), None)
+
+
+def _command_model(command_line: str | None) -> str | None:
+    try:
+        args = shlex.split(command_line or "")
+    except ValueError:
+        return None
+    for i, arg in enumerate(args[:-1]):
+        if arg in {"--model", "-m"}:
+            return args[i + 1]
+        if arg.startswith("--model="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def recorded_owner(folder: Path, manifest: dict[str, Any]) -> Owner | None:
+    """The owner a manifest names, or, for manifests written before owners were recorded,
+    the one its command line, settings and config describe."""
+    owner = manifest.get("owner")
+    if isinstance(owner, dict) and isinstance(owner.get("command"), str) \
+            and isinstance(owner.get("name"), str):
+        config_file = owner.get("config_file")
+        return Owner(owner["command"], owner["name"],
+                     config_file if isinstance(config_file, str) else None)
+    command, line = manifest.get("command"), manifest.get("command_line")
+    if command == "run":
+        settings = read_json(folder / "settings.json") or {}
+        name = settings.get("experiment") or _config_name(folder / "config.toml")
+        return Owner("run", str(name), command_config(line)) if name else None
+    if command == "train":
+        name = _config_name(folder / "config.toml")
+        return Owner("train", name, command_config(line)) if name else None
+    if command == "attack":
+        settings = read_json(folder / "settings.json") or {}
+        model = _command_model(line) or settings.get("model")
+        return Owner("attack", str(model)) if model else None
+    return None
+
+
+@dataclass(frozen=True)
+class Holder:
+    """What an existing folder holds: ``owner`` (None when unknown), its ``manifest`` (empty
+    when none), and ``foreign`` entries robustkit did not write."""
+
+    owner: Owner | None
+    manifest: dict[str, Any]
+    foreign: tuple[str, ...]
+    empty: bool
+
+
+def inspect_folder(folder: Path) -> Holder:
+    """Read who owns ``folder`` (which may be absent)."""
+    if not folder.exists():
+        return Holder(None, {}, (), True)
+    if not folder.is_dir():
+        raise RobustkitError(f"{folder} is a file, not a folder: choose a folder for --out")
+    entries = sorted(p.name for p in folder.iterdir() if not SCRATCH.match(p.name))
+    if not entries:
+        return Holder(None, {}, (), True)
+    manifest = read_json(folder / MANIFEST)
+    if manifest is not None:
+        return Holder(recorded_owner(folder, manifest), manifest, (), False)
+    seeds = sorted(folder.glob("seed-*/" + MANIFEST))
+    if seeds:  # a several-seed run folder written before it had a manifest of its own
+        child = read_json(seeds[0]) or {}
+        return Holder(recorded_owner(seeds[0].parent, child), child, (), False)
+    if all(TRAINING_ENTRIES.match(e) for e in entries) and "config.toml" in entries:
+        name = _config_name(folder / "config.toml")  # training killed before its manifest
+        if name:
+            return Holder(Owner("train", name), {}, (), False)
+    if set(entries) <= REPORT_ENTRIES and _robustkit_report(folder):
+        return Holder(None, {}, (), False)  # a combined report from before report manifests
+    return Holder(None, {}, tuple(entries), False)
+
+
+def _robustkit_report(folder: Path) -> bool:
+    try:
+        text = (folder / "report.md").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return "*Generated by robustkit " in text
+
+
+# --------------------------------------------------------------------------- the guard
+
+
+def guard_folder(folder: Path, owner: Owner, overwrite: bool = False,
+                 changes: Callable[[Holder], str] | None = None,
+                 flag: str = "--overwrite", announce_same: bool = True) -> str | None:
+    """Raise :class:`RobustkitError` unless ``owner`` may write ``folder``.
+
+    Returns None for a new or empty folder, else one line saying what will be replaced:
+    an earlier run of the same experiment (``changes(holder)`` says what differs; None when
+    not ``announce_same``), or, with ``overwrite``, another experiment's folder.
+    """
+    holder = inspect_folder(folder)
+    if holder.empty:
+        return None
+    if holder.owner is not None and holder.owner.same_as(owner):
+        if not announce_same:
+            return None
+        detail = changes(holder) if changes else ""
+        return (f"replacing {folder}, written by an earlier run of the same "
+                f"{_kind(owner)}{': ' + detail if detail else ''}")
+    if holder.foreign:
+        listed = ", ".join(holder.foreign[:4]) + (", …" if len(holder.foreign) > 4 else "")
+        if overwrite:
+            return f"replacing {folder}, which held files robustkit did not write ({listed})"
+        raise RobustkitError(
+            f"{folder} holds files robustkit did not write ({listed}): choose another --out, or "
+            f"pass {flag} to replace the folder"
+        )
+    held = holder.owner.describe() if holder.owner else "a report of unrecorded origin"
+    if overwrite:
+        return f"replacing {folder}, which held {held}"
+    raise RobustkitError(
+        f"{folder} already holds {held}, not {owner.describe()}: choose another --out, or "
+        f"pass {flag} to replace it"
+    )
+
+
+def _kind(owner: Owner) -> str:
+    return {"run": "experiment", "attack": "attack", "train": "training run",
+            "report": "report"}.get(owner.command, "command")
+
+
+def version_change(manifest: dict[str, Any]) -> str:
+    """``robustkit 0.1.0 (5af984b) → 0.1.0 (d2516ee)``, from a manifest and the running code."""
+    from robustkit import __version__
+    from robustkit.runtime import git_commit
+
+    def label(version: Any, commit: Any) -> str:
+        short = str(commit)[:7] + ("+dirty" if str(commit).endswith("+dirty") else "")
+        return f"{version or '?'}" + (f" ({short})" if commit else "")
+
+    return (f"robustkit {label(manifest.get('robustkit'), manifest.get('git_commit'))} → "
+            f"{label(__version__, git_commit())}")
+
+
+def hash_change(what: str, old: str | None, new: str, rehashed: str | None = None) -> str:
+    """``config hash a → b``; ``rehashed`` is the old record hashed under today's scheme."""
+    if old is None:
+        return f"{what} ? → {new}"
+    if old == new:
+        return f"{what} {new} unchanged"
+    if rehashed == new:
+        return (f"{what} {old} → {new} (the same settings: the recorded config hashes to {new} "
+                "under this version)")
+    return f"{what} {old} → {new}"
+
+
+# --------------------------------------------------------------------------- staging and swap
+
+
+def refuse_working_folder(folder: Path) -> None:
+    """The output folder is replaced as a whole: never the working folder or one above it."""
+    here, target = Path.cwd().resolve(), folder.resolve()
+    if target == here or target in here.parents:
+        raise RobustkitError(
+            f"--out {folder} is the working folder or contains it: robustkit replaces its output "
+            "folder as a whole; choose a sub-folder such as reports/NAME"
+        )
+
+
+def staging_path(folder: Path) -> Path:
+    folder = folder.resolve()
+    return folder.parent / f".{folder.name}{STAGING_SUFFIX}"
+
+
+def _old_path(folder: Path) -> Path:
+    folder = folder.resolve()
+    return folder.parent / f".{folder.name}{OLD_SUFFIX}"
+
+
+def recover(folder: Path) -> None:
+    """Finish or undo a swap that a kill interrupted (only where RENAME_EXCHANGE is missing):
+    put the old folder back if the new one never arrived, and remove a leftover old copy."""
+    old = _old_path(folder)
+    if not old.exists():
+        return
+    if not folder.exists():
+        os.rename(old, folder)
+    else:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare_staging(folder: Path, keep: Callable[[Path], bool] = lambda p: False) -> Path:
+    """The empty staging folder of ``folder``; entries for which ``keep`` is true (a sweep
+    state to resume) survive from an interrupted run, everything else is removed."""
+    recover(folder)
+    work = staging_path(folder)
+    if work.is_dir():
+        _prune(work, keep)
+    elif work.exists():
+        work.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def _prune(folder: Path, keep: Callable[[Path], bool]) -> bool:
+    """Remove everything under ``folder`` but ``keep``'s entries; True when something stayed."""
+    kept = False
+    for path in list(folder.iterdir()):
+        if keep(path):
+            kept = True
+        elif path.is_dir() and not path.is_symlink():
+            if _prune(path, keep):
+                kept = True
+            else:
+                path.rmdir()
+        else:
+            path.unlink()
+    return kept
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2`` with RENAME_EXCHANGE); False where the
+    system or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in {22, 38, 95}:  # EINVAL, ENOSYS, EOPNOTSUPP: not supported here
+        return False
+    raise OSError(errno, os.strerror(errno), str(b))
+
+
+def swap_in(work: Path, folder: Path) -> None:
+    """Put the finished staging folder ``work`` at ``folder`` in one step; drop the old one."""
+    folder = folder.resolve()
+    if not folder.exists():
+        os.rename(work, folder)
+        return
+    if _exchange(work, folder):
+        shutil.rmtree(work, ignore_errors=True)  # it now holds the old folder
+        return
+    old = _old_path(folder)  # fallback: two renames; recover() repairs a kill between them
+    os.rename(folder, old)
+    os.rename(work, folder)
+    shutil.rmtree(old, ignore_errors=True)
