@@ -29,6 +29,7 @@ from robustkit.models import check_logits, load_model, parse_normalize
 from robustkit.outputs import (
     Holder,
     Owner,
+    config_file_label,
     guard_folder,
     hash_change,
     prepare_staging,
@@ -149,7 +150,7 @@ def attack_model(
     net = build_defence(net, defence)  # after the checks a random defence would fail
     name = model_name(model)
     folder = out_dir or Path("runs") / f"attack-{name}"
-    owner = Owner("attack", model)
+    owner = Owner("attack", config_file_label(Path(model)) if Path(model).exists() else model)
     settings = {
         "model": info["model"], "model_kind": info["kind"], "weights": str(weights or ""),
         "normalize": normalize or "", "dataset": data.name, "split": "test", "n": len(split),

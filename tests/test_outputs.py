@@ -297,3 +297,51 @@ def test_a_kill_at_any_write_of_a_report_leaves_the_old_report_or_the_new(
             assert _tree(out) == new, f"after a kill at {writes[k]}"
             assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
                 ["quickstart", "combined"] if not in_place else ["quickstart"])
+
+
+TINY_RUN = """
+name = "tiny"
+device = "cpu"
+[data]
+val_size = 500
+[model]
+arch = "softmax"
+[train]
+epochs = 1
+[[attacks]]
+name = "fgsm"
+[evaluate]
+eps = [0.0, 0.1]
+n = 100
+"""
+
+
+@pytest.mark.slow
+def test_a_kill_at_any_write_of_robustkit_run_leaves_the_old_folder_or_the_new(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mnist_root: Path) -> None:
+    from robustkit.pipeline import run_experiment
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.toml").write_text(TINY_RUN)
+    folder = tmp_path / "reports" / "tiny"
+
+    def run(eps: str) -> None:
+        run_experiment(Path("tiny.toml"), overrides=[f"evaluate.eps={eps}"], progress=False,
+                       echo=lambda m: None, log=lambda m: None)
+
+    run("[0.0, 0.2]")
+    new_names = set(_tree(folder))
+    new_results = (folder / "results.csv").read_bytes()
+    with monkeypatch.context() as patch:
+        writes = _faulty_writes(patch, folder.parent, None)
+        run("[0.0, 0.1]")
+    assert len(writes) >= 20, writes
+    for k in range(len(writes)):
+        old = _tree(folder)  # the folder holds a run of eps [0, 0.1]
+        with monkeypatch.context() as patch, pytest.raises(Killed):
+            _faulty_writes(patch, folder.parent, k)
+            run("[0.0, 0.2]")
+        now = _tree(folder)
+        if now != old:  # the whole new folder, or the old one untouched
+            assert set(now) == new_names and now["results.csv"] == new_results, writes[k]
+            run("[0.0, 0.1]")  # back to the old settings for the next kill
