@@ -101,7 +101,9 @@ def test_zoo_lists_released_models_and_rejects_unknown_names(released: Path) -> 
     assert f"{clean:.2%}" in row and f"{worst:.2%} @ ε=0.2" in row
     unknown = robustkit("attack", "--model", "zoo:nope", "-q", cwd=released)
     assert unknown.returncode == 2
-    assert unknown.stderr.startswith("error: no released model 'zoo:nope' (released: tiny)")
+    # the checkout's committed reports with released weights (quickstart, …) are listed too
+    assert unknown.stderr.startswith("error: no released model 'zoo:nope' (released: ")
+    assert "tiny" in unknown.stderr.splitlines()[0]
     escape = robustkit("attack", "--model", "zoo:../reports/tiny", "-q", cwd=released)
     assert escape.returncode == 2 and "no released model" in escape.stderr
 
