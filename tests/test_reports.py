@@ -47,11 +47,6 @@ PENDING = {
                              "their defaults; same settings, re-run to record today's hash",
     "reports/mnist_cnn_bitdepth_bpda": "made (#16) while [transforms]/[defence] counted in the "
                                        "hash at their defaults; re-run to record today's hash",
-    "reports/mnist_softmax": "made before train.precision/amp_attacks/compile existed; "
-                             "regenerate with robustkit run experiments/mnist_softmax.toml",
-    "reports/goodfellow_softmax_fgsm": "made before train.precision/amp_attacks/compile "
-                                       "existed; regenerate with robustkit run "
-                                       "experiments/goodfellow_softmax_fgsm.toml",
     "reports/mnist_cnn": "made before train.precision/amp_attacks/compile existed; regenerate "
                          "with robustkit run experiments/mnist_cnn.toml (2 torch threads)",
     "reports/mnist_mlp": "made before train.precision/amp_attacks/compile existed; regenerate "
