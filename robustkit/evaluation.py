@@ -80,14 +80,16 @@ SHORTCUTS_NOTE = (
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for a binomial proportion correct/n."""
+    """95% Wilson score interval for a binomial proportion p = correct/n:
+    ``(p + z²/2n ± z·√(p(1−p)/n + z²/4n²)) / (1 + z²/n)``, which always contains p (at p = 0
+    the lower bound is exactly 0, which float rounding alone would miss by ~1e-19)."""
     if n == 0:
         return (math.nan, math.nan)
     p = correct / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
 
 
 @dataclass

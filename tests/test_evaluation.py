@@ -235,3 +235,11 @@ def test_resuming_with_a_smaller_eps_attacks_samples_first_broken_at_a_larger_on
     ps = resumed.per_sample
     assert int((ps["pgd10_eps"] > 0.03).sum()) == at["resumed"][0.03]
 
+
+
+@pytest.mark.parametrize("n", [1, 3, 200, 1000, 10000])
+def test_wilson_interval_contains_the_proportion_at_the_edges(n: int) -> None:
+    """At 0 of n the lower bound is exactly 0 and at n of n the upper bound exactly 1 (rounding
+    gave 2e-19 at 0 of 1000, which made the chart's error bar negative and crashed it)."""
+    assert wilson_interval(0, n)[0] == 0.0
+    assert wilson_interval(n, n)[1] == 1.0
