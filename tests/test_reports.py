@@ -49,8 +49,6 @@ PENDING = {
                                        "hash at their defaults; re-run to record today's hash",
     "reports/mnist_cnn": "made before train.precision/amp_attacks/compile existed; regenerate "
                          "with robustkit run experiments/mnist_cnn.toml (2 torch threads)",
-    "reports/mnist_mlp": "made before train.precision/amp_attacks/compile existed; regenerate "
-                         "with robustkit run experiments/mnist_mlp.toml (2 torch threads)",
 }
 
 
