@@ -25,7 +25,8 @@ EXAMPLES_FILE = "examples.safetensors"
 
 @dataclass
 class RunData:
-    """One run folder's contents; absent optional parts are None."""
+    """One run folder's contents; absent optional parts are None. ``path`` names the run (a
+    staging folder reads as its final place); ``folder`` is where its files are read now."""
 
     path: Path
     name: str
@@ -40,6 +41,12 @@ class RunData:
     checks: pd.DataFrame | None = None
     reference: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
+    folder: Path | None = None
+
+    @property
+    def files(self) -> Path:
+        """The folder to read the run's files from."""
+        return self.folder or self.path
 
     @property
     def models(self) -> list[str]:
@@ -154,6 +161,7 @@ def load_run(path: Path, shown: Path | None = None) -> RunData:
         checks=checks,
         reference=_optional_json(path / "reference.json", problems),
         problems=problems,
+        folder=path,
     )
 
 

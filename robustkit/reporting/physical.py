@@ -95,7 +95,7 @@ def _run_blocks(run: RunData, name: str) -> tuple[list[Block], pd.DataFrame | No
 def _read(run: RunData) -> tuple[pd.DataFrame | None, dict[str, Any]]:
     import json
 
-    csv, meta = run.path / CSV, run.path / JSON
+    csv, meta = run.files / CSV, run.files / JSON
     if not csv.is_file():
         return None, {}
     try:
@@ -112,7 +112,7 @@ def _read(run: RunData) -> tuple[pd.DataFrame | None, dict[str, Any]]:
 
 
 def _views(run: RunData) -> dict[str, np.ndarray]:
-    path = run.path / VIEWS
+    path = run.files / VIEWS
     if not path.is_file():
         return {}
     from safetensors import SafetensorError
