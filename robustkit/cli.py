@@ -266,6 +266,10 @@ def _attack_configs(names: str, *, extra: dict[str, object] | None = None,
     from robustkit.config import ATTACK_PRESETS, FIXED_RECIPES, config_from_dict, to_dict
 
     given = {k: v for k, v in settings.items() if v is not None}
+    step = given.get("step_size")
+    if isinstance(step, float) and not math.isfinite(step):  # checked whatever the attacks
+        raise RobustkitError(f"--step-size {step}: step_size: {step} is not a finite number; "
+                             "give a step in [0, 1] pixel units")
     attacks: list[dict[str, object]] = []
     chosen = [n.strip().lower() for n in names.split(",") if n.strip()]
     for name in chosen:
