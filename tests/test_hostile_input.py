@@ -25,6 +25,7 @@ from robustkit.data import read_bytes
 from robustkit.errors import RobustkitError
 from robustkit.evaluation import NoiseBank
 from robustkit.models import load_model
+from robustkit.outputs import staging_path
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -558,10 +559,12 @@ def test_ctrl_c_during_training_and_sweep(tmp_path: Path, mnist_root: Path) -> N
     (tmp_path / "ctrlc_model.py").write_text(
         "from torch import nn\ndef linear():\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))\n")
+    # ε = 0.001 leaves most samples unbroken, so PGD runs its 100,000 steps; the report is
+    # built in the staging folder and swapped in at the end, so that folder signals the start
     sweep = _popen("attack", "--model", "ctrlc_model:linear", "--attack", "pgd", "--steps",
-                   "100000", "--eps", "0,0.1", "--n", "500", "-q", "--out", str(tmp_path / "s"),
-                   cwd=tmp_path)
-    _interrupt_when(sweep, tmp_path / "s")
+                   "100000", "--eps", "0,0.001", "--n", "500", "-q", "--out",
+                   str(tmp_path / "s"), cwd=tmp_path)
+    _interrupt_when(sweep, staging_path(tmp_path / "s"))
     _, stderr = sweep.communicate(timeout=120)
     assert sweep.returncode == 130, stderr
     last = stderr.strip().splitlines()[-1]
