@@ -47,8 +47,6 @@ PENDING = {
                              "their defaults; same settings, re-run to record today's hash",
     "reports/mnist_cnn_bitdepth_bpda": "made (#16) while [transforms]/[defence] counted in the "
                                        "hash at their defaults; re-run to record today's hash",
-    "reports/mnist_cnn": "made before train.precision/amp_attacks/compile existed; regenerate "
-                         "with robustkit run experiments/mnist_cnn.toml (2 torch threads)",
 }
 
 
