@@ -11,23 +11,36 @@ The public API, for notebooks and scripts::
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError as _NotInstalled
-from importlib.metadata import version as _version
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = _version("robustkit")  # the installed distribution's, from pyproject.toml
-except _NotInstalled:  # pragma: no cover - a source tree on PYTHONPATH without installing
-    __version__ = "0.1.0+source"
+from robustkit.version import __version__
 
-from robustkit.attacks import AttackResult, apgd, apgd_targeted, fgsm, pgd, square
-from robustkit.attacks.ensemble import autoattack
-from robustkit.config import AttackConfig, ExperimentConfig, load_config
-from robustkit.data import Dataset, Split, load_dataset
-from robustkit.errors import RobustkitError
-from robustkit.evaluation import Evaluation, evaluate
-from robustkit.models import Normalized, build_model, load_model
-from robustkit.sources import load_data
-from robustkit.training import train
+#: Public name → the module that defines it. Imported on first use (PEP 562), so that
+#: ``import robustkit.cli`` (and ``robustkit --help``) does not load torch and the engine.
+_EXPORTS = {
+    "AttackResult": "robustkit.attacks",
+    "apgd": "robustkit.attacks",
+    "apgd_targeted": "robustkit.attacks",
+    "fgsm": "robustkit.attacks",
+    "pgd": "robustkit.attacks",
+    "square": "robustkit.attacks",
+    "autoattack": "robustkit.attacks.ensemble",
+    "AttackConfig": "robustkit.config",
+    "ExperimentConfig": "robustkit.config",
+    "load_config": "robustkit.config",
+    "Dataset": "robustkit.data",
+    "Split": "robustkit.data",
+    "load_dataset": "robustkit.data",
+    "RobustkitError": "robustkit.errors",
+    "Evaluation": "robustkit.evaluation",
+    "evaluate": "robustkit.evaluation",
+    "Normalized": "robustkit.models",
+    "build_model": "robustkit.models",
+    "load_model": "robustkit.models",
+    "load_data": "robustkit.sources",
+    "train": "robustkit.training",
+}
 
 __all__ = [
     "AttackConfig",
@@ -53,3 +66,26 @@ __all__ = [
     "square",
     "train",
 ]
+
+if TYPE_CHECKING:
+    from robustkit.attacks import AttackResult, apgd, apgd_targeted, fgsm, pgd, square
+    from robustkit.attacks.ensemble import autoattack
+    from robustkit.config import AttackConfig, ExperimentConfig, load_config
+    from robustkit.data import Dataset, Split, load_dataset
+    from robustkit.errors import RobustkitError
+    from robustkit.evaluation import Evaluation, evaluate
+    from robustkit.models import Normalized, build_model, load_model
+    from robustkit.sources import load_data
+    from robustkit.training import train
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'robustkit' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

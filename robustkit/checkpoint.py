@@ -26,7 +26,6 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from robustkit.errors import RobustkitError
-from robustkit.models.factory import build_network
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".bin", ".ckpt"}
 
@@ -135,24 +134,16 @@ def read_sidecar(stem: Path) -> dict[str, Any]:
     return info
 
 
-def load_checkpoint(stem: Path | str, device: torch.device | str = "cpu"
-                    ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model named in the sidecar and load its weights (no unpickling)."""
+def load_checkpoint_tensors(stem: Path | str, device: torch.device | str = "cpu"
+                            ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The checkpoint's weights and its sidecar (no unpickling); turning them into a model is
+    the models layer's job (`robustkit.models.loading.load_checkpoint`)."""
     stem = Path(stem)
     if stem.suffix in PICKLE_SUFFIXES:
         load_tensors(stem)  # raises the pickle refusal
     weights, _ = checkpoint_paths(stem)
     info = read_sidecar(stem)
-    model = build_network(info, int(info.get("num_classes", 10)))
-    state = load_tensors(weights, device)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise RobustkitError(
-            f"{weights} does not fit architecture {info.get('arch')}: {first}"
-        ) from None
-    return model.to(device).eval(), info
+    return load_tensors(weights, device), info
 
 
 # --------------------------------------------------------------------------- resume state

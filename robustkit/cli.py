@@ -1,7 +1,12 @@
-"""The ``robustkit`` command line: parse, call the engine, print. User errors → one line, exit 2."""
+"""The ``robustkit`` command line: parse, call the engine, print. User errors → one line, exit 2.
+
+Each command imports the engine it drives (torch, pandas and the modules built on them) in its
+own body: those are the only imports below the top of a module in robustkit, and they keep
+``robustkit --help``, ``--version`` and usage errors free of torch (a test pins this)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -11,8 +16,18 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from robustkit.config import AttackConfig
+from robustkit.config import (
+    ATTACK_PRESETS,
+    FIXED_RECIPES,
+    AttackConfig,
+    config_from_dict,
+    load_config,
+    parse_defence_spec,
+    parse_transform_spec,
+    to_dict,
+)
 from robustkit.errors import RobustkitError
+from robustkit.version import INSTALLED, __version__
 
 app = typer.Typer(
     name="robustkit",
@@ -68,15 +83,8 @@ def _echo(message: str) -> None:
 
 def _version(value: bool) -> None:
     if value:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            out.print(f"robustkit {version('robustkit')}", highlight=False)
-        except PackageNotFoundError:
-            from robustkit import __version__
-
-            out.print(f"robustkit {__version__} (not installed: version from the source)",
-                      highlight=False)
+        note = "" if INSTALLED else " (not installed: version from the source)"
+        out.print(f"robustkit {__version__}{note}", highlight=False)
         raise typer.Exit()
 
 
@@ -104,7 +112,6 @@ def train(
 ) -> None:
     """Train a model from an experiment config; writes checkpoints, metrics.csv and manifest."""
     from robustkit import distributed
-    from robustkit.config import load_config
     from robustkit.outputs import Owner, config_file_label, guard_folder, refuse_working_folder
     from robustkit.training import train as train_model
 
@@ -143,8 +150,6 @@ def _data_overrides(set_: list[str] | None, data_dir: Path | None, data_source: 
                     resize: str | None, app_dir: Path | None) -> list[str]:
     """--set overrides plus the data options (--data-dir, --data, --resize); --app-dir goes
     onto the import path."""
-    import json
-
     overrides = list(set_ or [])
     if data_dir is not None:
         overrides.append(f"data.dir={json.dumps(str(data_dir))}")
@@ -263,8 +268,6 @@ def _attack_configs(names: str, *, extra: dict[str, object] | None = None,
                     **settings: object) -> list[AttackConfig]:
     """The attacks named by ``--attack`` (attack names or presets), with the options given;
     ``extra`` adds top-level tables (``defence``, ``transforms``) they are checked against."""
-    from robustkit.config import ATTACK_PRESETS, FIXED_RECIPES, config_from_dict, to_dict
-
     given = {k: v for k, v in settings.items() if v is not None}
     step = given.get("step_size")
     if isinstance(step, float) and not math.isfinite(step):  # checked whatever the attacks
@@ -343,9 +346,6 @@ def attack(
     transform: Annotated[Optional[str], typer.Option("--transform", help="Transformations, e.g. rotate=15,translate=2,scale=0.9:1.1,noise=0.05 (also eval_samples=M, eps=E).")] = None,  # noqa: E501, UP045
 ) -> None:
     """Attack a model over an ε sweep; writes results.csv, per_sample.csv and a report."""
-    import json
-
-    from robustkit.config import config_from_dict, parse_defence_spec, parse_transform_spec
     from robustkit.pipeline import attack_model, attack_summary, model_name
 
     if data_source is not None and dataset != "mnist" and data_source != dataset:
@@ -402,7 +402,6 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train (or reuse), attack over the ε sweep, check and report: the whole experiment."""
-    from robustkit.config import load_config
     from robustkit.pipeline import run_experiment
 
     overrides = _data_overrides(set_, data_dir, data_source, resize, app_dir)

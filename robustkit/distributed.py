@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from robustkit.errors import RobustkitError
 from robustkit.runtime import resolve_device
@@ -306,8 +307,6 @@ def wrap(model: nn.Module, ctx: Context | None) -> nn.Module:
     """``DistributedDataParallel(model)`` on the rank's device; the model itself without one."""
     if ctx is None:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
 

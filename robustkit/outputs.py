@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from robustkit.errors import RobustkitError
+from robustkit.runtime import git_commit
+from robustkit.version import __version__
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -242,9 +244,6 @@ def _kind(owner: Owner) -> str:
 
 def version_change(manifest: dict[str, Any]) -> str:
     """``robustkit 0.1.0 (5af984b) → 0.1.0 (d2516ee)``, from a manifest and the running code."""
-    from robustkit import __version__
-    from robustkit.runtime import git_commit
-
     def label(version: Any, commit: Any) -> str:
         short = str(commit)[:7] + ("+dirty" if str(commit).endswith("+dirty") else "")
         return f"{version or '?'}" + (f" ({short})" if commit else "")

@@ -36,12 +36,14 @@ from torch import Tensor, nn
 
 from robustkit.attacks import attack_mode
 from robustkit.attacks.transforms import Transform, fooled_fraction
+from robustkit.checkpoint import save_tensors, write_json
 from robustkit.config import AttackConfig, DefenceConfig, TransformConfig
 from robustkit.data import Split
 from robustkit.errors import RobustkitError
 from robustkit.evaluation import NoiseBank, eot_seed, predict, run_attack, wilson_interval
 from robustkit.models.defences import Defended, build_preprocessing, is_random
 from robustkit.progress import Bar
+from robustkit.runs import write_frame
 
 PHYSICAL_COLUMNS = ["attack", "eps", "n", "success", "success_transformed", "ci_low", "ci_high",
                     "clean_error_transformed", "draws", "grad_evals"]
@@ -261,9 +263,6 @@ def defence_notes(model: nn.Module, attacks: Sequence[AttackConfig]) -> list[str
 def write_physical(out_dir: Path, physical: Physical, settings: dict[str, Any]) -> None:
     """``physical.csv`` (the table), ``physical.safetensors`` (the picture) and
     ``physical.json`` (settings and notes) in an evaluation folder."""
-    from robustkit.checkpoint import save_tensors, write_json
-    from robustkit.runs import write_frame
-
     write_frame(out_dir / "physical.csv", physical.table)
     if physical.views:
         save_tensors(out_dir / "physical.safetensors", physical.views)

@@ -7,25 +7,38 @@ prints, so the folder is the one a single process writes."""
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from robustkit import distributed
+from robustkit.checkpoint import read_sidecar, write_json, write_text
+from robustkit.checks import UNRELIABLE, run_checks, unreliable_attacks
 from robustkit.config import (
     SEED_MAX,
     AttackConfig,
     DefenceConfig,
     ReferenceConfig,
     TransformConfig,
+    config_from_dict,
+    config_hash,
+    load_config,
     to_dict,
+    to_toml,
+    training_hash,
 )
 from robustkit.data import DATASETS
 from robustkit.distributed import Context
 from robustkit.errors import RobustkitError
-from robustkit.evaluation import Evaluation
+from robustkit.evaluation import Evaluation, evaluate
 from robustkit.models import check_logits, load_model, parse_normalize
+from robustkit.models.factory import build_network
+from robustkit.models.loading import load_checkpoint
 from robustkit.outputs import (
     Holder,
     Owner,
@@ -33,15 +46,35 @@ from robustkit.outputs import (
     guard_folder,
     hash_change,
     prepare_staging,
+    read_json,
     refuse_working_folder,
+    staging_path,
     swap_in,
     version_change,
 )
-from robustkit.physical import build_defence, build_transform
+from robustkit.physical import (
+    build_defence,
+    build_transform,
+    transformation_robustness,
+    wants_physical,
+    write_physical,
+)
 from robustkit.released import WEIGHTS_STEM, ZOO_PREFIX, release_weights, weights_provenance
-from robustkit.runs import STATE_DIR, attack_records, evaluate_to_folder, settings_fingerprint
+from robustkit.reporting import add_probabilities, build_report
+from robustkit.runs import (
+    STATE_DIR,
+    attack_records,
+    evaluate_to_folder,
+    finish_sweep,
+    load_sweep,
+    save_sweep,
+    settings_fingerprint,
+    write_evaluation,
+    write_frame,
+)
 from robustkit.runtime import now_iso, provenance
 from robustkit.sources import load_configured, load_data
+from robustkit.training import train
 
 
 def model_name(spec: str) -> str:
@@ -64,8 +97,6 @@ def accuracy_table(results: Any, unreliable: dict[str, str] | None = None) -> st
     table = results.pivot_table(index="eps", columns="attack", values="accuracy", sort=False)
     if not unreliable:
         return str(table.to_string(float_format=lambda v: f"{v:.4f}"))
-    from robustkit.checks import UNRELIABLE
-
     text = table.apply(lambda column: [
         f"{v:.4f}" + (f" {UNRELIABLE}" if column.name in unreliable and eps > 0 else "")
         for eps, v in column.items()])
@@ -75,13 +106,9 @@ def accuracy_table(results: Any, unreliable: dict[str, str] | None = None) -> st
 
 def _unreliable(folder: Path, results: Any, settings: dict[str, Any]) -> dict[str, str]:
     """The attacks whose numbers the failing checks in ``folder/checks.csv`` discredit."""
-    from robustkit.checks import unreliable_attacks
-
     file = folder / "checks.csv"
     if not file.is_file():
         return {}
-    import pandas as pd
-
     return unreliable_attacks(pd.read_csv(file), settings, results["attack"].unique())
 
 
@@ -288,8 +315,6 @@ def attack_summary(outcome: AttackOutcome) -> dict[str, Any]:
 
 
 def _title(attack: dict[str, Any]) -> str:
-    from robustkit.config import config_from_dict
-
     return config_from_dict({"attacks": [attack]}).attacks[0].title
 
 
@@ -312,11 +337,6 @@ def run_experiment(
     matches the config; results, figures and reports go to ``out_dir`` (default
     ``reports/<name>/``), one sub-folder per seed when there are several seeds.
     """
-    from robustkit.checkpoint import read_sidecar
-    from robustkit.config import config_hash, load_config, to_toml, training_hash
-    from robustkit.outputs import config_file_label
-    from robustkit.training import train
-
     cfg = load_config(config_path, list(overrides))
     target, dist = distributed.setup(device or cfg.device)
     main = dist is None or dist.is_main
@@ -413,8 +433,6 @@ def run_experiment(
     if not main:
         return evaluations
     if several:
-        from robustkit.checkpoint import write_json
-
         _write_seed_summary(work, evaluations, echo)
         write_json(work / "manifest.json", {
             "command": "run", "owner": owner.record(), "config_hash": config_hash(cfg),
@@ -458,8 +476,6 @@ def _physical(model: Any, split: Any, attacks: Sequence[AttackConfig],
               batch_size: int, seed: int, progress: bool, log: Callable[[str], None]) -> None:
     """Robustness under transformation (:mod:`robustkit.physical`) when there is a
     ``[transforms]`` table, or a randomised model attacked with EOT."""
-    from robustkit.physical import transformation_robustness, wants_physical, write_physical
-
     config = wants_physical(model, attacks, transforms)
     if config is None:
         return
@@ -488,11 +504,6 @@ def _evaluate_to_folder(model: Any, split: Any, attacks: Any, eps: Any, *, out_d
             model, split, attacks, eps, out_dir=out_dir, settings=settings, manifest=manifest,
             model_name=model_name, batch_size=batch_size, seed=seed, progress=progress,
             transform=transform)
-    import time
-
-    from robustkit.evaluation import evaluate
-    from robustkit.runs import finish_sweep, load_sweep, save_sweep, write_evaluation
-
     fingerprint = settings_fingerprint(settings)
 
     def prepare() -> Any:
@@ -517,9 +528,6 @@ def _evaluate_to_folder(model: Any, split: Any, attacks: Any, eps: Any, *, out_d
 
 def _load_everywhere(best: Path, device: Any, dist: Context | None) -> tuple[Any, dict[str, Any]]:
     """Load a checkpoint on rank 0 and hand its weights to every rank (no shared disk needed)."""
-    from robustkit.checkpoint import load_checkpoint
-    from robustkit.models.factory import build_network
-
     if dist is None:
         return load_checkpoint(best, device)
 
@@ -534,8 +542,6 @@ def _load_everywhere(best: Path, device: Any, dist: Context | None) -> tuple[Any
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
     if not path.is_file():
         return {}
     data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
@@ -543,8 +549,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _copy_training_outputs(ckpt_dir: Path, eval_dir: Path, config_toml: str) -> None:
-    from robustkit.checkpoint import write_text
-
     write_text(eval_dir / "config.toml", config_toml)
     metrics = ckpt_dir / "metrics.csv"
     if metrics.is_file():
@@ -557,11 +561,6 @@ def _after_evaluation(model: Any, split: Any, evaluation: Evaluation, settings: 
                       shown: Path | None = None) -> Any:
     """Sanity checks, example probabilities and the paper reference, when available; returns
     the checks frame. ``shown``: the folder ``eval_dir`` becomes (it may be a staging one)."""
-    from robustkit.checkpoint import write_json
-    from robustkit.checks import run_checks
-    from robustkit.reporting import add_probabilities
-    from robustkit.runs import write_frame
-
     checks = run_checks(model, split, evaluation.results, settings, seed=seed, progress=progress)
     write_frame(eval_dir / "checks.csv", checks)
     add_probabilities(eval_dir / "examples.safetensors", model)
@@ -587,10 +586,6 @@ def _reference(reference: ReferenceConfig, evaluation: Evaluation) -> dict[str, 
 
 def _write_seed_summary(folder: Path, evaluations: dict[int, Evaluation],
                         echo: Callable[[str], None]) -> None:
-    import pandas as pd
-
-    from robustkit.runs import write_frame
-
     rows = pd.concat([ev.results.assign(seed=seed) for seed, ev in evaluations.items()])
     summary = (rows.groupby(["attack", "eps"], sort=False)["accuracy"]
                .agg(mean="mean", sd="std", min="min", max="max", seeds="count").reset_index())
@@ -604,8 +599,6 @@ def _write_seed_summary(folder: Path, evaluations: dict[int, Evaluation],
 def _report_folders(folder: Path, run_dirs: list[Path], title: str,
                     log: Callable[[str], None], shown_as: Path) -> dict[str, str]:
     """Build the report in the staging ``folder`` as the one it becomes, ``shown_as``."""
-    from robustkit.reporting import build_report
-
     paths = build_report(run_dirs, folder, title=title, shown_as=shown_as)
     final = {kind: shown_as / p.relative_to(folder) for kind, p in paths.items()}
     log(f"report: {', '.join(str(p) for p in final.values())}")
@@ -616,8 +609,6 @@ def _keep_sweep(folder: Path, seed_dirs: Sequence[str | None]) -> Callable[[Path
     """What of an interrupted run's staging folder to keep: the sweep states of this layout
     (``sweep-state/``, or ``seed-S/sweep-state/`` per seed); they resume when their
     fingerprint matches and are replaced otherwise."""
-    from robustkit.outputs import staging_path
-
     work = staging_path(folder)
     wanted = {work / d / STATE_DIR if d else work / STATE_DIR for d in seed_dirs}
     return lambda path: path in wanted
@@ -627,8 +618,6 @@ def _config_changes(held: Holder, folder: Path, new: str) -> str:
     """What differs from the run recorded in ``folder``: config hash and robustkit version.
     The recorded config is re-hashed under today's scheme, so that a change of hashing alone
     reads as the same settings."""
-    from robustkit.config import config_hash, load_config
-
     recorded = held.manifest.get("config_hash")
     configs = [folder / "config.toml", *sorted(folder.glob("seed-*/config.toml"))]
     rehashed = None
@@ -645,8 +634,6 @@ def _config_changes(held: Holder, folder: Path, new: str) -> str:
 
 def _settings_changes(held: Holder, folder: Path, new: str) -> str:
     """What differs from the attack recorded in ``folder``: settings fingerprint, version."""
-    from robustkit.outputs import read_json
-
     recorded = held.manifest.get("fingerprint")
     settings = read_json(folder / "settings.json")
     rehashed = settings_fingerprint(settings) if settings else None

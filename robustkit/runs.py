@@ -8,6 +8,7 @@ runs, ``sweep-state/`` holds the finished (attack, ε) cells so an interrupted s
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,10 @@ from robustkit.checkpoint import (
     save_tensors,
     write_json,
 )
-from robustkit.config import digest, hash_view
-from robustkit.evaluation import AttackState, Evaluation, SweepState
+from robustkit.config import config_from_dict, digest, hash_view
+from robustkit.errors import RobustkitError
+from robustkit.evaluation import AttackState, Evaluation, SweepState, evaluate
+from robustkit.runtime import now_iso
 
 STATE_DIR = "sweep-state"
 
@@ -65,9 +68,6 @@ def attack_records(attacks: Any) -> list[dict[str, Any]]:
 def settings_fingerprint(settings: dict[str, Any]) -> str:
     """The hash of an evaluation's settings, with its attacks read as today's code reads them
     (so a recorded ``settings.json`` re-hashes to the fingerprint a re-run would have)."""
-    from robustkit.config import config_from_dict
-    from robustkit.errors import RobustkitError
-
     try:
         attacks = attack_records(config_from_dict({"attacks": list(settings["attacks"])}).attacks)
     except (KeyError, TypeError, RobustkitError):
@@ -124,11 +124,6 @@ def evaluate_to_folder(
 ) -> Evaluation:
     """Run (or resume) the sweep in ``out_dir`` (a staging folder the caller guarded and will
     swap in), write every output; return the frames."""
-    import time
-
-    from robustkit.evaluation import evaluate
-    from robustkit.runtime import now_iso
-
     fingerprint = settings_fingerprint(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = load_sweep(out_dir, fingerprint)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from robustkit.errors import RobustkitError
+from robustkit.version import __version__
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -110,8 +111,6 @@ def device_description(device: torch.device) -> str:
 
 def provenance(device: torch.device, seed: int | None = None) -> dict[str, Any]:
     """Everything needed to trace a result back to the code, libraries and machine."""
-    from robustkit import __version__
-
     return {
         "robustkit": __version__,
         "git_commit": git_commit(),

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors import safe_open
 from torch import Tensor
 
 from robustkit.data import (
@@ -235,8 +237,6 @@ def _array_file(path: Path) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="np") as handle:
                 arrays = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
                 meta = handle.metadata() or {}
@@ -294,8 +294,6 @@ def _read_folder(root: Path, size: tuple[int, int] | None
 
 def _decode(paths: list[Path], size: tuple[int, int] | None, root: Path) -> np.ndarray:
     """The images as uint8 N×H×W×C: grey when every file is grey, else RGB."""
-    from PIL import Image, UnidentifiedImageError
-
     opened: list[Image.Image] = []
     for path in paths:
         try:

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from robustkit.checkpoint import (
-    load_checkpoint,
     load_state,
     save_checkpoint,
     save_state,
@@ -16,6 +15,7 @@ from robustkit.checkpoint import (
 )
 from robustkit.errors import RobustkitError
 from robustkit.models import build_model, load_model
+from robustkit.models.loading import load_checkpoint
 
 
 def test_round_trip_restores_identical_weights(tmp_path: Path) -> None:

@@ -78,6 +78,37 @@ def test_help_shows_worked_examples() -> None:
         assert f"Example: robustkit {command}" in result.stdout
 
 
+def test_help_version_and_usage_errors_do_not_import_torch() -> None:
+    """The package root is lazy and the CLI imports the engine inside its commands, so what
+    needs no model (help, version, a usage error) never pays for loading torch and pandas."""
+    code = textwrap.dedent("""
+        import sys
+        from robustkit.cli import main
+        for argv in (["--help"], ["attack", "--help"], ["--version"], ["train"]):
+            sys.argv = ["robustkit", *argv]
+            try:
+                main()
+            except SystemExit:
+                pass
+        heavy = sorted(m for m in ("torch", "pandas", "numpy") if m in sys.modules)
+        sys.stderr.write(f"heavy={heavy}\\n")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert "Usage:" in result.stdout and "robustkit " in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == "heavy=[]", result.stderr
+
+
+def test_public_api_names_resolve_lazily() -> None:
+    import robustkit
+
+    assert set(robustkit.__all__) == {*robustkit._EXPORTS, "__version__"}
+    for name in robustkit.__all__:
+        assert getattr(robustkit, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        robustkit.nonexistent  # noqa: B018
+
+
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [

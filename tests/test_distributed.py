@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from robustkit import distributed
-from robustkit.checkpoint import load_checkpoint, load_state, load_tensors
+from robustkit.checkpoint import load_state, load_tensors
 from robustkit.config import config_from_dict
 from robustkit.data import Dataset, Split
+from robustkit.models.loading import load_checkpoint
 from robustkit.training import train
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustkit.checkpoint import load_checkpoint, load_state
+from robustkit.checkpoint import load_state
 from robustkit.config import config_from_dict
 from robustkit.data import Dataset, Split
 from robustkit.errors import RobustkitError
 from robustkit.models import build_model
+from robustkit.models.loading import load_checkpoint
 from robustkit.training import train
 from robustkit.training.loop import update_average
 from robustkit.training.objectives import kl_divergence, pgd_examples

@@ -34,9 +34,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustkit.checkpoint import PICKLE_SUFFIXES, checkpoint_paths, load_checkpoint, load_tensors
+from robustkit.checkpoint import (
+    PICKLE_SUFFIXES,
+    checkpoint_paths,
+    load_checkpoint_tensors,
+    load_tensors,
+)
 from robustkit.errors import RobustkitError
-from robustkit.models.factory import add_app_dir, call_factory
+from robustkit.models.factory import add_app_dir, build_network, call_factory
 from robustkit.models.zoo import Normalized
 from robustkit.released import ZOO_PREFIX, resolve_zoo
 
@@ -153,6 +158,24 @@ def _load_exported(path: Path, device: torch.device) -> nn.Module:
         raise RobustkitError(f"{path} is not a loadable torch.export program ({first})"
                              ) from None
     return ExportedModel(graph)
+
+
+
+def load_checkpoint(stem: Path | str, device: torch.device | str = "cpu"
+                    ) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network the sidecar names and load the checkpoint's weights into it, in
+    eval mode on ``device`` (no unpickling)."""
+    state, info = load_checkpoint_tensors(stem, device)
+    model = build_network(info, int(info.get("num_classes", 10)))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        weights, _ = checkpoint_paths(Path(stem))
+        raise RobustkitError(
+            f"{weights} does not fit architecture {info.get('arch')}: {first}"
+        ) from None
+    return model.to(device).eval(), info
 
 
 def load_model(

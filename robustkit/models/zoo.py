@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from robustkit.errors import RobustkitError
@@ -107,8 +108,6 @@ class Normalized(nn.Module):
 
     def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
         super().__init__()
-        import torch
-
         if any(s <= 0 for s in std):
             raise RobustkitError(f"--normalize: std values must be > 0, got {std}")
         self.model = model

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from robustkit.checkpoint import write_text
+from robustkit.checkpoint import write_json, write_text
+from robustkit.data import DATASETS
 from robustkit.errors import RobustkitError
+from robustkit.outputs import (
+    Owner,
+    config_file_label,
+    guard_folder,
+    prepare_staging,
+    refuse_working_folder,
+    swap_in,
+    version_change,
+)
 from robustkit.reporting import figures, tables
 from robustkit.reporting.load import RunData, load_runs
 from robustkit.reporting.physical import physical_section
@@ -26,6 +37,8 @@ from robustkit.reporting.render import (
     to_html,
     to_markdown,
 )
+from robustkit.runtime import command_line, git_commit, now_iso
+from robustkit.version import __version__
 
 ANY = "any"
 FIGURE_DIR = "figures"
@@ -40,8 +53,6 @@ def _safe(name: str) -> str:
 
 
 def _classes(run: RunData) -> list[str]:
-    from robustkit.data import DATASETS
-
     spec = DATASETS.get(str(run.settings.get("dataset", "")))
     if spec:
         return list(spec.classes)
@@ -470,9 +481,6 @@ def build_report(run_dirs: list[Path], out_dir: Path, title: str | None = None,
     Returns the paths written: ``html``, ``markdown``, ``figures`` and ``tables``. A folder
     without a readable ``results.csv`` raises :class:`RobustkitError`.
     """
-    from robustkit import __version__
-    from robustkit.runtime import command_line
-
     shown = shown_as or out_dir
 
     def final(path: Path) -> Path:
@@ -558,21 +566,6 @@ def publish_report(run_dirs: list[Path], out_dir: Path, *, title: str | None = N
     (another experiment's results or report, files robustkit did not write) is refused unless
     ``overwrite``. Returns the paths written and the line saying what was replaced, if any.
     """
-    import shutil
-
-    from robustkit import __version__
-    from robustkit.checkpoint import write_json
-    from robustkit.outputs import (
-        Owner,
-        config_file_label,
-        guard_folder,
-        prepare_staging,
-        refuse_working_folder,
-        swap_in,
-        version_change,
-    )
-    from robustkit.runtime import command_line, git_commit, now_iso
-
     run_dirs = [Path(p) for p in run_dirs]
     refuse_working_folder(out_dir)
     in_place = any(d.resolve() == out_dir.resolve() for d in run_dirs)

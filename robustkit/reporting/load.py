@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
 
 from robustkit.errors import RobustkitError
 
@@ -114,9 +116,6 @@ def _optional_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
 def _optional_examples(path: Path, problems: list[str]) -> dict[str, np.ndarray] | None:
     if not path.is_file():
         return None
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     try:
         return dict(load_file(str(path)))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -13,12 +13,15 @@ Reads what :mod:`robustkit.physical` wrote into a run folder (``physical.csv``,
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
 
 from robustkit.config import AttackConfig, DefenceConfig, config_from_dict
 from robustkit.errors import RobustkitError
@@ -93,8 +96,6 @@ def _run_blocks(run: RunData, name: str) -> tuple[list[Block], pd.DataFrame | No
 
 
 def _read(run: RunData) -> tuple[pd.DataFrame | None, dict[str, Any]]:
-    import json
-
     csv, meta = run.files / CSV, run.files / JSON
     if not csv.is_file():
         return None, {}
@@ -115,9 +116,6 @@ def _views(run: RunData) -> dict[str, np.ndarray]:
     path = run.files / VIEWS
     if not path.is_file():
         return {}
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     try:
         return dict(load_file(str(path)))
     except (SafetensorError, OSError, ValueError) as exc:

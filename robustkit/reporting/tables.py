@@ -8,6 +8,10 @@ import math
 import sys
 from typing import Any
 
+from robustkit.config import config_from_dict
+from robustkit.config import config_hash as resolved_hash
+from robustkit.errors import RobustkitError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -252,10 +256,6 @@ def config_hash(run: RunData) -> str:
         return str(run.manifest["config_hash"])
     if run.config_text is None:
         return ""
-    from robustkit.config import config_from_dict
-    from robustkit.config import config_hash as resolved_hash
-    from robustkit.errors import RobustkitError
-
     try:
         return resolved_hash(config_from_dict(tomllib.loads(run.config_text)))
     except (RobustkitError, tomllib.TOMLDecodeError, TypeError, ValueError):
