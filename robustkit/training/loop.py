@@ -12,6 +12,11 @@ Resume state is also written every ``save_every`` seconds within an epoch. Every
 comes from explicit generators whose states are saved, so on CPU a run that is killed and
 resumed ends with bitwise the same weights as one that never stopped.
 
+:func:`train` is :func:`prepare` (a fixed :class:`TrainSetup` and the mutable
+:class:`~robustkit.training.state.TrainState`, which saves and restores the resume state),
+:func:`begin` (resume or start fresh), then :func:`train_epoch` and :func:`end_epoch` per
+epoch, and :func:`finish`.
+
 Several processes (``dist``, see :mod:`robustkit.distributed`): the model is wrapped in
 ``DistributedDataParallel``. Every rank draws the same seeded permutation and takes its
 contiguous piece of each global batch of ``batch_size``; its loss is weighted by
@@ -24,12 +29,12 @@ checkpoints, metrics and resume state (which holds every rank's attack generator
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import time
 import typing
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,9 +49,9 @@ from robustkit.checkpoint import (
     atomic_path,
     clear_state,
     load_state,
+    load_tensors,
     remove_leftovers,
     save_checkpoint,
-    save_state,
     write_json,
     write_text,
 )
@@ -55,7 +60,6 @@ from robustkit.data import Dataset, Split, batches
 from robustkit.distributed import (
     Context,
     agree,
-    all_gather_object,
     all_reduce_sum,
     local_first,
     on_main,
@@ -80,7 +84,7 @@ from robustkit.training.objectives import (
     trades_examples,
     trades_loss,
 )
-from robustkit.training.optim import build_optimizer, build_scheduler
+from robustkit.training.state import TrainState
 
 COLLAPSE_DROP = 0.3  # a fall of robust validation accuracy this large below the best is flagged
 PROGRESS_EVERY = 25  # steps between progress-bar refreshes (each reads the running sums back)
@@ -256,6 +260,312 @@ def _remove_previous_outputs(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
+@dataclass
+class TrainSetup:
+    """What stays fixed while a run trains: the settings and seed, the data, this process's
+    place in the group, the modules the loss and the attacks run through, and the output folder.
+
+    :func:`prepare` builds it with its :class:`TrainState`, whose model the modules wrap: a
+    setup trains only that state (restore a saved state into it, not into another). ``net`` is
+    the model as the loss's backward must see it (``DistributedDataParallel`` under
+    ``dist``), ``loss_net`` the module the training loss runs through, ``attacked`` the one
+    attacks differentiate (see :func:`loss_models`). ``info`` goes into every checkpoint's
+    sidecar, ``manifest`` into ``manifest.json`` at the end. ``say`` prints on rank 0 only.
+    """
+
+    config: ExperimentConfig
+    seed: int
+    data: Dataset
+    device: torch.device
+    out_dir: Path
+    dist: Context | None
+    network: dict[str, Any]
+    fingerprint: str
+    selected_by: str
+    steps_per_epoch: int
+    net: nn.Module
+    loss_net: nn.Module
+    attacked: nn.Module
+    examples: PGDExamples
+    info: dict[str, Any]
+    manifest: dict[str, Any]
+    say: Callable[[str], None]
+    progress: bool
+    save_every: float
+
+    @property
+    def rank(self) -> int:
+        return self.dist.rank if self.dist is not None else 0
+
+    @property
+    def world(self) -> int:
+        return self.dist.world if self.dist is not None else 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def adversarial(self) -> bool:
+        return self.config.train.method != "standard"
+
+    def save(self, state: TrainState) -> None:
+        """Write ``state``'s resume state (a collective under ``dist``)."""
+        state.save(self.out_dir, fingerprint=self.fingerprint, dist=self.dist)
+
+
+def _training_data(config: ExperimentConfig, device: torch.device, data: Dataset | None,
+                   dist: Context | None) -> Dataset:
+    """``data``, or the configured data set loaded onto ``device``; refused when it lives
+    elsewhere or an adversarial method has no validation split to select on."""
+    if data is None:
+        data = local_first(lambda: load_configured(config.data, device),
+                           dist)  # one download per node at most
+    elif data.train.images.device != device:
+        raise RobustkitError(f"data lives on {data.train.images.device}, training on {device}")
+    if len(data.val) == 0 and config.train.method != "standard":
+        raise RobustkitError("adversarial training selects models on validation data: "
+                             "set data.val_size > 0")
+    return data
+
+
+def prepare(config: ExperimentConfig, *, out_dir: Path, seed: int | None = None,
+            device: str | torch.device | None = None, data: Dataset | None = None,
+            progress: bool = True, save_every: float = 60.0, log: Any = None,
+            dist: Context | None = None) -> tuple[TrainSetup, TrainState]:
+    """The setup of training ``config`` with ``seed`` (default ``config.seed``) into
+    ``out_dir``, and the state before its first step (seeded weights, optimizer, generators).
+
+    Creates ``out_dir`` and removes a killed run's temporary files; reads no resume state
+    (:func:`begin` does). Arguments as for :func:`train`.
+    """
+    seed = config.seed if seed is None else seed
+    device = resolve_device(device if device is not None else config.device)
+    rank = dist.rank if dist is not None else 0
+    out_dir = Path(out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out_dir)  # temporary files of a killed run
+    use_deterministic_algorithms()
+    seed_everything(seed)
+    data = _training_data(config, device, data, dist)
+    network = network_spec(config.model.arch, config.model.factory, config.model.args,
+                           config.model.app_dir, in_shape=data.in_shape)
+    model = build_network(network, len(data.classes)).to(device)
+    steps_per_epoch = -(-len(data.train) // config.train.batch_size)
+    state = TrainState.create(model, config.train, device=device,
+                              steps_per_epoch=steps_per_epoch, seed=seed, rank=rank)
+    net = wrap(model, dist)  # the forward/backward of the training loss; attacks use ``model``
+    loss_net, attacked = loss_models(model, net, config, device)
+    fingerprint = training_hash(config, seed)
+    info = {**network, "num_classes": len(data.classes),
+            **({"data_sha256": data.provenance["data_sha256"]}
+               if "data_sha256" in data.provenance else {}),
+            "dataset": data.name, "config": config_hash(config),
+            "training_hash": fingerprint, "seed": seed}
+    manifest = {"config_hash": config_hash(config), "training_hash": fingerprint,
+                "command": "train", "start": now_iso(), **provenance(device, seed)}
+    setup = TrainSetup(
+        config=config, seed=seed, data=data, device=device, out_dir=out_dir, dist=dist,
+        network=network, fingerprint=fingerprint,
+        selected_by=selection_metric(config.train.method != "standard",
+                                     validated=len(data.val) > 0),
+        steps_per_epoch=steps_per_epoch, net=net, loss_net=loss_net, attacked=attacked,
+        examples=examples_builder(model, attacked, config, device, dist), info=info,
+        manifest=manifest, say=(log if rank == 0 else None) or (lambda message: None),
+        progress=progress and rank == 0, save_every=save_every)
+    return setup, state
+
+
+def _check_world_size(saved: dict[str, Any], setup: TrainSetup) -> None:
+    saved_world = int(saved.get("world_size", 1))
+    if saved_world != setup.world:
+        how = ("without torchrun" if saved_world == 1
+               else f"under torchrun --nproc-per-node … with {saved_world} processes in all")
+        raise RobustkitError(
+            f"{setup.out_dir} holds the resume state of a {saved_world}-process run: resume it "
+            f"{how}, or start over (robustkit train --fresh, robustkit run --retrain)"
+        )
+
+
+def begin(setup: TrainSetup, state: TrainState, *, resume: bool = True) -> None:
+    """Continue ``state`` from the resume state in the output folder when ``resume`` and it
+    belongs to this config and seed (refused when saved by another number of processes);
+    otherwise start fresh, first removing an earlier run's outputs. Writes ``config.toml``."""
+    saved = on_main(lambda: load_state(setup.out_dir) if resume else None, setup.dist)
+    if saved is not None and saved.get("fingerprint") == setup.fingerprint:
+        _check_world_size(saved, setup)
+        state.load_state_dict(saved, setup.rank)
+        setup.say(f"resuming from epoch {state.epoch + 1}, step {state.step}")
+    elif saved is not None:
+        setup.say("ignoring a resume state from a different config or seed")
+    if setup.main and not state.rows and state.step == 0:
+        _remove_previous_outputs(setup.out_dir)
+    if setup.selected_by == LAST_EPOCH and NO_VALIDATION_NOTE not in state.notes:
+        state.notes.append(NO_VALIDATION_NOTE)
+        setup.say(f"note: {NO_VALIDATION_NOTE}")
+    if setup.main:
+        write_text(setup.out_dir / "config.toml",
+                   to_toml(dataclasses.replace(setup.config, seed=setup.seed, seeds=None)))
+
+
+def _batch_loss(setup: TrainSetup, state: TrainState, x: Tensor, y: Tensor, global_len: int,
+                iteration: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(the mean loss of this rank's piece, its logits, the objective to differentiate).
+
+    Under ``dist`` the objective is the loss weighted by ``len(piece) · world / global_len``,
+    so the gradient averaged over ranks is that of the global batch's mean loss.
+    """
+    if len(y) == 0:  # fewer samples than ranks: take part in the all-reduce only
+        logits = setup.net(x)
+        return logits.sum() * 0.0, logits, logits.sum() * 0.0
+    eps = current_eps(setup.config, iteration, setup.steps_per_epoch)
+    loss, logits = training_loss(setup.loss_net, setup.config, x, y, eps, state.attack_generator,
+                                 inner=setup.attacked, examples=setup.examples)
+    objective = loss if setup.dist is None else loss * (len(y) * setup.world / global_len)
+    return loss, logits, objective
+
+
+def train_step(setup: TrainSetup, state: TrainState) -> None:
+    """One optimizer step on batch ``state.step`` of the epoch's order (this rank's piece of
+    it under ``dist``), then the schedule, the weight average and the running sums; advances
+    ``state.step``. The epoch's order must be drawn (:meth:`TrainState.begin_epoch`)."""
+    if state.batch_order is None:
+        raise RuntimeError("train_step before TrainState.begin_epoch")
+    size = setup.config.train.batch_size
+    index = state.batch_order[state.step * size:(state.step + 1) * size]
+    global_len = len(index)
+    if setup.dist is not None:
+        index = index[shard(global_len, setup.rank, setup.world)]
+    x, y = setup.data.train.images[index], setup.data.train.labels[index]
+    iteration = state.epoch * setup.steps_per_epoch + state.step
+    loss, logits, objective = _batch_loss(setup, state, x, y, global_len, iteration)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(objective).backward()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.scheduler.step()
+    decay = setup.config.train.ema_decay
+    if state.averaged is not None and decay is not None:
+        update_average(state.averaged, state.model, decay, iteration)
+    state.sums.add(loss, logits, y)
+    state.step += 1
+
+
+def train_epoch(setup: TrainSetup, state: TrainState) -> None:
+    """The steps of ``state.epoch`` still to take (all of them unless resumed mid-epoch),
+    saving the resume state within the epoch every ``save_every`` seconds."""
+    steps = setup.steps_per_epoch
+    state.begin_epoch(len(setup.data.train), setup.device)
+    state.model.train()
+    with Bar(f"epoch {state.epoch + 1}/{setup.config.train.epochs}", steps,
+             setup.progress) as bar:
+        bar.advance(state.step)
+        while state.step < steps:
+            train_step(setup, state)
+            if bar.enabled and ((state.step - 1) % PROGRESS_EVERY == 0 or state.step == steps):
+                loss, correct, seen = state.sums.values()
+                shown = max(seen, 1)  # a rank's first piece is empty when batch < world
+                bar.advance(state.step - bar.done,
+                            f"loss {loss / shown:.4f} acc {correct / shown:.4f}")
+            due = time.perf_counter() - state.saved_at > setup.save_every
+            if state.step < steps and agree(due, setup.dist):
+                setup.save(state)
+
+
+def epoch_metrics(setup: TrainSetup, state: TrainState) -> dict[str, Any]:
+    """The metrics row of ``state.epoch`` (its ``seconds`` aside): learning rate, training
+    loss and accuracy over every rank's samples, clean validation (NaN without a validation
+    split) and test accuracy of ``state.evaluated``, and for adversarial methods the epoch's
+    last ε and the robust validation accuracy at the full ε."""
+    loss_sum, correct, seen = state.sums.values()
+    if setup.dist is not None:
+        loss_sum, total_correct, total_seen = all_reduce_sum([loss_sum, correct, seen],
+                                                             setup.dist)
+        correct, seen = int(total_correct), int(total_seen)
+    evaluated, data, config = state.evaluated, setup.data, setup.config
+    row: dict[str, Any] = {
+        "epoch": state.epoch + 1,
+        "lr": state.optimizer.param_groups[0]["lr"],
+        "train_loss": loss_sum / max(seen, 1),
+        "train_acc": correct / max(seen, 1),
+        "val_acc": accuracy(evaluated, data.val) if len(data.val) else float("nan"),
+        "test_acc": accuracy(evaluated, data.test),
+    }
+    if setup.adversarial:
+        adv, steps = config.train.adversarial, setup.steps_per_epoch
+        row["eps"] = current_eps(config, (state.epoch + 1) * steps - 1, steps)
+        row["val_robust_acc"] = robust_accuracy(
+            evaluated, data.val.take(adv.val_n), eps=adv.eps, steps=adv.val_steps,
+            seed=config.evaluate.seed)
+    return row
+
+
+def _note_collapse(setup: TrainSetup, state: TrainState, score: float) -> None:
+    """Note and warn when robust validation accuracy fell more than ``COLLAPSE_DROP`` below
+    the best so far."""
+    if not (setup.adversarial and state.best_score > 0
+            and score < state.best_score - COLLAPSE_DROP):
+        return
+    note = (f"epoch {state.epoch + 1}: robust validation accuracy collapsed from "
+            f"{state.best_score:.3f} to {score:.3f} (catastrophic overfitting?); the best "
+            "checkpoint stays the one used downstream")
+    state.notes.append(note)
+    if setup.main:
+        warnings.warn(note, stacklevel=4)  # attributed to the caller of ``train``
+    setup.say(f"warning: {note}")
+
+
+def _save_epoch(setup: TrainSetup, state: TrainState, row: dict[str, Any], score: float
+                ) -> None:
+    """``model-last``; ``model-best`` when ``score`` beats the best so far; ``metrics.csv``.
+    Only rank 0 writes, every rank keeps ``best_score``."""
+    info = {**setup.info, "epoch": state.epoch + 1, "metrics": row}
+    if setup.main:
+        save_checkpoint(setup.out_dir / "model-last", state.evaluated, info)
+    if score > state.best_score:
+        state.best_score = score
+        if setup.main:
+            save_checkpoint(setup.out_dir / "model-best", state.evaluated,
+                            {**info, "selected_by": setup.selected_by})
+    if setup.main:
+        with atomic_path(setup.out_dir / "metrics.csv") as tmp:
+            pd.DataFrame(state.rows).to_csv(tmp, index=False)
+
+
+def end_epoch(setup: TrainSetup, state: TrainState) -> None:
+    """Close ``state.epoch``: its metrics row, the collapse check, the checkpoints and
+    ``metrics.csv``; then move to the next epoch and save the resume state there."""
+    row = epoch_metrics(setup, state)
+    score = float(state.epoch + 1) if setup.selected_by == LAST_EPOCH else row[setup.selected_by]
+    row["seconds"] = time.perf_counter() - state.epoch_started
+    state.rows.append(row)
+    _note_collapse(setup, state, score)
+    _save_epoch(setup, state, row, score)
+    state.next_epoch()
+    setup.save(state)
+    setup.say(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in row.items()))
+
+
+def finish(setup: TrainSetup, state: TrainState) -> TrainResult:
+    """Write ``manifest.json`` and remove the resume state (rank 0); the result holds the
+    ``model-best`` weights, read back from the folder, in eval mode."""
+    seconds = state.seconds()
+    if setup.main:
+        write_json(setup.out_dir / "manifest.json",
+                   {**setup.manifest, "end": now_iso(), "seconds": seconds,
+                    "warnings": state.notes, "processes": setup.world})
+        clear_state(setup.out_dir)
+    best_model = build_network(setup.network, len(setup.data.classes)).to(setup.device)
+    best_state = on_main(lambda: load_tensors(setup.out_dir / "model-best.safetensors"),
+                         setup.dist)
+    best_model.load_state_dict(best_state)
+    return TrainResult(best_model.eval(), pd.DataFrame(state.rows), setup.out_dir,
+                       setup.out_dir / "model-best", setup.out_dir / "model-last", seconds,
+                       state.notes)
+
+
 def train(
     config: ExperimentConfig,
     *,
@@ -278,226 +588,15 @@ def train(
     ``dist``: train with DistributedDataParallel in a torch.distributed group (every rank calls
     ``train`` with the same arguments and the device of its context); rank 0 writes ``out_dir``.
     """
-    seed = config.seed if seed is None else seed
-    device = resolve_device(device if device is not None else config.device)
-    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
-    main = rank == 0
-    say = (log if main else None) or (lambda message: None)
-    progress = progress and main
-    train_cfg, adv = config.train, config.train.adversarial
-    adversarial = train_cfg.method != "standard"
-    out_dir = Path(out_dir)
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(out_dir)  # temporary files of a killed run
-    fingerprint = training_hash(config, seed)
-
-    use_deterministic_algorithms()
-    seed_everything(seed)
-    if data is None:
-        data = local_first(lambda: load_configured(config.data, device),
-                           dist)  # one download per node at most
-    elif data.train.images.device != device:
-        raise RobustkitError(f"data lives on {data.train.images.device}, training on {device}")
-    if len(data.val) == 0 and adversarial:
-        raise RobustkitError("adversarial training selects models on validation data: "
-                             "set data.val_size > 0")
-    selected_by = selection_metric(adversarial, validated=len(data.val) > 0)
-    network = network_spec(config.model.arch, config.model.factory, config.model.args,
-                           config.model.app_dir, in_shape=data.in_shape)
-    model = build_network(network, len(data.classes)).to(device)
-    optimizer = build_optimizer(model, train_cfg)
-    steps_per_epoch = -(-len(data.train) // train_cfg.batch_size)
-    scheduler = build_scheduler(optimizer, train_cfg, steps_per_epoch)
-    order_generator = torch.Generator().manual_seed(seed)
-    attack_generator = torch.Generator(device=device).manual_seed(seed + 1 + 1000 * rank)
-    averaged = copy.deepcopy(model) if train_cfg.ema_decay is not None else None
-    net = wrap(model, dist)  # the forward/backward of the training loss; attacks use ``model``
-    loss_net, attacked = loss_models(model, net, config, device)
-    examples = examples_builder(model, attacked, config, device, dist)
-    # fp16 needs loss scaling against gradient underflow; a disabled scaler is a no-op
-    scaler = torch.amp.GradScaler(device.type, enabled=train_cfg.precision == "fp16")
-
-    rows: list[dict[str, Any]] = []
-    notes: list[str] = []
-    best_score, start_epoch, start_step, order = -1.0, 0, 0, None
-    elapsed_before = 0.0
-    resumed_sums: tuple[float, int, int] = (0.0, 0, 0)  # train loss, correct, seen so far
-    state = on_main(lambda: load_state(out_dir) if resume else None, dist)
-    if state is not None and state.get("fingerprint") == fingerprint:
-        saved_world = int(state.get("world_size", 1))
-        if saved_world != world:
-            how = ("without torchrun" if saved_world == 1
-                   else f"under torchrun --nproc-per-node … with {saved_world} processes in all")
-            raise RobustkitError(
-                f"{out_dir} holds the resume state of a {saved_world}-process run: resume it "
-                f"{how}, or start over (robustkit train --fresh, robustkit run --retrain)"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if averaged is not None:
-            averaged.load_state_dict(state["averaged"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        order_generator.set_state(state["order_generator"])
-        attack_generator.set_state(state["attack_generators"][rank] if dist is not None
-                                   else state["attack_generator"])
-        start_epoch, start_step, order = state["epoch"], state["step"], state["order"]
-        rows, notes = list(state["rows"]), list(state["notes"])
-        best_score, elapsed_before = state["best_score"], state["elapsed"]
-        if state.get("running_sums"):  # the interrupted epoch's sums (mid-epoch states)
-            loss_so_far, correct_so_far, seen_so_far = state["running_sums"][rank]
-            resumed_sums = (float(loss_so_far), int(correct_so_far), int(seen_so_far))
-        say(f"resuming from epoch {start_epoch + 1}, step {start_step}")
-    elif state is not None:
-        say("ignoring a resume state from a different config or seed")
-    if main and not rows and start_step == 0:
-        _remove_previous_outputs(out_dir)
-    if selected_by == LAST_EPOCH and NO_VALIDATION_NOTE not in notes:
-        notes.append(NO_VALIDATION_NOTE)
-        say(f"note: {NO_VALIDATION_NOTE}")
-
-    info_base = {**network, "num_classes": len(data.classes),
-                 **({"data_sha256": data.provenance["data_sha256"]}
-                    if "data_sha256" in data.provenance else {}),
-                 "dataset": data.name, "config": config_hash(config),
-                 "training_hash": fingerprint, "seed": seed}
-    if main:
-        write_text(out_dir / "config.toml", to_toml(dataclasses.replace(config, seed=seed,
-                                                                         seeds=None)))
-    manifest = {"config_hash": config_hash(config), "training_hash": fingerprint,
-                "command": "train", "start": now_iso(), **provenance(device, seed)}
-
-    started = time.perf_counter()
-    last_save = started
-
-    def snapshot(epoch: int, step: int, current_order: Tensor | None,
-                 sums: tuple[float, int, int] = (0.0, 0, 0)) -> None:
-        extra: dict[str, Any] = {"running_sums": [list(sums)]}
-        if dist is not None:  # a collective: every rank's generator and sums go into the state
-            extra = {"world_size": world, "attack_generators": all_gather_object(
-                attack_generator.get_state(), dist),
-                "running_sums": all_gather_object(list(sums), dist)}
-        if not main:
-            return
-        save_state(out_dir, {
-            "fingerprint": fingerprint, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "averaged": averaged.state_dict() if averaged is not None else None,
-            "scaler": scaler.state_dict(), "order_generator": order_generator.get_state(),
-            "attack_generator": attack_generator.get_state(), "epoch": epoch, "step": step,
-            "order": current_order, "rows": rows, "notes": notes, "best_score": best_score,
-            "elapsed": elapsed_before + time.perf_counter() - started, **extra,
-        })
-
-    for epoch in range(start_epoch, train_cfg.epochs):
-        epoch_start = time.perf_counter()
-        if order is None or start_step == 0:
-            order = torch.randperm(len(data.train), generator=order_generator)
-        device_order = order.to(device)
-        model.train()
-        # running sums stay on the device (no host sync per step); float64 like Python floats;
-        # a mid-epoch resume starts from the interrupted epoch's sums
-        loss_so_far, correct_so_far, seen = resumed_sums if start_step > 0 else (0.0, 0, 0)
-        loss_total = torch.tensor(loss_so_far, dtype=torch.float64, device=device)
-        correct_total = torch.tensor(correct_so_far, dtype=torch.int64, device=device)
-        with Bar(f"epoch {epoch + 1}/{train_cfg.epochs}", steps_per_epoch, progress) as bar:
-            bar.advance(start_step)
-            for step in range(start_step, steps_per_epoch):
-                index = device_order[step * train_cfg.batch_size:(step + 1) * train_cfg.batch_size]
-                global_len = len(index)
-                if dist is not None:
-                    index = index[shard(global_len, rank, world)]
-                x, y = data.train.images[index], data.train.labels[index]
-                eps = current_eps(config, epoch * steps_per_epoch + step, steps_per_epoch)
-                if len(y) == 0:  # fewer samples than ranks: take part in the all-reduce only
-                    logits = net(x)
-                    loss, objective = logits.sum() * 0.0, logits.sum() * 0.0
-                else:
-                    loss, logits = training_loss(loss_net, config, x, y, eps, attack_generator,
-                                                 inner=attacked, examples=examples)
-                    objective = loss if dist is None else loss * (len(y) * world / global_len)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(objective).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                if averaged is not None and train_cfg.ema_decay is not None:
-                    update_average(averaged, model, train_cfg.ema_decay,
-                                   epoch * steps_per_epoch + step)
-                loss_total += loss.detach().double() * len(y)
-                correct_total += (logits.argmax(1) == y).sum()
-                seen += len(y)
-                if bar.enabled and (step % PROGRESS_EVERY == 0 or step + 1 == steps_per_epoch):
-                    shown = max(seen, 1)  # a rank's first piece is empty when batch < world
-                    bar.advance(step + 1 - bar.done, f"loss {float(loss_total) / shown:.4f} "
-                                f"acc {int(correct_total) / shown:.4f}")
-                due = time.perf_counter() - last_save > save_every
-                if step + 1 < steps_per_epoch and agree(due, dist):
-                    snapshot(epoch, step + 1, order,
-                             (float(loss_total), int(correct_total), seen))
-                    last_save = time.perf_counter()
-        start_step = 0
-        loss_sum, correct = float(loss_total), int(correct_total)
-        if dist is not None:
-            loss_sum, total_correct, total_seen = all_reduce_sum([loss_sum, correct, seen], dist)
-            correct, seen = int(total_correct), int(total_seen)
-
-        evaluated = averaged if averaged is not None else model  # what is validated and saved
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum / max(seen, 1),
-            "train_acc": correct / max(seen, 1),
-            "val_acc": accuracy(evaluated, data.val) if len(data.val) else float("nan"),
-            "test_acc": accuracy(evaluated, data.test),
-        }
-        if adversarial:
-            row["eps"] = current_eps(config, (epoch + 1) * steps_per_epoch - 1, steps_per_epoch)
-            row["val_robust_acc"] = robust_accuracy(
-                evaluated, data.val.take(adv.val_n), eps=adv.eps, steps=adv.val_steps,
-                seed=config.evaluate.seed)
-        score = float(epoch + 1) if selected_by == LAST_EPOCH else row[selected_by]
-        row["seconds"] = time.perf_counter() - epoch_start
-        rows.append(row)
-        if adversarial and best_score > 0 and score < best_score - COLLAPSE_DROP:
-            note = (f"epoch {epoch + 1}: robust validation accuracy collapsed from "
-                    f"{best_score:.3f} to {score:.3f} (catastrophic overfitting?); the best "
-                    "checkpoint stays the one used downstream")
-            notes.append(note)
-            if main:
-                warnings.warn(note, stacklevel=2)
-            say(f"warning: {note}")
-        info = {**info_base, "epoch": epoch + 1, "metrics": row}
-        if main:
-            save_checkpoint(out_dir / "model-last", evaluated, info)
-        if score > best_score:
-            best_score = score
-            if main:
-                save_checkpoint(out_dir / "model-best", evaluated,
-                                {**info, "selected_by": selected_by})
-        if main:
-            with atomic_path(out_dir / "metrics.csv") as tmp:
-                pd.DataFrame(rows).to_csv(tmp, index=False)
-        snapshot(epoch + 1, 0, None)
-        last_save = time.perf_counter()
-        say(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in row.items()))
-
-    seconds = elapsed_before + time.perf_counter() - started
-    metrics = pd.DataFrame(rows)
-    if main:
-        write_json(out_dir / "manifest.json", {**manifest, "end": now_iso(), "seconds": seconds,
-                                               "warnings": notes, "processes": world})
-        clear_state(out_dir)
-    best_model = build_network(network, len(data.classes)).to(device)
-    from robustkit.checkpoint import load_tensors
-
-    best_state = on_main(lambda: load_tensors(out_dir / "model-best.safetensors"), dist)
-    best_model.load_state_dict(best_state)
-    return TrainResult(best_model.eval(), metrics, out_dir, out_dir / "model-best",
-                       out_dir / "model-last", seconds, notes)
+    setup, state = prepare(config, out_dir=out_dir, seed=seed, device=device, data=data,
+                           progress=progress, save_every=save_every, log=log, dist=dist)
+    begin(setup, state, resume=resume)
+    while state.epoch < config.train.epochs:
+        train_epoch(setup, state)
+        end_epoch(setup, state)
+    return finish(setup, state)
 
 
-__all__ = ["TrainResult", "accuracy", "attack_mode", "robust_accuracy", "train"]
+__all__ = ["TrainResult", "TrainSetup", "TrainState", "accuracy", "attack_mode", "begin",
+           "end_epoch", "finish", "prepare", "robust_accuracy", "train", "train_epoch",
+           "train_step"]
