@@ -399,7 +399,7 @@ class QuantisedPlusLinear(nn.Module):
 
 
 def test_gradient_masked_model_fools_gradient_attacks_but_not_square_or_the_check() -> None:
-    from robustkit.checks import check_gradient_free, check_gradients
+    from robustkit.checks import check_gradient_free_finds_no_more, check_input_gradients_usable
 
     sound, data = synthetic_split(100, seed=4)
     masked = QuantisedPlusLinear(sound, 784, 10, 1e-4).eval()
@@ -415,13 +415,13 @@ def test_gradient_masked_model_fools_gradient_attacks_but_not_square_or_the_chec
     assert square_broken >= clean + 20  # it is not
     assert sound_broken >= clean + 40  # without the masking APGD breaks plenty
     # the gradients are finite and non-zero: the gradient check cannot see the masking
-    assert check_gradients(masked, x, y).status == "pass"
+    assert check_input_gradients_usable(masked, x, y).status == "pass"
     attack = AttackConfig(name="apgd", steps=50)
-    masked_check = check_gradient_free(masked, x, y, attack, eps, budget=500)
+    masked_check = check_gradient_free_finds_no_more(masked, x, y, attack, eps, budget=500)
     assert masked_check.status == "fail"
     assert masked_check.detail.startswith(
         "gradient masking suspected: a gradient-free attack beats the gradient attacks on ")
-    assert check_gradient_free(sound, x, y, attack, eps, budget=500).status == "pass"
+    assert check_gradient_free_finds_no_more(sound, x, y, attack, eps, budget=500).status == "pass"
 
 
 @pytest.fixture(scope="session")
@@ -453,7 +453,7 @@ def test_quantised_plus_random_linear_mlp_is_caught(standard_mlp, mnist) -> None
     Measured on 300 images: APGD-100 on the masked MLP above 0.8 robust, transfer + Square
     0.200, the ensemble 0.213. (The issue's 9.5% was for its own MLP; the one trained here is
     more robust: APGD-100 on the unmasked model leaves 0.21.)"""
-    from robustkit.checks import check_gradient_free
+    from robustkit.checks import check_gradient_free_finds_no_more
 
     x, y = mnist.test.images[:200], mnist.test.labels[:200]
     masked = QuantisedPlusLinear(standard_mlp, 784, 10, 1e-3).eval()
@@ -479,7 +479,7 @@ def test_quantised_plus_random_linear_mlp_is_caught(standard_mlp, mnist) -> None
     ensemble = autoattack(masked, x, y, eps=eps, generator=seeded())
     robust = 1 - float(ensemble.success.float().mean())
     assert robust <= reference + 0.03, (robust, reference)
-    check = check_gradient_free(masked, x, y, AttackConfig(name="apgd"), eps)
+    check = check_gradient_free_finds_no_more(masked, x, y, AttackConfig(name="apgd"), eps)
     assert check.status == "fail", check
 
 
@@ -553,13 +553,13 @@ def test_cli_attack_names_and_presets() -> None:
 def test_fgsm_is_compared_with_the_ensemble() -> None:
     import pandas as pd
 
-    from robustkit.checks import check_iterative_stronger
+    from robustkit.checks import check_iterative_beats_single_step
 
     results = pd.DataFrame({"model": "m", "attack": ["fgsm", "fgsm", "autoattack", "autoattack"],
                             "norm": "linf", "eps": [0.0, 0.1, 0.0, 0.1],
                             "accuracy": [0.9, 0.5, 0.9, 0.6]})
     settings = {"attacks": [{"name": "fgsm"}, {"name": "autoattack"}]}
-    check = check_iterative_stronger(results, settings)
+    check = check_iterative_beats_single_step(results, settings)
     assert check.status == "fail" and check.value == pytest.approx(0.1)
     results.loc[3, "accuracy"] = 0.4
-    assert check_iterative_stronger(results, settings).status == "pass"
+    assert check_iterative_beats_single_step(results, settings).status == "pass"

@@ -15,16 +15,16 @@ from robustkit.attacks import steepest_step
 from robustkit.checks import (
     CHECK_COLUMNS,
     Check,
+    check_accuracy_at_large_eps,
+    check_accuracy_monotone_in_eps,
+    check_accuracy_monotone_in_eps_from_scratch,
+    check_attack_converged,
     check_batch_independent,
-    check_convergence,
-    check_deterministic,
-    check_gradients,
-    check_iterative_stronger,
-    check_large_eps,
-    check_logits,
-    check_monotone,
-    check_monotone_from_scratch,
-    check_step_budget,
+    check_forward_deterministic,
+    check_input_gradients_usable,
+    check_iterative_beats_single_step,
+    check_outputs_are_logits,
+    check_pgd_step_budget,
     checks_from_results,
     main_attack,
     run_checks,
@@ -84,25 +84,28 @@ FGSM, PGD = AttackConfig(name="fgsm"), AttackConfig(name="pgd", steps=10)
 
 def test_monotone_passes_falling_accuracy_and_flags_a_rise() -> None:
     falling = results_frame({"fgsm": [0.98, 0.6, 0.3, 0.1]})
-    assert check_monotone(falling).status == "pass"
+    assert check_accuracy_monotone_in_eps(falling).status == "pass"
     rising = results_frame({"fgsm": [0.98, 0.6, 0.7, 0.1]})
-    check = check_monotone(rising)
+    check = check_accuracy_monotone_in_eps(rising)
     assert check.status == "fail"
     assert check.value == pytest.approx(0.1)
-    assert "ε=0.1" in check.detail and "ε=0.2" in check.detail
+    assert check.measurements == pytest.approx({"rise": 0.1, "eps_before": 0.1, "eps_after": 0.2,
+                                                "accuracy_before": 0.6, "accuracy_after": 0.7})
     small = results_frame({"fgsm": [0.98, 0.6, 0.604, 0.1]})
-    assert check_monotone(small).status == "warn"
+    assert check_accuracy_monotone_in_eps(small).status == "warn"
 
 
 def test_fgsm_stronger_than_pgd_is_flagged() -> None:
     settings = settings_for(FGSM, PGD)
     good = results_frame({"fgsm": [0.98, 0.6, 0.3, 0.1], "pgd10": [0.98, 0.5, 0.1, 0.0]})
-    assert check_iterative_stronger(good, settings).status == "pass"
+    assert check_iterative_beats_single_step(good, settings).status == "pass"
     bad = results_frame({"fgsm": [0.98, 0.6, 0.3, 0.1], "pgd10": [0.98, 0.7, 0.5, 0.4]})
-    check = check_iterative_stronger(bad, settings)
+    check = check_iterative_beats_single_step(bad, settings)
     assert check.status == "fail"
     assert check.value == pytest.approx(0.3)
     assert "pgd10" in check.detail and "fgsm" in check.detail
+    assert check.measurements == pytest.approx({"gap": 0.3, "eps": 0.3, "iterative_accuracy": 0.4,
+                                                "single_step_accuracy": 0.1})
 
 
 def test_apgd_counts_as_iterative_and_is_the_checked_attack_when_strongest() -> None:
@@ -110,7 +113,7 @@ def test_apgd_counts_as_iterative_and_is_the_checked_attack_when_strongest() -> 
     settings = settings_for(FGSM, PGD, apgd)
     frame = results_frame({"fgsm": [0.98, 0.6, 0.3, 0.1], "pgd10": [0.98, 0.5, 0.1, 0.0],
                            "apgd10": [0.98, 0.7, 0.4, 0.2]})
-    check = check_iterative_stronger(frame, settings)
+    check = check_iterative_beats_single_step(frame, settings)
     assert check.status == "fail" and "apgd10" in check.detail
     assert main_attack(frame, settings).name == "pgd"
     stronger = results_frame({"fgsm": [0.98, 0.6, 0.3, 0.1], "pgd10": [0.98, 0.5, 0.1, 0.0],
@@ -126,20 +129,18 @@ def test_iterative_check_ignores_pairs_of_different_norms() -> None:
             results_frame({"pgd10-l2": [0.98, 0.9, 0.8, 0.7]}, norm="l2"),
         ]
     )
-    check = check_iterative_stronger(frame, settings_for(FGSM, l2))
+    check = check_iterative_beats_single_step(frame, settings_for(FGSM, l2))
     assert check.status == "pass" and check.value is None
 
 
 def test_step_budget_flags_steps_that_cannot_reach_eps() -> None:
-    assert check_step_budget(settings_for(PGD)).status == "pass"
+    assert check_pgd_step_budget(settings_for(PGD)).status == "pass"
     short = AttackConfig(name="pgd", steps=10, step_size=0.01)
-    check = check_step_budget(settings_for(short))
+    check = check_pgd_step_budget(settings_for(short))
     assert check.status == "fail"
     assert check.value == pytest.approx(0.1 / 0.3)
-    assert (
-        check_step_budget(settings_for(AttackConfig(name="pgd", steps=40, step_size=0.01))).status
-        == "pass"
-    )
+    long_enough = AttackConfig(name="pgd", steps=40, step_size=0.01)
+    assert check_pgd_step_budget(settings_for(long_enough)).status == "pass"
 
 
 def test_checks_from_results_frame() -> None:
@@ -216,29 +217,30 @@ def data() -> tuple[Split, Tensor]:
 def test_probability_outputs_are_flagged(data: tuple[Split, Tensor]) -> None:
     split, templates = data
     probs = nn.Sequential(linear_model(templates), nn.Softmax(dim=1))
-    check = check_logits(probs, split.images[:50])
+    check = check_outputs_are_logits(probs, split.images[:50])
     assert check.status == "fail"
     assert "probabilities" in check.detail
-    assert check_logits(linear_model(templates), split.images[:50]).status == "pass"
+    assert check_outputs_are_logits(linear_model(templates), split.images[:50]).status == "pass"
     log_probs = nn.Sequential(linear_model(templates), nn.LogSoftmax(dim=1))
-    passed = check_logits(log_probs, split.images[:50])
+    passed = check_outputs_are_logits(log_probs, split.images[:50])
     assert passed.status == "pass" and "log-probabilities" in passed.detail
 
 
 def test_rounding_model_masks_gradients(data: tuple[Split, Tensor]) -> None:
     split, templates = data
     masked = Rounding(linear_model(templates))
-    check = check_gradients(masked, split.images, split.labels)
+    check = check_input_gradients_usable(masked, split.images, split.labels)
     assert check.status == "fail"
     assert check.value == 1.0
-    large = check_large_eps(masked, split.images, split.labels, AttackConfig(steps=10))
+    large = check_accuracy_at_large_eps(masked, split.images, split.labels, AttackConfig(steps=10))
     assert large.status != "pass"
-    assert check_gradients(linear_model(templates), split.images, split.labels).status == "pass"
+    sound = check_input_gradients_usable(linear_model(templates), split.images, split.labels)
+    assert sound.status == "pass"
 
 
 def test_saturated_softmax_masks_gradients(data: tuple[Split, Tensor]) -> None:
     split, templates = data
-    check = check_gradients(
+    check = check_input_gradients_usable(
         SaturatedLogSoftmax(linear_model(templates)), split.images, split.labels
     )
     assert check.status in {"warn", "fail"}
@@ -254,10 +256,11 @@ def test_gradient_check_counts_exactly_the_rows_whose_attack_step_vanishes() -> 
     (grad,) = torch.autograd.grad(loss, x_in)
     vanishing = int((steepest_step(grad, "l2").flatten(1) == 0).all(1).sum())
     assert vanishing == 1  # only the exactly-zero gradient
-    check = check_gradients(model, x, y)
-    assert check.detail.startswith(f"{vanishing} of 3 samples have a zero input gradient")
+    check = check_input_gradients_usable(model, x, y)
+    assert check.measurements == {"zero_gradients": vanishing, "non_finite_gradients": 0,
+                                  "samples": 3}
     assert check.value == pytest.approx(1 / 3)
-    assert check_gradients(model, x[:2], y[:2]).status == "pass"
+    assert check_input_gradients_usable(model, x[:2], y[:2]).status == "pass"
 
 
 class NoiseGate(nn.Module):
@@ -278,14 +281,16 @@ def test_monotone_check_re_attacks_from_scratch_and_can_fail_with_shortcuts_on()
     attack = AttackConfig(name="pgd", steps=10)
     evaluation = evaluate(model, split, [attack], eps)
     assert evaluation.results["accuracy"].tolist() == [1.0, 0.0, 0.0]  # reuse hides the stall
-    assert check_monotone(evaluation.results).status == "pass"
-    scratch = check_monotone_from_scratch(model, split.images, split.labels, attack, eps)
+    assert check_accuracy_monotone_in_eps(evaluation.results).status == "pass"
+    scratch = check_accuracy_monotone_in_eps_from_scratch(
+        model, split.images, split.labels, attack, eps)
     assert scratch.status == "fail" and scratch.value == 1.0
-    assert "0.000 at ε=0.05 rises to 1.000 at ε=0.3" in scratch.detail
+    assert scratch.measurements == {"rise": 1.0, "eps_before": 0.05, "eps_after": 0.3,
+                                    "accuracy_before": 0.0, "accuracy_after": 1.0}
     frame = run_checks(model, split, evaluation.results, settings_for(attack, eps=eps), n=20)
     row = frame.set_index("name").loc["accuracy_monotone_in_eps"]
     assert row["status"] == "fail" and "from scratch" in row["detail"]
-    sound = check_monotone_from_scratch(
+    sound = check_accuracy_monotone_in_eps_from_scratch(
         model, split.images, split.labels, attack, [0.0, 0.03, 0.05])
     assert sound.status == "pass" and "from scratch at each ε on 20 samples" in sound.detail
 
@@ -309,7 +314,8 @@ def test_batch_dependent_outputs_fail_the_check_and_are_refused_at_load(
     model = BatchStatistics(linear_model(templates))
     check = check_batch_independent(model, split.images[:40])
     assert check.status == "fail" and "two batches of 40 that differ elsewhere" in check.detail
-    assert check_deterministic(model, split.images[:40]).status == "pass"  # it cannot see this
+    # the determinism check cannot see this
+    assert check_forward_deterministic(model, split.images[:40]).status == "pass"
     sound = check_batch_independent(linear_model(templates), split.images[:40])
     assert sound.status == "pass"
     with pytest.raises(RobustkitError, match="change with the other images in the batch"):
@@ -322,15 +328,16 @@ def test_batch_dependent_outputs_fail_the_check_and_are_refused_at_load(
 
 def test_per_class_sigmoid_outputs_are_flagged(data: tuple[Split, Tensor]) -> None:
     split, templates = data
-    check = check_logits(nn.Sequential(linear_model(templates), nn.Sigmoid()), split.images[:50])
+    sigmoid = nn.Sequential(linear_model(templates), nn.Sigmoid())
+    check = check_outputs_are_logits(sigmoid, split.images[:50])
     assert check.status == "warn" and "sigmoid" in check.detail
 
 
 def test_random_forward_is_flagged(data: tuple[Split, Tensor]) -> None:
     split, templates = data
-    check = check_deterministic(EvalDropout(linear_model(templates)), split.images)
+    check = check_forward_deterministic(EvalDropout(linear_model(templates)), split.images)
     assert check.status == "fail"
-    assert check_deterministic(linear_model(templates), split.images).status == "pass"
+    assert check_forward_deterministic(linear_model(templates), split.images).status == "pass"
 
 
 def test_sound_linear_model_passes_every_check(data: tuple[Split, Tensor]) -> None:
@@ -365,12 +372,13 @@ def test_convergence_check_catches_a_stalled_pgd_with_apgd(data: tuple[Split, Te
     split, templates = data
     model, x, y = linear_model(templates), split.images[:200], split.labels[:200]
     timid = AttackConfig(name="pgd", steps=10, step_size=0.001)
-    check = check_convergence(model, x, y, timid, 0.3)
+    check = check_attack_converged(model, x, y, timid, 0.3)
     assert check.status == "fail" and "APGD-100" in check.detail, check.detail
-    steps_and_restarts = [float(v.split()[-1]) for v in check.detail.split(", ")[1:3]]
-    acc = float(check.detail.split(", ")[0].split()[-1])
-    assert min(steps_and_restarts) > acc - 0.05  # only APGD shows the gap
-    sound = check_convergence(model, x, y, AttackConfig(name="pgd", steps=20), 0.3)
+    found = check.measurements
+    more_steps_or_restarts = min(found["accuracy_more_steps"], found["accuracy_more_restarts"])
+    assert more_steps_or_restarts > found["accuracy"] - 0.05  # only APGD shows the gap
+    assert found["accuracy_apgd"] < found["accuracy"] - 0.05
+    sound = check_attack_converged(model, x, y, AttackConfig(name="pgd", steps=20), 0.3)
     assert sound.status == "pass", sound.detail
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from robustkit.attacks import apgd, pgd
 from robustkit.attacks.losses import objective
 from robustkit.attacks.transforms import EOT, Draw, Transform, fooled_fraction
-from robustkit.checks import check_deterministic, check_gradients
+from robustkit.checks import check_forward_deterministic, check_input_gradients_usable
 from robustkit.models.defences import (
     BitDepth,
     Defended,
@@ -253,9 +253,9 @@ def test_bpda_breaks_bit_depth_reduction_that_plain_pgd_cannot(mnist: Any) -> No
     x, y = mnist.test.images[:200], mnist.test.labels[:200]
     keep = model(x).argmax(1) == y
     x, y = x[keep], y[keep]
-    flagged = check_gradients(model, x, y)
+    flagged = check_input_gradients_usable(model, x, y)
     assert flagged.status == "fail" and flagged.value == 1.0  # the check flags it first
-    assert check_gradients(with_bpda(model, "identity"), x, y).status == "pass"
+    assert check_input_gradients_usable(with_bpda(model, "identity"), x, y).status == "pass"
     plain = pgd(model, x, y, eps=0.25, steps=20, random_start=False)
     bpda = pgd(with_bpda(model, "identity"), x, y, eps=0.25, steps=20, random_start=False)
     assert float(plain.success.float().mean()) == 0.0  # no gradient: PGD never moves
@@ -269,8 +269,8 @@ def test_eot_beats_plain_pgd_on_a_randomised_defence(mnist: Any) -> None:
     x, y = mnist.test.images[:200], mnist.test.labels[:200]
     keep = model(x).argmax(1) == y
     x, y = x[keep], y[keep]
-    assert check_deterministic(model, x).status == "fail"
-    assert "EOT" in check_deterministic(model, x).detail
+    assert check_forward_deterministic(model, x).status == "fail"
+    assert "EOT" in check_forward_deterministic(model, x).detail
 
     def fresh_success(eot: EOT | None) -> float:
         torch.manual_seed(1)

@@ -142,7 +142,7 @@ def test_sweep_progress_advances_per_batch(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_checks_show_a_progress_bar(monkeypatch: pytest.MonkeyPatch) -> None:
-    import robustkit.checks as checks
+    import robustkit.checks.runner as checks
     from robustkit.config import AttackConfig, to_dict
     from robustkit.evaluation import evaluate
 

@@ -47,13 +47,44 @@ def check_loss(kind: str) -> str:
     return kind
 
 
+def logits_problem(out: object, n: int | None = None, num_classes: int | None = None
+                   ) -> str | None:
+    """Why a model's output ``out`` is not logits, or None: logits are one float tensor
+    ``[n, K]`` with ``K = num_classes`` when given, else any ``K ≥ 2`` (any number of rows when
+    ``n`` is None).
+
+    With :func:`probability_rows` this is the one rule of what counts as logits; model loading,
+    the attacks and the ``outputs_are_logits`` check all apply it.
+    """
+    k = "K" if num_classes is None else str(num_classes)
+    if isinstance(out, (tuple, list)):
+        return (f"the model returns a {type(out).__name__} of {len(out)} items; it must return "
+                f"one logits tensor [N, {k}]: wrap it so forward returns the logits")
+    if not isinstance(out, Tensor):
+        return f"the model returns a {type(out).__name__}, not a logits tensor [N, {k}]"
+    rows = n is None or (out.dim() > 0 and out.shape[0] == n)
+    width = out.dim() == 2 and out.shape[1] >= 2 and num_classes in (None, out.shape[1])
+    if rows and width and out.is_floating_point():
+        return None
+    batch = "" if n is None else f" for a batch of {n} images"
+    classes = " with K >= 2 classes" if num_classes is None else ""
+    return (f"the model returns shape {list(out.shape)} ({out.dtype}){batch}; expected "
+            f"[N, {k}] float logits{classes}")
+
+
+def probability_rows(out: Tensor) -> Tensor:
+    """``[N]``: which rows of the outputs ``out`` are probability vectors (every entry in
+    [0, 1], summing to 1 within 1e-3), the mark of a final softmax. Attacks on probabilities
+    see saturated, vanishing gradients and overstate robustness."""
+    return (out >= 0).all(1) & (out <= 1).all(1) & ((out.sum(1) - 1).abs() < 1e-3)
+
+
 def check_logits(logits: Tensor, y: Tensor) -> None:
-    """Check ``logits`` is ``[N, K]`` with ``K ≥ 2`` and every label ``0 ≤ y_i < K``."""
-    if logits.dim() != 2 or logits.shape[1] < 2:
-        raise RobustkitError(
-            f"the model must return logits of shape [N, K] with K >= 2 classes, "
-            f"got shape {list(logits.shape)}"
-        )
+    """Raise :class:`RobustkitError` unless ``logits`` are logits (:func:`logits_problem`) and
+    ``y`` holds one label ``0 ≤ y_i < K`` per row."""
+    problem = logits_problem(logits)
+    if problem:
+        raise RobustkitError(problem)
     if y.shape != (logits.shape[0],):
         raise RobustkitError(
             f"got {logits.shape[0]} rows of logits but labels of shape {list(y.shape)}; "

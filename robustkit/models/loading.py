@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustkit.attacks.losses import logits_problem, probability_rows
 from robustkit.checkpoint import (
     PICKLE_SUFFIXES,
     checkpoint_paths,
@@ -309,31 +310,23 @@ def _wraps_exported(model: nn.Module) -> bool:
 
 
 def check_logits(model: nn.Module, x: Tensor, num_classes: int) -> None:
-    """Reject outputs that are not ``[N, num_classes]`` logits, with a message saying why."""
+    """Reject a model whose outputs are not ``[N, num_classes]`` logits
+    (:func:`~robustkit.attacks.losses.logits_problem`), are not finite, depend on the rest of
+    the batch or are probabilities (:func:`~robustkit.attacks.losses.probability_rows`), with a
+    message saying why."""
     out = _forward(model, x)
     part = _forward(model, x[:3])  # attacks shrink the batch as samples break: sizes must be free
-    if isinstance(out, (tuple, list)):
+    problem = logits_problem(out, x.shape[0], num_classes)
+    if problem:
         raise RobustkitError(
-            f"the model returns a {type(out).__name__} of {len(out)} items; it must return one "
-            f"logits tensor [N, {num_classes}]: wrap it so forward returns the logits"
-        )
-    if not isinstance(out, Tensor):
-        raise RobustkitError(f"the model returns a {type(out).__name__}, not a logits tensor")
-    if out.shape != (x.shape[0], num_classes):
-        raise RobustkitError(
-            f"the model returns shape {list(out.shape)} for a batch of {x.shape[0]} images; "
-            f"expected [N, {num_classes}] logits (input is [N, {', '.join(map(str, x.shape[1:]))}] "
-            "pixels in [0, 1])"
-        )
+            f"{problem} (input is [N, {', '.join(map(str, x.shape[1:]))}] pixels in [0, 1])")
     if not torch.isfinite(out).all():
         raise RobustkitError("the model returns non-finite outputs (nan or inf) on clean images")
     if isinstance(part, Tensor) and part.shape == out[:3].shape and len(x) > 3:
         in_batch, swapped = same_size_batches(model, x, 3)
         if batch_dependent(in_batch, swapped):
             _refuse_batch_statistics(float((in_batch - swapped).abs().max()), len(x))
-    sums = out.sum(dim=1)
-    if bool((out >= 0).all() and (out <= 1).all() and torch.allclose(sums, torch.ones_like(sums),
-                                                                      atol=1e-3)):
+    if bool(probability_rows(out).all()):
         raise RobustkitError(
             "the model returns probabilities (rows in [0, 1] summing to 1), not logits: remove "
             "the final softmax; attacks on probabilities mask gradients and overstate robustness"

@@ -1,0 +1,435 @@
+"""Checks that probe the model: its outputs, its gradients and the evaluation's attack on it.
+
+Each runs on a few hundred samples and fails on a sign that gradient attacks overstate the
+model's robustness (masked gradients, probabilities instead of logits, a random or
+batch-dependent forward pass) or that the evaluation's attack has not done its job (accuracy
+left at a very large ε, noise as damaging as the attack, more steps or a gradient-free attack
+finding more).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robustkit.attacks import (
+    NORMS,
+    apgd,
+    attack_mode,
+    pgd,
+    random_unit_ball,
+    square,
+    steepest_step,
+)
+from robustkit.attacks.losses import logits_problem, probability_rows
+from robustkit.checks.record import Check, Status, grade
+from robustkit.checks.results import ITERATIVE, largest_rise, monotone_check
+from robustkit.config import AttackConfig
+from robustkit.models.defences import with_bpda
+from robustkit.models.loading import BATCH_TOLERANCE, batch_dependent, same_size_batches
+
+#: The finding of :func:`check_gradient_free_finds_no_more` when it fails or warns.
+MASKING_SUSPECTED = ("gradient masking suspected: a gradient-free attack beats the gradient "
+                     "attacks on {k} of {m} samples")
+
+
+def _broken(model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: float, seed: int,
+            **changes: Any) -> Tensor:
+    """Per-sample success ``[N]`` of an untargeted run of iterative ``attack`` at ``eps``."""
+    config = dataclasses.replace(attack, **changes)
+    if config.bpda is not None:
+        model = with_bpda(model, config.bpda)
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    if config.name == "apgd":
+        return apgd(model, x, y, eps=eps, norm=config.norm, steps=config.steps,
+                    loss=config.loss, restarts=config.restarts,
+                    random_start=config.random_start, generator=generator).success
+    return pgd(model, x, y, eps=eps, norm=config.norm, steps=config.steps,
+               step_size=config.step_size, loss=config.loss, restarts=config.restarts,
+               random_start=config.random_start, generator=generator).success
+
+
+def _robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: float,
+                     seed: int, **changes: Any) -> float:
+    """Accuracy under an untargeted run of iterative ``attack`` (with ``changes``) at ``eps``."""
+    return 1.0 - float(_broken(model, x, y, attack, eps, seed, **changes).float().mean())
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    return float((model(x).argmax(1) == y).float().mean())
+
+
+def _untargeted_iterative(attack: AttackConfig) -> AttackConfig:
+    """``attack`` as the untargeted PGD or APGD the checks run (PGD for any other attack)."""
+    return dataclasses.replace(
+        attack, name=attack.name if attack.name in ITERATIVE else "pgd", targeted=False)
+
+
+# --------------------------------------------------------------------------- the outputs
+
+
+def check_outputs_are_logits(model: nn.Module, x: Tensor) -> Check:
+    """The outputs must be logits ``[N, K]``: finite, and not rows of probabilities.
+
+    Fails on another shape or type, on nan/inf, or when most rows are probability vectors (a
+    final softmax: attacks on probabilities mask gradients); warns when most rows lie in
+    [0, 1] without summing to 1 (a final per-class sigmoid). Log-probabilities pass:
+    cross-entropy treats them exactly like logits. Value: the fraction of probability rows.
+    """
+    threshold = "no probability rows, all finite"
+    with attack_mode(model), torch.no_grad():
+        out = model(x)
+    problem = logits_problem(out, len(x))
+    if problem:
+        return Check("outputs_are_logits", "fail", None, threshold, problem)
+    out = out.double()
+    if not bool(torch.isfinite(out).all()):
+        rows = int((~torch.isfinite(out).all(1)).sum())
+        return Check("outputs_are_logits", "fail", None, threshold,
+                     f"{rows} of {len(out)} output rows hold nan or inf",
+                     {"non_finite_rows": rows})
+    fraction = float(probability_rows(out).double().mean())
+    unit = float(((out >= 0).all(1) & (out <= 1).all(1)).double().mean())
+    measurements = {"probability_rows": fraction, "unit_interval_rows": unit}
+    if fraction > 0.5:
+        return Check("outputs_are_logits", "fail", fraction, threshold,
+                     "the outputs are probabilities (rows in [0, 1] summing to 1): remove the "
+                     "final softmax; attacks on probabilities mask gradients", measurements)
+    if unit > 0.5:
+        return Check(
+            "outputs_are_logits", "warn", fraction, threshold,
+            f"{unit:.0%} of the output rows lie in [0, 1] without summing to 1: they look like "
+            "per-class sigmoid probabilities; remove the final sigmoid (attacks on squashed "
+            "outputs see vanishing gradients)", measurements)
+    log_probs = bool((out <= 1e-6).all() and (out.logsumexp(1).abs() < 1e-3).all())
+    detail = (
+        "log-probabilities, which cross-entropy treats as logits"
+        if log_probs
+        else f"logits with values in [{float(out.min()):.3g}, {float(out.max()):.3g}]"
+    )
+    return Check("outputs_are_logits", "pass", fraction, threshold, detail, measurements)
+
+
+def check_forward_deterministic(
+    model: nn.Module, x: Tensor, rtol: float = 1e-5, random_above: float = 1e-3
+) -> Check:
+    """Two forward passes in eval mode must agree; a random model needs EOT-style attacks.
+
+    Value: the largest absolute difference between the two passes' outputs. Differences up to
+    ``random_above·max(1, |z|)`` (non-deterministic kernels) warn; larger ones, or changed
+    predictions, fail.
+    """
+    with attack_mode(model), torch.no_grad():
+        first, second = model(x), model(x)
+    diff = float((first.double() - second.double()).abs().max())
+    scale = max(1.0, float(first.double().abs().max()))
+    changed = int((first.argmax(1) != second.argmax(1)).sum())
+    threshold = f"max |Δ| ≤ {rtol:g}·max(1, |z|) (fail > {random_above:g}·max(1, |z|))"
+    measurements = {"max_difference": diff, "scale": scale, "changed_predictions": changed}
+    random = changed > 0 or not math.isfinite(diff)
+    status: Status = "fail" if random else grade(diff, rtol * scale, random_above * scale)
+    if status == "fail":
+        detail = (f"outputs differ by up to {diff:.3g} and {changed} of {len(x)} predictions "
+                  "change between two identical eval-mode passes: the model is random; "
+                  "attack it with EOT (eot_samples = K in [[attacks]], --eot-samples K) or "
+                  "remove the randomness")
+    elif status == "warn":
+        detail = (f"outputs differ by up to {diff:.3g} between two identical passes "
+                  "(non-deterministic kernels?); predictions agree")
+    else:
+        detail = f"two eval-mode passes over {len(x)} samples agree"
+    return Check("forward_deterministic", status, diff, threshold, detail, measurements)
+
+
+def check_batch_independent(model: nn.Module, x: Tensor, k: int | None = None) -> Check:
+    """A sample's output must not depend on the rest of its batch: the logits of ``x[:k]`` in
+    two eval-mode batches of ``len(x)`` images that differ after position ``k``
+    (:func:`~robustkit.models.loading.same_size_batches`).
+
+    A model that normalises with batch statistics (BatchNorm in a ``torch.export`` program or
+    traced TorchScript saved in train mode, where ``eval()`` changes nothing) predicts
+    differently when early stopping shrinks the batch, so no reported number is reproducible
+    and attacks see a different function from the one judged. Value: the largest absolute
+    difference; beyond float noise (``1e-4·max(1, |z|)``) or a changed prediction fails.
+    """
+    k = max(1, len(x) // 4) if k is None else k
+    with attack_mode(model):
+        whole, part = same_size_batches(model, x, k)
+    diff = float((whole.double() - part.double()).abs().max())
+    changed = int((whole.argmax(1) != part.argmax(1)).sum())
+    threshold = f"max |Δ| ≤ {BATCH_TOLERANCE:g}·max(1, |z|), no prediction changes"
+    measurements = {"max_difference": diff, "changed_predictions": changed, "shared": k}
+    if batch_dependent(whole, part):
+        return Check(
+            "batch_independent", "fail", diff, threshold,
+            f"the first {k} samples' outputs differ by up to {diff:.3g} between two batches "
+            f"of {len(x)} that differ elsewhere, and {changed} predictions change: the model "
+            "uses batch statistics (train-mode BatchNorm?); every figure depends on the batch, "
+            "export the model after model.eval()", measurements)
+    return Check("batch_independent", "pass", diff, threshold,
+                 f"the first {k} samples agree in two batches of {len(x)} that differ elsewhere",
+                 measurements)
+
+
+def check_input_gradients_usable(
+    model: nn.Module, x: Tensor, y: Tensor, *, warn_above: float = 0.01, fail_above: float = 0.1
+) -> Check:
+    """The fraction of samples whose cross-entropy input gradient is zero or not finite.
+
+    Zero gradients (a non-differentiable step such as rounding, saturated probabilities) leave a
+    gradient attack nothing to follow; NaN/inf ones derail it. A row counts as zero when the
+    attacks' own steepest-ascent step (:func:`~robustkit.attacks.steepest_step`, L∞ or L2)
+    vanishes for it, or when all its values are subnormal.
+    """
+    with attack_mode(model):
+        x_in = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(x_in), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x_in, allow_unused=True)
+    if grad is None:
+        zero, bad = len(y), 0
+    else:
+        flat = grad.flatten(1)
+        finite = torch.isfinite(flat).all(1)
+        tiny = torch.finfo(flat.dtype).tiny
+        vanishes = [(steepest_step(flat, norm) == 0).all(1) for norm in NORMS]
+        zeros = finite & ((flat.abs().amax(1) < tiny) | torch.stack(vanishes).any(0))
+        zero, bad = int(zeros.sum()), int((~finite).sum())
+    fraction = (zero + bad) / len(y)
+    detail = f"{zero} of {len(y)} samples have a zero input gradient, {bad} a non-finite one"
+    status = grade(fraction, warn_above, fail_above)
+    if status != "pass":
+        detail += ": gradients are masked; gradient attacks overstate robustness"
+    return Check("input_gradients_usable", status, fraction,
+                 f"fraction ≤ {warn_above:g} (fail > {fail_above:g})", detail,
+                 {"zero_gradients": zero, "non_finite_gradients": bad, "samples": len(y)})
+
+
+# --------------------------------------------------------------------------- the attack
+
+
+def check_accuracy_at_large_eps(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attack: AttackConfig,
+    *,
+    seed: int = 0,
+    fail_above: float = 0.05,
+) -> Check:
+    """At L∞ ε = 1 every image is reachable, so PGD must drive accuracy to ≈ 0.
+
+    Accuracy above ``fail_above`` at ε = 1 fails: the attack cannot reach images it is allowed
+    to. At ε = 0.5 every input can become the uniform grey image, so at most the samples whose
+    label is the model's class for grey can survive; more than that (+ 0.05) warns.
+    Value: accuracy at ε = 1.
+    """
+    linf = dataclasses.replace(
+        attack, name="pgd", norm="linf", step_size=None, steps=min(attack.steps, 50), targeted=False
+    )
+    acc_half = _robust_accuracy(model, x, y, linf, 0.5, seed)
+    acc_one = _robust_accuracy(model, x, y, linf, 1.0, seed)
+    with attack_mode(model), torch.no_grad():
+        grey_class = int(model(torch.full_like(x[:1], 0.5)).argmax(1)[0])
+    bound = float((y == grey_class).float().mean())
+    detail = (
+        f"PGD-{linf.steps} accuracy {acc_half:.3f} at ε=0.5 (grey-image bound "
+        f"{bound:.3f}), {acc_one:.3f} at ε=1 on {len(y)} samples"
+    )
+    threshold = f"acc(ε=1) ≤ {fail_above:g}, acc(ε=0.5) ≤ grey bound + 0.05"
+    if acc_one > fail_above:
+        status: Status = "fail"
+        detail += ": the attack cannot even reach images it is allowed to; gradients are masked"
+    elif acc_half > bound + 0.05:
+        status = "warn"
+        detail += ": at ε=0.5 the attack misses the grey image that lies in every ε-ball"
+    else:
+        status = "pass"
+    return Check("accuracy_at_large_eps", status, acc_one, threshold, detail,
+                 {"accuracy_at_1": acc_one, "accuracy_at_0.5": acc_half, "grey_bound": bound})
+
+
+def _noise_accuracy(model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float, draws: int,
+                    seed: int) -> float:
+    """Accuracy under ``draws`` uniform draws from the ε-ball: a sample survives only if every
+    draw leaves it correct."""
+    generator = torch.Generator(device=x.device).manual_seed(seed + 7919)
+    survived = torch.ones(len(y), dtype=torch.bool, device=x.device)
+    with torch.no_grad():
+        for _ in range(draws):
+            u = random_unit_ball(x.shape, norm, generator, device=x.device, dtype=x.dtype)
+            survived &= model(torch.clamp(x + eps * u, 0.0, 1.0)).argmax(1) == y
+    return float(survived.float().mean())
+
+
+def check_noise_weaker_than_attack(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attack: AttackConfig,
+    eps: float,
+    *,
+    draws: int = 10,
+    seed: int = 0,
+) -> Check:
+    """Random noise of the same ε must break far fewer samples than the attack.
+
+    Noise: ``draws`` uniform draws from the ε-ball, a sample counts as broken if any draw breaks
+    it. Value: ``drop(noise) / drop(attack)`` with ``drop = clean accuracy − accuracy``: 0 when
+    noise breaks nothing; above 0.5 warns, 1 or more (noise as strong as the attack: its
+    gradients do not help) fails. An attack that changes nothing warns, or fails when noise
+    does change predictions.
+    """
+    with attack_mode(model):
+        clean = _accuracy(model, x, y)
+        noise_acc = _noise_accuracy(model, x, y, attack.norm, eps, draws, seed)
+    config = _untargeted_iterative(attack)
+    attack_acc = _robust_accuracy(model, x, y, config, eps, seed)
+    drop_attack, drop_noise = clean - attack_acc, clean - noise_acc
+    threshold = "drop(noise) / drop(attack) ≤ 0.5 (fail ≥ 1)"
+    detail = (
+        f"at ε={eps:g}: clean {clean:.3f}, {draws} random {attack.norm} draws "
+        f"{noise_acc:.3f}, {config.name.upper()}-{attack.steps} {attack_acc:.3f}"
+    )
+    measurements = {"eps": eps, "clean_accuracy": clean, "noise_accuracy": noise_acc,
+                    "attack_accuracy": attack_acc}
+    if drop_attack <= 0:
+        detail += ": the attack changes no prediction at the largest ε"
+        if drop_noise > 0:
+            detail += "; random noise does"
+        return Check("noise_weaker_than_attack", "fail" if drop_noise > 0 else "warn", None,
+                     threshold, detail, measurements)
+    ratio = max(0.0, drop_noise) / drop_attack
+    status = grade(ratio, 0.5, 1.0, fail_at_limit=True)
+    if status == "fail":
+        detail += ": random noise is as strong as the attack; its gradients do not help"
+    elif status == "warn":
+        detail += ": random noise does more than half the attack's damage"
+    return Check("noise_weaker_than_attack", status, ratio, threshold, detail, measurements)
+
+
+def check_attack_converged(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attack: AttackConfig,
+    eps: float,
+    *,
+    seed: int = 0,
+    step_factor: int = 2,
+    restarts: int = 5,
+    apgd_steps: int = 100,
+    warn_above: float = 0.02,
+    fail_above: float = 0.05,
+) -> Check:
+    """Twice the steps, more random restarts, or (for PGD) APGD may lower accuracy only a little.
+
+    Value: the largest drop below the configured attack's accuracy. A larger drop means the
+    reported numbers come from an attack that has not converged. Fixed-step PGD can stall where
+    neither more steps nor more restarts help; APGD's adaptive step (one start, at least
+    ``apgd_steps`` steps) exposes that.
+    """
+    base = _untargeted_iterative(attack)
+    more_restarts = max(restarts, base.restarts + 1)
+    acc = _robust_accuracy(model, x, y, base, eps, seed)
+    acc_steps = _robust_accuracy(model, x, y, base, eps, seed, steps=base.steps * step_factor)
+    acc_restarts = _robust_accuracy(model, x, y, base, eps, seed, restarts=more_restarts)
+    stronger = {f"{base.steps * step_factor} steps": acc_steps,
+                f"{more_restarts} restarts": acc_restarts}
+    measurements = {"eps": eps, "accuracy": acc, "accuracy_more_steps": acc_steps,
+                    "accuracy_more_restarts": acc_restarts}
+    if base.name == "pgd":
+        steps = max(apgd_steps, base.steps)
+        acc_apgd = _robust_accuracy(model, x, y, base, eps, seed, name="apgd", steps=steps,
+                                    restarts=1, step_size=None)
+        stronger[f"APGD-{steps}"] = measurements["accuracy_apgd"] = acc_apgd
+    drop = max(0.0, acc - min(stronger.values()))
+    detail = (
+        f"at ε={eps:g} on {len(y)} samples: {base.name.upper()}-{base.steps}×{base.restarts} "
+        f"{acc:.3f}, " + ", ".join(f"{name} {value:.3f}" for name, value in stronger.items())
+    )
+    status = grade(drop, warn_above, fail_above)
+    if status != "pass":
+        detail += ": the attack has not converged; report the stronger setting"
+    return Check("attack_converged", status, drop,
+                 f"drop ≤ {warn_above:g} (fail > {fail_above:g})", detail, measurements)
+
+
+def check_accuracy_monotone_in_eps_from_scratch(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attack: AttackConfig,
+    eps: Sequence[float],
+    *,
+    seed: int = 0,
+    fail_above: float = 0.02,
+) -> Check:
+    """Accuracy under ``attack`` run from scratch at each ε (no example reused) must not rise.
+
+    The sweep's ε-monotone reuse makes its own curve monotone by construction, so this check
+    re-attacks the checks' samples independently at every swept ε. A rise means the attack
+    finds fewer examples in a larger ball, which it contains: its step size, start or
+    gradients fail at large ε (masking that only shows there). Grading as
+    :func:`~robustkit.checks.results.check_accuracy_monotone_in_eps`.
+    """
+    base = _untargeted_iterative(attack)
+    swept = sorted({0.0, *(float(e) for e in eps)})
+    with attack_mode(model):
+        clean = _accuracy(model, x, y)
+    acc = [clean] + [_robust_accuracy(model, x, y, base, e, seed) for e in swept[1:]]
+    rise = largest_rise([(f"{base.title} from scratch", swept, acc)])
+    passed = (f"{base.title} from scratch at each ε on {len(y)} samples: "
+              + ", ".join(f"{a:.3f}" for a in acc) + " (the sweep reuses examples across ε, "
+              "which makes its own curve monotone by construction)")
+    return monotone_check(rise, fail_above, passed, where=f" on {len(y)} samples")
+
+
+def check_gradient_free_finds_no_more(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attack: AttackConfig,
+    eps: float,
+    *,
+    seed: int = 0,
+    budget: int = 1000,
+    warn_above: float = 0.01,
+    fail_above: float = 0.05,
+) -> Check:
+    """Square (gradient-free) on the samples the strongest gradient attack leaves robust at ε.
+
+    Gradients that carry no information (a non-differentiable input step, saturated logits,
+    noise) make every gradient attack fail while the model is not robust; a score-based
+    random search does not need them (Carlini et al., 2019, §5; AutoAttack's Square).
+    Value: ``K / M``, the fraction of the ``M`` samples the gradient attack left robust that
+    Square (``budget`` queries) breaks; above ``warn_above`` warns, above ``fail_above`` fails.
+    """
+    config = _untargeted_iterative(attack)
+    robust = ~_broken(model, x, y, config, eps, seed)
+    threshold = f"broken by Square ≤ {warn_above:g} of the robust (fail > {fail_above:g})"
+    survivors = robust.nonzero().squeeze(1)
+    label = f"{config.name.upper()}-{config.steps}×{config.restarts} {config.loss}"
+    if survivors.numel() == 0:
+        return Check("gradient_free_finds_no_more", "pass", 0.0, threshold,
+                     f"at ε={eps:g}: {label} leaves no sample robust; nothing to test",
+                     {"eps": eps, "robust": 0, "broken_by_square": 0})
+    generator = torch.Generator(device=x.device).manual_seed(seed + 104_729)
+    found = square(model, x[survivors], y[survivors], eps=eps, norm=attack.norm, budget=budget,
+                   generator=generator).success
+    k, m = int(found.sum()), int(survivors.numel())
+    fraction = k / m
+    detail = (f"at ε={eps:g}: {label} leaves {m} of {len(y)} samples robust; Square "
+              f"({budget} queries) breaks {k} of them")
+    status = grade(fraction, warn_above, fail_above)
+    if status != "pass":
+        detail = MASKING_SUSPECTED.format(k=k, m=m) + f" ({detail})"
+    return Check("gradient_free_finds_no_more", status, fraction, threshold, detail,
+                 {"eps": eps, "robust": m, "broken_by_square": k})

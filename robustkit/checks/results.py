@@ -1,0 +1,249 @@
+"""Checks that read an evaluation's tables (``results.csv`` and ``settings.json``), no model.
+
+Each fails on a sign that the numbers come from a mis-configured or masked attack: accuracy
+that rises with ε, an iterative attack weaker than one gradient step, PGD steps too short to
+reach ε.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from robustkit.checks.record import Check, grade
+from robustkit.config import AttackConfig, config_from_dict
+from robustkit.errors import RobustkitError
+
+#: The attack column of the per-sample worst case over all attacks.
+ANY = "any"
+#: Attacks that take many gradient steps (the ones the model checks probe).
+ITERATIVE = ("pgd", "apgd")
+#: A rise of accuracy this small is float noise, not a rise.
+RISE_TOLERANCE = 1e-12
+
+
+def attack_configs(settings: dict[str, Any]) -> dict[str, AttackConfig]:
+    """The attacks listed in ``settings.json``, keyed by their title (as in results.csv)."""
+    raw = settings.get("attacks") or []
+    try:
+        configs = config_from_dict({"attacks": list(raw)}).attacks
+    except RobustkitError:
+        return {}
+    return {c.title: c for c in configs}
+
+
+def attack_kind(title: str, configs: dict[str, AttackConfig]) -> tuple[str, bool]:
+    """(name, targeted) of an attack title: from the settings, else guessed from the title."""
+    if title in configs:
+        return configs[title].name, configs[title].targeted
+    name = next((n for n in ("fgsm", "apgd-t", "apgd", "pgd", "square", "autoattack")
+                 if title.startswith(n)), title)
+    return name, "targeted" in title
+
+
+def require_results_columns(results: pd.DataFrame) -> None:
+    """Raise :class:`RobustkitError` unless ``results`` has the columns the checks read."""
+    missing = {"model", "attack", "norm", "eps", "accuracy"} - set(results.columns)
+    if missing:
+        raise RobustkitError(
+            f"results frame lacks the columns {sorted(missing)}: pass the "
+            "frame of results.csv written by robustkit attack"
+        )
+
+
+# ------------------------------------------------------------------ accuracy_monotone_in_eps
+
+
+class Rise(NamedTuple):
+    """Accuracy going up between two neighbouring ε of one curve."""
+
+    curve: str
+    eps_before: float
+    eps_after: float
+    accuracy_before: float
+    accuracy_after: float
+
+    @property
+    def size(self) -> float:
+        return self.accuracy_after - self.accuracy_before
+
+    def __str__(self) -> str:
+        return (f"{self.curve}: {self.accuracy_before:.3f} at ε={self.eps_before:g} rises to "
+                f"{self.accuracy_after:.3f} at ε={self.eps_after:g}")
+
+
+def largest_rise(curves: Iterable[tuple[str, Sequence[float], Sequence[float]]]) -> Rise | None:
+    """The largest rise of accuracy between neighbouring ε over ``(name, eps, accuracy)``
+    curves (ε ascending); None when accuracy never rises."""
+    worst: Rise | None = None
+    for name, eps, acc in curves:
+        for i in range(len(acc) - 1):
+            rise = Rise(name, eps[i], eps[i + 1], acc[i], acc[i + 1])
+            if rise.size > (worst.size if worst else 0.0) + RISE_TOLERANCE:
+                worst = rise
+    return worst
+
+
+def monotone_check(rise: Rise | None, fail_above: float, passed: str, where: str = "") -> Check:
+    """``accuracy_monotone_in_eps`` from the largest rise: any rise warns, one above
+    ``fail_above`` fails. ``passed`` explains a curve that never rises; ``where`` is appended
+    to the description of a rise."""
+    size = rise.size if rise else 0.0
+    measurements = {"rise": size}
+    if rise:
+        measurements |= {"eps_before": rise.eps_before, "eps_after": rise.eps_after,
+                         "accuracy_before": rise.accuracy_before,
+                         "accuracy_after": rise.accuracy_after}
+    return Check("accuracy_monotone_in_eps", grade(size, RISE_TOLERANCE, fail_above), size,
+                 f"rise = 0 (fail > {fail_above:g})", f"{rise}{where}" if rise else passed,
+                 measurements)
+
+
+def check_accuracy_monotone_in_eps(results: pd.DataFrame, fail_above: float = 0.02) -> Check:
+    """Robust accuracy must never rise with ε: an adversarial example at ε is one at every ε' > ε.
+
+    Value: the largest rise between neighbouring ε of any model × attack; a rise up to
+    ``fail_above`` warns (it can be one unlucky random start), a larger one fails. On results
+    of the shortcut engine (ε-monotone reuse) this holds by construction and cannot fail;
+    :func:`~robustkit.checks.runner.run_checks` then uses
+    :func:`~robustkit.checks.model.check_accuracy_monotone_in_eps_from_scratch` instead.
+    """
+    curves = []
+    for (model, attack, _), rows in results.groupby(["model", "attack", "norm"], sort=False):
+        rows = rows.sort_values("eps")
+        curves.append((f"{model}/{attack}", rows["eps"].to_numpy(float).tolist(),
+                       rows["accuracy"].to_numpy(float).tolist()))
+    return monotone_check(largest_rise(curves), fail_above,
+                          "accuracy never rises with ε for any model and attack")
+
+
+# --------------------------------------------------------------- iterative_beats_single_step
+
+
+class Gap(NamedTuple):
+    """An iterative attack's accuracy above a single-step attack's at one ε."""
+
+    model: str
+    iterative: str
+    single_step: str
+    eps: float
+    iterative_accuracy: float
+    single_step_accuracy: float
+
+    @property
+    def size(self) -> float:
+        return self.iterative_accuracy - self.single_step_accuracy
+
+
+def _comparable_pairs(frame: pd.DataFrame, configs: dict[str, AttackConfig]
+                      ) -> Iterator[tuple[str, str]]:
+    """(FGSM title, iterative title) pairs of one model's rows with the same norm and
+    targeting."""
+    kinds = {
+        str(t): (*attack_kind(str(t), configs), n)
+        for t, n in frame.groupby("attack", sort=False)["norm"].first().items()
+    }
+    singles = [t for t, k in kinds.items() if k[0] == "fgsm"]
+    iteratives = [t for t, k in kinds.items() if k[0] in (*ITERATIVE, "apgd-t", "autoattack")]
+    for single in singles:
+        for iterative in iteratives:
+            if kinds[single][1:] == kinds[iterative][1:]:
+                yield single, iterative
+
+
+def _widest_gap(model: str, frame: pd.DataFrame, single: str, iterative: str) -> Gap | None:
+    """The ε where ``iterative`` is furthest above ``single`` (None without a common ε)."""
+    a = frame[frame["attack"] == single].set_index("eps")["accuracy"]
+    b = frame[frame["attack"] == iterative].set_index("eps")["accuracy"]
+    diff = (b - a).dropna()
+    if diff.empty:
+        return None
+    eps = float(diff.index[int(np.argmax(diff.to_numpy()))])
+    return Gap(model, iterative, single, eps, float(b[eps]), float(a[eps]))
+
+
+def check_iterative_beats_single_step(
+    results: pd.DataFrame, settings: dict[str, Any], fail_above: float = 0.02
+) -> Check:
+    """An iterative attack (PGD, APGD, APGD-T, the ensemble) must be at least as strong as FGSM
+    at every ε.
+
+    Value: the largest ``acc(PGD) − acc(FGSM)`` over ε and comparable pairs (same model, norm and
+    targeting); positive means PGD missed examples that one gradient step found. Up to
+    ``fail_above`` warns, more fails.
+    """
+    configs = attack_configs(settings)
+    worst: Gap | None = None
+    pairs = []
+    for model, frame in results[results["attack"] != ANY].groupby("model", sort=False):
+        for single, iterative in _comparable_pairs(frame, configs):
+            gap = _widest_gap(str(model), frame, single, iterative)
+            if gap is None:
+                continue
+            pairs.append(f"{iterative} vs {single}")
+            if worst is None or gap.size > worst.size:
+                worst = gap
+    threshold = f"acc(PGD) − acc(FGSM) ≤ 0 (fail > {fail_above:g})"
+    if worst is None:
+        return Check("iterative_beats_single_step", "pass", None, threshold,
+                     "no FGSM/PGD pair with the same norm to compare")
+    status = grade(worst.size, RISE_TOLERANCE, fail_above)
+    detail = (
+        f"{worst.model}: {worst.iterative} {worst.iterative_accuracy:.3f} vs "
+        f"{worst.single_step} {worst.single_step_accuracy:.3f} at ε={worst.eps:g}"
+        if status != "pass"
+        else f"{', '.join(sorted(set(pairs)))}: the iterative attack at least as strong as FGSM "
+        "at every ε"
+    )
+    return Check("iterative_beats_single_step", status, worst.size, threshold, detail,
+                 {"gap": worst.size, "eps": worst.eps,
+                  "iterative_accuracy": worst.iterative_accuracy,
+                  "single_step_accuracy": worst.single_step_accuracy})
+
+
+# --------------------------------------------------------------------------- pgd_step_budget
+
+
+def check_pgd_step_budget(settings: dict[str, Any]) -> Check:
+    """PGD's ``step_size × steps`` must be at least ε, or iterates cannot reach the ball's edge.
+
+    Value: the smallest ``step_size·steps / ε_max`` over the PGD attacks (the default step
+    ``2.5·ε/steps`` gives 2.5); below 1 fails.
+    """
+    eps_values = [float(e) for e in settings.get("eps", []) if float(e) > 0]
+    threshold = "step_size·steps ≥ ε_max"
+    pgds = [c for c in attack_configs(settings).values() if c.name == "pgd"]
+    if not pgds or not eps_values:
+        return Check("pgd_step_budget", "pass", None, threshold, "no PGD attack with ε > 0")
+    eps_max = max(eps_values)
+    ratios = {
+        c.title: (2.5 if c.step_size is None else c.step_size * c.steps / eps_max) for c in pgds
+    }
+    title = min(ratios, key=lambda t: ratios[t])
+    ratio = ratios[title]
+    config = next(c for c in pgds if c.title == title)
+    reach = (
+        f"default step 2.5·ε/{config.steps}"
+        if config.step_size is None
+        else f"{config.steps} steps of {config.step_size:g} travel "
+        f"{config.step_size * config.steps:g}"
+    )
+    measurements = {"ratio": ratio, "eps_max": eps_max, "steps": config.steps}
+    if ratio < 1:
+        detail = f"{title}: {reach} < ε_max = {eps_max:g}; raise steps or step_size"
+        return Check("pgd_step_budget", "fail", ratio, threshold, detail, measurements)
+    return Check("pgd_step_budget", "pass", ratio, threshold,
+                 f"{title}: {reach}, enough for ε_max = {eps_max:g}", measurements)
+
+
+def result_checks(results: pd.DataFrame, settings: dict[str, Any]) -> list[Check]:
+    """The checks of this module, in the order reports list them."""
+    require_results_columns(results)
+    return [
+        check_accuracy_monotone_in_eps(results),
+        check_iterative_beats_single_step(results, settings),
+        check_pgd_step_budget(settings),
+    ]
