@@ -23,6 +23,7 @@ from robustkit.checks import (
     check_forward_deterministic,
     check_input_gradients_usable,
     check_iterative_beats_single_step,
+    check_noise_weaker_than_attack,
     check_outputs_are_logits,
     check_pgd_step_budget,
     checks_from_results,
@@ -331,6 +332,37 @@ def test_per_class_sigmoid_outputs_are_flagged(data: tuple[Split, Tensor]) -> No
     sigmoid = nn.Sequential(linear_model(templates), nn.Sigmoid())
     check = check_outputs_are_logits(sigmoid, split.images[:50])
     assert check.status == "warn" and "sigmoid" in check.detail
+
+
+class QuietOnly(nn.Module):
+    """A "detector" on 8×8 images that is right only about quiet ones: z₁ − z₀ = 100·(mean x −
+    0.5) while the pixels are nearly uniform (std < 0.05), a constant −1 (class 0, no gradient)
+    once they are not. Any random noise of ε = 0.3 breaks every sample; a gradient step moves
+    all pixels alike, so the attack only breaks the images it can darken below 0.5."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.flatten(1)
+        linear = 100 * (flat.mean(1) - 0.5)
+        diff = torch.where(flat.std(1) < 0.05, linear, torch.full_like(linear, -1.0))
+        return torch.stack([torch.zeros_like(diff), diff], dim=1)
+
+
+def test_noise_as_strong_as_the_attack_fails_the_noise_check() -> None:
+    """Grey images of 0.6 and 0.9, all of class 1. Noise breaks all; PGD without a random start
+    (uniform steps) breaks the 0.6 half only: noise does twice the attack's damage. With a
+    random start PGD breaks all, exactly as much as noise, which fails too."""
+    x = torch.cat([torch.full((10, 1, 8, 8), 0.6), torch.full((10, 1, 8, 8), 0.9)])
+    y = torch.ones(20, dtype=torch.long)
+    model = QuietOnly()
+    weak = AttackConfig(name="pgd", steps=10, random_start=False)
+    check = check_noise_weaker_than_attack(model, x, y, weak, 0.3)
+    assert check.measurements == {"eps": 0.3, "clean_accuracy": 1.0, "noise_accuracy": 0.0,
+                                  "attack_accuracy": 0.5}
+    assert check.status == "fail" and check.value == 2.0, check
+    as_strong = check_noise_weaker_than_attack(model, x, y, AttackConfig(name="pgd", steps=10),
+                                               0.3)
+    assert as_strong.measurements["attack_accuracy"] == 0.0
+    assert as_strong.status == "fail" and as_strong.value == 1.0, as_strong
 
 
 def test_random_forward_is_flagged(data: tuple[Split, Tensor]) -> None:
