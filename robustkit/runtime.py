@@ -83,8 +83,10 @@ SOURCE_COMMIT_ENV = "ROBUSTKIT_SOURCE_COMMIT"
 
 
 def git_commit() -> str | None:
-    """The commit of the robustkit source tree, with ``+dirty`` when it has local changes;
-    without a ``.git`` folder, ``$ROBUSTKIT_SOURCE_COMMIT`` marked ``+copied`` (or None)."""
+    """The commit of the robustkit source tree, with ``+dirty`` when the code that computes
+    results (the package and ``pyproject.toml``) has local changes; regenerated reports or
+    edited configs elsewhere in the checkout do not count (configs are recorded by hash and
+    copied into every run folder). Without a ``.git`` folder, ``$ROBUSTKIT_SOURCE_COMMIT`` marked ``+copied`` (or None)."""
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
         named = os.environ.get(SOURCE_COMMIT_ENV, "").strip()
@@ -95,7 +97,8 @@ def git_commit() -> str | None:
             capture_output=True, text=True, timeout=5, check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+             "robustkit", "pyproject.toml"],
             capture_output=True, text=True, timeout=5, check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -346,3 +350,35 @@ def test_a_kill_at_any_write_of_robustkit_run_leaves_the_old_folder_or_the_new(
         if now != old:  # the whole new folder, or the old one untouched
             assert set(now) == new_names and now["results.csv"] == new_results, writes[k]
             run("[0.0, 0.1]")  # back to the old settings for the next kill
+
+
+def test_commit_is_dirty_only_when_the_code_changes(tmp_path: Path) -> None:
+    """A regenerated report or an edited config leaves the recorded commit clean; an edit to
+    the package marks it ``+dirty``."""
+    tree = tmp_path / "tree"
+    shutil.copytree(REPO / "robustkit", tree / "robustkit",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", tree / "pyproject.toml")
+    (tree / "reports").mkdir()
+    (tree / "reports" / "results.csv").write_text("accuracy\n0.5\n")
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tree), "-c", "user.name=t", "-c", "user.email=t@t",
+                        *args], check=True, capture_output=True)
+
+    def recorded() -> str:
+        code = "from robustkit.runtime import git_commit; print(git_commit())"
+        return subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True,
+                              text=True, check=True, env={"PATH": os.environ["PATH"],
+                                                          "PYTHONPATH": str(tree)}).stdout.strip()
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "x")
+    clean = recorded()
+    assert len(clean) == 40 and not clean.endswith("+dirty")
+    (tree / "reports" / "results.csv").write_text("accuracy\n0.9\n")
+    assert recorded() == clean
+    with (tree / "robustkit" / "attacks" / "pgd.py").open("a") as file:
+        file.write("\n# an edit\n")
+    assert recorded() == clean + "+dirty"
