@@ -43,8 +43,6 @@ def _overrides(command_line: str) -> list[str]:
 #: Reports known to be stale whose regeneration is still to come (each takes over an hour on
 #: the shared 2-core CPU this was written on). Strict: once regenerated, the entry must go.
 PENDING = {
-    "reports/mnist_cnn_eot": "made (#16) while [transforms]/[defence] counted in the hash at "
-                             "their defaults; same settings, re-run to record today's hash",
     "reports/mnist_cnn_bitdepth_bpda": "made (#16) while [transforms]/[defence] counted in the "
                                        "hash at their defaults; re-run to record today's hash",
 }
