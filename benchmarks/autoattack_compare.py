@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True,
                         help="the model: a robustkit checkpoint (or any robustkit --model spec)")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="safetensors state dict for a package.module:factory --checkpoint")
     parser.add_argument("--n", type=int, default=1000, help="first N test images (default 1000)")
     parser.add_argument("--eps", type=float, default=0.3, help="budget in [0,1] pixel units")
     parser.add_argument("--norm", choices=("linf", "l2"), default="linf")
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     try:
         device = resolve_device(args.device)
-        model, info = load_model(args.checkpoint, device=device)
+        model, info = load_model(args.checkpoint, weights=args.weights, device=device)
         data = load_dataset("mnist", args.data_dir, device, val_size=0)
     except RobustkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
