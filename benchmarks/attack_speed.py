@@ -44,6 +44,7 @@ from robustkit.config import AttackConfig, config_from_dict
 from robustkit.data import Dataset, Split, load_dataset
 from robustkit.evaluation import evaluate
 from robustkit.models import load_model
+from robustkit.results import ANY
 from robustkit.training import train
 
 EPS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
@@ -284,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             row.append(f"{a:.4f} / {b:.4f}")
         rows.append(row)
     print_table(["eps"] + [f"{a} acc (short / ref)" for a in attacks_seen], rows)
-    g_short = int(short[short.attack != "any"].grad_evals.sum())
-    g_ref = int(ref[ref.attack != "any"].grad_evals.sum())
+    g_short = int(short[short.attack != ANY].grad_evals.sum())
+    g_ref = int(ref[ref.attack != ANY].grad_evals.sum())
     t_short, t_ref = min(sweep["shortcuts"]), min(sweep["reference"])
     print(f"time: shortcuts {t_short:.2f} s, reference {t_ref:.2f} s -> shortcuts are "
           f"{t_ref / t_short:.1f}x faster; per-sample gradients {g_short:,} vs {g_ref:,} "

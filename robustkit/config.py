@@ -30,6 +30,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from robustkit.errors import RobustkitError
+from robustkit.results import ANY
 
 SEED_MAX = 2**32 - 1  # seeds are unsigned 32-bit: numpy's limit, and room for derived seeds
 MAX_RESTARTS = 1000  # restarts run one after another: memory does not grow with the count
@@ -431,9 +432,9 @@ def _check_consistency(config: ExperimentConfig) -> None:
               "validation data: set data.val_size > 0")
     for i, attack in enumerate(config.attacks):
         if attack.label is not None and (not LABEL_PATTERN.fullmatch(attack.label)
-                                         or attack.label == "any"):
+                                         or attack.label == ANY):
             _fail(f"attacks[{i}].label", f"{attack.label[:60]!r} is not a usable label: use 1 to "
-                  "64 letters, digits, spaces or _ . + - @ ( ), not 'any' (it names table "
+                  f"64 letters, digits, spaces or _ . + - @ ( ), not {ANY!r} (it names table "
                   "columns and figure legends)")
         if attack.name in ("apgd", "apgd-t") and attack.step_size is not None:
             _fail(f"attacks[{i}].step_size", "APGD adapts its own step size (it starts at 2ε); "
@@ -469,7 +470,7 @@ def _check_consistency(config: ExperimentConfig) -> None:
         _fail("attacks", f"two attacks share the name {sorted(duplicates)[0]!r}: give one a label")
     reference = config.reference
     if reference is not None:  # checked now, not after training and the sweep
-        rows = titles + (["any"] if len(titles) > 1 else [])
+        rows = titles + ([ANY] if len(titles) > 1 else [])
         if reference.attack not in rows:
             _fail("reference.attack", f"{reference.attack!r} is not an attack of this config: "
                   f"choose one of {', '.join(map(repr, rows))}")

@@ -65,13 +65,8 @@ from robustkit.distributed import Context, all_gather_object, all_gather_tensor,
 from robustkit.errors import RobustkitError
 from robustkit.models.defences import with_bpda
 from robustkit.progress import Bar
+from robustkit.results import ANY, RESULT_COLUMNS, TARGET_HIT, ResultRow
 
-ANY = "any"
-RESULT_COLUMNS = ["model", "attack", "norm", "eps", "n", "correct", "accuracy", "ci_low",
-                  "ci_high", "grad_evals"]
-#: The extra results column of sweeps with a targeted attack: the fraction of all n samples whose
-#: kept adversarial example is classified as the target (empty for untargeted rows).
-TARGET_HIT = "target_hit"
 SHORTCUTS_NOTE = (
     "ε-monotone reuse: an adversarial example found at a smaller ε is admissible at every larger "
     "ε, so only samples still robust are attacked at the next ε; clean-misclassified samples "
@@ -593,6 +588,5 @@ def _frames(state: SweepState, attacks: Sequence[AttackConfig], eps_list: list[f
 def _row(model: str, attack: str, norm: str, eps: float, correct: int, n: int, evals: int
          ) -> dict[str, Any]:
     low, high = wilson_interval(correct, n)
-    return {"model": model, "attack": attack, "norm": norm, "eps": eps, "n": n,
-            "correct": correct, "accuracy": correct / n if n else math.nan,
-            "ci_low": low, "ci_high": high, "grad_evals": evals}
+    return ResultRow(model, attack, norm, eps, n, correct, correct / n if n else math.nan,
+                     low, high, evals)._asdict()

@@ -61,6 +61,7 @@ from robustkit.physical import (
 )
 from robustkit.released import WEIGHTS_STEM, ZOO_PREFIX, release_weights, weights_provenance
 from robustkit.reporting import add_probabilities, build_report
+from robustkit.results import result_types
 from robustkit.runs import (
     STATE_DIR,
     attack_records,
@@ -295,10 +296,8 @@ def verdict_lines(checks: Any) -> list[str]:
 def attack_summary(outcome: AttackOutcome) -> dict[str, Any]:
     """The ``robustkit attack --json`` document (see ``ATTACK_JSON_FIELDS`` in the tests)."""
     results = outcome.evaluation.results
-    rows = [{"attack": str(r["attack"]), "norm": str(r["norm"]), "eps": float(r["eps"]),
-             "n": int(r["n"]), "correct": int(r["correct"]), "accuracy": float(r["accuracy"]),
-             "ci_low": float(r["ci_low"]), "ci_high": float(r["ci_high"]),
-             "grad_evals": int(r["grad_evals"])} for _, r in results.iterrows()]
+    columns = {c: kind for c, kind in result_types().items() if c != "model"}
+    rows = [{c: kind(r[c]) for c, kind in columns.items()} for _, r in results.iterrows()]
     checks = [] if outcome.checks is None else [
         {"name": str(c["name"]), "status": str(c["status"]),
          "value": None if c["value"] is None or c["value"] != c["value"] else float(c["value"]),

@@ -47,7 +47,6 @@ from robustkit.checks.record import (
     worst_status,
 )
 from robustkit.checks.results import (
-    ANY,
     ITERATIVE,
     attack_configs,
     check_accuracy_monotone_in_eps,
@@ -65,7 +64,6 @@ from robustkit.checks.runner import (
 )
 
 __all__ = [
-    "ANY",
     "CHECK_COLUMNS",
     "GRADIENT_FREE",
     "ITERATIVE",

@@ -16,9 +16,8 @@ import pandas as pd
 from robustkit.checks.record import Check, grade
 from robustkit.config import AttackConfig, config_from_dict
 from robustkit.errors import RobustkitError
+from robustkit.results import ANY
 
-#: The attack column of the per-sample worst case over all attacks.
-ANY = "any"
 #: Attacks that take many gradient steps (the ones the model checks probe).
 ITERATIVE = ("pgd", "apgd")
 #: A rise of accuracy this small is float noise, not a rise.

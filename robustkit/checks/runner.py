@@ -25,11 +25,12 @@ from robustkit.checks.model import (
     check_outputs_are_logits,
 )
 from robustkit.checks.record import Check, checks_frame
-from robustkit.checks.results import ANY, ITERATIVE, attack_configs, attack_kind, result_checks
+from robustkit.checks.results import ITERATIVE, attack_configs, attack_kind, result_checks
 from robustkit.config import AttackConfig
 from robustkit.data import Split
 from robustkit.errors import RobustkitError
 from robustkit.progress import Bar
+from robustkit.results import ANY
 
 #: Attacks with a gradient-free stage: a failing gradient-free check does not discredit them.
 GRADIENT_FREE = ("square", "autoattack")

@@ -37,10 +37,10 @@ from robustkit.reporting.render import (
     to_html,
     to_markdown,
 )
+from robustkit.results import ANY
 from robustkit.runtime import command_line, git_commit, now_iso
 from robustkit.version import __version__
 
-ANY = "any"
 FIGURE_DIR = "figures"
 TABLE_DIR = "tables"
 OUR_FIGURES = re.compile(r"^(accuracy|examples-.*|confusion-.*|training-.*|physical-.*)\.png$")
@@ -238,7 +238,7 @@ def _summary_section(
     blocks: list[Block] = [
         Text(
             "Robust accuracy (fraction of samples classified correctly under every attack "
-            'point within ε) with its 95% Wilson score interval. The attack "any" is the '
+            f'point within ε) with its 95% Wilson score interval. The attack "{ANY}" is the '
             "per-sample worst case over the attacks. " + INTERVAL_SCOPE
         ),
         Table(accuracy),

@@ -15,9 +15,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from robustkit.results import ANY
+
 DPI = 100
-ANY = "any"
-# ":" is kept for the worst case "any"
+# ":" is kept for the worst case, ANY
 LINESTYLES: list[Literal["-", "--", "-.", ":"]] = ["-", "--", "-.", ":"]
 
 

@@ -22,8 +22,7 @@ import pandas as pd
 
 from robustkit.checks import UNRELIABLE, unreliable_attacks
 from robustkit.reporting.load import RunData
-
-ANY = "any"
+from robustkit.results import ANY, TARGET_HIT
 
 
 def fmt_eps(eps: float) -> str:
@@ -88,13 +87,13 @@ def target_hit_table(runs: list[RunData]) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     for run in runs:
         frame = run.results
-        if "target_hit" not in frame.columns:
+        if TARGET_HIT not in frame.columns:
             continue
-        targeted = frame[frame["target_hit"].notna()]
+        targeted = frame[frame[TARGET_HIT].notna()]
         for (model, attack), cells in targeted.groupby(["model", "attack"], sort=False):
             row: dict[str, Any] = {"model": model, "attack": attack}
             for _, r in cells.sort_values("eps").iterrows():
-                row[f"ε={fmt_eps(float(r['eps']))}"] = f"{float(r['target_hit']):.3f}"
+                row[f"ε={fmt_eps(float(r['eps']))}"] = f"{float(r[TARGET_HIT]):.3f}"
             rows.append(row)
     return pd.DataFrame(rows)
 
