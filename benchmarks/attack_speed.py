@@ -40,6 +40,7 @@ from _common import THREADS_HELP, default_data_dir, machine_line, print_table, s
 from torch import Tensor, nn
 
 from robustkit.attacks import pgd
+from robustkit.budgets import STEP_FACTOR, default_step_size
 from robustkit.config import AttackConfig, config_from_dict
 from robustkit.data import Dataset, Split, load_dataset
 from robustkit.evaluation import evaluate
@@ -134,7 +135,8 @@ def torchattacks_sweep(ta: Any, model: nn.Module, x: Tensor, y: Tensor, eps: lis
             if e == 0:
                 correct += int(correct_on(model, x[part], y[part]).sum())
                 continue
-            attack = ta.PGD(model, eps=e, alpha=2.5 * e / STEPS, steps=STEPS, random_start=True)
+            attack = ta.PGD(model, eps=e, alpha=default_step_size(e, STEPS), steps=STEPS,
+                            random_start=True)
             adv = attack(x[part], y[part])
             correct += int(correct_on(model, adv, y[part]).sum())
         secs[e] = time.perf_counter() - start
@@ -151,7 +153,7 @@ def foolbox_sweep(fb: Any, model: nn.Module, x: Tensor, y: Tensor, eps: list[flo
     positive = [e for e in eps if e > 0]
     start = time.perf_counter()
     fmodel = fb.PyTorchModel(model, bounds=(0, 1), device="cpu")
-    attack = fb.attacks.LinfPGD(rel_stepsize=2.5 / STEPS, abs_stepsize=None, steps=STEPS,
+    attack = fb.attacks.LinfPGD(rel_stepsize=STEP_FACTOR / STEPS, abs_stepsize=None, steps=STEPS,
                                 random_start=True)
     clean = 0
     broken = torch.zeros(len(positive), dtype=torch.long)
@@ -179,10 +181,11 @@ def raw_other_seconds(name: str, lib: Any, model: nn.Module, x: Tensor, y: Tenso
                       steps: int) -> float:
     start = time.perf_counter()
     if name == "torchattacks":
-        lib.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True)(x, y)
+        lib.PGD(model, eps=eps, alpha=default_step_size(eps, steps), steps=steps,
+                random_start=True)(x, y)
     else:
         fmodel = lib.PyTorchModel(model, bounds=(0, 1), device="cpu")
-        lib.attacks.LinfPGD(rel_stepsize=2.5 / steps, abs_stepsize=None, steps=steps,
+        lib.attacks.LinfPGD(rel_stepsize=STEP_FACTOR / steps, abs_stepsize=None, steps=steps,
                             random_start=True)(fmodel, x, y, epsilons=[eps])
     return time.perf_counter() - start
 

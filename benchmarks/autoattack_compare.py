@@ -36,6 +36,7 @@ import torch
 from _common import THREADS_HELP, default_data_dir, machine_line, print_table, set_threads
 from torch import Tensor, nn
 
+from robustkit.budgets import eps_bound
 from robustkit.config import AttackConfig
 from robustkit.data import Split, load_dataset
 from robustkit.errors import RobustkitError
@@ -72,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.n < 1 or args.batch_size < 1:
         parser.error("--n and --batch-size must be at least 1")
-    if not 0 < args.eps <= (1 if args.norm == "linf" else 28):
+    if not 0 < args.eps <= eps_bound(args.norm):  # L2's √d: checked once the data is loaded
         parser.error(f"--eps {args.eps} is out of range for {args.norm}")
     return args
 
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model.eval()
     split = data.test.take(args.n)
+    if args.eps > eps_bound(args.norm, split.images[0].numel()):
+        print(f"error: --eps {args.eps} is out of range for {args.norm}", file=sys.stderr)
+        return 2
     with torch.no_grad():
         logits = torch.cat([model(split.images[i:i + args.batch_size])
                             for i in range(0, len(split), args.batch_size)])

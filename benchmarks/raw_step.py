@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from _common import THREADS_HELP, default_data_dir, machine_line, print_table, set_threads
 from attack_speed import get_model, others_available, raw_other_seconds, raw_pgd_seconds
 
+from robustkit.budgets import default_step_size
 from robustkit.data import load_dataset
 
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     generator = torch.Generator().manual_seed(0)
     x_cur = (x + eps * (2 * torch.rand(x.shape, generator=generator) - 1)).clamp(0, 1)
     eps_rows = torch.full((n, 1, 1, 1), eps)
-    alpha_rows = 2.5 * eps_rows / steps
+    alpha_rows = default_step_size(eps_rows, steps)
     alpha = float(alpha_rows[0])
     direction = torch.sign(x_cur - x)
     record = x.clone()

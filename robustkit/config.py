@@ -29,6 +29,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from robustkit.budgets import eps_bound, sweep_eps_bound
 from robustkit.errors import RobustkitError
 from robustkit.results import ANY
 
@@ -38,6 +39,8 @@ MAX_STEPS = 100_000
 MAX_NESTING = 8  # tables and lists inside each other; real configs use three levels
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}")
 LABEL_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+@() -]{0,63}")
+#: The image shape (C, H, W) of the built-in data sets, MNIST and Fashion-MNIST.
+BUILTIN_IMAGE = (1, 28, 28)
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
@@ -399,83 +402,154 @@ def check_name(name: str, what: str = "name") -> None:
 
 
 def _check_consistency(config: ExperimentConfig) -> None:
+    """The rules that span several keys, in this order; each raises at the key to change."""
     check_name(config.name)
+    _check_eps_given(config)
+    _check_resize(config.data)
+    _check_eps_range(config)
+    _check_model(config.model)
+    _check_seeds(config.seeds)
+    _check_validation(config)
+    for i, attack in enumerate(config.attacks):
+        _check_attack(attack, f"attacks[{i}]", config.defence)
+    _check_transforms(config.transforms)
+    _check_defence(config.defence)
+    _check_titles(config.attacks)
+    _check_reference(config)
+
+
+def _input_pixels(data: DataConfig) -> int | None:
+    """The values per image the model sees when the config fixes them: a built-in data set's
+    C·H·W (H×W as ``resize`` says); None for any other source, known once it is loaded."""
+    if data.source is not None:
+        return None
+    channels, height, width = BUILTIN_IMAGE
+    if data.resize:
+        height, width = data.resize[0], data.resize[-1]
+    return channels * height * width
+
+
+def _check_eps_given(config: ExperimentConfig) -> None:
+    """At least one ε above 0, unless ``transforms.eps`` gives the attacks their budgets."""
     measured_elsewhere = config.transforms is not None and bool(config.transforms.eps)
     if not config.evaluate.eps or (all(e == 0 for e in config.evaluate.eps)
-                                   and not measured_elsewhere):  # transforms.eps: the attacks
+                                   and not measured_elsewhere):
         _fail("evaluate.eps", "needs at least one budget above 0 (0 alone is clean accuracy "
               "only), e.g. [0, 0.1, 0.2, 0.3]")
-    upper = 1.0 if all(a.norm == "linf" for a in config.attacks) else 28.0
-    if config.data.source is not None and upper > 1:
-        upper = math.inf  # L2's bound √d depends on the image size: checked once data is loaded
-    if config.data.resize is not None and len(config.data.resize) not in (1, 2):
-        _fail("data.resize", f"{list(config.data.resize)}: give [H, W] or [S]")
+
+
+def _check_resize(data: DataConfig) -> None:
+    if data.resize is not None and len(data.resize) not in (1, 2):
+        _fail("data.resize", f"{list(data.resize)}: give [H, W] or [S]")
+
+
+def _check_eps_range(config: ExperimentConfig) -> None:
+    """Every ε within the largest budget of the attacks' norms (:func:`sweep_eps_bound`)."""
+    pixels = _input_pixels(config.data)
+    upper = sweep_eps_bound((a.norm for a in config.attacks), pixels)
+    l2 = (f"at most √d = {eps_bound('l2', pixels):g} for d = {pixels} values per image"
+          if pixels is not None else "at most √d, d = values per image")
     for i, eps in enumerate(config.evaluate.eps):
         if not 0.0 <= eps <= upper:
             _fail(f"evaluate.eps[{i}]", f"{eps} is out of range: ε is in [0, {upper:g}] pixel "
-                  "units (L∞ budgets are at most 1; L2 budgets at most √784 = 28)")
-    model = config.model
+                  f"units (L∞ budgets are at most 1; L2 budgets {l2})")
+
+
+def _check_model(model: ModelConfig) -> None:
     if model.factory is not None and (":" not in model.factory or model.factory.startswith(":")
                                       or model.factory.endswith(":")):
         _fail("model.factory", f"{model.factory!r}: expected \"package.module:function\"")
     if model.factory is None and (model.args is not None or model.app_dir is not None):
         _fail("model.args" if model.args is not None else "model.app_dir",
               "only used with model.factory = \"package.module:function\"")
-    if config.seeds is not None and len(config.seeds) == 0:
+
+
+def _check_seeds(seeds: tuple[int, ...] | None) -> None:
+    if seeds is not None and len(seeds) == 0:
         _fail("seeds", "must list at least one seed, or be left out")
-    if config.seeds is not None and len(set(config.seeds)) != len(config.seeds):
-        _fail("seeds", f"{list(config.seeds)} lists a seed twice: list each seed once")
+    if seeds is not None and len(set(seeds)) != len(seeds):
+        _fail("seeds", f"{list(seeds)} lists a seed twice: list each seed once")
+
+
+def _check_validation(config: ExperimentConfig) -> None:
+    """What needs validation images has them."""
     if config.data.val_size == 0 and config.evaluate.split == "val":
         _fail("evaluate.split", "'val' needs validation images: set data.val_size > 0")
     if config.data.val_size == 0 and config.train.method != "standard":
         _fail("data.val_size", f"{config.train.method} training selects its checkpoint on "
               "validation data: set data.val_size > 0")
-    for i, attack in enumerate(config.attacks):
-        if attack.label is not None and (not LABEL_PATTERN.fullmatch(attack.label)
-                                         or attack.label == ANY):
-            _fail(f"attacks[{i}].label", f"{attack.label[:60]!r} is not a usable label: use 1 to "
-                  f"64 letters, digits, spaces or _ . + - @ ( ), not {ANY!r} (it names table "
-                  "columns and figure legends)")
-        if attack.name in ("apgd", "apgd-t") and attack.step_size is not None:
-            _fail(f"attacks[{i}].step_size", "APGD adapts its own step size (it starts at 2ε); "
-                  "remove step_size, or use name = \"pgd\"")
-        if attack.name == "apgd-t" and (attack.targeted or attack.loss != "ce"):
-            _fail(f"attacks[{i}]", "apgd-t is untargeted and always uses the targeted DLR loss "
-                  "towards each of its target classes; remove targeted and loss")
-        if attack.targets is not None and attack.name not in ("apgd-t", "autoattack"):
-            _fail(f"attacks[{i}].targets", f"targets is an apgd-t setting, not {attack.name}'s")
-        for key in ("queries", "p_init"):
-            if getattr(attack, key) is not None and attack.name not in FIXED_RECIPES:
-                _fail(f"attacks[{i}].{key}", f"{key} is a Square setting (square, autoattack), "
-                      f"not {attack.name}'s")
-        if attack.name in FIXED_RECIPES:
-            changed = [k for k, default in (("loss", "ce"), ("targeted", False), ("restarts", 1),
-                                            ("step_size", None), ("random_start", True))
-                       if getattr(attack, k) != default]
-            if changed:
-                _fail(f"attacks[{i}]", f"{attack.name} runs a fixed recipe; remove "
-                      f"{', '.join(changed)} (it takes norm, steps, targets, queries, p_init)")
-        if attack.eot_samples is not None and attack.name == "fgsm":
-            _fail(f"attacks[{i}].eot_samples", "EOT averages the gradients of an iterative "
-                  "attack's steps: use name = \"pgd\" or \"apgd\"")
-        if attack.bpda is not None and config.defence is None:
-            _fail(f"attacks[{i}].bpda", "BPDA replaces the backward pass of a preprocessing "
-                  "defence: declare one (a defence table in the config, --defence on the command "
-                  "line), or remove bpda")
-    _check_transforms(config.transforms)
-    _check_defence(config.defence)
-    titles = [a.title for a in config.attacks]
+
+
+def _check_attack(attack: AttackConfig, where: str, defence: DefenceConfig | None) -> None:
+    _check_label(attack.label, where)
+    _check_apgd(attack, where)
+    _check_square(attack, where)
+    _check_eot_bpda(attack, where, defence)
+
+
+def _check_label(label: str | None, where: str) -> None:
+    if label is not None and (not LABEL_PATTERN.fullmatch(label) or label == ANY):
+        _fail(f"{where}.label", f"{label[:60]!r} is not a usable label: use 1 to "
+              f"64 letters, digits, spaces or _ . + - @ ( ), not {ANY!r} (it names table "
+              "columns and figure legends)")
+
+
+def _check_apgd(attack: AttackConfig, where: str) -> None:
+    """APGD sets its own step; APGD-T fixes its objective."""
+    if attack.name in ("apgd", "apgd-t") and attack.step_size is not None:
+        _fail(f"{where}.step_size", "APGD adapts its own step size (it starts at 2ε); "
+              "remove step_size, or use name = \"pgd\"")
+    if attack.name == "apgd-t" and (attack.targeted or attack.loss != "ce"):
+        _fail(where, "apgd-t is untargeted and always uses the targeted DLR loss "
+              "towards each of its target classes; remove targeted and loss")
+    if attack.targets is not None and attack.name not in ("apgd-t", "autoattack"):
+        _fail(f"{where}.targets", f"targets is an apgd-t setting, not {attack.name}'s")
+
+
+def _check_square(attack: AttackConfig, where: str) -> None:
+    """Square's settings only on Square; the fixed recipes take no PGD options."""
+    for key in ("queries", "p_init"):
+        if getattr(attack, key) is not None and attack.name not in FIXED_RECIPES:
+            _fail(f"{where}.{key}", f"{key} is a Square setting (square, autoattack), "
+                  f"not {attack.name}'s")
+    if attack.name in FIXED_RECIPES:
+        changed = [k for k, default in (("loss", "ce"), ("targeted", False), ("restarts", 1),
+                                        ("step_size", None), ("random_start", True))
+                   if getattr(attack, k) != default]
+        if changed:
+            _fail(where, f"{attack.name} runs a fixed recipe; remove "
+                  f"{', '.join(changed)} (it takes norm, steps, targets, queries, p_init)")
+
+
+def _check_eot_bpda(attack: AttackConfig, where: str, defence: DefenceConfig | None) -> None:
+    if attack.eot_samples is not None and attack.name == "fgsm":
+        _fail(f"{where}.eot_samples", "EOT averages the gradients of an iterative "
+              "attack's steps: use name = \"pgd\" or \"apgd\"")
+    if attack.bpda is not None and defence is None:
+        _fail(f"{where}.bpda", "BPDA replaces the backward pass of a preprocessing "
+              "defence: declare one (a defence table in the config, --defence on the command "
+              "line), or remove bpda")
+
+
+def _check_titles(attacks: tuple[AttackConfig, ...]) -> None:
+    titles = [a.title for a in attacks]
     duplicates = {t for t in titles if titles.count(t) > 1}
     if duplicates:
         _fail("attacks", f"two attacks share the name {sorted(duplicates)[0]!r}: give one a label")
+
+
+def _check_reference(config: ExperimentConfig) -> None:
+    """The reference names a results row of this config: checked now, not after the sweep."""
     reference = config.reference
-    if reference is not None:  # checked now, not after training and the sweep
-        rows = titles + ([ANY] if len(titles) > 1 else [])
-        if reference.attack not in rows:
-            _fail("reference.attack", f"{reference.attack!r} is not an attack of this config: "
-                  f"choose one of {', '.join(map(repr, rows))}")
-        if not any(abs(e - reference.eps) < 1e-9 for e in config.evaluate.eps):
-            _fail("reference.eps", f"{reference.eps:g} is not in evaluate.eps: add it there")
+    if reference is None:
+        return
+    titles = [a.title for a in config.attacks]
+    rows = titles + ([ANY] if len(titles) > 1 else [])
+    if reference.attack not in rows:
+        _fail("reference.attack", f"{reference.attack!r} is not an attack of this config: "
+              f"choose one of {', '.join(map(repr, rows))}")
+    if not any(abs(e - reference.eps) < 1e-9 for e in config.evaluate.eps):
+        _fail("reference.eps", f"{reference.eps:g} is not in evaluate.eps: add it there")
 
 
 def _check_transforms(transforms: TransformConfig | None) -> None:

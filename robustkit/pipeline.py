@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from robustkit import distributed
+from robustkit.budgets import sweep_eps_bound
 from robustkit.checkpoint import read_sidecar, write_json, write_text
 from robustkit.checks import UNRELIABLE, run_checks, unreliable_attacks
 from robustkit.config import (
@@ -146,8 +147,9 @@ def attack_model(
     in front of the model; ``transforms`` is the distribution EOT attacks draw from and
     robustness under transformation is measured with.
     """
+    upper = sweep_eps_bound(a.norm for a in attacks)  # L2's √d is checked once data is loaded
     for e in eps:
-        if e < 0 or (e > 1 and all(a.norm == "linf" for a in attacks)):
+        if not 0 <= e <= upper:
             raise RobustkitError(
                 f"--eps {e:g} is out of range: L∞ budgets are in [0, 1] pixel units "
                 "(write e.g. 0.3 or 8/255, not 8)"

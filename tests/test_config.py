@@ -47,6 +47,21 @@ def test_invalid_values_name_their_key_path(raw: dict, message: str) -> None:
         config_from_dict(raw)
 
 
+def test_eps_bound_follows_the_norms_and_the_image_size() -> None:
+    """L∞ budgets stop at 1; L2 budgets at √d for the d values of the images the config fixes
+    (MNIST's 784, or H·W after resize), and are left to the sweep for other sources."""
+    l2 = [{"name": "pgd", "norm": "l2"}]
+    with pytest.raises(RobustkitError, match=r"evaluate\.eps\[1\]: 2\.0 is out of range.*\[0, 1\]"):
+        config_from_dict({"evaluate": {"eps": [0, 2]}})
+    assert config_from_dict({"attacks": l2, "evaluate": {"eps": [0, 28]}}).evaluate.eps[1] == 28
+    with pytest.raises(RobustkitError, match=r"\[0, 28\].*√d = 28 for d = 784"):
+        config_from_dict({"attacks": l2, "evaluate": {"eps": [0, 28.5]}})
+    with pytest.raises(RobustkitError, match=r"\[0, 14\].*√d = 14 for d = 196"):
+        config_from_dict({"attacks": l2, "evaluate": {"eps": [0, 15]}, "data": {"resize": [14]}})
+    assert config_from_dict({"attacks": l2, "evaluate": {"eps": [0, 50]},
+                             "data": {"source": "x.npz"}}).evaluate.eps[1] == 50
+
+
 def test_overrides_are_parsed_as_toml_and_validated() -> None:
     assert parse_override("train.epochs=5") == (["train", "epochs"], 5)
     assert parse_override("model.arch=cnn") == (["model", "arch"], "cnn")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from robustkit.budgets import eps_bound
 from robustkit.errors import RobustkitError
 
 #: How far outside ``[0, 1]`` an input value may lie (rounding from e.g. ``/ 255`` pipelines).
@@ -231,8 +232,8 @@ def per_sample(value: float | Tensor, x: Tensor, name: str, upper: float = math.
 
 
 def max_eps(norm: str, x: Tensor) -> float:
-    """The largest meaningful budget: 1 in L∞ (the box's width), √d in L2 (its diameter)."""
-    return 1.0 if norm == "linf" else math.sqrt(x[0].numel())
+    """The largest meaningful budget for images shaped like ``x[0]`` (:func:`eps_bound`)."""
+    return eps_bound(norm, x[0].numel())
 
 
 def as_eps(eps: float | Tensor, x: Tensor, norm: str = "linf") -> Tensor:

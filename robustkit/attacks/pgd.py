@@ -43,6 +43,7 @@ from robustkit.attacks.base import (
 from robustkit.attacks.losses import adversarial_loss, check_loss, judge, objective
 from robustkit.attacks.norms import check_norm, project, random_unit_ball, steepest_step
 from robustkit.attacks.transforms import EOT
+from robustkit.budgets import default_step_size
 from robustkit.errors import RobustkitError
 
 #: ``start_noise(restart)`` returns unit-ball noise shaped like the whole batch ``x``.
@@ -102,7 +103,7 @@ def pgd(
     check_count(restarts, "restarts", minimum=1)
     every = compaction_interval(x.device, compact_every)
     if step_size is None:
-        alpha = 2.5 * eps_t / max(steps, 1)
+        alpha = default_step_size(eps_t, max(steps, 1))
     else:
         alpha = per_sample(step_size, x, "step_size")
     # one budget and one step for every row: scalar arithmetic in each step (the same values)

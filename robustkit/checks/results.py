@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from robustkit.budgets import STEP_FACTOR
 from robustkit.checks.record import Check, grade
 from robustkit.config import AttackConfig, config_from_dict
 from robustkit.errors import RobustkitError
@@ -219,13 +220,14 @@ def check_pgd_step_budget(settings: dict[str, Any]) -> Check:
         return Check("pgd_step_budget", "pass", None, threshold, "no PGD attack with ε > 0")
     eps_max = max(eps_values)
     ratios = {
-        c.title: (2.5 if c.step_size is None else c.step_size * c.steps / eps_max) for c in pgds
+        c.title: STEP_FACTOR if c.step_size is None else c.step_size * c.steps / eps_max
+        for c in pgds
     }
     title = min(ratios, key=lambda t: ratios[t])
     ratio = ratios[title]
     config = next(c for c in pgds if c.title == title)
     reach = (
-        f"default step 2.5·ε/{config.steps}"
+        f"default step {STEP_FACTOR:g}·ε/{config.steps}"
         if config.step_size is None
         else f"{config.steps} steps of {config.step_size:g} travel "
         f"{config.step_size * config.steps:g}"

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkit.attacks import attack_mode, pgd
+from robustkit.budgets import default_step_size
 from robustkit.checkpoint import (
     atomic_path,
     clear_state,
@@ -180,7 +181,7 @@ def training_loss(model: nn.Module, cfg: ExperimentConfig, x: Tensor, y: Tensor,
         logits = model(x)
         return F.cross_entropy(logits, y, label_smoothing=smoothing), logits
     if train.method == "trades":
-        step = adv.step_size or 2.5 * eps / adv.steps
+        step = adv.step_size or default_step_size(eps, adv.steps)
         x_adv = trades_examples(attacked, x, eps=eps, steps=adv.steps, step_size=step,
                                 generator=generator)
         return trades_loss(model, x, y, x_adv, adv.beta)
@@ -190,7 +191,7 @@ def training_loss(model: nn.Module, cfg: ExperimentConfig, x: Tensor, y: Tensor,
                          generator=generator)
     else:
         x_adv = examples(attacked, x, y, eps=eps, steps=adv.steps,
-                         step_size=adv.step_size or 2.5 * eps / adv.steps,
+                         step_size=adv.step_size or default_step_size(eps, adv.steps),
                          random_start=adv.random_start, generator=generator)
     logits = model(x_adv)
     loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
