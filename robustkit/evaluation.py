@@ -170,16 +170,18 @@ def run_attack(model: nn.Module, attack: AttackConfig, x: Tensor, y: Tensor, eps
                noise: Callable[[int], Tensor] | None, early_stop: bool = True,
                labels: Tensor | None = None,
                square_noise: SquareNoise | None = None, *, transform: Transform | None = None,
-               generator: torch.Generator | None = None) -> AttackResult:
-    """One attack at one ε on a batch; ``y`` holds the targets of a targeted attack and
-    ``labels`` the true classes (success = misclassified); ``attack.eot_samples`` draws of
-    ``transform`` (the identity by default) per step from ``generator``; ``attack.bpda``
-    through the model's preprocessing."""
+               generator: torch.Generator | None = None,
+               starts: torch.Generator | None = None) -> AttackResult:
+    """One attack at one ε on a batch: the one place an :class:`AttackConfig` becomes a call of
+    its attack function. ``y`` holds the targets of a targeted attack and ``labels`` the true
+    classes (success = misclassified); random starts come from ``noise`` (by restart), else
+    from ``starts``; ``attack.eot_samples`` draws of ``transform`` (the identity by default)
+    per step from ``generator``; ``attack.bpda`` through the model's preprocessing."""
     if attack.name == "autoattack":
         return autoattack(model, x, y, eps=eps, norm=attack.norm, steps=attack.steps,
                           targets=attack.targets, budget=attack.queries or DEFAULT_QUERIES,
                           p_init=attack.p_init or DEFAULT_P_INIT, start_noise=noise,
-                          square_noise=square_noise)
+                          square_noise=square_noise, generator=starts)
     if attack.name == "square":
         return square(model, x, y, eps=eps, norm=attack.norm,
                       budget=attack.queries or DEFAULT_QUERIES,
@@ -197,16 +199,16 @@ def run_attack(model: nn.Module, attack: AttackConfig, x: Tensor, y: Tensor, eps
     if attack.name == "apgd-t":
         return apgd_targeted(model, x, y, eps=eps, norm=attack.norm, steps=attack.steps,
                              targets=attack.targets or DEFAULT_TARGETS, restarts=attack.restarts,
-                             early_stop=early_stop, start_noise=noise)
+                             early_stop=early_stop, start_noise=noise, generator=starts)
     if attack.name == "apgd":
         return apgd(model, x, y, eps=eps, norm=attack.norm, steps=attack.steps, loss=attack.loss,
                     restarts=attack.restarts, random_start=attack.random_start,
                     targeted=targeted, labels=labels, early_stop=early_stop, start_noise=noise,
-                    eot=eot)
+                    generator=starts, eot=eot)
     return pgd(model, x, y, eps=eps, norm=attack.norm, steps=attack.steps,
                step_size=attack.step_size, loss=attack.loss, restarts=attack.restarts,
                random_start=attack.random_start, targeted=targeted, labels=labels,
-               early_stop=early_stop, start_noise=noise, eot=eot)
+               early_stop=early_stop, start_noise=noise, generator=starts, eot=eot)
 
 
 def check_eps(eps: Sequence[float], norm: str, x: Tensor) -> None:

@@ -20,9 +20,7 @@ from torch import Tensor, nn
 
 from robustkit.attacks import (
     NORMS,
-    apgd,
     attack_mode,
-    pgd,
     random_unit_ball,
     square,
     steepest_step,
@@ -31,7 +29,7 @@ from robustkit.attacks.losses import logits_problem, probability_rows
 from robustkit.checks.record import Check, Status, grade
 from robustkit.checks.results import ITERATIVE, largest_rise, monotone_check
 from robustkit.config import AttackConfig
-from robustkit.models.defences import with_bpda
+from robustkit.evaluation import run_attack
 from robustkit.models.loading import BATCH_TOLERANCE, batch_dependent, same_size_batches
 
 #: The finding of :func:`check_gradient_free_finds_no_more` when it fails or warns.
@@ -41,18 +39,11 @@ MASKING_SUSPECTED = ("gradient masking suspected: a gradient-free attack beats t
 
 def _broken(model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: float, seed: int,
             **changes: Any) -> Tensor:
-    """Per-sample success ``[N]`` of an untargeted run of iterative ``attack`` at ``eps``."""
-    config = dataclasses.replace(attack, **changes)
-    if config.bpda is not None:
-        model = with_bpda(model, config.bpda)
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-    if config.name == "apgd":
-        return apgd(model, x, y, eps=eps, norm=config.norm, steps=config.steps,
-                    loss=config.loss, restarts=config.restarts,
-                    random_start=config.random_start, generator=generator).success
-    return pgd(model, x, y, eps=eps, norm=config.norm, steps=config.steps,
-               step_size=config.step_size, loss=config.loss, restarts=config.restarts,
-               random_start=config.random_start, generator=generator).success
+    """Per-sample success ``[N]`` of an untargeted run of iterative ``attack`` at ``eps``, its
+    random starts drawn from ``seed``; the checks probe the plain attack (no EOT draws)."""
+    config = dataclasses.replace(attack, eot_samples=None, **changes)
+    starts = torch.Generator(device=x.device).manual_seed(seed)
+    return run_attack(model, config, x, y, eps, None, starts=starts).success
 
 
 def _robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: float,
