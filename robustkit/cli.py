@@ -105,14 +105,20 @@ def train(
     resize: ResizeOption = None,
     app_dir: AppDirOption = None,
     data_dir: DataDirOption = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default runs/NAME).")] = None,  # noqa: E501, UP045
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default runs/NAME/seed-S, where `run` looks; with --out, seed-S sub-folders only for several seeds).")] = None,  # noqa: E501, UP045
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore a resume state in the output folder.")] = False,  # noqa: E501
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace another experiment's model in --out.")] = False,  # noqa: E501
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train a model from an experiment config; writes checkpoints, metrics.csv and manifest."""
     from robustkit import distributed
-    from robustkit.outputs import Owner, config_file_label, guard_folder, refuse_working_folder
+    from robustkit.outputs import (
+        Owner,
+        checkpoint_folder,
+        config_file_label,
+        guard_folder,
+        refuse_working_folder,
+    )
     from robustkit.training import train as train_model
 
     cfg = load_config(config, _data_overrides(set_, data_dir, data_source, resize, app_dir))
@@ -123,8 +129,13 @@ def train(
                   f"{folder}; run the same command again to resume (--fresh starts over)")
     refuse_working_folder(folder)
     owner = Owner("train", cfg.name, config_file_label(config))
-    targets = {seed: folder if len(cfg.all_seeds) == 1 else folder / f"seed-{seed}"
-               for seed in cfg.all_seeds}
+
+    def seed_folder(seed: int) -> Path:  # --out: one seed's checkpoint, or a seed-S folder each
+        if out_dir is None:
+            return checkpoint_folder(Path("runs"), cfg.name, seed)
+        return out_dir / f"seed-{seed}" if len(cfg.all_seeds) > 1 else out_dir
+
+    targets = {seed: seed_folder(seed) for seed in cfg.all_seeds}
     replacing = distributed.on_main(lambda: [  # before any work; train() resumes or restarts
         guard_folder(t, owner, overwrite, announce_same=False) for t in targets.values()], dist)
     for line in replacing:

@@ -79,6 +79,12 @@ class Owner:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+def checkpoint_folder(runs_dir: Path, name: str, seed: int) -> Path:
+    """Where ``robustkit train`` and ``robustkit run`` keep the checkpoint of experiment
+    ``name`` for one seed: ``runs_dir/NAME/seed-S`` (so a run reuses what train made)."""
+    return runs_dir / name / f"seed-{seed}"
+
+
 def config_file_label(path: Path) -> str:
     """A config's path as recorded: relative to the working folder when inside it."""
     resolved = Path(path).resolve()

@@ -8,7 +8,6 @@ prints, so the folder is the one a single process writes."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +35,14 @@ from robustkit.config import (
 from robustkit.data import DATASETS
 from robustkit.distributed import Context
 from robustkit.errors import RobustkitError
-from robustkit.evaluation import Evaluation, evaluate
+from robustkit.evaluation import Evaluation
 from robustkit.models import check_logits, load_model, parse_normalize
 from robustkit.models.factory import build_network
 from robustkit.models.loading import load_checkpoint
 from robustkit.outputs import (
     Holder,
     Owner,
+    checkpoint_folder,
     config_file_label,
     guard_folder,
     hash_change,
@@ -67,11 +67,7 @@ from robustkit.runs import (
     STATE_DIR,
     attack_records,
     evaluate_to_folder,
-    finish_sweep,
-    load_sweep,
-    save_sweep,
     settings_fingerprint,
-    write_evaluation,
     write_frame,
 )
 from robustkit.runtime import now_iso, provenance
@@ -202,7 +198,7 @@ def attack_model(
     if info["kind"] == "checkpoint":
         manifest.update(weights_provenance(Path(info["path"])))
     try:
-        evaluation = _evaluate_to_folder(
+        evaluation = evaluate_to_folder(
             net, split, attacks, eps, out_dir=work, settings=settings, manifest=manifest,
             model_name=name, batch_size=batch_size, seed=seed, progress=progress, dist=dist,
             transform=build_transform(transforms),
@@ -352,7 +348,7 @@ def run_experiment(
     def guard() -> list[str]:  # before any work: the report folder, then the checkpoints
         lines = [guard_folder(folder, owner, overwrite,
                               lambda held: _config_changes(held, folder, config_hash(cfg)))]
-        lines += [guard_folder(runs_dir / cfg.name / f"seed-{seed}",
+        lines += [guard_folder(checkpoint_folder(runs_dir, cfg.name, seed),
                                Owner("train", cfg.name, config_file), overwrite,
                                announce_same=False)  # train() says whether it reuses or resumes
                   for seed in cfg.all_seeds]
@@ -367,7 +363,7 @@ def run_experiment(
                                dist)
     evaluations: dict[int, Evaluation] = {}
     for seed in cfg.all_seeds:
-        ckpt_dir = runs_dir / cfg.name / f"seed-{seed}"
+        ckpt_dir = checkpoint_folder(runs_dir, cfg.name, seed)
         eval_dir = work / f"seed-{seed}" if several else work
         fingerprint = training_hash(cfg, seed)
         best = ckpt_dir / "model-best"
@@ -407,7 +403,7 @@ def run_experiment(
                     "checkpoint_epoch": info.get("epoch"),
                     "checkpoint_selected_by": info.get("selected_by"),
                     "reused_checkpoint": reusable}
-        evaluation = _evaluate_to_folder(
+        evaluation = evaluate_to_folder(
             model, split, cfg.attacks, cfg.evaluate.eps, out_dir=eval_dir, settings=settings,
             manifest=manifest, model_name=f"{cfg.name}/seed-{seed}" if several else cfg.name,
             batch_size=cfg.evaluate.batch_size, seed=cfg.evaluate.seed, progress=progress,
@@ -489,42 +485,6 @@ def _physical(model: Any, split: Any, attacks: Sequence[AttackConfig],
 
 def _silent(message: str) -> None:
     """What ranks other than 0 print: nothing."""
-
-
-def _evaluate_to_folder(model: Any, split: Any, attacks: Any, eps: Any, *, out_dir: Path,
-                        settings: dict[str, Any], manifest: dict[str, Any], model_name: str,
-                        batch_size: int, seed: int, progress: bool,
-                        dist: Context | None, transform: Any = None) -> Evaluation:
-    """:func:`robustkit.runs.evaluate_to_folder`, shared out over the ranks of ``dist``.
-
-    Rank 0 reads a saved sweep state (the caller guarded the folder), which every rank resumes; all
-    ranks sweep together; rank 0 saves the state after each cell and writes the outputs.
-    """
-    if dist is None:
-        return evaluate_to_folder(
-            model, split, attacks, eps, out_dir=out_dir, settings=settings, manifest=manifest,
-            model_name=model_name, batch_size=batch_size, seed=seed, progress=progress,
-            transform=transform)
-    fingerprint = settings_fingerprint(settings)
-
-    def prepare() -> Any:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return load_sweep(out_dir, fingerprint)
-
-    state = distributed.on_main(prepare, dist)
-    started = time.perf_counter()
-    evaluation = evaluate(
-        model, split, attacks, eps, model_name=model_name, batch_size=batch_size, seed=seed,
-        progress=progress, state=state, on_cell=lambda s: save_sweep(out_dir, fingerprint, s),
-        dist=dist, transform=transform,
-    )
-    if dist.is_main:
-        manifest = {**manifest, "fingerprint": fingerprint, "end": now_iso(),
-                    "evaluation_seconds": time.perf_counter() - started,
-                    "resumed": state is not None, "processes": dist.world}
-        write_evaluation(out_dir, evaluation, settings, manifest, split.images, split.labels)
-        finish_sweep(out_dir)
-    return evaluation
 
 
 def _load_everywhere(best: Path, device: Any, dist: Context | None) -> tuple[Any, dict[str, Any]]:

@@ -24,6 +24,7 @@ from robustkit.checkpoint import (
     write_json,
 )
 from robustkit.config import config_from_dict, digest, hash_view
+from robustkit.distributed import Context, on_main
 from robustkit.errors import RobustkitError
 from robustkit.evaluation import AttackState, Evaluation, SweepState, evaluate
 from robustkit.runtime import now_iso
@@ -121,21 +122,32 @@ def evaluate_to_folder(
     seed: int,
     progress: bool,
     transform: Any = None,
+    dist: Context | None = None,
 ) -> Evaluation:
     """Run (or resume) the sweep in ``out_dir`` (a staging folder the caller guarded and will
-    swap in), write every output; return the frames."""
+    swap in), write every output; return the frames.
+
+    With ``dist`` the ranks share the sweep: rank 0 reads the saved sweep state, which every
+    rank resumes; rank 0 saves the state after each cell and writes the outputs.
+    """
     fingerprint = settings_fingerprint(settings)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = load_sweep(out_dir, fingerprint)
+
+    def prepare() -> SweepState | None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return load_sweep(out_dir, fingerprint)
+
+    state = on_main(prepare, dist)
     started = time.perf_counter()
     evaluation = evaluate(
         model, split, attacks, eps, model_name=model_name, batch_size=batch_size, seed=seed,
         progress=progress, state=state, on_cell=lambda s: save_sweep(out_dir, fingerprint, s),
-        transform=transform,
+        dist=dist, transform=transform,
     )
-    manifest = {**manifest, "fingerprint": fingerprint, "end": now_iso(),
-                "evaluation_seconds": time.perf_counter() - started,
-                "resumed": state is not None}
-    write_evaluation(out_dir, evaluation, settings, manifest, split.images, split.labels)
-    finish_sweep(out_dir)
+    if dist is None or dist.is_main:
+        manifest = {**manifest, "fingerprint": fingerprint, "end": now_iso(),
+                    "evaluation_seconds": time.perf_counter() - started,
+                    "resumed": state is not None,
+                    **({"processes": dist.world} if dist is not None else {})}
+        write_evaluation(out_dir, evaluation, settings, manifest, split.images, split.labels)
+        finish_sweep(out_dir)
     return evaluation

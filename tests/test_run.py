@@ -68,6 +68,24 @@ def test_run_twice_gives_identical_results_and_reuses_the_checkpoint(workdir: Pa
     assert (workdir / "again" / "results.csv").read_bytes() == results  # bitwise on CPU
 
 
+def test_run_reuses_the_checkpoint_train_made(workdir: Path) -> None:
+    """`train` then `run` of one config: the run finds train's checkpoint where it looks, the
+    folder guard takes it for the same experiment, and nothing is trained twice."""
+    trained = robustkit("train", "tiny.toml", "-q", cwd=workdir)
+    assert trained.returncode == 0, trained.stderr
+    weights = workdir / "runs" / "tiny" / "seed-0" / "model-best.safetensors"
+    assert weights.is_file()
+    before = weights.read_bytes()
+    run = robustkit("run", "tiny.toml", "-q", cwd=workdir)
+    assert run.returncode == 0, run.stderr
+    assert "seed 0: reusing runs/tiny/seed-0/model-best" in run.stderr
+    assert "training softmax" not in run.stderr
+    assert "already holds" not in run.stderr and "replacing" not in run.stderr
+    assert weights.read_bytes() == before
+    manifest = json.loads((workdir / "reports" / "tiny" / "manifest.json").read_text())
+    assert manifest["reused_checkpoint"] is True
+
+
 def test_rerun_with_changed_settings_replaces_its_own_results_with_one_line(workdir: Path
                                                                            ) -> None:
     assert robustkit("run", "tiny.toml", "-q", cwd=workdir).returncode == 0
