@@ -561,9 +561,9 @@ def _check_transforms(transforms: TransformConfig | None) -> None:
             _fail(f"transforms.{key}", f"expected a range of two numbers, low <= high, got "
                   f"{list(pair)}")
     for i, eps in enumerate(transforms.eps or ()):
-        if not 0.0 < eps <= 1.0:
-            _fail(f"transforms.eps[{i}]", f"{eps} is out of range: ε is in (0, 1] (L∞ pixel "
-                  "units)")
+        if not 0.0 < eps <= eps_bound("linf"):
+            _fail(f"transforms.eps[{i}]", f"{eps} is out of range: ε is in "
+                  f"(0, {eps_bound('linf'):g}] (L∞ pixel units)")
 
 
 def _check_defence(defence: DefenceConfig | None) -> None:
