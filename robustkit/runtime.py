@@ -86,7 +86,8 @@ def git_commit() -> str | None:
     """The commit of the robustkit source tree, with ``+dirty`` when the code that computes
     results (the package and ``pyproject.toml``) has local changes; regenerated reports or
     edited configs elsewhere in the checkout do not count (configs are recorded by hash and
-    copied into every run folder). Without a ``.git`` folder, ``$ROBUSTKIT_SOURCE_COMMIT`` marked ``+copied`` (or None)."""
+    copied into every run folder). Without a ``.git`` folder, ``$ROBUSTKIT_SOURCE_COMMIT``
+    marked ``+copied`` (or None)."""
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
         named = os.environ.get(SOURCE_COMMIT_ENV, "").strip()
