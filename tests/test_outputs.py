@@ -268,8 +268,9 @@ def test_a_kill_at_any_write_of_a_report_leaves_the_old_report_or_the_new(
         shutil.copy(REPO / "reports" / "quickstart" / name, source / name)
     out = source if in_place else tmp_path / "combined"
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("robustkit.runtime.now_iso", lambda: "2026-01-01T00:00:00+00:00")
-    monkeypatch.setattr("robustkit.runtime.git_commit", lambda: "abc1234")  # edits meanwhile
+    # patched where publish_report looks them up (build.py imports them by name)
+    monkeypatch.setattr("robustkit.reporting.build.now_iso", lambda: "2026-01-01T00:00:00+00:00")
+    monkeypatch.setattr("robustkit.reporting.build.git_commit", lambda: "abc1234")
     publish_report([source], out, title="old")
     old = _tree(out)
     publish_report([source], out, title="new")
