@@ -28,6 +28,7 @@ from robustkit.config import (
 )
 from robustkit.errors import RobustkitError
 from robustkit.version import INSTALLED, __version__
+from robustkit.vocabulary import ATTACK_NAMES
 
 app = typer.Typer(
     name="robustkit",
@@ -270,9 +271,9 @@ def _float_list(text: str, what: str) -> list[float]:
     return values
 
 
-#: What ``--attack`` accepts: attack names and the presets of ``config.ATTACK_PRESETS``.
-ATTACK_NAMES = ("fgsm", "pgd", "apgd", "apgd-t", "square", "autoattack")
-PRESET_NAMES = ("standard", "apgd-ce-margin", "fgsm-pgd")
+#: What ``--attack`` accepts: the attack names of :data:`robustkit.vocabulary.ATTACK_NAMES` and
+#: the presets of ``config.ATTACK_PRESETS``.
+PRESET_NAMES = tuple(ATTACK_PRESETS)
 
 
 def _attack_configs(names: str, *, extra: dict[str, object] | None = None,
@@ -322,7 +323,7 @@ def _attack_configs(names: str, *, extra: dict[str, object] | None = None,
 ))
 def attack(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint (e.g. reports/NAME/model.safetensors), zoo:NAME, TorchScript, .pt2, or package.module:factory.")],  # noqa: E501
-    attack_names: Annotated[str, typer.Option("--attack", help="Comma-separated attacks (fgsm, pgd, apgd, apgd-t, square, autoattack) or a preset: standard = fgsm + autoattack; apgd-ce-margin = APGD-100 CE and margin (cheaper); fgsm-pgd = FGSM and PGD-40 (quick, overstates robustness).")] = "standard",  # noqa: E501
+    attack_names: Annotated[str, typer.Option("--attack", help=f"Comma-separated attacks ({', '.join(ATTACK_NAMES)}) or a preset: standard = fgsm + autoattack; apgd-ce-margin = APGD-100 CE and margin (cheaper); fgsm-pgd = FGSM and PGD-40 (quick, overstates robustness).")] = "standard",  # noqa: E501
     eps: Annotated[str, typer.Option("--eps", help="Comma-separated budgets in [0,1] pixel units; fractions such as 8/255 accepted.")] = "0,0.05,0.1,0.15,0.2,0.25,0.3",  # noqa: E501
     norm: Annotated[str, typer.Option("--norm", help="linf or l2.")] = "linf",
     steps: Annotated[Optional[int], typer.Option("--steps", help="PGD/APGD steps (default: PGD 40, APGD 100).")] = None,  # noqa: E501, UP045

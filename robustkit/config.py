@@ -32,6 +32,20 @@ else:  # pragma: no cover
 from robustkit.budgets import eps_bound, sweep_eps_bound
 from robustkit.errors import RobustkitError
 from robustkit.results import ANY
+from robustkit.vocabulary import (
+    Approximation,
+    Arch,
+    AttackName,
+    DatasetName,
+    Loss,
+    Norm,
+    OptimizerName,
+    Precision,
+    Preprocess,
+    Schedule,
+    SplitName,
+    TrainMethod,
+)
 
 SEED_MAX = 2**32 - 1  # seeds are unsigned 32-bit: numpy's limit, and room for derived seeds
 MAX_RESTARTS = 1000  # restarts run one after another: memory does not grow with the count
@@ -50,7 +64,7 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: Literal["mnist", "fashion-mnist"] = "mnist"
+    dataset: DatasetName = "mnist"
     # any other data (robustkit.sources): a torchvision name (cifar10, svhn, ...), a .npz or
     # .safetensors file, or an image folder; replaces `dataset` when set
     source: str | None = None
@@ -63,7 +77,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["softmax", "mlp", "cnn", "madry-cnn", "strided-cnn"] = "mlp"
+    arch: Arch = "mlp"
     # your own network: "package.module:function" (or a class) called with `args` as keyword
     # arguments, imported from app_dir, then the current folder; arch is then not used
     factory: str | None = None
@@ -88,19 +102,19 @@ class AdversarialConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    method: Literal["standard", "pgd-at", "fgsm-rs", "trades"] = "standard"
+    method: TrainMethod = "standard"
     epochs: int = field(default=3, metadata=_range(1))
     batch_size: int = field(default=128, metadata=_range(1))
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    optimizer: OptimizerName = "sgd"
     lr: float = field(default=0.1, metadata=_range(0, lo_open=True))
     momentum: float = field(default=0.9, metadata=_range(0, 1))
     nesterov: bool = False
     weight_decay: float = field(default=0.0, metadata=_range(0))
-    schedule: Literal["constant", "step", "cosine", "onecycle", "cyclic"] = "constant"
+    schedule: Schedule = "constant"
     lr_step_epochs: int = field(default=1, metadata=_range(1))
     lr_gamma: float = field(default=0.1, metadata=_range(0, 1, lo_open=True))
     label_smoothing: float = field(default=0.0, metadata=_range(0, 1))
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Precision = "fp32"
     amp_attacks: bool = False
     compile: bool = False
     # weight averaging: validate and save the bias-corrected EMA of the weights with decay d;
@@ -125,12 +139,12 @@ class AttackConfig:
     ``queries`` and ``p_init``: Square's query budget per sample and initial square fraction
     (None: 5000 and 0.8, AutoAttack's), for ``square`` and the ``autoattack`` ensemble."""
 
-    name: Literal["fgsm", "pgd", "apgd", "apgd-t", "square", "autoattack"] = "pgd"
-    norm: Literal["linf", "l2"] = "linf"
+    name: AttackName = "pgd"
+    norm: Norm = "linf"
     steps: int = field(default=0, metadata=_range(1, MAX_STEPS))
     step_size: float | None = field(default=None, metadata=_range(0, lo_open=True))
     restarts: int = field(default=1, metadata=_range(1, MAX_RESTARTS))
-    loss: Literal["ce", "margin", "dlr"] = "ce"
+    loss: Loss = "ce"
     random_start: bool = True
     targeted: bool = False
     label: str | None = None
@@ -142,7 +156,7 @@ class AttackConfig:
     # (the identity when there is no [transforms] table: for a randomised model); None: plain
     eot_samples: int | None = field(default=None, metadata=_range(1))
     # BPDA through the [defence] preprocessing: its backward pass becomes this approximation's
-    bpda: Literal["identity", "mean-filter"] | None = None
+    bpda: Approximation | None = None
 
     def __post_init__(self) -> None:
         if self.steps == 0:
@@ -207,7 +221,7 @@ class EvaluateConfig:
     eps: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
     n: int | None = field(default=None, metadata=_range(1))
     batch_size: int = field(default=1000, metadata=_range(1))
-    split: Literal["test", "val"] = "test"
+    split: SplitName = "test"
     seed: int = field(default=0, metadata=_range(0, SEED_MAX))
 
 
@@ -238,7 +252,7 @@ TRANSFORM_KEYS = ("rotate", "translate", "scale", "brightness", "contrast", "noi
 class DefenceConfig:
     """``[defence]``: a preprocessing step in front of the trained model, ``f(g(x))``."""
 
-    preprocess: Literal["bit-depth", "median", "noise"] = "bit-depth"
+    preprocess: Preprocess = "bit-depth"
     bits: int | None = field(default=None, metadata=_range(1, 16))  # bit-depth (default 3)
     size: int | None = field(default=None, metadata=_range(1, 27))  # median (odd, default 3)
     sigma: float | None = field(default=None, metadata=_range(0, 1))  # noise (default 0.3)

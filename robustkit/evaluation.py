@@ -66,6 +66,7 @@ from robustkit.errors import RobustkitError
 from robustkit.models.defences import with_bpda
 from robustkit.progress import Bar
 from robustkit.results import ANY, RESULT_COLUMNS, TARGET_HIT, ResultRow
+from robustkit.vocabulary import ATTACK_NAMES, Norm
 
 SHORTCUTS_NOTE = (
     "ε-monotone reuse: an adversarial example found at a smaller ε is admissible at every larger "
@@ -129,7 +130,7 @@ class NoiseBank:
     needed after that, so memory does not grow with the number of restarts.
     """
 
-    def __init__(self, x_shape: Sequence[int], norm: str, seed: int, attack_index: int,
+    def __init__(self, x_shape: Sequence[int], norm: Norm, seed: int, attack_index: int,
                  cache_bytes: int = 256 * 2**20) -> None:
         self.shape, self.norm = tuple(x_shape), norm
         self.seed = seed * 1_000_003 + attack_index * 1009
@@ -211,7 +212,7 @@ def run_attack(model: nn.Module, attack: AttackConfig, x: Tensor, y: Tensor, eps
                early_stop=early_stop, start_noise=noise, generator=starts, eot=eot)
 
 
-def check_eps(eps: Sequence[float], norm: str, x: Tensor) -> None:
+def check_eps(eps: Sequence[float], norm: Norm, x: Tensor) -> None:
     """ε is in pixel units: [0, 1] in L∞, [0, √d] in L2."""
     upper = max_eps(norm, x)
     for e in eps:
@@ -325,8 +326,7 @@ def evaluate(
     if len(set(titles)) != len(titles):
         raise RobustkitError(f"two attacks share a name in {titles}: give one a label")
     if not attacks:
-        raise RobustkitError("no attack given: choose at least one of fgsm, pgd, apgd, apgd-t, "
-                             "square, autoattack")
+        raise RobustkitError(f"no attack given: choose at least one of {', '.join(ATTACK_NAMES)}")
     x_all, y_all = data.images, data.labels
     device = x_all.device
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import tomllib
@@ -14,7 +15,11 @@ from robustkit.config import (
     parse_override,
     to_toml,
 )
+from robustkit.data import DATASETS
 from robustkit.errors import RobustkitError
+from robustkit.models.defences import build_preprocessing
+from robustkit.models.zoo import ARCHITECTURES
+from robustkit.vocabulary import ATTACK_NAMES, PREPROCESSING, Arch, DatasetName
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -104,3 +109,12 @@ def test_bad_files_give_clear_errors(tmp_path: Path) -> None:
     bad.write_text("[train\nepochs = 3\n")
     with pytest.raises(RobustkitError, match="is not valid TOML"):
         load_config(bad)
+
+
+def test_vocabularies_match_what_the_engine_implements() -> None:
+    """Each closed vocabulary is one Literal; the registries keyed by it list the same names."""
+    assert list(ARCHITECTURES) == list(get_args(Arch))
+    assert list(DATASETS) == list(get_args(DatasetName))
+    assert [build_preprocessing(kind).describe() for kind in PREPROCESSING]
+    assert [a.name for a in config_from_dict({"attacks": [{"name": n} for n in ATTACK_NAMES]}
+                                             ).attacks] == list(ATTACK_NAMES)

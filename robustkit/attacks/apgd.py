@@ -44,6 +44,7 @@ from robustkit.attacks.losses import check_loss
 from robustkit.attacks.norms import check_norm, project, steepest_step
 from robustkit.attacks.pgd import StartNoise, check_count, probe, with_restarts
 from robustkit.attacks.transforms import EOT
+from robustkit.vocabulary import Loss, Norm
 
 #: Weight of the new step against the momentum term (``a`` above).
 MOMENTUM_WEIGHT = 0.75
@@ -74,9 +75,9 @@ def apgd(
     y: Tensor,
     *,
     eps: float | Tensor,
-    norm: str = "linf",
+    norm: Norm = "linf",
     steps: int = 100,
-    loss: str = "ce",
+    loss: Loss = "ce",
     restarts: int = 1,
     random_start: bool = True,
     targeted: bool = False,
@@ -127,10 +128,10 @@ def _run(
     eps: Tensor,
     u: Tensor,
     *,
-    norm: str,
+    norm: Norm,
     steps: int,
     halve_at: set[int],
-    kind: str,
+    kind: Loss,
     targeted: bool,
     early_stop: bool,
     every: int = 1,
@@ -192,7 +193,7 @@ def _run(
 
 
 def apgd_step(x: Tensor, x_cur: Tensor, x_prev: Tensor, grad: Tensor, eta: Tensor,
-              eps: Tensor, norm: str, *, first: bool = False) -> Tensor:
+              eps: Tensor, norm: Norm, *, first: bool = False) -> Tensor:
     """``x⁽ᵏ⁺¹⁾`` from ``x⁽ᵏ⁾ = x_cur``, ``x⁽ᵏ⁻¹⁾ = x_prev`` and ``∇L(x⁽ᵏ⁾) = grad``::
 
         z = P(x⁽ᵏ⁾ + η·s(∇L)),   x⁽ᵏ⁺¹⁾ = P(x⁽ᵏ⁾ + a·(z − x⁽ᵏ⁾) + (1 − a)·(x⁽ᵏ⁾ − x⁽ᵏ⁻¹⁾))

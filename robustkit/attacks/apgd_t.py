@@ -22,6 +22,7 @@ from robustkit.attacks.base import AttackResult, WorstCase, attack_mode, check_i
 from robustkit.attacks.losses import check_logits, is_adversarial, objective
 from robustkit.attacks.pgd import StartNoise, check_count
 from robustkit.errors import RobustkitError
+from robustkit.vocabulary import Norm
 
 #: AutoAttack's standard number of target classes (all nine wrong classes on MNIST).
 DEFAULT_TARGETS = 9
@@ -39,7 +40,7 @@ def apgd_targeted(
     y: Tensor,
     *,
     eps: float | Tensor,
-    norm: str = "linf",
+    norm: Norm = "linf",
     steps: int = 100,
     targets: int = DEFAULT_TARGETS,
     restarts: int = 1,

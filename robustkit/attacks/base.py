@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from robustkit.budgets import eps_bound
 from robustkit.errors import RobustkitError
+from robustkit.vocabulary import Norm
 
 #: How far outside ``[0, 1]`` an input value may lie (rounding from e.g. ``/ 255`` pipelines).
 BOX_TOLERANCE = 1e-5
@@ -231,12 +232,12 @@ def per_sample(value: float | Tensor, x: Tensor, name: str, upper: float = math.
     return values.to(device=x.device, dtype=x.dtype).view(n, 1, 1, 1)
 
 
-def max_eps(norm: str, x: Tensor) -> float:
+def max_eps(norm: Norm, x: Tensor) -> float:
     """The largest meaningful budget for images shaped like ``x[0]`` (:func:`eps_bound`)."""
     return eps_bound(norm, x[0].numel())
 
 
-def as_eps(eps: float | Tensor, x: Tensor, norm: str = "linf") -> Tensor:
+def as_eps(eps: float | Tensor, x: Tensor, norm: Norm = "linf") -> Tensor:
     """Check ``0 ≤ ε ≤ max_eps(norm)`` (float or per-sample ``[N]``); return ``[N, 1, 1, 1]``."""
     return per_sample(eps, x, "eps", upper=max_eps(norm, x))
 

@@ -32,6 +32,7 @@ from robustkit.attacks.losses import check_logits, is_adversarial, objective
 from robustkit.attacks.pgd import StartNoise
 from robustkit.attacks.square import DEFAULT_P_INIT, DEFAULT_QUERIES, SquareNoise, square
 from robustkit.errors import RobustkitError
+from robustkit.vocabulary import Norm
 
 #: The stages, in order.
 STAGES = ("apgd-ce", "apgd-t", "square")
@@ -43,7 +44,7 @@ def autoattack(
     y: Tensor,
     *,
     eps: float | Tensor,
-    norm: str = "linf",
+    norm: Norm = "linf",
     steps: int = 100,
     targets: int | None = None,
     budget: int = DEFAULT_QUERIES,

@@ -23,6 +23,7 @@ from robustkit.attacks.base import (
     clip_box,
 )
 from robustkit.attacks.losses import adversarial_loss, check_loss, judge
+from robustkit.vocabulary import Loss
 
 
 def fgsm(
@@ -32,7 +33,7 @@ def fgsm(
     *,
     eps: float | Tensor,
     targeted: bool = False,
-    loss: str = "ce",
+    loss: Loss = "ce",
     labels: Tensor | None = None,
 ) -> AttackResult:
     """``x_adv = clip_[0,1](x + ε · sign(∇_x L(x, y)))``; ``y`` holds targets when ``targeted``.

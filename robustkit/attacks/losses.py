@@ -33,18 +33,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from robustkit.errors import RobustkitError
+from robustkit.vocabulary import LOSSES, Loss
 
-#: The objectives :func:`adversarial_loss` knows.
-LOSSES: tuple[str, ...] = ("ce", "margin", "dlr")
 #: Added to the DLR denominators, as in the paper, so that tied logits do not divide by zero.
 DLR_FLOOR = 1e-12
 
 
-def check_loss(kind: str) -> str:
-    """Return ``kind`` if it names a known loss, else raise :class:`RobustkitError`."""
-    if kind not in LOSSES:
-        raise RobustkitError(f"unknown attack loss {kind!r}; choose one of {', '.join(LOSSES)}")
-    return kind
+def check_loss(kind: str) -> Loss:
+    """Return ``kind`` if it names a known loss (:data:`~robustkit.vocabulary.LOSSES`, the
+    objectives :func:`adversarial_loss` knows), else raise :class:`RobustkitError`."""
+    for known in LOSSES:  # the match itself, typed as a Loss
+        if kind == known:
+            return known
+    raise RobustkitError(f"unknown attack loss {kind!r}; choose one of {', '.join(LOSSES)}")
 
 
 def logits_problem(out: object, n: int | None = None, num_classes: int | None = None
@@ -116,7 +117,7 @@ def targeted_dlr(logits: Tensor, y: Tensor, t: Tensor) -> Tensor:
     return -(z_y - z_t) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + DLR_FLOOR)
 
 
-def adversarial_loss(logits: Tensor, y: Tensor, kind: str = "ce", targeted: bool = False,
+def adversarial_loss(logits: Tensor, y: Tensor, kind: Loss = "ce", targeted: bool = False,
                      aim: Tensor | None = None) -> Tensor:
     """Per-sample objective ``L(z, y)`` ``[N]`` that the attacker maximises (see module table).
 
@@ -139,7 +140,7 @@ def adversarial_loss(logits: Tensor, y: Tensor, kind: str = "ce", targeted: bool
     return objective(logits, y, kind, targeted, aim)
 
 
-def objective(logits: Tensor, y: Tensor, kind: str, targeted: bool,
+def objective(logits: Tensor, y: Tensor, kind: Loss, targeted: bool,
               aim: Tensor | None = None) -> Tensor:
     """:func:`adversarial_loss` without argument checks, for inner loops on checked inputs."""
     if kind == "ce":

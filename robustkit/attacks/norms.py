@@ -20,16 +20,15 @@ import torch
 from torch import Tensor
 
 from robustkit.errors import RobustkitError
-
-#: The threat models the attacks support.
-NORMS: tuple[str, ...] = ("linf", "l2")
+from robustkit.vocabulary import NORMS, Norm
 
 
-def check_norm(norm: str) -> str:
+def check_norm(norm: str) -> Norm:
     """Return ``norm`` if it names a supported ball, else raise :class:`RobustkitError`."""
-    if norm not in NORMS:
-        raise RobustkitError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
-    return norm
+    for known in NORMS:  # the match itself, typed as a Norm
+        if norm == known:
+            return known
+    raise RobustkitError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
 
 
 def row_norm(t: Tensor) -> Tensor:
@@ -51,14 +50,14 @@ def unit_rows(t: Tensor) -> Tensor:
     return torch.where(norms > 0, scaled / norms, torch.zeros_like(t))
 
 
-def steepest_step(grad: Tensor, norm: str) -> Tensor:
+def steepest_step(grad: Tensor, norm: Norm) -> Tensor:
     """``argmax_{‖s‖ ≤ 1} ⟨grad, s⟩`` per row: ``sign(g)`` (L∞) or ``g / ‖g‖₂`` (L2)."""
     if check_norm(norm) == "linf":
         return grad.sign()
     return unit_rows(grad)
 
 
-def project(delta: Tensor, eps: float | Tensor, norm: str) -> Tensor:
+def project(delta: Tensor, eps: float | Tensor, norm: Norm) -> Tensor:
     """Project each row of ``delta`` onto the ε-ball ``{δ : ‖δ‖ ≤ ε}``.
 
     ``eps`` is a float or a tensor broadcastable to ``delta`` (e.g. ``[N, 1, 1, 1]``).
@@ -81,7 +80,7 @@ def project(delta: Tensor, eps: float | Tensor, norm: str) -> Tensor:
 
 def random_unit_ball(
     shape: Sequence[int],
-    norm: str,
+    norm: Norm,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,

@@ -45,6 +45,7 @@ from robustkit.attacks.norms import check_norm, project, random_unit_ball, steep
 from robustkit.attacks.transforms import EOT
 from robustkit.budgets import default_step_size
 from robustkit.errors import RobustkitError
+from robustkit.vocabulary import Loss, Norm
 
 #: ``start_noise(restart)`` returns unit-ball noise shaped like the whole batch ``x``.
 StartNoise = Callable[[int], Tensor]
@@ -56,10 +57,10 @@ def pgd(
     y: Tensor,
     *,
     eps: float | Tensor,
-    norm: str = "linf",
+    norm: Norm = "linf",
     steps: int = 40,
     step_size: float | Tensor | None = None,
-    loss: str = "ce",
+    loss: Loss = "ce",
     restarts: int = 1,
     random_start: bool = True,
     targeted: bool = False,
@@ -145,9 +146,9 @@ def with_restarts(
     eps: Tensor,
     one_start: OneStart,
     *,
-    kind: str,
+    kind: Loss,
     targeted: bool,
-    norm: str,
+    norm: Norm,
     restarts: int,
     random_start: bool,
     generator: torch.Generator | None,
@@ -187,7 +188,7 @@ def _start_noise(
     restart: int,
     x: Tensor,
     idx: Tensor,
-    norm: str,
+    norm: Norm,
     random_start: bool,
     generator: torch.Generator | None,
     start_noise: StartNoise | None,
@@ -217,9 +218,9 @@ def _run(
     alpha: Tensor,
     u: Tensor,
     *,
-    norm: str,
+    norm: Norm,
     steps: int,
-    kind: str,
+    kind: Loss,
     targeted: bool,
     early_stop: bool,
     every: int = 1,
@@ -262,7 +263,7 @@ def _run(
     return stop.grad_evals * (eot.samples if eot else 1)
 
 
-def probe(model: nn.Module, x_cur: Tensor, y: Tensor, kind: str, targeted: bool, *,
+def probe(model: nn.Module, x_cur: Tensor, y: Tensor, kind: Loss, targeted: bool, *,
           gradient: bool, truth: Tensor | None = None, aim: Tensor | None = None,
           eot: EOT | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One pass at the iterates ``x_cur``: the objective ``L`` ``[n]``, the success flags ``[n]``

@@ -44,6 +44,7 @@ from robustkit.attacks.losses import check_logits, is_adversarial, margin
 from robustkit.attacks.norms import check_norm, row_norm
 from robustkit.attacks.pgd import check_count
 from robustkit.errors import RobustkitError
+from robustkit.vocabulary import Norm
 
 #: ``noise(step, m)`` → ``[N, m]`` uniforms in [0, 1) for every sample of the batch ``x``.
 SquareNoise = Callable[[int, int], Tensor]
@@ -63,7 +64,7 @@ def square_fraction(p_init: float, i: int, budget: int) -> float:
     return p_init / 2 ** sum(rescaled > t for t in HALVE_AFTER)
 
 
-def square_side(p: float, h: int, w: int, norm: str) -> int:
+def square_side(p: float, h: int, w: int, norm: Norm) -> int:
     """``s = round(√(p·h·w))``: at least 1 (L∞), or at least 3 and odd (L2); at most
     ``min(h, w)``."""
     s = round(math.sqrt(p * h * w))
@@ -98,7 +99,7 @@ def square(
     y: Tensor,
     *,
     eps: float | Tensor,
-    norm: str = "linf",
+    norm: Norm = "linf",
     budget: int = DEFAULT_QUERIES,
     p_init: float = DEFAULT_P_INIT,
     generator: torch.Generator | None = None,
@@ -212,7 +213,7 @@ def _window(top: Tensor, left: Tensor, s: int, h: int, w: int) -> Tensor:
     return (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)
 
 
-def _start(x: Tensor, eps: Tensor, norm: str, u: Tensor) -> Tensor:
+def _start(x: Tensor, eps: Tensor, norm: Norm, u: Tensor) -> Tensor:
     """The starting point: stripes of ``±ε`` (L∞) or tiled ``η`` patterns of norm ``ε`` (L2)."""
     k, c, h, w = x.shape
     if norm == "linf":

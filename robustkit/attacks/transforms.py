@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from robustkit.attacks.losses import is_adversarial, judge, objective
 from robustkit.errors import RobustkitError
+from robustkit.vocabulary import Loss
 
 Range = tuple[float, float]
 
@@ -206,7 +207,7 @@ class EOT:
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
             raise RobustkitError(f"eot_samples must be an integer >= 1, got {self.samples!r}")
 
-    def probe(self, model: nn.Module, x_cur: Tensor, y: Tensor, kind: str, targeted: bool, *,
+    def probe(self, model: nn.Module, x_cur: Tensor, y: Tensor, kind: Loss, targeted: bool, *,
               gradient: bool, truth: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """As :func:`~robustkit.attacks.pgd.probe`: ``L̄`` ``[n]``, success under all ``K``
         draws ``[n]`` (:func:`~robustkit.attacks.losses.judge`, with the true labels ``truth`` of

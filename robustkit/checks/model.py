@@ -31,6 +31,7 @@ from robustkit.checks.results import ITERATIVE, largest_rise, monotone_check
 from robustkit.config import AttackConfig
 from robustkit.evaluation import run_attack
 from robustkit.models.loading import BATCH_TOLERANCE, batch_dependent, same_size_batches
+from robustkit.vocabulary import Norm
 
 #: The finding of :func:`check_gradient_free_finds_no_more` when it fails or warns.
 MASKING_SUSPECTED = ("gradient masking suspected: a gradient-free attack beats the gradient "
@@ -247,7 +248,7 @@ def check_accuracy_at_large_eps(
                  {"accuracy_at_1": acc_one, "accuracy_at_0.5": acc_half, "grey_bound": bound})
 
 
-def _noise_accuracy(model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float, draws: int,
+def _noise_accuracy(model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: float, draws: int,
                     seed: int) -> float:
     """Accuracy under ``draws`` uniform draws from the ε-ball: a sample survives only if every
     draw leaves it correct."""

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 import pandas as pd
 
-Status = Literal["pass", "warn", "fail"]
-STATUSES: tuple[Status, ...] = ("pass", "warn", "fail")
+from robustkit.vocabulary import STATUSES, Status
+
 #: The columns of ``checks.csv`` (and of :func:`checks_frame`); ``measurements`` is not one.
 CHECK_COLUMNS = ["name", "status", "value", "threshold", "detail"]
 

@@ -30,11 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkit.errors import RobustkitError
-
-#: The preprocessing steps by config name.
-PREPROCESSING = ("bit-depth", "median", "noise")
-#: Named differentiable approximations ``h`` for BPDA.
-APPROXIMATIONS = ("identity", "mean-filter")
+from robustkit.vocabulary import PREPROCESSING, Approximation, Preprocess
 
 
 class Preprocessing(nn.Module):
@@ -43,7 +39,7 @@ class Preprocessing(nn.Module):
     #: True when two passes over the same input may differ (attack with EOT).
     random = False
     #: The BPDA approximations this step accepts, by name.
-    approximations: tuple[str, ...] = ("identity",)
+    approximations: tuple[Approximation, ...] = ("identity",)
 
     def approximation(self, name: str) -> Callable[[Tensor], Tensor] | None:
         """``h`` for BPDA (None: the identity, whose backward pass is the incoming gradient)."""
@@ -77,7 +73,7 @@ class BitDepth(Preprocessing):
 class MedianFilter(Preprocessing):
     """``k×k`` median of every pixel's neighbourhood (reflect padding)."""
 
-    approximations = ("identity", "mean-filter")
+    approximations: tuple[Approximation, ...] = ("identity", "mean-filter")
 
     def __init__(self, size: int) -> None:
         super().__init__()
@@ -150,7 +146,8 @@ class Defended(nn.Module):
     the forward pass, and so every prediction, is the same.
     """
 
-    def __init__(self, model: nn.Module, step: Preprocessing, bpda: str | None = None) -> None:
+    def __init__(self, model: nn.Module, step: Preprocessing,
+                 bpda: Approximation | None = None) -> None:
         super().__init__()
         self.model, self.step, self.bpda = model, step, bpda
         self._approx = step.approximation(bpda) if bpda is not None else None
@@ -165,7 +162,7 @@ class Defended(nn.Module):
         return f"{text}, attacked through BPDA ({self.bpda})" if self.bpda else text
 
 
-def build_preprocessing(kind: str, *, bits: int | None = None, size: int | None = None,
+def build_preprocessing(kind: Preprocess, *, bits: int | None = None, size: int | None = None,
                         sigma: float | None = None) -> Preprocessing:
     """A preprocessing step by name: ``bit-depth`` (bits, default 3), ``median`` (size, 3),
     ``noise`` (sigma, 0.3)."""
@@ -178,7 +175,7 @@ def build_preprocessing(kind: str, *, bits: int | None = None, size: int | None 
     raise RobustkitError(f"unknown preprocessing {kind!r}; choose {', '.join(PREPROCESSING)}")
 
 
-def with_bpda(model: nn.Module, approximation: str) -> Defended:
+def with_bpda(model: nn.Module, approximation: Approximation) -> Defended:
     """``model`` (a :class:`Defended`) attacked through BPDA with ``approximation``; shares its
     modules."""
     if not isinstance(model, Defended):

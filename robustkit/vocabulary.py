@@ -1,0 +1,44 @@
+"""The closed vocabularies of robustkit: each written once, as a :data:`typing.Literal` type.
+
+The config dataclasses, the attacks' signatures and the CLI use these types, and every list of
+allowed values (what validation accepts, what an error message offers) is derived from them
+with :func:`typing.get_args`, so a new value is added in one place. This module imports nothing
+of robustkit: every layer, ``attacks/`` included, may import it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+#: The threat models (balls) the attacks support.
+Norm = Literal["linf", "l2"]
+#: The objectives an attack maximises (see :mod:`robustkit.attacks.losses`).
+Loss = Literal["ce", "margin", "dlr"]
+#: The attacks a config's ``[[attacks]]`` entry or ``--attack`` names.
+AttackName = Literal["fgsm", "pgd", "apgd", "apgd-t", "square", "autoattack"]
+#: The built-in IDX data sets (any other data goes through ``data.source``).
+DatasetName = Literal["mnist", "fashion-mnist"]
+#: The architectures of the model zoo.
+Arch = Literal["softmax", "mlp", "cnn", "madry-cnn", "strided-cnn"]
+#: Training methods: plain, PGD adversarial training, FGSM with random start, TRADES.
+TrainMethod = Literal["standard", "pgd-at", "fgsm-rs", "trades"]
+OptimizerName = Literal["sgd", "adam", "adamw"]
+#: Per-iteration learning-rate schedules.
+Schedule = Literal["constant", "step", "cosine", "onecycle", "cyclic"]
+#: Training precision: float32, or autocast to bfloat16 / float16.
+Precision = Literal["fp32", "bf16", "fp16"]
+#: The split an evaluation attacks.
+SplitName = Literal["test", "val"]
+#: Preprocessing defences ``g`` in front of a model, ``f(g(x))``.
+Preprocess = Literal["bit-depth", "median", "noise"]
+#: BPDA's backward-pass approximations of a preprocessing step.
+Approximation = Literal["identity", "mean-filter"]
+#: The verdict of a sanity check.
+Status = Literal["pass", "warn", "fail"]
+
+NORMS: tuple[Norm, ...] = get_args(Norm)
+LOSSES: tuple[Loss, ...] = get_args(Loss)
+ATTACK_NAMES: tuple[AttackName, ...] = get_args(AttackName)
+PREPROCESSING: tuple[Preprocess, ...] = get_args(Preprocess)
+APPROXIMATIONS: tuple[Approximation, ...] = get_args(Approximation)
+STATUSES: tuple[Status, ...] = get_args(Status)
