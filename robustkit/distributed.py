@@ -29,7 +29,7 @@ import datetime
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -226,7 +226,7 @@ def broadcast_object(obj: T, ctx: Context | None) -> T:
         return obj
     box: list[Any] = [obj if ctx.is_main else None]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return cast(T, box[0])  # rank 0's obj, pickled across: the type is lost on the way
 
 
 def all_gather_tensor(tensor: Tensor, ctx: Context | None) -> list[Tensor]:
@@ -287,7 +287,7 @@ def on_main(fn: Callable[[], T], ctx: Context | None) -> T:
     kind, value = broadcast_object(outcome, ctx)
     if kind == "error":
         raise RobustkitError(value)
-    return value
+    return cast(T, value)  # fn's result on rank 0 (the outcome's type is lost in broadcast)
 
 
 def local_first(fn: Callable[[], T], ctx: Context | None) -> T:

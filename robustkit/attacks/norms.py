@@ -33,7 +33,8 @@ def check_norm(norm: str) -> Norm:
 
 def row_norm(t: Tensor) -> Tensor:
     """‖t_i‖₂ for each row, shaped ``[N, 1, ..., 1]`` to broadcast against ``t``."""
-    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+    norms: Tensor = t.flatten(1).norm(dim=1)
+    return norms.view(-1, *([1] * (t.dim() - 1)))
 
 
 def unit_rows(t: Tensor) -> Tensor:

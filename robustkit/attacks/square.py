@@ -61,7 +61,8 @@ def square_fraction(p_init: float, i: int, budget: int) -> float:
     """``p`` at iteration ``i`` of ``budget``: ``p_init / 2^k``, ``k`` = thresholds passed by
     ``⌊10 000·i/budget⌋``."""
     rescaled = int(i / budget * 10_000)
-    return p_init / 2 ** sum(rescaled > t for t in HALVE_AFTER)
+    halvings = sum(rescaled > t for t in HALVE_AFTER)
+    return p_init / 2.0**halvings
 
 
 def square_side(p: float, h: int, w: int, norm: Norm) -> int:
@@ -85,12 +86,14 @@ def eta(rows: int, cols: int, *, dtype: torch.dtype, device: torch.device) -> Te
         di = (torch.arange(r, device=device) - r // 2).abs()
         dj = (torch.arange(c, device=device) - c // 2).abs()
         block = tail[torch.maximum(di[:, None], dj[None, :])]
-        return block / block.norm()
+        unit: Tensor = block / block.norm()
+        return unit
 
     half = rows // 2
     parts = [pyramid(half, cols)] if half else []
     pattern = torch.cat([*parts, -pyramid(rows - half, cols)])
-    return pattern / pattern.norm()
+    unit: Tensor = pattern / pattern.norm()
+    return unit
 
 
 def square(

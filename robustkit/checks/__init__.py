@@ -39,9 +39,7 @@ from robustkit.checks.model import (
 )
 from robustkit.checks.record import (
     CHECK_COLUMNS,
-    STATUSES,
     Check,
-    Status,
     checks_frame,
     grade,
     worst_status,
@@ -62,6 +60,7 @@ from robustkit.checks.runner import (
     run_checks,
     unreliable_attacks,
 )
+from robustkit.vocabulary import STATUSES, Status
 
 __all__ = [
     "CHECK_COLUMNS",

@@ -26,12 +26,12 @@ from robustkit.attacks import (
     steepest_step,
 )
 from robustkit.attacks.losses import logits_problem, probability_rows
-from robustkit.checks.record import Check, Status, grade
+from robustkit.checks.record import Check, grade
 from robustkit.checks.results import ITERATIVE, largest_rise, monotone_check
 from robustkit.config import AttackConfig
 from robustkit.evaluation import run_attack
 from robustkit.models.loading import BATCH_TOLERANCE, batch_dependent, same_size_batches
-from robustkit.vocabulary import Norm
+from robustkit.vocabulary import Norm, Status
 
 #: The finding of :func:`check_gradient_free_finds_no_more` when it fails or warns.
 MASKING_SUSPECTED = ("gradient masking suspected: a gradient-free attack beats the gradient "

@@ -64,7 +64,8 @@ class BitDepth(Preprocessing):
 
     def forward(self, x: Tensor) -> Tensor:
         levels = 2**self.bits - 1
-        return torch.round(x * levels) / levels
+        quantised: Tensor = torch.round(x * levels) / levels
+        return quantised
 
     def describe(self) -> str:
         return f"bit-depth reduction to {self.bits} bits"
@@ -126,7 +127,8 @@ class _StraightThrough(torch.autograd.Function):
         ctx.approx = approx
         ctx.save_for_backward(x)
         with torch.no_grad():
-            return step(x)
+            out: Tensor = step(x)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
@@ -154,8 +156,10 @@ class Defended(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.bpda is None:
-            return self.model(self.step(x))
-        return self.model(_StraightThrough.apply(x, self.step, self._approx))
+            logits: Tensor = self.model(self.step(x))
+        else:
+            logits = self.model(_StraightThrough.apply(x, self.step, self._approx))
+        return logits
 
     def describe(self) -> str:
         text = self.step.describe()
