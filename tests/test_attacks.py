@@ -28,6 +28,7 @@ from robustkit.attacks import (
 from robustkit.attacks.apgd import apgd_step, checkpoints
 from robustkit.config import AttackConfig
 from robustkit.errors import RobustkitError
+from robustkit.vocabulary import NORMS, Loss, Norm
 
 DTYPE = torch.float64
 
@@ -58,7 +59,7 @@ def mlp(d: int, k: int, seed: int, hidden: int = 16) -> nn.Sequential:
     )
 
 
-def distances(result: AttackResult, x: Tensor, norm: str) -> Tensor:
+def distances(result: AttackResult, x: Tensor, norm: Norm) -> Tensor:
     diff = (result.x_adv - x).flatten(1)
     return diff.abs().amax(dim=1) if norm == "linf" else diff.norm(dim=1)
 
@@ -110,7 +111,7 @@ def test_fgsm_hand_computed_example() -> None:
 # --------------------------------------------------------------------------- PGD, closed form
 
 
-def binary_problem(norm: str) -> tuple[nn.Module, Tensor, Tensor, float, Tensor]:
+def binary_problem(norm: Norm) -> tuple[nn.Module, Tensor, Tensor, float, Tensor]:
     """z = (0, w·x + b). The worst case within the ε-ball moves w·x by ε‖w‖_* (‖·‖₁ for L∞,
     ‖·‖₂ for L2), so a correctly classified point survives iff |w·x + b| > ε‖w‖_*.
     Points lie in [0.3, 0.7] and ε < 0.3, so the [0, 1] box never binds.
@@ -138,7 +139,7 @@ def binary_problem(norm: str) -> tuple[nn.Module, Tensor, Tensor, float, Tensor]
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("loss", ["ce", "margin"])
 @pytest.mark.parametrize("attack", [pgd, apgd])
-def test_reaches_closed_form_robust_accuracy(attack: Any, norm: str, loss: str) -> None:
+def test_reaches_closed_form_robust_accuracy(attack: Any, norm: Norm, loss: Loss) -> None:
     model, x, y, eps, robust = binary_problem(norm)
     assert 0.2 < robust.double().mean() < 0.7  # the check is not trivial
     gen = torch.Generator().manual_seed(0)
@@ -180,8 +181,8 @@ def test_pgd_stays_in_ball_and_box(
     channels: int,
     side: int,
     eps: float,
-    norm: str,
-    loss: str,
+    norm: Norm,
+    loss: Loss,
     steps: int,
     restarts: int,
     targeted: bool,
@@ -216,7 +217,7 @@ def test_zero_eps_returns_x_unchanged() -> None:
     x[0, 0, 0, 0], x[1, 0, 0, 0] = 0.0, 1.0
     x[2, 0, 0, 0], x[3, 0, 0, 0] = -1e-7, 1 + 1e-7  # rounding noise is tolerated, never moved
     y = torch.randint(0, 3, (4,), generator=g)
-    for norm in ("linf", "l2"):
+    for norm in NORMS:
         result = pgd(model, x, y, eps=0.0, norm=norm, generator=g)
         assert torch.equal(result.x_adv, x)
         assert torch.equal(result.success, model(x).argmax(1) != y)
@@ -224,7 +225,7 @@ def test_zero_eps_returns_x_unchanged() -> None:
     assert torch.equal(fgsm(model, x, y, eps=0.0).x_adv, x)
 
     eps = torch.tensor([0.0, 0.3, 0.0, 0.2])
-    for norm in ("linf", "l2"):
+    for norm in NORMS:
         result = pgd(model, x, y, eps=eps, norm=norm, generator=g, restarts=2)
         assert torch.equal(result.x_adv[[0, 2]], x[[0, 2]])
         assert bool((distances(result, x, norm) <= eps.to(DTYPE) + 1e-6).all())
@@ -288,7 +289,7 @@ def test_early_stop_never_weaker_than_full_run() -> None:
 
 
 @pytest.mark.parametrize(("norm", "eps"), [("l2", 0.2), ("linf", 0.06)])
-def test_start_noise_makes_results_independent_of_batch(norm: str, eps: float) -> None:
+def test_start_noise_makes_results_independent_of_batch(norm: Norm, eps: float) -> None:
     """With start noise indexed by sample, attacking a sub-batch gives the same per-sample result,
     even though the restarts run on different subsets (clean-misclassified samples never run)."""
     model, x, y = small_problem(n=40)
@@ -314,7 +315,7 @@ def test_start_noise_makes_results_independent_of_batch(norm: str, eps: float) -
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("loss", ["ce", "margin"])
-def test_targeted_attack_reaches_target(norm: str, loss: str) -> None:
+def test_targeted_attack_reaches_target(norm: Norm, loss: Loss) -> None:
     """Nearest-prototype classifier z_k = 10(2 c_k·x − ‖c_k‖²), i.e. argmax z = argmin ‖x − c_k‖₂.
     With x, c_k ∈ [0.3, 0.7]^4 the target prototype c_t lies within ‖x − c_t‖ ≤ 0.8 (both norms),
     so every target is reachable at ε = 0.8."""
@@ -507,7 +508,7 @@ def test_bad_inputs_raise() -> None:
     with pytest.raises(RobustkitError, match="eps"):
         fgsm(model, x, y, eps=1.5)
     with pytest.raises(RobustkitError, match="unknown attack loss"):
-        fgsm(model, x, y, eps=0.1, loss="mse")
+        fgsm(model, x, y, eps=0.1, loss="mse")  # type: ignore[arg-type]  # not a Loss: on purpose
     with pytest.raises(RobustkitError, match=r"\[N, C, H, W\]"):
         pgd(model, x[0], y, eps=0.1)
     with pytest.raises(RobustkitError, match=r"\[0, 1\]"):
@@ -519,7 +520,7 @@ def test_bad_inputs_raise() -> None:
     with pytest.raises(RobustkitError, match="labels must lie"):
         pgd(model, x, torch.tensor([0, 5]), eps=0.1)
     with pytest.raises(RobustkitError, match="unknown norm"):
-        project(x, 0.1, "l1")
+        project(x, 0.1, "l1")  # type: ignore[arg-type]  # not a Norm: on purpose
 
 
 # --------------------------------------------------------------------------- APGD
@@ -550,7 +551,7 @@ def test_apgd_step_by_hand() -> None:
     In L2 along one axis the same numbers hold (the ball is the segment [0.4, 0.6])."""
     x = torch.full((1, 1, 1, 1), 0.5, dtype=DTYPE)
     args = (x, x + 0.05, x, -torch.ones_like(x), torch.full_like(x, 0.2), torch.full_like(x, 0.1))
-    for norm in ("linf", "l2"):
+    for norm in NORMS:
         assert apgd_step(*args, norm).item() == pytest.approx(0.45, abs=1e-12)
         assert apgd_step(*args, norm, first=True).item() == pytest.approx(0.4, abs=1e-12)
     # the box binds at x = 0.05: z = max(0.05 − 0.1, 0) = 0, x⁽ᵏ⁺¹⁾ = 0.05 + 0.75·(0 − 0.05)
@@ -590,7 +591,7 @@ def test_apgd_halves_its_step_to_close_in_on_an_interior_maximum() -> None:
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_apgd_stays_in_ball_and_box(norm: str) -> None:
+def test_apgd_stays_in_ball_and_box(norm: Norm) -> None:
     model, x, y = small_problem()
     x = torch.where(torch.arange(x.numel()).view(x.shape) % 3 == 0, torch.zeros_like(x), x)
     eps = torch.linspace(0.0, 0.3, len(y), dtype=DTYPE)

@@ -187,7 +187,8 @@ class Rounding(nn.Module):
         self.inner = inner
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.inner(torch.round(x * 4) / 4)
+        logits: Tensor = self.inner(torch.round(x * 4) / 4)
+        return logits
 
 
 class SaturatedLogSoftmax(nn.Module):
@@ -207,7 +208,8 @@ class EvalDropout(nn.Module):
         self.inner = inner
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.inner(nn.functional.dropout(x, 0.5, training=True))
+        logits: Tensor = self.inner(nn.functional.dropout(x, 0.5, training=True))
+        return logits
 
 
 @pytest.fixture(scope="module")
@@ -435,7 +437,8 @@ class BatchSizeNoise(nn.Module):
         self.inner = inner
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.inner(x) + 2e-3 * (len(x) % 7)
+        logits: Tensor = self.inner(x) + 2e-3 * (len(x) % 7)
+        return logits
 
 
 def test_batch_size_dependent_rounding_is_not_batch_statistics(

@@ -186,7 +186,7 @@ def test_attack_missing_model_file(tmp_path: Path) -> None:
     assert_user_error(run("attack", "--model", str(tmp_path / "gone.pt")), "not found")
 
 
-def _linear(seed: int = 0) -> torch.nn.Module:
+def _linear(seed: int = 0) -> torch.nn.Sequential:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
 
@@ -243,9 +243,11 @@ def test_normalize_wrapper_keeps_pixel_units(user_models: Path, tmp_path: Path,
     inner = _linear(1)
     mean, std = 0.1307, 0.3081
     folded = _linear(1)
+    inner_fc, folded_fc = inner[1], folded[1]
+    assert isinstance(inner_fc, torch.nn.Linear) and isinstance(folded_fc, torch.nn.Linear)
     with torch.no_grad():  # fold the normalisation into the first layer by hand
-        folded[1].weight.copy_(inner[1].weight / std)
-        folded[1].bias.copy_(inner[1].bias - (inner[1].weight * mean / std).sum(1))
+        folded_fc.weight.copy_(inner_fc.weight / std)
+        folded_fc.bias.copy_(inner_fc.bias - (inner_fc.weight * mean / std).sum(1))
     torch.save(inner.state_dict(), tmp_path / "inner.pt")
     torch.save(folded.state_dict(), tmp_path / "folded.pt")
     common = ["--attack", "fgsm", "--eps", "0,0.05,0.1", "--n", "200", "-q", "--data-dir",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import pytest
 import tomllib
@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
         ({"seeds": []}, r"at seeds: must list at least one seed"),
     ],
 )
-def test_invalid_values_name_their_key_path(raw: dict, message: str) -> None:
+def test_invalid_values_name_their_key_path(raw: dict[str, Any], message: str) -> None:
     with pytest.raises(RobustkitError, match=message):
         config_from_dict(raw)
 

@@ -113,7 +113,7 @@ def test_randomised_defence_is_reported_and_attacked_with_eot(
     assert "attacked with EOT (pgd3-eot2)" in report
     checks = pd.read_csv(out / "checks.csv").set_index("name")
     assert checks.loc["forward_deterministic", "status"] == "fail"
-    assert "EOT" in checks.loc["forward_deterministic", "detail"]
+    assert "EOT" in checks["detail"].loc["forward_deterministic"]
     assert (out / "physical.csv").is_file()  # success under fresh draws of the model's noise
 
 

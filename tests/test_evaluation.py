@@ -14,6 +14,7 @@ from robustkit.data import Split
 from robustkit.errors import RobustkitError
 from robustkit.evaluation import SweepState, evaluate, wilson_interval
 from robustkit.runs import load_sweep, save_sweep
+from robustkit.vocabulary import AttackName
 
 EPS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3]
 
@@ -101,7 +102,7 @@ def test_adversarial_predictions_are_reproduced_at_breaking_eps(model_and_data) 
 
 
 def test_targeted_attack_is_judged_by_misclassification_with_target_hits_apart(
-        model_and_data) -> None:  # type: ignore[no-untyped-def]
+        model_and_data: tuple[nn.Module, Split]) -> None:
     model, data = model_and_data
     targeted = AttackConfig(name="pgd", steps=20, targeted=True)
     ev = evaluate(model, data, [targeted, AttackConfig(name="pgd", steps=20)], [0.0, 0.1, 0.3])
@@ -110,12 +111,12 @@ def test_targeted_attack_is_judged_by_misclassification_with_target_hits_apart(
     assert len(broken) > 0 and (broken["pgd20-targeted_pred"] != broken["label"]).all()
     on_target = broken["pgd20-targeted_pred"] == (broken["label"] + 1) % 10
     for e in (0.1, 0.3):
-        row = res.loc[("pgd20-targeted", e)]
+        row = res.xs(("pgd20-targeted", e))
         assert row["correct"] == int((ps["pgd20-targeted_eps"] > e).sum())
         hits = int((on_target & (broken["pgd20-targeted_eps"] <= e)).sum())
         assert row["target_hit"] == pytest.approx(hits / len(ps))
-        assert math.isnan(res.loc[("pgd20", e), "target_hit"])
-    assert 0 < res.loc[("pgd20-targeted", 0.3), "target_hit"] <= 1
+        assert math.isnan(res["target_hit"].loc[("pgd20", e)])
+    assert 0 < res["target_hit"].loc[("pgd20-targeted", 0.3)] <= 1
     untargeted = evaluate(model, data.take(50), [AttackConfig(name="fgsm")], [0.0, 0.1])
     assert "target_hit" not in untargeted.results.columns  # untargeted results keep their columns
 
@@ -133,11 +134,12 @@ class ThreeBands(nn.Module):
             self.layer.bias.copy_(torch.tensor([8.0, -12.0, 0.0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x.flatten(1))
+        logits: torch.Tensor = self.layer(x.flatten(1))
+        return logits
 
 
 @pytest.mark.parametrize("name", ["fgsm", "pgd", "apgd"])
-def test_targeted_attack_that_stops_in_a_third_class_breaks_the_sample(name: str) -> None:
+def test_targeted_attack_that_stops_in_a_third_class_breaks_the_sample(name: AttackName) -> None:
     model = ThreeBands()
     data = Split(torch.full((1, 1, 2, 2), 0.3), torch.tensor([0]))
     attack = AttackConfig(name=name, steps=10, targeted=True, random_start=False)
@@ -217,7 +219,7 @@ def test_success_is_rejudged_on_the_returned_examples() -> None:
 
 
 def test_resuming_with_a_smaller_eps_attacks_samples_first_broken_at_a_larger_one(
-        model_and_data) -> None:  # type: ignore[no-untyped-def]
+        model_and_data: tuple[nn.Module, Split]) -> None:
     """Sweep [0, 0.1], then resume with [0, 0.03, 0.1]: at 0.03 the samples broken only at 0.1
     must be attacked again, so the resumed figure equals a fresh sweep's."""
     model, data = model_and_data

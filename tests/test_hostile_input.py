@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -26,18 +27,19 @@ from robustkit.errors import RobustkitError
 from robustkit.evaluation import NoiseBank
 from robustkit.models import load_model
 from robustkit.outputs import staging_path
+from robustkit.vocabulary import Norm
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def run(*args: str, cwd: Path | None = None, extra_path: Path | None = None,
-        preexec: object = None) -> subprocess.CompletedProcess[str]:
+        preexec: Callable[[], object] | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200"}
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(extra_path or ""), str(REPO), env.get("PYTHONPATH", "")) if p)
     return subprocess.run([sys.executable, "-m", "robustkit", *args], capture_output=True,
                           text=True, cwd=cwd or REPO, env=env, timeout=600,
-                          preexec_fn=preexec)  # type: ignore[arg-type]
+                          preexec_fn=preexec)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -379,8 +381,9 @@ def test_sweep_results_do_not_depend_on_the_noise_cache(monkeypatch: pytest.Monk
     kept = sweep()
 
     class Forgetful(NoiseBank):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, cache_bytes=1)  # type: ignore[arg-type]
+        def __init__(self, x_shape: Sequence[int], norm: Norm, seed: int, attack_index: int,
+                     cache_bytes: int = 0) -> None:
+            super().__init__(x_shape, norm, seed, attack_index, cache_bytes=1)
 
     monkeypatch.setattr(evaluation, "NoiseBank", Forgetful)
     redrawn = sweep()

@@ -13,6 +13,8 @@ from typing import ClassVar
 import pytest
 import torch
 
+from robustkit.data import Split
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -110,9 +112,7 @@ class RecordingBar:
         self.steps.append((steps, info))
 
 
-def _linear_split(n: int = 30) -> tuple[torch.nn.Module, object]:
-    from robustkit.data import Split
-
+def _linear_split(n: int = 30) -> tuple[torch.nn.Module, Split]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
     x = torch.rand(n, 1, 8, 8)

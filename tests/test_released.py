@@ -125,7 +125,8 @@ def test_forgotten_normalize_is_named(released: Path, tmp_path: Path) -> None:
             self.mean, self.std = mean, std
 
         def forward(self, z: torch.Tensor) -> torch.Tensor:
-            return self.inner(z * self.std + self.mean)  # undoes the normalisation
+            logits: torch.Tensor = self.inner(z * self.std + self.mean)  # undoes the normalisation
+            return logits
 
     path = tmp_path / "normalised.torchscript"
     torch.jit.save(torch.jit.script(ExpectsNormalised()), path)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -101,7 +102,7 @@ def test_safetensors_with_train_test_and_class_names(tmp_path: Path) -> None:
     ({"images": np.zeros((4, 5, 8, 8), np.uint8), "labels": np.zeros(4)}, "no axis of 1, 3"),
     ({"pictures": np.zeros((4, 8, 8))}, "holds pictures: expected images and labels"),
 ])
-def test_bad_arrays_are_refused_with_what_to_do(tmp_path: Path, arrays: dict[str, np.ndarray],
+def test_bad_arrays_are_refused_with_what_to_do(tmp_path: Path, arrays: dict[str, Any],
                                                 fragment: str) -> None:
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
@@ -262,7 +263,7 @@ def test_factory_from_the_current_folder_and_app_dir(colours: Path, tmp_path: Pa
     torch.manual_seed(0)
     sys.path.insert(0, str(colours))
     try:
-        import tinynet  # type: ignore[import-not-found]
+        import tinynet
     finally:
         sys.path.remove(str(colours))
     weights = tmp_path / "w.safetensors"

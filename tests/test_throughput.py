@@ -17,6 +17,7 @@ from robustkit.config import config_from_dict
 from robustkit.errors import RobustkitError
 from robustkit.training.loop import CUDA_GRAPHS_ENV, examples_builder
 from robustkit.training.objectives import CapturedPGD, pgd_examples
+from robustkit.vocabulary import Loss, Norm
 
 DTYPE = torch.float64
 
@@ -74,7 +75,7 @@ def test_compaction_interval_rule() -> None:
 @pytest.mark.parametrize(("norm", "eps"), [("linf", 0.25), ("l2", 1.0)])
 @pytest.mark.parametrize("loss", ["ce", "margin"])
 @pytest.mark.parametrize("targeted", [False, True])
-def test_compaction_schedule_changes_nothing(attack: Any, norm: str, eps: float, loss: str,
+def test_compaction_schedule_changes_nothing(attack: Any, norm: Norm, eps: float, loss: Loss,
                                              targeted: bool) -> None:
     """Dropping broken samples every k steps (as on CUDA) gives exactly what dropping them every
     step gives (the CPU default): same successes, same worst-case points, same gradient count."""
@@ -193,7 +194,7 @@ def test_examples_builder_rule(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_scalar_step_arithmetic_changes_nothing(norm: str) -> None:
+def test_scalar_step_arithmetic_changes_nothing(norm: Norm) -> None:
     """One ε and one step for every row (scalar clamp and multiply, a [0, 1] box) give
     bitwise what per-row tensors and the widened box give."""
     model, x, y = problem()

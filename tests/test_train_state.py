@@ -74,7 +74,9 @@ def test_a_restored_state_continues_bitwise_like_an_uninterrupted_run(tmp_path: 
     restored.begin_epoch(len(data.train), setup.device)
     for _ in range(2):
         train_step(setup, restored)
-    restored.load_state_dict(load_state(tmp_path / "cut"))
+    saved = load_state(tmp_path / "cut")
+    assert saved is not None
+    restored.load_state_dict(saved)
     assert (restored.epoch, restored.step) == (1, 3)
     assert restored.sums.values() == state.sums.values()
     train_to_the_end(setup, restored)

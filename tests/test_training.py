@@ -63,7 +63,7 @@ def test_same_config_and_seed_give_bitwise_identical_weights(mnist, tmp_path: Pa
 
 
 def test_fresh_start_removes_an_earlier_runs_outputs_before_training(
-        mnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+        mnist: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = subset(mnist, 500, 100)
     earlier = config_from_dict({"model": {"arch": "softmax"}, "train": {"epochs": 1},
                                 "device": "cpu"})
@@ -84,7 +84,7 @@ def test_fresh_start_removes_an_earlier_runs_outputs_before_training(
 
 
 def test_a_kill_while_metrics_csv_is_written_keeps_the_previous_one(
-        mnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+        mnist: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import pandas as pd
 
     real_to_csv = pd.DataFrame.to_csv
@@ -269,7 +269,7 @@ def _scripted_accuracy(monkeypatch: pytest.MonkeyPatch, test_by_epoch: list[floa
 
 
 def test_without_validation_split_the_best_checkpoint_is_the_last_epoch_not_the_best_test(
-        mnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+        mnist: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = subset(mnist, 300, 200)
     data = Dataset(data.name, data.classes, data.train, data.val.take(0), data.test, data.source)
     _scripted_accuracy(monkeypatch, test_by_epoch=[0.9, 0.5, 0.7])  # test peaks at epoch 1
@@ -283,7 +283,7 @@ def test_without_validation_split_the_best_checkpoint_is_the_last_epoch_not_the_
 
 
 def test_with_validation_split_the_best_checkpoint_follows_validation_not_test(
-        mnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+        mnist: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = subset(mnist, 300, 200)
     data = Dataset(data.name, data.classes, data.train, data.val.take(100), data.test,
                    data.source)
