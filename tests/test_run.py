@@ -102,6 +102,7 @@ def test_rerun_with_changed_settings_replaces_its_own_results_with_one_line(work
     assert not (workdir / "reports" / ".tiny.partial").exists()
 
 
+@pytest.mark.slow
 def test_another_experiment_is_refused_before_any_work(workdir: Path) -> None:
     assert robustkit("run", "tiny.toml", "-q", cwd=workdir).returncode == 0
     before = sorted((workdir / "reports" / "tiny").rglob("*"))
@@ -139,6 +140,7 @@ def test_train_does_not_delete_another_models_folder(workdir: Path) -> None:
     assert (workdir / "model" / "model-best.safetensors").read_bytes() == weights
 
 
+@pytest.mark.slow
 def test_report_does_not_replace_another_experiments_report(workdir: Path) -> None:
     assert robustkit("run", "tiny.toml", "-q", "--out", "a", cwd=workdir).returncode == 0
     assert robustkit("run", "tiny.toml", "-q", "--out", "b", "--set", "evaluate.eps=[0, 0.05]",
@@ -167,6 +169,7 @@ def test_invalid_config_stops_before_any_work(workdir: Path) -> None:
     assert not (workdir / "runs").exists() and not (workdir / "reports").exists()
 
 
+@pytest.mark.slow
 def test_multi_seed_reports_per_seed_rows_and_mean_sd(workdir: Path) -> None:
     result = robustkit("run", "tiny.toml", "-q", "--set", "seeds=[0, 1]", cwd=workdir)
     assert result.returncode == 0, result.stderr
