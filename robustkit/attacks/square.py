@@ -154,7 +154,7 @@ def square(
             m_new = margin(logits, y_i)
             adv = is_adversarial(logits, y_i)
             accept = (m_new < m_hat) | adv
-            state[2] = torch.where(accept.view(-1, 1, 1, 1), proposal, x_hat)
+            x_hat[accept] = proposal[accept]  # in place: only the accepted rows move
             state[3] = torch.where(accept, m_new, m_hat)
             if bool(adv.any()):
                 x_best[idx[adv]], m_best[idx[adv]] = state[2][adv], state[3][adv]
@@ -245,18 +245,30 @@ def _linf_proposal(x: Tensor, x_hat: Tensor, eps: Tensor, s: int, u: Tensor) -> 
     """Algorithm 2: ``δ̂`` with one ``s × s`` square set to ``±ε`` (a sign per channel).
 
     A proposal equal to ``x̂`` would waste a query; there the signs are flipped, which always
-    changes the square when ``ε > 0`` (the authors' code redraws the signs instead).
+    changes the square when ``ε > 0`` (the authors' code redraws the signs instead). Only the
+    square is computed (``[k, c, s, s]``), then written into a copy of ``x̂``.
     """
     k, c, h, w = x.shape
-    mask = _window(_corner(u[:, 0], h, s), _corner(u[:, 1], w, s), s, h, w)
+    square_at = _square_index(_corner(u[:, 0], h, s), _corner(u[:, 1], w, s), s, c)
     signs = _signs(u[:, 5:5 + c]).to(x.dtype).view(k, c, 1, 1)
-    proposal = torch.where(mask, clip_box(x + eps * signs, x), x_hat)  # x̂ is in the box
-    same = (proposal == x_hat).flatten(1).all(dim=1).nonzero().squeeze(1)
-    if same.numel():
-        x_s = x[same]
-        flipped = clip_box(x_s - eps[same] * signs[same], x_s)
-        proposal[same] = torch.where(mask[same], flipped, x_hat[same])
+    x_square = x[square_at]
+    new = clip_box(x_square + eps * signs, x_square)
+    same = (new == x_hat[square_at]).flatten(1).all(dim=1).view(k, 1, 1, 1)
+    new = torch.where(same, clip_box(x_square - eps * signs, x_square), new)
+    proposal = x_hat.clone()  # x̂ is in the box
+    proposal[square_at] = new
     return proposal
+
+
+def _square_index(top: Tensor, left: Tensor, s: int, c: int) -> tuple[Tensor, ...]:
+    """Advanced index of the ``s × s`` square at (``top``, ``left``) per sample: ``t[index]`` is
+    ``[k, c, s, s]``."""
+    k, device = len(top), top.device
+    rows = top[:, None] + torch.arange(s, device=device)  # [k, s]
+    cols = left[:, None] + torch.arange(s, device=device)
+    return (torch.arange(k, device=device)[:, None, None, None],
+            torch.arange(c, device=device)[None, :, None, None],
+            rows[:, None, :, None], cols[:, None, None, :])
 
 
 def _l2_proposal(x: Tensor, x_hat: Tensor, eps: Tensor, s: int, u: Tensor) -> Tensor:
@@ -270,11 +282,8 @@ def _l2_proposal(x: Tensor, x_hat: Tensor, eps: Tensor, s: int, u: Tensor) -> Te
     union = row_norm(delta * (w1 | w2)).view(-1)
     target = torch.sqrt(budget_left / c + union**2).view(k, 1, 1, 1)
 
-    rows = top1[:, None] + torch.arange(s, device=x.device)  # [k, s]
-    cols = left1[:, None] + torch.arange(s, device=x.device)
-    b = torch.arange(k, device=x.device)[:, None, None, None]
-    ch = torch.arange(c, device=x.device)[None, :, None, None]
-    old = delta[b, ch, rows[:, None, :, None], cols[:, None, None, :]]  # [k, c, s, s]
+    square_at = _square_index(top1, left1, s, c)
+    old = delta[square_at]  # [k, c, s, s]
     old_norm = old.flatten(2).norm(dim=2)[:, :, None, None]
     pattern = eta(s, s, dtype=x.dtype, device=x.device)
     patterns = torch.where((u[:, 4] < 0.5).view(k, 1, 1), pattern, pattern.T)
@@ -283,5 +292,5 @@ def _l2_proposal(x: Tensor, x_hat: Tensor, eps: Tensor, s: int, u: Tensor) -> Te
     new = new / new.flatten(2).norm(dim=2)[:, :, None, None] * target
 
     delta = torch.where(w2, torch.zeros_like(delta), delta)
-    delta[b, ch, rows[:, None, :, None], cols[:, None, None, :]] = new
+    delta[square_at] = new
     return clip_box(x + eps * _unit(delta), x)
