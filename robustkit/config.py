@@ -20,6 +20,7 @@ import re
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -168,37 +169,48 @@ class AttackConfig:
         if self.label:
             return self.label
         if self.name == "fgsm":
-            return "fgsm" if self.norm == "linf" else f"fgsm-{self.norm}"
+            return "fgsm" + self._norm_tag
         if self.name in FIXED_RECIPES:
-            parts = [self.name if self.name == "autoattack" else f"square{self.queries or 5000}"]
-            if self.name == "autoattack" and self.steps != 100:
+            return self._recipe_title()
+        return self._iterative_title()
+
+    @property
+    def _norm_tag(self) -> str:
+        """``-l2`` for L2, nothing for the default L∞."""
+        return f"-{self.norm}" if self.norm != "linf" else ""
+
+    def _recipe_title(self) -> str:
+        """Square or the AutoAttack ensemble, then each setting that is not AutoAttack's."""
+        parts = [self.name if self.name == "autoattack" else f"square{self.queries or 5000}"]
+        if self.name == "autoattack":
+            if self.steps != 100:
                 parts.append(f"apgd{self.steps}")
-            if self.name == "autoattack" and self.queries not in (None, 5000):
+            if self.queries not in (None, 5000):
                 parts.append(f"square{self.queries}")
-            if self.targets:
-                parts.append(f"{self.targets}targets")
-            if self.p_init is not None:
-                parts.append(f"p{self.p_init:g}")
-            if self.norm != "linf":
-                parts.append(self.norm)
-            return "-".join(parts)
-        tag = f"{self.name}{self.steps}"
-        if self.restarts > 1:
-            tag += f"x{self.restarts}"
-        if self.name == "apgd-t":
-            tag += f"-{self.targets}targets" if self.targets else ""
-            return tag + (f"-{self.norm}" if self.norm != "linf" else "")
-        if self.loss != "ce":
-            tag += f"-{self.loss}"
+        if self.targets:
+            parts.append(f"{self.targets}targets")
+        if self.p_init is not None:
+            parts.append(f"p{self.p_init:g}")
         if self.norm != "linf":
-            tag += f"-{self.norm}"
-        if self.targeted:
-            tag += "-targeted"
+            parts.append(self.norm)
+        return "-".join(parts)
+
+    def _iterative_title(self) -> str:
+        """PGD or APGD(-T): steps, restarts when several, then each setting off the default."""
+        tag = f"{self.name}{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
+        if self.name == "apgd-t":
+            return tag + (f"-{self.targets}targets" if self.targets else "") + self._norm_tag
+        return tag + "".join(self._variant_tags())
+
+    def _variant_tags(self) -> list[str]:
+        """The loss, norm, targeting, EOT and BPDA tags of a PGD or APGD title, in that order."""
+        tags = [f"-{self.loss}" if self.loss != "ce" else "", self._norm_tag,
+                "-targeted" if self.targeted else ""]
         if self.eot_samples is not None:
-            tag += f"-eot{self.eot_samples}"
+            tags.append(f"-eot{self.eot_samples}")
         if self.bpda is not None:
-            tag += f"-bpda-{self.bpda}" if self.bpda != "identity" else "-bpda"
-        return tag
+            tags.append(f"-bpda-{self.bpda}" if self.bpda != "identity" else "-bpda")
+        return tags
 
 
 def _default_attacks() -> tuple[AttackConfig, ...]:
@@ -311,52 +323,98 @@ def _fail(path: str, message: str) -> typing.NoReturn:
 
 
 def _convert(value: Any, hint: Any, path: str, meta: Any) -> Any:
+    """``value`` from TOML as the type ``hint`` asks for, checked against the range in ``meta``
+    (a field's :func:`_range` metadata); raises at ``path`` when it does not fit."""
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(value, args[0], path, meta)
+        return None if value is None else _convert(value, _optional_of(hint), path, meta)
     if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            hint_text = f" (did you mean {close[0]!r}?)" if close else ""
-            _fail(path, f"{value!r} is not one of {', '.join(map(repr, choices))}{hint_text}")
-        return value
+        return _choice(value, typing.get_args(hint), path)
     if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            _fail(path, f"expected a table, got {type(value).__name__}")
-        return _build(typing.cast(type, hint), value, path)
+        return _build(typing.cast(type, hint), _table(value, path, _type_of), path)
     if origin in (tuple, list):
-        (item_hint, *_) = typing.get_args(hint)
-        if not isinstance(value, list):
-            _fail(path, f"expected a list of {_type_name(item_hint)}, got {value!r}")
-        if dataclasses.is_dataclass(item_hint):
-            return tuple(_convert(v, item_hint, f"{path}[{i}]", None) for i, v in enumerate(value))
-        return tuple(_convert(v, item_hint, f"{path}[{i}]", meta) for i, v in enumerate(value))
+        return _sequence(value, typing.get_args(hint)[0], path, meta)
     if origin is dict:
-        if not isinstance(value, dict):
-            _fail(path, f"expected a table, got {value!r}")
         val_hint = typing.get_args(hint)[1]
-        return {k: _convert(v, val_hint, f"{path}.{k}", None) for k, v in value.items()}
-    if hint is bool:
-        if not isinstance(value, bool):
-            _fail(path, f"expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            _fail(path, f"expected an integer, got {value!r}")
-    elif hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(path, f"expected a number, got {value!r}")
-        value = float(value)
-        if not math.isfinite(value):
-            _fail(path, f"{value!r} is not a finite number: give a value such as 0.1")
-    elif hint is str and not isinstance(value, str):
-        _fail(path, f"expected a string, got {value!r}")
+        return {k: _convert(v, val_hint, f"{path}.{k}", None)
+                for k, v in _table(value, path, repr).items()}
+    if hint is bool:  # a boolean has no range
+        return _scalar(value, bool, path)
+    value = _scalar(value, hint, path)
     _check_range(value, path, meta)
     return value
+
+
+def _optional_of(hint: Any) -> Any:
+    """``T`` of ``T | None``."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0]
+
+
+def _choice(value: Any, choices: tuple[Any, ...], path: str) -> Any:
+    """``value`` when it is one of ``choices``; otherwise the error names the closest."""
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint_text = f" (did you mean {close[0]!r}?)" if close else ""
+        _fail(path, f"{value!r} is not one of {', '.join(map(repr, choices))}{hint_text}")
+    return value
+
+
+def _table(value: Any, path: str, shown: Callable[[Any], str]) -> dict[str, Any]:
+    """``value`` when it is a TOML table; the error quotes anything else as ``shown(value)``."""
+    if not isinstance(value, dict):
+        _fail(path, f"expected a table, got {shown(value)}")
+    return value
+
+
+def _type_of(value: Any) -> str:
+    return type(value).__name__
+
+
+def _sequence(value: Any, item_hint: Any, path: str, meta: Any) -> tuple[Any, ...]:
+    """A TOML list as a tuple of ``item_hint``; a field's range applies to each plain item."""
+    if not isinstance(value, list):
+        _fail(path, f"expected a list of {_type_name(item_hint)}, got {value!r}")
+    item_meta = None if dataclasses.is_dataclass(item_hint) else meta
+    return tuple(_convert(v, item_hint, f"{path}[{i}]", item_meta) for i, v in enumerate(value))
+
+
+def _scalar(value: Any, hint: Any, path: str) -> Any:
+    """A boolean, integer, number (as a finite float) or string; other hints pass as they are."""
+    check = _SCALARS.get(hint)
+    return value if check is None else check(value, path)
+
+
+def _boolean(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        _fail(path, f"expected true or false, got {value!r}")
+    return value
+
+
+def _integer(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):  # TOML's true is no integer
+        _fail(path, f"expected an integer, got {value!r}")
+    return value
+
+
+def _number(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(path, f"expected a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        _fail(path, f"{number!r} is not a finite number: give a value such as 0.1")
+    return number
+
+
+def _string(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        _fail(path, f"expected a string, got {value!r}")
+    return value
+
+
+#: The check and conversion of each plain TOML type a config field can have.
+_SCALARS: dict[Any, Callable[[Any, str], Any]] = {
+    bool: _boolean, int: _integer, float: _number, str: _string}
 
 
 def _check_range(value: Any, path: str, meta: Any) -> None:

@@ -320,76 +320,131 @@ def evaluate(
     """
     main = dist is None or dist.is_main
     eps_list = sorted({float(e) for e in eps})
+    _check_attacks(attacks, eps_list, data.images)
+    with attack_mode(model):
+        if device_batch and dist is None:
+            batch_size = device_batch_size(model, data.images, data.labels, batch_size)
+        if state is None:
+            state = SweepState(clean_pred=predict(model, data.images, batch_size, dist))
+        sweep = _Sweep.start(model, data, state, n_examples=n_examples, batch_size=batch_size,
+                             seed=seed, shortcuts=shortcuts, dist=dist, transform=transform)
+        for a_index, attack in enumerate(attacks):
+            _sweep_attack(sweep, state, attack, a_index, eps_list,
+                          bar=f"{model_name} {attack.title}", progress=progress and main,
+                          on_cell=on_cell if main else None)
+    return _frames(state, attacks, eps_list, data.labels, model_name, shortcuts)
+
+
+def _check_attacks(attacks: Sequence[AttackConfig], eps_list: list[float], x: Tensor) -> None:
+    """Every ε in range for every attack's norm; at least one attack, no two with one title."""
     for attack in attacks:
-        check_eps(eps_list, attack.norm, data.images)
+        check_eps(eps_list, attack.norm, x)
     titles = [a.title for a in attacks]
     if len(set(titles)) != len(titles):
         raise RobustkitError(f"two attacks share a name in {titles}: give one a label")
     if not attacks:
         raise RobustkitError(f"no attack given: choose at least one of {', '.join(ATTACK_NAMES)}")
-    x_all, y_all = data.images, data.labels
-    device = x_all.device
 
-    with attack_mode(model):
-        if device_batch and dist is None:
-            batch_size = device_batch_size(model, x_all, y_all, batch_size)
-        if state is None:
-            state = SweepState(clean_pred=predict(model, x_all, batch_size, dist))
-        state.clean_pred = state.clean_pred.to(device)
-        clean_correct = state.clean_pred == y_all
-        num_classes = int(model(x_all[:1]).shape[1])
-        example_idx = clean_correct.nonzero().squeeze(1)[:n_examples]
-        for a_index, attack in enumerate(attacks):
-            title = attack.title
-            if title not in state.attacks:
-                state.attacks[title] = AttackState(
-                    broken_eps=torch.where(clean_correct, math.inf, 0.0).to(torch.float64).cpu(),
-                    adv_pred=state.clean_pred.clone().cpu(),
-                )
-            a_state = state.attacks[title]
-            targets = target_labels(y_all, num_classes) if attack.targeted else y_all
-            bank = NoiseBank(x_all.shape, attack.norm, seed, a_index)
-            square_bank = SquareBank(len(x_all), seed, a_index)
-            todo = [e for e in eps_list if e > 0 and e not in a_state.done]
-            done = [e for e in a_state.done if f"{title}@{e:g}" in state.examples]
-            pictures = (state.examples[f"{title}@{max(done):g}"] if done
-                        else x_all[example_idx].detach().cpu())
-            # the bar counts samples × ε, advancing per batch; samples a shortcut spares at an
-            # ε are counted when that ε ends
-            n_all = len(x_all)
-            with Bar(f"{model_name} {title}", len(todo) * n_all, progress and main) as bar:
-                for e in todo:
-                    started = time.perf_counter()
-                    # not broken at any ε' ≤ e: a resumed sweep may add an ε below those done,
-                    # and a sample first broken at a larger ε must be attacked there too
-                    robust = (a_state.broken_eps > e) if shortcuts else clean_correct.cpu()
-                    key, previous = f"{title}@{e:g}", pictures
-                    pictures = previous.clone()
-                    attacked = [0]
 
-                    def on_batch(size: int, e: float = e, attacked: list[int] = attacked) -> None:
-                        attacked[0] += size
-                        bar.advance(size, f"ε={e:g}")
+@dataclass(frozen=True)
+class _Sweep:
+    """What every (attack, ε) cell of one sweep shares: the model, the split on its device,
+    which samples the clean model gets right, the samples shown as examples, and the settings."""
 
-                    success_all, target_all, evals, queries = _attack_cell(
-                        model, attack, x_all, y_all, targets, robust.nonzero().squeeze(1), e,
-                        (bank, square_bank), batch_size=batch_size, shortcuts=shortcuts,
-                        a_state=a_state, picture_idx=example_idx.cpu(), pictures=pictures,
-                        dist=dist,
-                        on_batch=on_batch, transform=transform, eot=(seed, a_index),
-                    )
-                    state.examples[key] = pictures
-                    a_state.success_at[e] = success_all
-                    if attack.targeted:
-                        a_state.target_at[e] = target_all
-                    a_state.grad_evals[e] = evals
-                    a_state.queries[e] = queries
-                    a_state.seconds[e] = time.perf_counter() - started
-                    a_state.done.append(e)
-                    bar.advance(n_all - attacked[0], f"ε={e:g}")
-                    if on_cell is not None and main:
-                        on_cell(state)
-    return _frames(state, attacks, eps_list, y_all, model_name, shortcuts)
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    clean_correct: Tensor
+    example_idx: Tensor
+    num_classes: int
+    batch_size: int
+    seed: int
+    shortcuts: bool
+    dist: Context | None
+    transform: Transform | None
+
+    @classmethod
+    def start(cls, model: nn.Module, data: Split, state: SweepState, *, n_examples: int,
+              batch_size: int, seed: int, shortcuts: bool, dist: Context | None,
+              transform: Transform | None) -> _Sweep:
+        """Moves ``state``'s clean predictions to the split's device; the examples are the first
+        ``n_examples`` samples classified correctly."""
+        x, y = data.images, data.labels
+        state.clean_pred = state.clean_pred.to(x.device)
+        clean_correct = state.clean_pred == y
+        num_classes = int(model(x[:1]).shape[1])
+        return cls(model, x, y, clean_correct, clean_correct.nonzero().squeeze(1)[:n_examples],
+                   num_classes, batch_size=batch_size, seed=seed, shortcuts=shortcuts, dist=dist,
+                   transform=transform)
+
+
+def _attack_state(state: SweepState, title: str, clean_correct: Tensor) -> AttackState:
+    """The attack's state in ``state``, new when the sweep has none: clean-misclassified samples
+    broken at ε = 0, the others not yet broken."""
+    if title not in state.attacks:
+        state.attacks[title] = AttackState(
+            broken_eps=torch.where(clean_correct, math.inf, 0.0).to(torch.float64).cpu(),
+            adv_pred=state.clean_pred.clone().cpu(),
+        )
+    return state.attacks[title]
+
+
+def _sweep_attack(sweep: _Sweep, state: SweepState, attack: AttackConfig, a_index: int,
+                  eps_list: list[float], *, bar: str, progress: bool,
+                  on_cell: Callable[[SweepState], None] | None) -> None:
+    """Attack at every ε > 0 of ``eps_list`` not done yet, smallest first; ``on_cell`` after
+    each. The bar counts samples × ε, advancing per batch; samples a shortcut spares at an ε
+    are counted when that ε ends."""
+    title = attack.title
+    a_state = _attack_state(state, title, sweep.clean_correct)
+    targets = target_labels(sweep.y, sweep.num_classes) if attack.targeted else sweep.y
+    banks = (NoiseBank(sweep.x.shape, attack.norm, sweep.seed, a_index),
+             SquareBank(len(sweep.x), sweep.seed, a_index))
+    todo = [e for e in eps_list if e > 0 and e not in a_state.done]
+    done = [e for e in a_state.done if f"{title}@{e:g}" in state.examples]
+    pictures = (state.examples[f"{title}@{max(done):g}"] if done
+                else sweep.x[sweep.example_idx].detach().cpu())
+    with Bar(bar, len(todo) * len(sweep.x), progress) as progress_bar:
+        for e in todo:
+            pictures = _sweep_cell(sweep, state, attack, a_index, a_state, targets, banks, e,
+                                   pictures, progress_bar)
+            if on_cell is not None:
+                on_cell(state)
+
+
+def _sweep_cell(sweep: _Sweep, state: SweepState, attack: AttackConfig, a_index: int,
+                a_state: AttackState, targets: Tensor, banks: tuple[NoiseBank, SquareBank],
+                e: float, previous: Tensor, bar: Bar) -> Tensor:
+    """One (attack, ε) cell: attack the samples not broken at any ε' ≤ ``e`` (all the clean-
+    correct ones without shortcuts), record its outcome, timing and the example pictures (a
+    copy of ``previous`` updated), and return those pictures."""
+    started = time.perf_counter()
+    # not broken at any ε' ≤ e: a resumed sweep may add an ε below those done,
+    # and a sample first broken at a larger ε must be attacked there too
+    robust = (a_state.broken_eps > e) if sweep.shortcuts else sweep.clean_correct.cpu()
+    pictures = previous.clone()
+    attacked = [0]
+
+    def on_batch(size: int) -> None:
+        attacked[0] += size
+        bar.advance(size, f"ε={e:g}")
+
+    success_all, target_all, evals, queries = _attack_cell(
+        sweep.model, attack, sweep.x, sweep.y, targets, robust.nonzero().squeeze(1), e, banks,
+        batch_size=sweep.batch_size, shortcuts=sweep.shortcuts, a_state=a_state,
+        picture_idx=sweep.example_idx.cpu(), pictures=pictures, dist=sweep.dist,
+        on_batch=on_batch, transform=sweep.transform, eot=(sweep.seed, a_index),
+    )
+    state.examples[f"{attack.title}@{e:g}"] = pictures
+    a_state.success_at[e] = success_all
+    if attack.targeted:
+        a_state.target_at[e] = target_all
+    a_state.grad_evals[e] = evals
+    a_state.queries[e] = queries
+    a_state.seconds[e] = time.perf_counter() - started
+    a_state.done.append(e)
+    bar.advance(len(sweep.x) - attacked[0], f"ε={e:g}")
+    return pictures
 
 
 def _attack_cell(

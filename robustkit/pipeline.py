@@ -23,6 +23,7 @@ from robustkit.config import (
     SEED_MAX,
     AttackConfig,
     DefenceConfig,
+    ExperimentConfig,
     ReferenceConfig,
     TransformConfig,
     config_from_dict,
@@ -32,7 +33,7 @@ from robustkit.config import (
     to_toml,
     training_hash,
 )
-from robustkit.data import DATASETS
+from robustkit.data import DATASETS, Dataset, Split
 from robustkit.distributed import Context
 from robustkit.errors import RobustkitError
 from robustkit.evaluation import Evaluation
@@ -143,24 +144,7 @@ def attack_model(
     in front of the model; ``transforms`` is the distribution EOT attacks draw from and
     robustness under transformation is measured with.
     """
-    upper = sweep_eps_bound(a.norm for a in attacks)  # L2's √d is checked once data is loaded
-    for e in eps:
-        if not 0 <= e <= upper:
-            raise RobustkitError(
-                f"--eps {e:g} is out of range: L∞ budgets are in [0, 1] pixel units "
-                "(write e.g. 0.3 or 8/255, not 8)"
-            )
-    if not any(e > 0 for e in eps) and not (transforms is not None and transforms.eps):
-        raise RobustkitError(
-            f"--eps {','.join(f'{e:g}' for e in eps) or '(empty)'}: give at least one budget "
-            "above 0 (0 alone measures clean accuracy only), e.g. 0,0.1,0.2,0.3"
-        )
-    if not 0 <= seed <= SEED_MAX:
-        raise RobustkitError(f"--seed {seed}: must be in [0, {SEED_MAX}]")
-    if n is not None and n < 1:
-        raise RobustkitError(f"--n {n}: must be at least 1")
-    if batch_size < 1:
-        raise RobustkitError(f"--batch-size {batch_size}: must be at least 1")
+    _check_attack_request(attacks, eps, transforms, seed=seed, n=n, batch_size=batch_size)
     target, dist = distributed.setup(device or "auto")
     main = dist is None or dist.is_main
     if not main:
@@ -176,15 +160,10 @@ def attack_model(
     net = build_defence(net, defence)  # after the checks a random defence would fail
     name = model_name(model)
     folder = out_dir or Path("runs") / f"attack-{name}"
-    owner = Owner("attack", config_file_label(Path(model)) if Path(model).exists() else model)
-    settings = {
-        "model": info["model"], "model_kind": info["kind"], "weights": str(weights or ""),
-        "normalize": normalize or "", "dataset": data.name, "split": "test", "n": len(split),
-        "eps": sorted(set(eps)), "attacks": attack_records(attacks), "seed": seed,
-        "device": str(target), "batch_size": batch_size,
-        **_physical_settings(defence, transforms),
-    }
-    settings.update(_data_settings(data))
+    owner = _attack_owner(model)
+    settings = _attack_settings(info, data, split, attacks, eps, weights=weights,
+                                normalize=normalize, seed=seed, target=target,
+                                batch_size=batch_size, defence=defence, transforms=transforms)
     fingerprint = settings_fingerprint(settings)
     refuse_working_folder(folder)
     replacing = distributed.on_main(lambda: guard_folder(
@@ -192,29 +171,16 @@ def attack_model(
         dist)
     work = distributed.on_main(lambda: prepare_staging(folder, _keep_sweep(folder, [None])),
                                dist)
-    manifest = {"command": "attack", "owner": owner.record(), "start": now_iso(),
-                **provenance(target, seed), **_data_provenance(data, split),
-                "model_info": {k: v for k, v in info.items() if k != "checkpoint"}}
-    if info["kind"] == "checkpoint":
-        manifest.update(weights_provenance(Path(info["path"])))
-    try:
-        evaluation = evaluate_to_folder(
-            net, split, attacks, eps, out_dir=work, settings=settings, manifest=manifest,
-            model_name=name, batch_size=batch_size, seed=seed, progress=progress, dist=dist,
-            transform=build_transform(transforms),
-        )
-    except (RobustkitError, OSError, MemoryError):
-        raise
-    except Exception as exc:  # the user's model failed on some batch or its gradient
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise RobustkitError(
-            f"the model {model} failed during the sweep ({type(exc).__name__}: {first}); "
-            f"finished (attack, ε) cells are kept in {work}: fix the model and run the same "
-            "command again"
-        ) from None
+    manifest = _attack_manifest(owner, info, data, split, target, seed)
+    evaluation = _sweep_user_model(model, work, lambda: evaluate_to_folder(
+        net, split, attacks, eps, out_dir=work, settings=settings, manifest=manifest,
+        model_name=name, batch_size=batch_size, seed=seed, progress=progress, dist=dist,
+        transform=build_transform(transforms),
+    ))
     warnings = clean_accuracy_warnings(evaluation.results, data.name, normalize)
+    reporting = report and main  # checks and report: rank 0 only
     checks, outputs = None, {"folder": str(folder)}
-    if report and main:
+    if reporting:
         checks = _after_evaluation(net, split, evaluation, settings, work, seed=seed,
                                    reference=None, log=log, progress=progress, shown=folder)
         _physical(net, split, attacks, transforms, eps, work, batch_size=batch_size,
@@ -224,7 +190,7 @@ def attack_model(
                         _unreliable(work, evaluation.results, settings) if main else None))
     for note in evaluation.notes:
         echo(f"note: {note}")
-    if report and main:
+    if reporting:
         outputs.update(_report_folders(work, [work], name, log, shown_as=folder))
         for line in verdict_lines(checks):
             echo(line)
@@ -234,11 +200,98 @@ def attack_model(
             log(replacing)
     for warning in warnings:
         log(f"warning: {warning}")
-    outputs.update({kind: str(folder / f"{kind}.csv")
-                    for kind in ("results", "per_sample", "timings", "checks")
-                    if (folder / f"{kind}.csv").is_file()})
+    outputs.update(_result_files(folder))
     echo(f"results in {folder}/ (results.csv, per_sample.csv, timings.csv, settings.json)")
     return AttackOutcome(evaluation, checks, warnings, outputs, settings, name)
+
+
+def _check_attack_request(attacks: Sequence[AttackConfig], eps: Sequence[float],
+                          transforms: TransformConfig | None, *, seed: int, n: int | None,
+                          batch_size: int) -> None:
+    """The ``robustkit attack`` arguments checked before anything loads, each with its fix."""
+    _check_budgets(attacks, eps, transforms)
+    if not 0 <= seed <= SEED_MAX:
+        raise RobustkitError(f"--seed {seed}: must be in [0, {SEED_MAX}]")
+    if n is not None and n < 1:
+        raise RobustkitError(f"--n {n}: must be at least 1")
+    if batch_size < 1:
+        raise RobustkitError(f"--batch-size {batch_size}: must be at least 1")
+
+
+def _check_budgets(attacks: Sequence[AttackConfig], eps: Sequence[float],
+                   transforms: TransformConfig | None) -> None:
+    """Every ε within the attacks' norms' bounds, and one above 0 unless ``[transforms]``
+    brings its own ε."""
+    upper = sweep_eps_bound(a.norm for a in attacks)  # L2's √d is checked once data is loaded
+    for e in eps:
+        if not 0 <= e <= upper:
+            raise RobustkitError(
+                f"--eps {e:g} is out of range: L∞ budgets are in [0, 1] pixel units "
+                "(write e.g. 0.3 or 8/255, not 8)"
+            )
+    if not any(e > 0 for e in eps) and not (transforms is not None and transforms.eps):
+        raise RobustkitError(
+            f"--eps {','.join(f'{e:g}' for e in eps) or '(empty)'}: give at least one budget "
+            "above 0 (0 alone measures clean accuracy only), e.g. 0,0.1,0.2,0.3"
+        )
+
+
+def _attack_owner(model: str) -> Owner:
+    """Who writes an attack's folder: the model file's path as recorded (relative to the
+    working folder when inside it), or the model spec when it names no file (``zoo:…``)."""
+    return Owner("attack", config_file_label(Path(model)) if Path(model).exists() else model)
+
+
+def _attack_settings(info: dict[str, Any], data: Dataset, split: Split,
+                     attacks: Sequence[AttackConfig], eps: Sequence[float], *,
+                     weights: Path | None, normalize: str | None, seed: int, target: Any,
+                     batch_size: int, defence: DefenceConfig | None,
+                     transforms: TransformConfig | None) -> dict[str, Any]:
+    """``settings.json`` of an attack: everything its numbers depend on (its fingerprint
+    decides whether a folder's sweep may resume)."""
+    settings = {
+        "model": info["model"], "model_kind": info["kind"], "weights": str(weights or ""),
+        "normalize": normalize or "", "dataset": data.name, "split": "test", "n": len(split),
+        "eps": sorted(set(eps)), "attacks": attack_records(attacks), "seed": seed,
+        "device": str(target), "batch_size": batch_size,
+        **_physical_settings(defence, transforms),
+    }
+    settings.update(_data_settings(data))
+    return settings
+
+
+def _attack_manifest(owner: Owner, info: dict[str, Any], data: Dataset, split: Split,
+                     target: Any, seed: int) -> dict[str, Any]:
+    """The manifest of an attack: who ran it when, where, on what data and which model."""
+    manifest = {"command": "attack", "owner": owner.record(), "start": now_iso(),
+                **provenance(target, seed), **_data_provenance(data, split),
+                "model_info": {k: v for k, v in info.items() if k != "checkpoint"}}
+    if info["kind"] == "checkpoint":
+        manifest.update(weights_provenance(Path(info["path"])))
+    return manifest
+
+
+def _sweep_user_model(model: str, work: Path, sweep: Callable[[], Evaluation]) -> Evaluation:
+    """Run ``sweep``; any error but robustkit's own, the disk's or memory's is the user's model
+    failing on some batch or its gradient, reported as such (the finished cells stay)."""
+    try:
+        return sweep()
+    except (RobustkitError, OSError, MemoryError):
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise RobustkitError(
+            f"the model {model} failed during the sweep ({type(exc).__name__}: {first}); "
+            f"finished (attack, ε) cells are kept in {work}: fix the model and run the same "
+            "command again"
+        ) from None
+
+
+def _result_files(folder: Path) -> dict[str, str]:
+    """The tables of ``folder`` that exist, kind → path."""
+    return {kind: str(folder / f"{kind}.csv")
+            for kind in ("results", "per_sample", "timings", "checks")
+            if (folder / f"{kind}.csv").is_file()}
 
 
 @dataclass(frozen=True)
@@ -344,102 +397,175 @@ def run_experiment(
     owner = Owner("run", cfg.name, config_file)
     several = len(cfg.all_seeds) > 1
     refuse_working_folder(folder)
-
-    def guard() -> list[str]:  # before any work: the report folder, then the checkpoints
-        lines = [guard_folder(folder, owner, overwrite,
-                              lambda held: _config_changes(held, folder, config_hash(cfg)))]
-        lines += [guard_folder(checkpoint_folder(runs_dir, cfg.name, seed),
-                               Owner("train", cfg.name, config_file), overwrite,
-                               announce_same=False)  # train() says whether it reuses or resumes
-                  for seed in cfg.all_seeds]
-        return [line for line in lines if line]
-
-    replacing = distributed.on_main(guard, dist)
+    replacing = distributed.on_main(
+        lambda: _guard_run(cfg, folder, owner, runs_dir, config_file, overwrite), dist)
     data = distributed.local_first(lambda: load_configured(cfg.data, target),
                                    dist)  # one download per node at most
     split = (data.test if cfg.evaluate.split == "test" else data.val).take(cfg.evaluate.n)
     seed_dirs = [f"seed-{s}" for s in cfg.all_seeds] if several else [None]
     work = distributed.on_main(lambda: prepare_staging(folder, _keep_sweep(folder, seed_dirs)),
                                dist)
-    evaluations: dict[int, Evaluation] = {}
-    for seed in cfg.all_seeds:
-        ckpt_dir = checkpoint_folder(runs_dir, cfg.name, seed)
-        eval_dir = work / f"seed-{seed}" if several else work
-        fingerprint = training_hash(cfg, seed)
-        best = ckpt_dir / "model-best"
-
-        def can_reuse(best: Path = best, ckpt_dir: Path = ckpt_dir, fingerprint: str = fingerprint
-                      ) -> bool:
-            if retrain or not best.with_suffix(".json").is_file() or (
-                    ckpt_dir / "state.json").exists():
-                return False
-            sidecar = read_sidecar(best)  # a user's data file can change under the same name
-            return (sidecar.get("training_hash") == fingerprint
-                    and sidecar.get("data_sha256") == data.provenance.get("data_sha256"))
-
-        reusable = distributed.on_main(can_reuse, dist)  # rank 0's disk decides
-        if reusable:
-            log(f"seed {seed}: reusing {best}.safetensors (training hash {fingerprint})")
-        else:
-            log(f"seed {seed}: training {cfg.model.factory or cfg.model.arch} "
-                f"({cfg.train.method}) into {ckpt_dir}")
-            train(cfg, out_dir=ckpt_dir, seed=seed, device=target, data=data,
-                  progress=progress, resume=not retrain, log=log, dist=dist)
-        model, info = _load_everywhere(best, target, dist)
-        model = build_defence(model, cfg.defence)
-        settings = {
-            "experiment": cfg.name, "config_hash": config_hash(cfg), "seed": seed,
-            "training_hash": fingerprint, "model": str(best), "dataset": data.name,
-            "split": cfg.evaluate.split, "n": len(split), "eps": sorted(set(cfg.evaluate.eps)),
-            "attacks": attack_records(cfg.attacks), "device": str(target),
-            "batch_size": cfg.evaluate.batch_size, **_data_settings(data),
-            **_physical_settings(cfg.defence, cfg.transforms),
-        }
-        manifest = {"command": "run", "owner": owner.record(), "start": now_iso(),
-                    **provenance(target, seed), **_data_provenance(data, split),
-                    **weights_provenance(best), "weights_file": f"{WEIGHTS_STEM}.safetensors",
-                    "config_hash": config_hash(cfg),
-                    "training": _read_json(ckpt_dir / "manifest.json"),
-                    "checkpoint_epoch": info.get("epoch"),
-                    "checkpoint_selected_by": info.get("selected_by"),
-                    "reused_checkpoint": reusable}
-        evaluation = evaluate_to_folder(
-            model, split, cfg.attacks, cfg.evaluate.eps, out_dir=eval_dir, settings=settings,
-            manifest=manifest, model_name=f"{cfg.name}/seed-{seed}" if several else cfg.name,
-            batch_size=cfg.evaluate.batch_size, seed=cfg.evaluate.seed, progress=progress,
-            dist=dist, transform=build_transform(cfg.transforms),
-        )
-        checks = None
-        if main:
-            release_weights(best, eval_dir)
-            _copy_training_outputs(ckpt_dir, eval_dir, to_toml(cfg))
-            checks = _after_evaluation(model, split, evaluation, settings, eval_dir,
-                                       seed=cfg.evaluate.seed, reference=cfg.reference, log=log,
-                                       progress=progress,
-                                       shown=folder / eval_dir.relative_to(work))
-            _physical(model, split, cfg.attacks, cfg.transforms, cfg.evaluate.eps, eval_dir,
-                      batch_size=cfg.evaluate.batch_size, seed=cfg.evaluate.seed,
-                      progress=progress, log=log)
-        evaluations[seed] = evaluation
-        echo(f"{cfg.name} seed {seed}: robust accuracy on {len(split)} {cfg.evaluate.split} "
-             "images")
-        echo(accuracy_table(evaluation.results,
-                            _unreliable(eval_dir, evaluation.results, settings) if main else None))
-        for line in verdict_lines(checks):
-            echo(line)
-    if not main:
-        return evaluations
-    if several:
-        _write_seed_summary(work, evaluations, echo)
-        write_json(work / "manifest.json", {
-            "command": "run", "owner": owner.record(), "config_hash": config_hash(cfg),
-            "seeds": list(cfg.all_seeds), **provenance(target)})
-    run_dirs = [work / f"seed-{s}" for s in cfg.all_seeds] if several else [work]
-    _report_folders(work, run_dirs, cfg.name, log, shown_as=folder)
-    swap_in(work, folder)
-    for line in replacing:
-        log(line)
+    run = _Run(cfg=cfg, target=target, dist=dist, main=main, several=several, data=data,
+               split=split, folder=folder, work=work, owner=owner, runs_dir=runs_dir,
+               retrain=retrain, progress=progress, echo=echo, log=log)
+    evaluations = {seed: _run_seed(run, seed) for seed in cfg.all_seeds}
+    if main:
+        _finish_run(run, evaluations, replacing)
     return evaluations
+
+
+def _guard_run(cfg: ExperimentConfig, folder: Path, owner: Owner, runs_dir: Path,
+               config_file: str | None, overwrite: bool) -> list[str]:
+    """Before any work, may this run write its report folder, then each seed's checkpoints?
+    Returns what will be replaced, one line each."""
+    lines = [guard_folder(folder, owner, overwrite,
+                          lambda held: _config_changes(held, folder, config_hash(cfg)))]
+    lines += [guard_folder(checkpoint_folder(runs_dir, cfg.name, seed),
+                           Owner("train", cfg.name, config_file), overwrite,
+                           announce_same=False)  # train() says whether it reuses or resumes
+              for seed in cfg.all_seeds]
+    return [line for line in lines if line]
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every seed of one ``robustkit run`` shares; ``work`` is the staging folder that
+    becomes ``folder``, ``main`` whether this process is rank 0 (or alone)."""
+
+    cfg: ExperimentConfig
+    target: Any
+    dist: Context | None
+    main: bool
+    several: bool
+    data: Dataset
+    split: Split
+    folder: Path
+    work: Path
+    owner: Owner
+    runs_dir: Path
+    retrain: bool
+    progress: bool
+    echo: Callable[[str], None]
+    log: Callable[[str], None]
+
+    def eval_dir(self, seed: int) -> Path:
+        """Where a seed's results go: ``seed-<s>/`` when there are several seeds."""
+        return self.work / f"seed-{seed}" if self.several else self.work
+
+
+def _run_seed(run: _Run, seed: int) -> Evaluation:
+    """One seed: train (or reuse) its model, sweep it, check it on rank 0, print its table."""
+    cfg, eval_dir = run.cfg, run.eval_dir(seed)
+    ckpt_dir = checkpoint_folder(run.runs_dir, cfg.name, seed)
+    fingerprint = training_hash(cfg, seed)
+    best = ckpt_dir / "model-best"
+    reusable = _train_or_reuse(run, seed, ckpt_dir, best, fingerprint)
+    model, info = _load_everywhere(best, run.target, run.dist)
+    model = build_defence(model, cfg.defence)
+    settings = _seed_settings(run, seed, fingerprint, best)
+    manifest = _seed_manifest(run, seed, ckpt_dir, best, info, reusable)
+    evaluation = evaluate_to_folder(
+        model, run.split, cfg.attacks, cfg.evaluate.eps, out_dir=eval_dir, settings=settings,
+        manifest=manifest, model_name=f"{cfg.name}/seed-{seed}" if run.several else cfg.name,
+        batch_size=cfg.evaluate.batch_size, seed=cfg.evaluate.seed, progress=run.progress,
+        dist=run.dist, transform=build_transform(cfg.transforms),
+    )
+    checks = None
+    if run.main:
+        checks = _after_seed_sweep(run, model, evaluation, settings, ckpt_dir, best, eval_dir)
+    run.echo(f"{cfg.name} seed {seed}: robust accuracy on {len(run.split)} "
+             f"{cfg.evaluate.split} images")
+    run.echo(accuracy_table(evaluation.results, _unreliable(eval_dir, evaluation.results, settings)
+                            if run.main else None))
+    for line in verdict_lines(checks):
+        run.echo(line)
+    return evaluation
+
+
+def _train_or_reuse(run: _Run, seed: int, ckpt_dir: Path, best: Path, fingerprint: str
+                    ) -> bool:
+    """Train the seed's model into ``ckpt_dir`` unless its checkpoint ``best`` can be reused:
+    not ``--retrain``, no unfinished training, and the same training hash and data checksum.
+    Returns whether it was reused (rank 0's disk decides for every rank)."""
+    cfg = run.cfg
+
+    def can_reuse() -> bool:
+        if run.retrain or not best.with_suffix(".json").is_file() or (
+                ckpt_dir / "state.json").exists():
+            return False
+        sidecar = read_sidecar(best)  # a user's data file can change under the same name
+        return (sidecar.get("training_hash") == fingerprint
+                and sidecar.get("data_sha256") == run.data.provenance.get("data_sha256"))
+
+    reusable = distributed.on_main(can_reuse, run.dist)
+    if reusable:
+        run.log(f"seed {seed}: reusing {best}.safetensors (training hash {fingerprint})")
+    else:
+        run.log(f"seed {seed}: training {cfg.model.factory or cfg.model.arch} "
+                f"({cfg.train.method}) into {ckpt_dir}")
+        train(cfg, out_dir=ckpt_dir, seed=seed, device=run.target, data=run.data,
+              progress=run.progress, resume=not run.retrain, log=run.log, dist=run.dist)
+    return reusable
+
+
+def _seed_settings(run: _Run, seed: int, fingerprint: str, best: Path) -> dict[str, Any]:
+    """``settings.json`` of one seed's sweep: everything its numbers depend on."""
+    cfg = run.cfg
+    return {
+        "experiment": cfg.name, "config_hash": config_hash(cfg), "seed": seed,
+        "training_hash": fingerprint, "model": str(best), "dataset": run.data.name,
+        "split": cfg.evaluate.split, "n": len(run.split), "eps": sorted(set(cfg.evaluate.eps)),
+        "attacks": attack_records(cfg.attacks), "device": str(run.target),
+        "batch_size": cfg.evaluate.batch_size, **_data_settings(run.data),
+        **_physical_settings(cfg.defence, cfg.transforms),
+    }
+
+
+def _seed_manifest(run: _Run, seed: int, ckpt_dir: Path, best: Path, info: dict[str, Any],
+                   reusable: bool) -> dict[str, Any]:
+    """The manifest of one seed's sweep: who ran it when, where, on what data, and the
+    checkpoint evaluated with its training record."""
+    return {"command": "run", "owner": run.owner.record(), "start": now_iso(),
+            **provenance(run.target, seed), **_data_provenance(run.data, run.split),
+            **weights_provenance(best), "weights_file": f"{WEIGHTS_STEM}.safetensors",
+            "config_hash": config_hash(run.cfg),
+            "training": _read_json(ckpt_dir / "manifest.json"),
+            "checkpoint_epoch": info.get("epoch"),
+            "checkpoint_selected_by": info.get("selected_by"),
+            "reused_checkpoint": reusable}
+
+
+def _after_seed_sweep(run: _Run, model: Any, evaluation: Evaluation, settings: dict[str, Any],
+                      ckpt_dir: Path, best: Path, eval_dir: Path) -> Any:
+    """Rank 0's part after a seed's sweep: its weights, config and training metrics beside
+    the results, the checks and robustness under transformation; returns the checks frame."""
+    cfg = run.cfg
+    release_weights(best, eval_dir)
+    _copy_training_outputs(ckpt_dir, eval_dir, to_toml(cfg))
+    checks = _after_evaluation(model, run.split, evaluation, settings, eval_dir,
+                               seed=cfg.evaluate.seed, reference=cfg.reference, log=run.log,
+                               progress=run.progress,
+                               shown=run.folder / eval_dir.relative_to(run.work))
+    _physical(model, run.split, cfg.attacks, cfg.transforms, cfg.evaluate.eps, eval_dir,
+              batch_size=cfg.evaluate.batch_size, seed=cfg.evaluate.seed,
+              progress=run.progress, log=run.log)
+    return checks
+
+
+def _finish_run(run: _Run, evaluations: dict[int, Evaluation], replacing: list[str]) -> None:
+    """Rank 0, once every seed is done: the summary over seeds, the report, and the staging
+    folder swapped in for the report folder."""
+    cfg, work = run.cfg, run.work
+    if run.several:
+        _write_seed_summary(work, evaluations, run.echo)
+        write_json(work / "manifest.json", {
+            "command": "run", "owner": run.owner.record(), "config_hash": config_hash(cfg),
+            "seeds": list(cfg.all_seeds), **provenance(run.target)})
+    run_dirs = [run.eval_dir(seed) for seed in cfg.all_seeds]
+    _report_folders(work, run_dirs, cfg.name, run.log, shown_as=run.folder)
+    swap_in(work, run.folder)
+    for line in replacing:
+        run.log(line)
 
 
 def _data_settings(data: Any) -> dict[str, Any]:
