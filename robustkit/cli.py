@@ -11,7 +11,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -45,32 +45,33 @@ app = typer.Typer(
 out = Console(markup=False, highlight=False)
 err = Console(stderr=True, markup=False, highlight=False)
 
-SetOption = Annotated[
-    Optional[list[str]],  # noqa: UP045 (typer needs Optional here)
-    typer.Option("--set", help="Override a config value: section.key=value (repeatable)."),
-]
-DeviceOption = Annotated[
-    Optional[str],  # noqa: UP045
-    typer.Option("--device", help="auto, cpu, cuda or cuda:N (default: the config's, else auto)."),
-]
-DataOption = Annotated[
-    Optional[str],  # noqa: UP045
-    typer.Option("--data", help="mnist, fashion-mnist, cifar10, svhn, …, a .npz/.safetensors file "
-                 "or an image folder (class_name/*.png)."),
-]
-ResizeOption = Annotated[
-    Optional[str],  # noqa: UP045
-    typer.Option("--resize", help="Resize images to H,W (or S for S×S); default: keep sizes."),
-]
-AppDirOption = Annotated[
-    Optional[Path],  # noqa: UP045
-    typer.Option("--app-dir", help="Folder to import package.module:factory from (searched "
-                 "before the current folder)."),
-]
-DataDirOption = Annotated[
-    Optional[Path],  # noqa: UP045
-    typer.Option("--data-dir", help="Folder holding the IDX files (else $ROBUSTKIT_DATA, cache)."),
-]
+#: The help of the options that several commands share, by flag; each becomes one annotated
+#: type below, so a command declares such an option as ``device: DeviceOption = None``.
+_SHARED_HELP = {
+    "--set": "Override a config value: section.key=value (repeatable).",
+    "--device": "auto, cpu, cuda or cuda:N (default: the config's, else auto).",
+    "--data": "mnist, fashion-mnist, cifar10, svhn, …, a .npz/.safetensors file "
+              "or an image folder (class_name/*.png).",
+    "--resize": "Resize images to H,W (or S for S×S); default: keep sizes.",
+    "--app-dir": "Folder to import package.module:factory from (searched before the current "
+                 "folder).",
+    "--data-dir": "Folder holding the IDX files (else $ROBUSTKIT_DATA, cache).",
+}
+
+
+def _shared_option(flag: str) -> Any:
+    """The ``typer.Option`` of a shared flag with its help from :data:`_SHARED_HELP` (``Any``,
+    as ``typer.Option`` is typed); the default (None) is the command parameter's."""
+    return typer.Option(flag, help=_SHARED_HELP[flag])
+
+
+# Optional rather than X | None: typer needs it here (hence the noqa: UP045)
+SetOption = Annotated[Optional[list[str]], _shared_option("--set")]  # noqa: UP045
+DeviceOption = Annotated[Optional[str], _shared_option("--device")]  # noqa: UP045
+DataOption = Annotated[Optional[str], _shared_option("--data")]  # noqa: UP045
+ResizeOption = Annotated[Optional[str], _shared_option("--resize")]  # noqa: UP045
+AppDirOption = Annotated[Optional[Path], _shared_option("--app-dir")]  # noqa: UP045
+DataDirOption = Annotated[Optional[Path], _shared_option("--data-dir")]  # noqa: UP045
 
 
 def _log(message: str) -> None:
@@ -276,41 +277,60 @@ def _float_list(text: str, what: str) -> list[float]:
 PRESET_NAMES = tuple(ATTACK_PRESETS)
 
 
+#: The options an attack with a fixed objective (APGD-T, Square, AutoAttack) takes only at
+#: these defaults; ``--attack`` drops them there rather than fail on the defaults it passes.
+_FIXED_OBJECTIVE_DEFAULTS = (("loss", "ce"), ("restarts", 1), ("targeted", False))
+
+
+def _check_step_size(step: object) -> None:
+    """``--step-size`` must be finite, whatever the attacks (checked before the names)."""
+    if isinstance(step, float) and not math.isfinite(step):
+        raise RobustkitError(f"--step-size {step}: step_size: {step} is not a finite number; "
+                             "give a step in [0, 1] pixel units")
+
+
+def _attack_bases(name: str) -> list[dict[str, object]]:
+    """The attack tables one ``--attack`` name stands for: a preset's attacks or the attack
+    itself; an unknown name is a user error."""
+    if name in ATTACK_PRESETS:
+        return [to_dict(a) for a in ATTACK_PRESETS[name]]
+    if name in ATTACK_NAMES:
+        return [{"name": name}]
+    raise RobustkitError(
+        f"unknown attack {name!r}: choose {', '.join(ATTACK_NAMES)} or a preset "
+        f"({', '.join(PRESET_NAMES)}), comma-separated")
+
+
+def _fit_options_to_attack(entry: dict[str, object], *, step_size_is_pgds: bool
+                           ) -> dict[str, object]:
+    """``entry`` (an attack table with the command-line options merged in) without the options
+    that are not this attack's: ``--step-size`` when it is meant for a PGD named alongside
+    (``step_size_is_pgds``), the fixed objectives' defaults, ``--eot-samples`` outside PGD and
+    APGD. Any other value stays, for the config check to name."""
+    kind = entry["name"]
+    if kind != "pgd" and "step_size" in entry and step_size_is_pgds:
+        entry.pop("step_size")  # --step-size is PGD's; APGD sets its own
+    if kind == "apgd-t" or kind in FIXED_RECIPES:
+        for key, default in _FIXED_OBJECTIVE_DEFAULTS:
+            if entry.get(key) == default:
+                entry.pop(key)
+    if kind not in ("pgd", "apgd"):  # --eot-samples is for PGD and APGD
+        entry.pop("eot_samples", None)
+    return entry
+
+
 def _attack_configs(names: str, *, extra: dict[str, object] | None = None,
                     **settings: object) -> list[AttackConfig]:
     """The attacks named by ``--attack`` (attack names or presets), with the options given;
     ``extra`` adds top-level tables (``defence``, ``transforms``) they are checked against."""
     given = {k: v for k, v in settings.items() if v is not None}
-    step = given.get("step_size")
-    if isinstance(step, float) and not math.isfinite(step):  # checked whatever the attacks
-        raise RobustkitError(f"--step-size {step}: step_size: {step} is not a finite number; "
-                             "give a step in [0, 1] pixel units")
-    attacks: list[dict[str, object]] = []
+    _check_step_size(given.get("step_size"))
     chosen = [n.strip().lower() for n in names.split(",") if n.strip()]
-    for name in chosen:
-        if name in ATTACK_PRESETS:
-            bases = [to_dict(a) for a in ATTACK_PRESETS[name]]
-        elif name in ATTACK_NAMES:
-            bases = [{"name": name}]
-        else:
-            raise RobustkitError(
-                f"unknown attack {name!r}: choose {', '.join(ATTACK_NAMES)} or a preset "
-                f"({', '.join(PRESET_NAMES)}), comma-separated")
-        for base in bases:
-            entry = {**base, **given}
-            kind = entry["name"]
-            if kind != "pgd" and "step_size" in entry and (
-                    "pgd" in chosen or name in ATTACK_PRESETS):
-                entry.pop("step_size")  # --step-size is PGD's; APGD sets its own
-            if kind == "apgd-t" or kind in FIXED_RECIPES:
-                # fixed objectives: drop the options left at their defaults; any other value
-                # reaches the config check, which names it
-                for key, default in (("loss", "ce"), ("restarts", 1), ("targeted", False)):
-                    if entry.get(key) == default:
-                        entry.pop(key)
-            if kind not in ("pgd", "apgd"):  # --eot-samples is for PGD and APGD
-                entry.pop("eot_samples", None)
-            attacks.append(entry)
+    attacks = [
+        _fit_options_to_attack({**base, **given},
+                               step_size_is_pgds="pgd" in chosen or name in ATTACK_PRESETS)
+        for name in chosen for base in _attack_bases(name)
+    ]
     if not attacks:
         raise RobustkitError(
             f"--attack is empty: choose {', '.join(ATTACK_NAMES)} (comma-separated)")

@@ -82,19 +82,41 @@ def load_data(
         data = load_dataset(name.lower(), data_dir, device, val_size=val_size,
                             split_seed=split_seed, parts=parts)
         return data if size is None else _resized(data, size)
+    (splits, named, digest), kind, path = _read_source(name, data_dir, size)
+    images, labels = _as_tensors(name, splits, size)
+    classes = _class_names(name, named, labels)
+    split = {part: Split(images[part].to(device), labels[part].to(device)) for part in images}
+    train, val = _train_and_val(name, split, parts, val_size, split_seed)
+    provenance = {"data_source": f"{kind} {path}", "data_size": _sizes(split),
+                  "data_sha256": digest}
+    return Dataset(path.name, classes, train, val, split["test"], path, provenance)
+
+
+#: What a reader returns: the (images, labels) arrays of each split it found, the class names
+#: the source gives (empty: none) and a sha256 of the source.
+_Read = tuple[dict[str, tuple[np.ndarray, np.ndarray]], tuple[str, ...], str]
+
+
+def _read_source(name: str, data_dir: str | Path | None, size: tuple[int, int] | None
+                 ) -> tuple[_Read, str, Path]:
+    """Read a source other than the built-in sets: what its reader found, the kind of source
+    (for the provenance) and the path it goes by. An array file is recognised by its suffix
+    or by being a file, then an image folder, then a torchvision name; anything else is a user
+    error listing the choices."""
     path = Path(name).expanduser()
     if path.suffix.lower() in ARRAY_SUFFIXES or path.is_file():
-        splits, classes, digest = _read_arrays(path)
-        kind = "array file"
-    elif path.is_dir():
-        splits, classes, digest = _read_folder(path, size)
-        kind = "image folder"
-    elif name.lower() in TORCHVISION:
-        splits, classes, digest = _read_torchvision(name.lower(), data_dir)
-        kind = "torchvision"
-        path = Path(name.lower())
-    else:
-        raise RobustkitError(f"data source {name!r} not found: pass {CHOICES}")
+        return _read_arrays(path), "array file", path
+    if path.is_dir():
+        return _read_folder(path, size), "image folder", path
+    if name.lower() in TORCHVISION:
+        return _read_torchvision(name.lower(), data_dir), "torchvision", Path(name.lower())
+    raise RobustkitError(f"data source {name!r} not found: pass {CHOICES}")
+
+
+def _as_tensors(name: str, splits: dict[str, tuple[np.ndarray, np.ndarray]],
+                size: tuple[int, int] | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The float32 N×C×H×W images (resized to ``size`` if given) and int64 labels of each
+    split; all images must then share one shape (else a user error naming --resize)."""
     images = {part: _to_float(x, f"{name} {part} images") for part, (x, _) in splits.items()}
     labels = {part: _to_labels(y, len(images[part]), f"{name} {part} labels")
               for part, (_, y) in splits.items()}
@@ -104,12 +126,26 @@ def load_data(
     if len(shapes) > 1:
         raise RobustkitError(f"{name}: train and test images differ in shape "
                              f"({', '.join(map(str, sorted(shapes)))}): pass --resize H,W")
+    return images, labels
+
+
+def _class_names(name: str, named: tuple[str, ...], labels: dict[str, Tensor]
+                 ) -> tuple[str, ...]:
+    """The source's class names, else ``0``, ``1``, … up to the largest label; a label beyond
+    the names given is a user error."""
     num_classes = max(int(y.max()) + 1 if len(y) else 0 for y in labels.values())
-    classes = classes or tuple(str(i) for i in range(num_classes))
+    classes = named or tuple(str(i) for i in range(num_classes))
     if num_classes > len(classes):
         raise RobustkitError(f"{name}: a label is {num_classes - 1} but only {len(classes)} "
                              "classes are named; fix the labels or the class names")
-    split = {part: Split(images[part].to(device), labels[part].to(device)) for part in images}
+    return classes
+
+
+def _train_and_val(name: str, split: dict[str, Split], parts: tuple[str, ...], val_size: int,
+                   split_seed: int) -> tuple[Split, Split]:
+    """The training and validation splits: the train split less ``val_size`` held-out images
+    when ``parts`` asks for training, else one empty split for both. Asking to train on a
+    single-split source is a user error."""
     if "train" in parts and "train" not in split:
         raise RobustkitError(
             f"{name} holds one split, which robustkit evaluates as the test set; to train, give "
@@ -117,12 +153,9 @@ def load_data(
             "test/ sub-folders (image folder)")
     test = split["test"]
     if "train" in split and "train" in parts:
-        train, val = split_validation(split["train"], val_size, split_seed)
-    else:
-        train = val = empty_split(test)
-    provenance = {"data_source": f"{kind} {path}", "data_size": _sizes(split),
-                  "data_sha256": digest}
-    return Dataset(path.name, classes, train, val, test, path, provenance)
+        return split_validation(split["train"], val_size, split_seed)
+    empty = empty_split(test)
+    return empty, empty
 
 
 def _sizes(splits: dict[str, Split]) -> str:
@@ -215,8 +248,7 @@ def _file_digest(paths: Sequence[Path], root: Path | None = None) -> str:
 # --------------------------------------------------------------------------- array files
 
 
-def _read_arrays(path: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
-                                      tuple[str, ...], str]:
+def _read_arrays(path: Path) -> _Read:
     if not path.is_file():
         raise RobustkitError(f"data file {path} not found: check --data")
     arrays, classes = _array_file(path)
@@ -261,8 +293,7 @@ def _class_folders(root: Path) -> list[Path]:
                   key=lambda p: p.name)
 
 
-def _read_folder(root: Path, size: tuple[int, int] | None
-                 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], tuple[str, ...], str]:
+def _read_folder(root: Path, size: tuple[int, int] | None) -> _Read:
     names = {p.name for p in _class_folders(root)}
     test_name = "test" if "test" in names else "val" if "val" in names else None
     if "train" in names and test_name is not None:
@@ -336,8 +367,7 @@ def _torchvision_roots(name: str, data_dir: str | Path | None) -> list[Path]:
     return roots
 
 
-def _read_torchvision(name: str, data_dir: str | Path | None
-                      ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], tuple[str, ...], str]:
+def _read_torchvision(name: str, data_dir: str | Path | None) -> _Read:
     import torchvision
 
     class_name, style = TORCHVISION[name]

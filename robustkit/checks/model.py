@@ -208,13 +208,8 @@ def check_input_gradients_usable(
 
 
 def check_accuracy_at_large_eps(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    attack: AttackConfig,
-    *,
-    seed: int = 0,
-    fail_above: float = 0.05,
+    model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, *,
+    seed: int = 0, fail_above: float = 0.05,
 ) -> Check:
     """At L∞ ε = 1 every image is reachable, so PGD must drive accuracy to ≈ 0.
 
@@ -262,14 +257,8 @@ def _noise_accuracy(model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: flo
 
 
 def check_noise_weaker_than_attack(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    attack: AttackConfig,
-    eps: float,
-    *,
-    draws: int = 10,
-    seed: int = 0,
+    model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: float, *,
+    draws: int = 10, seed: int = 0,
 ) -> Check:
     """Random noise of the same ε must break far fewer samples than the attack.
 
@@ -308,18 +297,9 @@ def check_noise_weaker_than_attack(
 
 
 def check_attack_converged(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    attack: AttackConfig,
-    eps: float,
-    *,
-    seed: int = 0,
-    step_factor: int = 2,
-    restarts: int = 5,
-    apgd_steps: int = 100,
-    warn_above: float = 0.02,
-    fail_above: float = 0.05,
+    model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: float, *,
+    seed: int = 0, step_factor: int = 2, restarts: int = 5, apgd_steps: int = 100,
+    warn_above: float = 0.02, fail_above: float = 0.05,
 ) -> Check:
     """Twice the steps, more random restarts, or (for PGD) APGD may lower accuracy only a little.
 
@@ -355,14 +335,8 @@ def check_attack_converged(
 
 
 def check_accuracy_monotone_in_eps_from_scratch(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    attack: AttackConfig,
-    eps: Sequence[float],
-    *,
-    seed: int = 0,
-    fail_above: float = 0.02,
+    model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: Sequence[float], *,
+    seed: int = 0, fail_above: float = 0.02,
 ) -> Check:
     """Accuracy under ``attack`` run from scratch at each ε (no example reused) must not rise.
 
@@ -385,16 +359,8 @@ def check_accuracy_monotone_in_eps_from_scratch(
 
 
 def check_gradient_free_finds_no_more(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    attack: AttackConfig,
-    eps: float,
-    *,
-    seed: int = 0,
-    budget: int = 1000,
-    warn_above: float = 0.01,
-    fail_above: float = 0.05,
+    model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: float, *,
+    seed: int = 0, budget: int = 1000, warn_above: float = 0.01, fail_above: float = 0.05,
 ) -> Check:
     """Square (gradient-free) on the samples the strongest gradient attack leaves robust at ε.
 

@@ -133,10 +133,6 @@ class Gap(NamedTuple):
     iterative_accuracy: float
     single_step_accuracy: float
 
-    @property
-    def size(self) -> float:
-        return self.iterative_accuracy - self.single_step_accuracy
-
 
 def _comparable_pairs(frame: pd.DataFrame, configs: dict[str, AttackConfig]
                       ) -> Iterator[tuple[str, str]]:
@@ -165,6 +161,11 @@ def _widest_gap(model: str, frame: pd.DataFrame, single: str, iterative: str) ->
     return Gap(model, iterative, single, eps, float(b[eps]), float(a[eps]))
 
 
+def _gap_size(gap: Gap) -> float:
+    """How far the iterative attack's accuracy lies above the single-step attack's."""
+    return gap.iterative_accuracy - gap.single_step_accuracy
+
+
 def check_iterative_beats_single_step(
     results: pd.DataFrame, settings: dict[str, Any], fail_above: float = 0.02
 ) -> Check:
@@ -176,21 +177,20 @@ def check_iterative_beats_single_step(
     ``fail_above`` warns, more fails.
     """
     configs = attack_configs(settings)
-    worst: Gap | None = None
-    pairs = []
+    gaps: list[Gap] = []
     for model, frame in results[results["attack"] != ANY].groupby("model", sort=False):
         for single, iterative in _comparable_pairs(frame, configs):
             gap = _widest_gap(str(model), frame, single, iterative)
-            if gap is None:
-                continue
-            pairs.append(f"{iterative} vs {single}")
-            if worst is None or gap.size > worst.size:
-                worst = gap
+            if gap is not None:
+                gaps.append(gap)
     threshold = f"acc(PGD) − acc(FGSM) ≤ 0 (fail > {fail_above:g})"
-    if worst is None:
+    if not gaps:
         return Check("iterative_beats_single_step", "pass", None, threshold,
                      "no FGSM/PGD pair with the same norm to compare")
-    status = grade(worst.size, RISE_TOLERANCE, fail_above)
+    worst = max(gaps, key=_gap_size)  # the first of the widest
+    size = _gap_size(worst)
+    status = grade(size, RISE_TOLERANCE, fail_above)
+    pairs = [f"{gap.iterative} vs {gap.single_step}" for gap in gaps]
     detail = (
         f"{worst.model}: {worst.iterative} {worst.iterative_accuracy:.3f} vs "
         f"{worst.single_step} {worst.single_step_accuracy:.3f} at ε={worst.eps:g}"
@@ -198,8 +198,8 @@ def check_iterative_beats_single_step(
         else f"{', '.join(sorted(set(pairs)))}: the iterative attack at least as strong as FGSM "
         "at every ε"
     )
-    return Check("iterative_beats_single_step", status, worst.size, threshold, detail,
-                 {"gap": worst.size, "eps": worst.eps,
+    return Check("iterative_beats_single_step", status, size, threshold, detail,
+                 {"gap": size, "eps": worst.eps,
                   "iterative_accuracy": worst.iterative_accuracy,
                   "single_step_accuracy": worst.single_step_accuracy})
 

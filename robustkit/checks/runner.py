@@ -11,19 +11,10 @@ import pandas as pd
 import torch
 from torch import nn
 
+# the checks that probe the model, by module (robustkit.checks lists them by name)
+import robustkit.checks.model as probes
 from robustkit.attacks import attack_mode
 from robustkit.attacks.losses import logits_problem
-from robustkit.checks.model import (
-    check_accuracy_at_large_eps,
-    check_accuracy_monotone_in_eps_from_scratch,
-    check_attack_converged,
-    check_batch_independent,
-    check_forward_deterministic,
-    check_gradient_free_finds_no_more,
-    check_input_gradients_usable,
-    check_noise_weaker_than_attack,
-    check_outputs_are_logits,
-)
 from robustkit.checks.record import Check, checks_frame
 from robustkit.checks.results import ITERATIVE, attack_configs, attack_kind, result_checks
 from robustkit.config import AttackConfig
@@ -121,7 +112,7 @@ def run_checks(
     device = _device(model, split.images.device)
     x = split.images[:n].to(device)
     y = split.labels[:n].to(device)
-    checks.append(check_outputs_are_logits(model, x))
+    checks.append(probes.check_outputs_are_logits(model, x))
     with attack_mode(model), torch.no_grad():
         if logits_problem(model(x[:2]), len(x[:2])):
             return checks_frame(checks)
@@ -129,17 +120,17 @@ def run_checks(
     eps = _sweep_eps(results, settings)
     eps_max = max(eps) if eps else 0.3
     if shortcuts and eps:
-        checks[0] = check_accuracy_monotone_in_eps_from_scratch(model, x, y, attack, eps,
-                                                                seed=seed)
+        checks[0] = probes.check_accuracy_monotone_in_eps_from_scratch(model, x, y, attack, eps,
+                                                                       seed=seed)
     middle = convergence_eps(results, attack, eps)
     model_checks: list[Callable[[], Check]] = [
-        lambda: check_forward_deterministic(model, x),
-        lambda: check_batch_independent(model, x),
-        lambda: check_input_gradients_usable(model, x, y),
-        lambda: check_accuracy_at_large_eps(model, x, y, attack, seed=seed),
-        lambda: check_noise_weaker_than_attack(model, x, y, attack, eps_max, seed=seed),
-        lambda: check_attack_converged(model, x, y, attack, middle, seed=seed),
-        lambda: check_gradient_free_finds_no_more(model, x, y, attack, middle, seed=seed),
+        lambda: probes.check_forward_deterministic(model, x),
+        lambda: probes.check_batch_independent(model, x),
+        lambda: probes.check_input_gradients_usable(model, x, y),
+        lambda: probes.check_accuracy_at_large_eps(model, x, y, attack, seed=seed),
+        lambda: probes.check_noise_weaker_than_attack(model, x, y, attack, eps_max, seed=seed),
+        lambda: probes.check_attack_converged(model, x, y, attack, middle, seed=seed),
+        lambda: probes.check_gradient_free_finds_no_more(model, x, y, attack, middle, seed=seed),
     ]
     with Bar("sanity checks", len(model_checks), progress) as bar:
         for run_check in model_checks:

@@ -196,67 +196,98 @@ def load_model(
     """
     device = torch.device(device)
     add_app_dir(app_dir)
+    text = _model_text(spec)
+    weights_path = Path(weights) if weights is not None else None
+    model, found = _load_by_kind(text, weights_path, device, trust, app_dir)
+    info: dict[str, Any] = {"model": str(spec), **found}
+    if normalize is not None:
+        model = Normalized(model, *normalize).to(device)
+        info["normalize"] = {"mean": normalize[0], "std": normalize[1]}
+    model.eval()
+    return model, info
+
+
+#: The hint of the errors for files that are not a model robustkit can load.
+_FACTORY_HINT = "--model package.module:factory --weights FILE"
+
+
+def _model_text(spec: str | Path) -> str:
+    """``spec`` as text, ``zoo:NAME`` resolved to the released weights' path; an empty spec
+    or one holding a NUL byte is a user error."""
     text = str(spec)
     if not text.strip() or "\0" in text:
         raise RobustkitError(
             f"--model {text!r} is not a model: pass a checkpoint, a TorchScript or .pt2 file, "
             "or package.module:factory"
         )
-    if text.startswith(ZOO_PREFIX):
-        text = str(resolve_zoo(text))
-    path = Path(text)
-    info: dict[str, Any] = {"model": str(spec)}
-    weights_path = Path(weights) if weights is not None else None
-    sidecar_weights, sidecar = checkpoint_paths(path)
+    return str(resolve_zoo(text)) if text.startswith(ZOO_PREFIX) else text
 
-    if ":" in text and not path.exists() and not text.startswith(("/", ".")):
-        model = _from_factory(text, weights_path, device, app_dir)
-        info["kind"] = "factory"
-    elif path.suffix == ".pt2":
-        if not path.is_file():
-            raise RobustkitError(f"model file {path} not found: check --model")
-        if not trust:
-            raise RobustkitError(f"{path} is a torch.export program: {TRUST_HINT}")
-        model = _load_exported(path, device)
-        info["kind"] = "torch.export"
-    elif path.suffix in {".safetensors", ".json"} or (sidecar.is_file()
-                                                         and sidecar_weights.is_file()):
+
+def _names_factory(text: str, path: Path) -> bool:
+    """Whether ``text`` is ``package.module:factory``: it has a colon, is no existing file and
+    no explicit path (``/…``, ``./…``)."""
+    return ":" in text and not path.exists() and not text.startswith(("/", "."))
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` names a robustkit checkpoint: by its suffix, or as a stem whose
+    ``.safetensors`` and ``.json`` files both exist."""
+    if path.suffix in {".safetensors", ".json"}:
+        return True
+    weights, sidecar = checkpoint_paths(path)
+    return sidecar.is_file() and weights.is_file()
+
+
+def _load_by_kind(text: str, weights: Path | None, device: torch.device, trust: bool,
+                  app_dir: str | Path | None) -> tuple[nn.Module, dict[str, Any]]:
+    """The model ``text`` names and what describes it (``kind`` first), tried in order:
+    a factory, a ``.pt2`` program, a checkpoint, a TorchScript file; else a user error."""
+    path = Path(text)
+    if _names_factory(text, path):
+        return _from_factory(text, weights, device, app_dir), {"kind": "factory"}
+    if path.suffix == ".pt2":
+        return _load_exported_file(path, device, trust), {"kind": "torch.export"}
+    if _is_checkpoint(path):
         model, meta = load_checkpoint(path, device)
-        info.update(kind="checkpoint", arch=meta.get("arch"), checkpoint=meta,
-                    path=str(checkpoint_paths(path)[0]))
-    elif path.is_file():
-        if not _is_zip(path):
-            raise RobustkitError(
-                f"{path} is neither a checkpoint, TorchScript nor torch.export file"
-                + (" (it looks like a pickle, which robustkit never loads): pass "
-                   "--model package.module:factory --weights FILE"
-                   if path.suffix in PICKLE_SUFFIXES else "")
-            )
-        if not _is_torchscript(path):
-            raise RobustkitError(
-                f"{path} is not a TorchScript file (a state dict or pickled model?): pass "
-                "--model package.module:factory --weights FILE"
-            )
-        if not trust:
-            raise RobustkitError(f"{path} is a TorchScript file: {TRUST_HINT}")
-        try:
-            model = torch.jit.load(str(path), map_location=device)
-        except (RuntimeError, ValueError):
-            raise RobustkitError(
-                f"{path} is not a TorchScript file (a state dict or pickled model?): pass "
-                "--model package.module:factory --weights FILE"
-            ) from None
-        info["kind"] = "torchscript"
-    else:
+        return model, {"kind": "checkpoint", "arch": meta.get("arch"), "checkpoint": meta,
+                       "path": str(checkpoint_paths(path)[0])}
+    if path.is_file():
+        return _load_torchscript_file(path, device, trust), {"kind": "torchscript"}
+    raise RobustkitError(
+        f"model {text} not found: pass a checkpoint, a TorchScript or .pt2 file, or "
+        "package.module:factory with --weights"
+    )
+
+
+def _load_exported_file(path: Path, device: torch.device, trust: bool) -> nn.Module:
+    """A ``.pt2`` program: the file must exist and be trusted (loading it can run code)."""
+    if not path.is_file():
+        raise RobustkitError(f"model file {path} not found: check --model")
+    if not trust:
+        raise RobustkitError(f"{path} is a torch.export program: {TRUST_HINT}")
+    return _load_exported(path, device)
+
+
+def _load_torchscript_file(path: Path, device: torch.device, trust: bool) -> nn.Module:
+    """A file that is not a checkpoint must be a trusted TorchScript archive (loading it runs
+    its code); a pickle or state dict is refused with the factory hint, never unpickled."""
+    if not _is_zip(path):
         raise RobustkitError(
-            f"model {text} not found: pass a checkpoint, a TorchScript or .pt2 file, or "
-            "package.module:factory with --weights"
+            f"{path} is neither a checkpoint, TorchScript nor torch.export file"
+            + (f" (it looks like a pickle, which robustkit never loads): pass {_FACTORY_HINT}"
+               if path.suffix in PICKLE_SUFFIXES else "")
         )
-    if normalize is not None:
-        model = Normalized(model, *normalize).to(device)
-        info["normalize"] = {"mean": normalize[0], "std": normalize[1]}
-    model.eval()
-    return model, info
+    not_torchscript = (f"{path} is not a TorchScript file (a state dict or pickled model?): "
+                       f"pass {_FACTORY_HINT}")
+    if not _is_torchscript(path):
+        raise RobustkitError(not_torchscript)
+    if not trust:
+        raise RobustkitError(f"{path} is a TorchScript file: {TRUST_HINT}")
+    try:
+        model: nn.Module = torch.jit.load(str(path), map_location=device)
+    except (RuntimeError, ValueError):
+        raise RobustkitError(not_torchscript) from None
+    return model
 
 
 def _forward(model: nn.Module, x: Tensor) -> Any:

@@ -154,25 +154,109 @@ def _picture(image: np.ndarray) -> np.ndarray:
     return image.reshape(image.shape[-2:])
 
 
+def _strongest_examples(run: RunData
+                        ) -> tuple[dict[str, np.ndarray], str, dict[float, str]] | None:
+    """The stored examples of ``run``, the attack they are shown for (the one with the lowest
+    mean accuracy among those with adversarial images; ties by name) and its keys by ε; None
+    when the run stored no clean images or no adversarial ones."""
+    ex = run.examples
+    if ex is None or "clean" not in ex:
+        return None
+    keys = _adv_keys(ex)
+    if not keys:
+        return None
+    strength = run.results.groupby("attack")["accuracy"].mean()
+    attack = min(keys, key=lambda a: (float(strength.get(a, math.inf)), a))
+    return ex, attack, keys[attack]
+
+
+def _attack_norm(results: pd.DataFrame, attack: str) -> str:
+    """The norm ``attack`` ran under (``linf`` when the results do not name one)."""
+    rows = results.loc[results["attack"] == attack, "norm"]
+    return str(rows.iloc[0]) if len(rows) else "linf"
+
+
+def _eps_to_show(shown: list[float], first_flip: float, max_eps: int) -> list[float]:
+    """At most ``max_eps`` of the ε ``shown`` (ascending): the first at which a sample flips,
+    one half-way to the largest (only when more than two may be shown) and the largest."""
+    chosen = [first_flip]
+    middle = [e for e in shown if first_flip < e < shown[-1]]
+    if max_eps > 2 and middle:
+        chosen.append(middle[len(middle) // 2])
+    chosen.append(shown[-1])
+    return sorted(dict.fromkeys(chosen))[:max_eps]
+
+
+def _samples_to_show(ex: dict[str, np.ndarray], key: str, norm: str, fresh: list[int],
+                     flags: list[bool | None]) -> list[int]:
+    """The ``fresh`` samples (pictures made at this ε: a sample broken at a smaller ε keeps
+    that ε's picture, which would repeat it) in the order they are shown: broken ones first,
+    then by perturbation size (``norm``; largest first) and position."""
+    k = len(ex["clean"])
+    delta = np.abs(ex[f"adv/{key}"].astype(np.float64) - ex["clean"]).reshape(k, -1)
+    size = delta.max(axis=1) if norm == "linf" else np.sqrt((delta**2).sum(axis=1))
+    return sorted(fresh, key=lambda i: (flags[i] is not True, -round(size[i], 4), i))
+
+
+def _panel(ex: dict[str, np.ndarray], preds: _Predictions, attack: str, eps: float, key: str,
+           i: int) -> figures.Panel:
+    """Sample ``i`` clean and under ``attack`` at ``eps`` (``key``), with its predictions."""
+    text, flip = preds.adversarial(key, attack, eps, i)
+    return figures.Panel(
+        clean=_picture(ex["clean"][i]),
+        adv=_picture(ex[f"adv/{key}"][i]),
+        clean_text=preds.clean(i),
+        adv_text=text,
+        flipped=bool(flip),
+    )
+
+
+def _example_caption(run_name: str, attack: str, eps: float, ex: dict[str, np.ndarray]) -> str:
+    """How to read an example figure: the perturbation's magnification and colours, and a
+    note when confidences are missing for want of stored probabilities."""
+    colours = ("grey: unchanged, a tint: those channels pushed up" if ex["clean"].shape[1] > 1
+               else "red brighter, blue darker")
+    caption = (
+        f"{run_name}, {attack} at ε = {eps:g}: clean image + perturbation "
+        f"(magnified ×{1 / eps:.3g}; {colours}) = adversarial image."
+    )
+    if "clean_probs" not in ex:
+        caption += " Confidences need probabilities stored in examples.safetensors."
+    return caption
+
+
+def _example_figure(run_name: str, ex: dict[str, np.ndarray], preds: _Predictions,
+                    attack: str, eps: float, key: str, norm: str,
+                    order: list[int]) -> FigureBlock:
+    """The figure of the samples ``order`` under ``attack`` at ``eps``, named, described
+    (alt text) and captioned."""
+    rows = [_panel(ex, preds, attack, eps, key, i) for i in order]
+    png = figures.example_figure(rows, eps, norm, attack)
+    name = f"examples-{_safe(run_name)}-{_safe(attack)}-eps{eps:g}.png"
+    caption = _example_caption(run_name, attack, eps, ex)
+    alt = f"{attack} examples at ε={eps:g}: " + "; ".join(
+        f"{row.clean_text} → {row.adv_text}" for row in rows
+    )
+    return FigureBlock(name, png, alt, caption)
+
+
 def _example_blocks(
     run: RunData, classes: list[str], max_eps: int, samples: int = 3
 ) -> list[tuple[str, FigureBlock]]:
-    ex = run.examples
-    if ex is None or "clean" not in ex:
+    """The example figures of ``run``, each with the attack it shows: for the strongest
+    attack with stored images, up to ``max_eps`` ε (:func:`_eps_to_show`) with at most
+    ``samples`` samples each (:func:`_samples_to_show`); empty when there is nothing new to
+    show at any ε > 0."""
+    picked = _strongest_examples(run)
+    if picked is None:
         return []
-    keys = _adv_keys(ex)
-    if not keys:
-        return []
-    strength = run.results.groupby("attack")["accuracy"].mean()
-    attack = min(keys, key=lambda a: (float(strength.get(a, math.inf)), a))
-    by_eps = keys[attack]
+    ex, attack, by_eps = picked
     eps_sorted = sorted(e for e in by_eps if e > 0)
     if not eps_sorted:
         return []
     preds = _Predictions(run, classes)
     k = len(ex["clean"])
-    norm_rows = run.results.loc[run.results["attack"] == attack, "norm"]
-    norm = str(norm_rows.iloc[0]) if len(norm_rows) else "linf"
+    norm = _attack_norm(run.results, attack)
 
     def flipped(eps: float) -> list[bool | None]:
         return [preds.adversarial(by_eps[eps], attack, eps, i)[1] for i in range(k)]
@@ -182,48 +266,12 @@ def _example_blocks(
     if not shown:
         return []
     first_flip = next((e for e in shown if any(flipped(e)[i] for i in fresh[e])), shown[0])
-    chosen = [first_flip]
-    middle = [e for e in shown if first_flip < e < shown[-1]]
-    if max_eps > 2 and middle:
-        chosen.append(middle[len(middle) // 2])
-    chosen.append(shown[-1])
-    chosen = sorted(dict.fromkeys(chosen))[:max_eps]
     blocks = []
-    for eps in chosen:
+    for eps in _eps_to_show(shown, first_flip, max_eps):
         key = by_eps[eps]
-        flags = flipped(eps)
-        delta = np.abs(ex[f"adv/{key}"].astype(np.float64) - ex["clean"]).reshape(k, -1)
-        size = delta.max(axis=1) if norm == "linf" else np.sqrt((delta**2).sum(axis=1))
-        # only pictures made at this ε (a sample broken at a smaller ε keeps that ε's
-        # picture, which would repeat it); broken ones first, then by size and position
-        order = sorted(fresh[eps], key=lambda i: (flags[i] is not True, -round(size[i], 4), i))
-        order = order[:samples]
-        rows = []
-        for i in order:
-            text, flip = preds.adversarial(key, attack, eps, i)
-            rows.append(
-                figures.Panel(
-                    clean=_picture(ex["clean"][i]),
-                    adv=_picture(ex[f"adv/{key}"][i]),
-                    clean_text=preds.clean(i),
-                    adv_text=text,
-                    flipped=bool(flip),
-                )
-            )
-        png = figures.example_figure(rows, eps, norm, attack)
-        name = f"examples-{_safe(run.name)}-{_safe(attack)}-eps{eps:g}.png"
-        colours = ("grey: unchanged, a tint: those channels pushed up" if ex["clean"].shape[1] > 1
-                   else "red brighter, blue darker")
-        caption = (
-            f"{run.name}, {attack} at ε = {eps:g}: clean image + perturbation "
-            f"(magnified ×{1 / eps:.3g}; {colours}) = adversarial image."
-        )
-        if "clean_probs" not in ex:
-            caption += " Confidences need probabilities stored in examples.safetensors."
-        alt = f"{attack} examples at ε={eps:g}: " + "; ".join(
-            f"{row.clean_text} → {row.adv_text}" for row in rows
-        )
-        blocks.append((attack, FigureBlock(name, png, alt, caption)))
+        order = _samples_to_show(ex, key, norm, fresh[eps], flipped(eps))[:samples]
+        blocks.append((attack, _example_figure(run.name, ex, preds, attack, eps, key, norm,
+                                               order)))
     return blocks
 
 

@@ -10,6 +10,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -40,9 +41,7 @@ def accuracy_figure(results: pd.DataFrame) -> bytes:
     claim accuracies that were never measured.
     """
     models = list(results["model"].unique())
-    attacks = list(dict.fromkeys(a for a in results["attack"] if a != ANY))
-    if ANY in set(results["attack"]):
-        attacks.append(ANY)
+    attacks = _attack_order(results)
     several = len(models) > 1
     fig = Figure(figsize=(8.4, 4.2) if several else (6.4, 3.8))
     ax = fig.add_subplot()
@@ -51,35 +50,10 @@ def accuracy_figure(results: pd.DataFrame) -> bytes:
             rows = results[(results["model"] == model) & (results["attack"] == attack)]
             if rows.empty:
                 continue
-            rows = rows.sort_values("eps")
             color, style = _series_style(mi, ai, attack, several)
-            eps = rows["eps"].to_numpy(float)
-            sparse = len(rows) < 3
-            ax.plot(
-                eps,
-                rows["accuracy"].to_numpy(float),
-                linestyle="none" if sparse else style,
-                color=color,
-                marker="o",
-                markersize=(5 if sparse else 3) if attack != ANY else (4 if sparse else 2),
-                markerfacecolor="none" if attack == ANY else color,
-                linewidth=1.2 if attack == ANY else 1.6,
-                label=(f"{model} · {attack}" if several
-                       else "any (worst case)" if attack == ANY else attack),
-            )
-            if attack == ANY or not {"ci_low", "ci_high"} <= set(rows.columns):
-                continue
-            acc, low, high = (rows[c].to_numpy(float) for c in ("accuracy", "ci_low", "ci_high"))
-            if sparse:  # the interval as error bars on the points
-                ax.errorbar(eps, acc, yerr=[acc - low, high - acc], fmt="none", ecolor=color,
-                            capsize=3, linewidth=1)
-            else:
-                ax.fill_between(eps, low, high, color=color, alpha=0.15, linewidth=0)
-    ax.set_xlabel("ε (pixel units)")
-    ax.set_ylabel("robust accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(True, alpha=0.3)
-    ax.set_title("Robust accuracy vs ε (95% Wilson intervals)", fontsize=10)
+            _plot_series(ax, rows.sort_values("eps"), attack, color, style,
+                         _series_label(model, attack, several))
+    _label_axes(ax)
     if several:
         ax.legend(handles=_legend_handles(models, attacks), fontsize=7, frameon=False,
                   loc="upper left", bbox_to_anchor=(1.01, 1.0), handlelength=3)
@@ -87,6 +61,65 @@ def accuracy_figure(results: pd.DataFrame) -> bytes:
         ax.legend(fontsize=8, loc="best", frameon=False)
     fig.tight_layout()
     return to_png(fig)
+
+
+def _attack_order(results: pd.DataFrame) -> list[str]:
+    """The attacks in order of first appearance, the worst case ("any") last."""
+    attacks = list(dict.fromkeys(a for a in results["attack"] if a != ANY))
+    if ANY in set(results["attack"]):
+        attacks.append(ANY)
+    return attacks
+
+
+def _series_label(model: str, attack: str, several: bool) -> str:
+    """Legend label of a series: ``model · attack`` with several models, else the attack."""
+    if several:
+        return f"{model} · {attack}"
+    return "any (worst case)" if attack == ANY else attack
+
+
+def _marker_size(attack: str, sparse: bool) -> int:
+    """Points stand out more on a sparse series; the worst case ("any") has smaller ones."""
+    if attack == ANY:
+        return 4 if sparse else 2
+    return 5 if sparse else 3
+
+
+def _plot_series(ax: Axes, rows: pd.DataFrame, attack: str, color: str, style: str,
+                 label: str) -> None:
+    """One series (``rows`` sorted by ε): a line, or points only when measured at fewer than
+    three ε; then its 95% interval (a band, or error bars on points), except for "any" or
+    results without intervals."""
+    eps = rows["eps"].to_numpy(float)
+    sparse = len(rows) < 3
+    ax.plot(
+        eps,
+        rows["accuracy"].to_numpy(float),
+        linestyle="none" if sparse else style,
+        color=color,
+        marker="o",
+        markersize=_marker_size(attack, sparse),
+        markerfacecolor="none" if attack == ANY else color,
+        linewidth=1.2 if attack == ANY else 1.6,
+        label=label,
+    )
+    if attack == ANY or not {"ci_low", "ci_high"} <= set(rows.columns):
+        return
+    acc, low, high = (rows[c].to_numpy(float) for c in ("accuracy", "ci_low", "ci_high"))
+    if sparse:  # the interval as error bars on the points
+        ax.errorbar(eps, acc, yerr=[acc - low, high - acc], fmt="none", ecolor=color,
+                    capsize=3, linewidth=1)
+    else:
+        ax.fill_between(eps, low, high, color=color, alpha=0.15, linewidth=0)
+
+
+def _label_axes(ax: Axes) -> None:
+    """Axis labels, the accuracy range [0, 1] with a margin, grid and title."""
+    ax.set_xlabel("ε (pixel units)")
+    ax.set_ylabel("robust accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.set_title("Robust accuracy vs ε (95% Wilson intervals)", fontsize=10)
 
 
 def _series_style(model_index: int, attack_index: int, attack: str, several: bool
