@@ -446,6 +446,22 @@ def test_factory_and_empty_model_specs(spec: str, fragment: str, faulty_models: 
     assert fragment in str(info.value)
 
 
+def test_folder_as_model_names_the_checkpoints_in_it(tmp_path: Path) -> None:
+    """``--model /`` or ``.`` used to end in pathlib's "has an empty name" traceback."""
+    from robustkit.checkpoint import save_checkpoint
+    from robustkit.models.zoo import build_model
+
+    for spec in ("/", "."):
+        result = run("attack", "--model", spec, "--eps", "0,0.1", "--n", "5", "-q",
+                     "--out", str(tmp_path / "o"))
+        assert_user_error(result, f"--model {spec} is a folder: pass a model file in it")
+    save_checkpoint(tmp_path / "m", build_model("mlp"), {"arch": "mlp"})
+    (tmp_path / "examples.safetensors").write_bytes(b"")  # no sidecar: not a checkpoint
+    with pytest.raises(RobustkitError, match=r"is a folder: pass a model file in it "
+                                             r"\(it holds m\.safetensors\)$"):
+        load_model(tmp_path)
+
+
 @pytest.mark.parametrize("content", [b"root:x:0:0:root:/root:/bin/bash\n", bytes(range(256)) * 8,
                                      b"\x80\x02}q\x00."])
 def test_garbage_weights_are_one_error(content: bytes, tmp_path: Path) -> None:

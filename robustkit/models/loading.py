@@ -247,6 +247,13 @@ def _load_by_kind(text: str, weights: Path | None, device: torch.device, trust: 
         return _from_factory(text, weights, device, app_dir), {"kind": "factory"}
     if path.suffix == ".pt2":
         return _load_exported_file(path, device, trust), {"kind": "torch.export"}
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.safetensors")
+                       if p.with_suffix(".json").is_file())  # checkpoints only
+        raise RobustkitError(
+            f"--model {text} is a folder: pass a model file in it"
+            + (f" (it holds {', '.join(found[:3])})" if found else "")
+        )
     if _is_checkpoint(path):
         model, meta = load_checkpoint(path, device)
         return model, {"kind": "checkpoint", "arch": meta.get("arch"), "checkpoint": meta,
