@@ -285,6 +285,40 @@ def test_square_breaks_a_linear_model_like_the_closed_form() -> None:
     assert int(result.success.sum()) >= 0.9 * int((~robust).sum())
 
 
+def test_square_linf_proposal_matches_a_whole_image_mask_reference() -> None:
+    """The proposal computes only the s × s square; a plain reference builds the full-size mask
+    and takes ``where(mask, clip(x ± ε), x̂)``, flipping the signs where nothing would change."""
+    from robustkit.attacks.base import clip_box
+    from robustkit.attacks.square import _linf_proposal
+
+    gen = torch.Generator().manual_seed(3)
+    k, c, h, w = 64, 3, 9, 7
+    x = torch.rand(k, c, h, w, generator=gen)
+    x[:8] = torch.randint(0, 2, (8, c, h, w), generator=gen).float()  # on the box's faces
+    eps = torch.rand(k, 1, 1, 1, generator=gen) * 0.3
+    x_hat = clip_box(x + eps * torch.where(torch.rand(x.shape, generator=gen) < 0.5, -1.0, 1.0),
+                     x)
+    for s in (1, 2, 4, 7):
+        u = torch.rand(k, c + 5, dtype=torch.float64, generator=gen)
+        u[:16, 5:] = torch.where(x_hat[:16, :, 0, 0] > x[:16, :, 0, 0], 0.9, 0.1)  # same square
+        if s == 1:  # a square whose content x̂ already holds: the signs must flip
+            u[:16, :2] = 0.0
+        top = (u[:, 0] * (h - s + 1)).floor().long().clamp(max=h - s)
+        left = (u[:, 1] * (w - s + 1)).floor().long().clamp(max=w - s)
+        rows, cols = torch.arange(h), torch.arange(w)
+        mask = (((rows >= top[:, None]) & (rows < top[:, None] + s))[:, :, None]
+                & ((cols >= left[:, None]) & (cols < left[:, None] + s))[:, None, :])[:, None]
+        signs = torch.where(u[:, 5:5 + c] < 0.5, -1.0, 1.0).view(k, c, 1, 1)
+        expected = torch.where(mask, clip_box(x + eps * signs, x), x_hat)
+        same = (expected == x_hat).flatten(1).all(dim=1)
+        expected[same] = torch.where(mask[same], clip_box(x - eps * signs, x)[same], x_hat[same])
+        got = _linf_proposal(x, x_hat, eps, s, u)
+        assert torch.equal(got, expected)
+        assert not (got == x_hat).flatten(1).all(dim=1).any()  # every query changes the point
+        if s == 1:
+            assert same[:16].any()
+
+
 def test_square_rejects_bad_arguments() -> None:
     model = small_cnn_like()
     x = image_batch(2)
