@@ -7,12 +7,18 @@ On one model (a robustkit checkpoint, or anything ``robustkit attack --model`` l
    the sweep engine (``robustkit.evaluation.evaluate`` with ``name = "autoattack"``, ε ∈ {0, ε}),
    exactly what ``robustkit attack --attack autoattack`` runs;
 2. torchattacks: ``AutoAttack(model, norm, eps, version="standard", n_classes=K, seed)``
-   (APGD-CE, APGD-T, FAB-T, Square 5000), batch by batch; its adversarial images are checked to
-   lie in the ε-ball and the [0, 1] box, and a sample counts as robust iff the model still
-   classifies its image correctly.
+   (APGD-CE, APGD-T, FAB-T, Square 5000), batch by batch. Its APGD, APGD-T and FAB run 10 steps
+   by default, a tenth of robustkit's and of the authors' standard version;
+   ``--reference-steps 100`` sets them to 100 (like for like), and ``--steps 10`` makes
+   robustkit as cheap as torchattacks' default;
+3. with ``--authors``: the AutoAttack authors' own package (``from autoattack import
+   AutoAttack``, ``version="standard"``: 100 iterations, Square 5000), if it is importable.
+
+Each reference's adversarial images are checked to lie in the ε-ball and the [0, 1] box, and a
+sample counts as robust iff the model still classifies its image correctly.
 
 Printed: clean and robust accuracy of each, the per-sample disagreements (indices; which side
-broke them), and the wall time of each with the ratio torchattacks / robustkit. ``--json OUT``
+broke them), and the wall time of each with the ratio reference / robustkit. ``--json OUT``
 saves the same figures (with every disagreeing index) as JSON.
 
     python benchmarks/autoattack_compare.py --checkpoint runs/mlp_at/model-best.safetensors \\
@@ -29,6 +35,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also write the figures and every disagreeing index to OUT")
     parser.add_argument("--skip-reference", action="store_true",
                         help="run robustkit only (no torchattacks)")
+    parser.add_argument("--reference-steps", type=int, default=None, metavar="N",
+                        help="steps of torchattacks' APGD, APGD-T and FAB inside its AutoAttack "
+                             "(default: torchattacks' own, 10; the authors' standard uses 100)")
+    parser.add_argument("--authors", action="store_true",
+                        help="also run the AutoAttack authors' package (import autoattack; "
+                             "version='standard': APGD/APGD-T/FAB-T 100 iterations, Square 5000)")
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     args = parser.parse_args(argv)
     if args.n < 1 or args.batch_size < 1:
@@ -110,6 +123,29 @@ def run_torchattacks(model: nn.Module, split: Split, args: argparse.Namespace,
     norm = "Linf" if args.norm == "linf" else "L2"
     attack = torchattacks.AutoAttack(model, norm=norm, eps=args.eps, version="standard",
                                      n_classes=num_classes, seed=args.seed)
+    if args.reference_steps is not None:  # APGD, APGD-T and FAB; Square counts queries
+        for stage in attack._autoattack.attacks:
+            if hasattr(stage, "steps"):
+                stage.steps = args.reference_steps
+    return _run_reference(lambda x, y: attack(x, y), model, split, args, device)
+
+
+def run_authors(model: nn.Module, split: Split, args: argparse.Namespace,
+                device: torch.device) -> tuple[Tensor, float, int]:
+    """The same under the AutoAttack authors' own package, ``version="standard"``."""
+    from autoattack import AutoAttack
+
+    norm = "Linf" if args.norm == "linf" else "L2"
+    attack = AutoAttack(model, norm=norm, eps=args.eps, version="standard", seed=args.seed,
+                        device=str(device), verbose=False)
+    return _run_reference(
+        lambda x, y: attack.run_standard_evaluation(x, y, bs=len(x)), model, split, args, device)
+
+
+def _run_reference(attack: Any, model: nn.Module, split: Split, args: argparse.Namespace,
+                   device: torch.device) -> tuple[Tensor, float, int]:
+    """Per-sample robustness ``[n]`` under ``attack(x, y) -> x_adv``, seconds, and the number of
+    adversarial images outside the ε-ball or the box (they count as not broken)."""
     robust, invalid = [], 0
     _sync(device)
     started = time.perf_counter()
@@ -164,41 +200,35 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows: list[list[object]] = [["robustkit autoattack", f"{rk_robust.float().mean():.4f}",
                                  f"{rk_seconds:.1f}", ""]]
-    if not args.skip_reference:
+    Reference = tuple[str, str, Callable[[], tuple[Tensor, float, int]]]
+    references: list[Reference] = [] if args.skip_reference else [
+        (f"torchattacks AutoAttack standard, {args.reference_steps or 10} steps", "torchattacks",
+         lambda: run_torchattacks(model, split, args, device, int(logits.shape[1])))]
+    if args.authors:
+        references.append(("authors' AutoAttack standard", "authors",
+                           lambda: run_authors(model, split, args, device)))
+    for title, key, run_reference in references:
         try:
-            ta_robust, ta_seconds, invalid = run_torchattacks(model, split, args, device,
-                                                              int(logits.shape[1]))
-        except ImportError:
-            print("torchattacks is not installed (pip install torchattacks): reference skipped")
-        else:
-            only_ta = ((rk_robust & ~ta_robust).nonzero().squeeze(1)).tolist()
-            only_rk = ((~rk_robust & ta_robust).nonzero().squeeze(1)).tolist()
-            ratio = ta_seconds / rk_seconds if rk_seconds > 0 else math.nan
-            rows.append(["torchattacks AutoAttack standard", f"{ta_robust.float().mean():.4f}",
-                         f"{ta_seconds:.1f}", f"{ratio:.2f}"])
-            figures["torchattacks"] = {
-                "accuracy": float(ta_robust.float().mean()), "seconds": ta_seconds,
-                "invalid_adversarials": invalid}
-            figures["time_ratio_torchattacks_over_robustkit"] = ratio
-            figures["accuracy_gap_robustkit_minus_torchattacks"] = float(
-                rk_robust.float().mean() - ta_robust.float().mean())
-            figures["broken_only_by_torchattacks"] = only_ta
-            figures["broken_only_by_robustkit"] = only_rk
+            ref_robust, ref_seconds, invalid = run_reference()
+        except ImportError as exc:
+            print(f"{title}: skipped ({exc}; see benchmarks/README.md)")
+            continue
+        ratio = ref_seconds / rk_seconds if rk_seconds > 0 else math.nan
+        rows.append([title, f"{ref_robust.float().mean():.4f}", f"{ref_seconds:.1f}",
+                     f"{ratio:.2f}"])
+        figures[key] = {
+            "title": title, "accuracy": float(ref_robust.float().mean()),
+            "seconds": ref_seconds, "invalid_adversarials": invalid,
+            "time_ratio_over_robustkit": ratio,
+            "accuracy_gap_robustkit_minus_reference": float(
+                rk_robust.float().mean() - ref_robust.float().mean()),
+            "broken_only_by_reference": (rk_robust & ~ref_robust).nonzero().squeeze(1).tolist(),
+            "broken_only_by_robustkit": (~rk_robust & ref_robust).nonzero().squeeze(1).tolist(),
+        }
     print_table(["attack", "robust accuracy", "seconds", "time / robustkit"], rows)
-    if "torchattacks" in figures:
-        gap = figures["accuracy_gap_robustkit_minus_torchattacks"]
-        print(f"robustkit − torchattacks: {100 * gap:+.2f} points; "
-              f"torchattacks took {figures['time_ratio_torchattacks_over_robustkit']:.2f}× "
-              "robustkit's time")
-        for side, key in (("torchattacks", "broken_only_by_torchattacks"),
-                          ("robustkit", "broken_only_by_robustkit")):
-            found = figures[key]
-            shown = ", ".join(map(str, found[:SHOW])) + (" …" if len(found) > SHOW else "")
-            print(f"broken only by {side}: {len(found)}" + (f" (indices {shown})" if found
-                                                             else ""))
-        if figures["torchattacks"]["invalid_adversarials"]:
-            print(f"warning: {figures['torchattacks']['invalid_adversarials']} torchattacks "
-                  "images left the ε-ball or the box; they were counted as not broken")
+    for title, key, _ in references:
+        if key in figures:
+            _print_comparison(title, figures[key])
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.json.with_name(args.json.name + ".tmp")
@@ -206,6 +236,21 @@ def main(argv: list[str] | None = None) -> int:
         tmp.replace(args.json)
         print(f"figures written to {args.json}")
     return 0
+
+
+def _print_comparison(title: str, found: dict[str, Any]) -> None:
+    """robustkit against one reference: the accuracy gap, the time ratio, the disagreements."""
+    print(f"robustkit − {title}: {100 * found['accuracy_gap_robustkit_minus_reference']:+.2f} "
+          f"points; it took {found['time_ratio_over_robustkit']:.2f}× robustkit's time")
+    for side, key in (("the reference", "broken_only_by_reference"),
+                      ("robustkit", "broken_only_by_robustkit")):
+        indices = found[key]
+        shown = ", ".join(map(str, indices[:SHOW])) + (" …" if len(indices) > SHOW else "")
+        print(f"  broken only by {side}: {len(indices)}"
+              + (f" (indices {shown})" if indices else ""))
+    if found["invalid_adversarials"]:
+        print(f"  warning: {found['invalid_adversarials']} of its images left the ε-ball or "
+              "the box; they were counted as not broken")
 
 
 if __name__ == "__main__":
