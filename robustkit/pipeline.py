@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 
@@ -74,6 +74,8 @@ from robustkit.runs import (
 from robustkit.runtime import now_iso, provenance
 from robustkit.sources import load_configured, load_data
 from robustkit.training import train
+
+_T = TypeVar("_T")
 
 
 def model_name(spec: str) -> str:
@@ -172,7 +174,7 @@ def attack_model(
     work = distributed.on_main(lambda: prepare_staging(folder, _keep_sweep(folder, [None])),
                                dist)
     manifest = _attack_manifest(owner, info, data, split, target, seed)
-    evaluation = _sweep_user_model(model, work, lambda: evaluate_to_folder(
+    evaluation = _user_model_stage(model, "the sweep", work, lambda: evaluate_to_folder(
         net, split, attacks, eps, out_dir=work, settings=settings, manifest=manifest,
         model_name=name, batch_size=batch_size, seed=seed, progress=progress, dist=dist,
         transform=build_transform(transforms),
@@ -181,10 +183,12 @@ def attack_model(
     reporting = report and main  # checks and report: rank 0 only
     checks, outputs = None, {"folder": str(folder)}
     if reporting:
-        checks = _after_evaluation(net, split, evaluation, settings, work, seed=seed,
-                                   reference=None, log=log, progress=progress, shown=folder)
-        _physical(net, split, attacks, transforms, eps, work, batch_size=batch_size,
-                  seed=seed, progress=progress, log=log)
+        checks = _user_model_stage(model, "the sanity checks", work, lambda: _after_evaluation(
+            net, split, evaluation, settings, work, seed=seed, reference=None, log=log,
+            progress=progress, shown=folder))
+        _user_model_stage(model, "the physical-world evaluation", work, lambda: _physical(
+            net, split, attacks, transforms, eps, work, batch_size=batch_size, seed=seed,
+            progress=progress, log=log))
     echo(f"robust accuracy of {name} on {len(split)} {data.name} test images:")
     echo(accuracy_table(evaluation.results,
                         _unreliable(work, evaluation.results, settings) if main else None))
@@ -271,17 +275,18 @@ def _attack_manifest(owner: Owner, info: dict[str, Any], data: Dataset, split: S
     return manifest
 
 
-def _sweep_user_model(model: str, work: Path, sweep: Callable[[], Evaluation]) -> Evaluation:
-    """Run ``sweep``; any error but robustkit's own, the disk's or memory's is the user's model
-    failing on some batch or its gradient, reported as such (the finished cells stay)."""
+def _user_model_stage(model: str, stage: str, work: Path, run: Callable[[], _T]) -> _T:
+    """Run ``run``; any error but robustkit's own, the disk's or memory's is the user's model
+    failing on some batch or its gradient during ``stage``, reported as such (the finished
+    cells stay in ``work``, so the same command resumes)."""
     try:
-        return sweep()
+        return run()
     except (RobustkitError, OSError, MemoryError):
         raise
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise RobustkitError(
-            f"the model {model} failed during the sweep ({type(exc).__name__}: {first}); "
+            f"the model {model} failed during {stage} ({type(exc).__name__}: {first}); "
             f"finished (attack, ε) cells are kept in {work}: fix the model and run the same "
             "command again"
         ) from None

@@ -397,17 +397,24 @@ FAULTY = textwrap.dedent("""
     import torch
     from torch import nn
 
-    class FailsUnderAttack(nn.Module):
-        def __init__(self):
+    class FailsUnderAttack(nn.Module):  # always predicts label; no input gradient
+        def __init__(self, label):
             super().__init__()
-            self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+            one_hot = torch.nn.functional.one_hot(torch.tensor(label), 10).float()
+            self.register_buffer("logits", 5 * one_hot - 1)
         def forward(self, x):
             if x.requires_grad:
                 raise ValueError("no gradients through this layer [/x]")
-            return self.net(x)
+            return self.logits.expand(len(x), 10) + 0 * x.flatten(1)[:, :1]
 
+    # MNIST's first 20 test labels include 7 (twice) and no 8: the first model is right on two
+    # samples, which the sweep attacks; the second is wrong on all, so the sweep attacks nobody
+    # and the first input gradient is asked for by the sanity checks.
     def fails_under_attack():
-        return FailsUnderAttack()
+        return FailsUnderAttack(7)
+
+    def fails_in_checks():
+        return FailsUnderAttack(8)
 
     def needs_arguments(width):
         return nn.Linear(784, width)
@@ -428,6 +435,16 @@ def test_model_failing_mid_sweep_is_one_line(faulty_models: Path, tmp_path: Path
                  extra_path=faulty_models)
     assert_user_error(result, "failed during the sweep", "ValueError",
                       "no gradients through this layer [/x]")
+
+
+def test_model_failing_in_the_checks_is_one_line(faulty_models: Path, tmp_path: Path,
+                                                 mnist_root: Path) -> None:
+    result = run("attack", "--model", "faultymodels:fails_in_checks", "--attack", "fgsm",
+                 "--eps", "0,0.1", "--n", "20", "-q", "--out", str(tmp_path / "o"),
+                 extra_path=faulty_models)
+    assert_user_error(result, "failed during the sanity checks", "ValueError",
+                      "no gradients through this layer [/x]")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(("spec", "fragment"), [
