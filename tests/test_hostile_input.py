@@ -428,21 +428,16 @@ def faulty_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def test_model_failing_mid_sweep_is_one_line(faulty_models: Path, tmp_path: Path,
-                                             mnist_root: Path) -> None:
-    result = run("attack", "--model", "faultymodels:fails_under_attack", "--attack", "fgsm",
+@pytest.mark.parametrize(("factory", "stage"), [
+    ("fails_under_attack", "the sweep"),
+    ("fails_in_checks", "the sanity checks"),
+])
+def test_model_failing_mid_run_is_one_line(factory: str, stage: str, faulty_models: Path,
+                                           tmp_path: Path, mnist_root: Path) -> None:
+    result = run("attack", "--model", f"faultymodels:{factory}", "--attack", "fgsm",
                  "--eps", "0,0.1", "--n", "20", "-q", "--out", str(tmp_path / "o"),
                  extra_path=faulty_models)
-    assert_user_error(result, "failed during the sweep", "ValueError",
-                      "no gradients through this layer [/x]")
-
-
-def test_model_failing_in_the_checks_is_one_line(faulty_models: Path, tmp_path: Path,
-                                                 mnist_root: Path) -> None:
-    result = run("attack", "--model", "faultymodels:fails_in_checks", "--attack", "fgsm",
-                 "--eps", "0,0.1", "--n", "20", "-q", "--out", str(tmp_path / "o"),
-                 extra_path=faulty_models)
-    assert_user_error(result, "failed during the sanity checks", "ValueError",
+    assert_user_error(result, f"failed during {stage}", "ValueError",
                       "no gradients through this layer [/x]")
     assert not (tmp_path / "o").exists()
 
