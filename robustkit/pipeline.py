@@ -188,7 +188,7 @@ def attack_model(
             progress=progress, shown=folder))
         _user_model_stage(model, "the physical-world evaluation", work, lambda: _physical(
             net, split, attacks, transforms, eps, work, batch_size=batch_size, seed=seed,
-            progress=progress, log=log))
+            progress=progress, log=log, shown=folder))
     echo(f"robust accuracy of {name} on {len(split)} {data.name} test images:")
     echo(accuracy_table(evaluation.results,
                         _unreliable(work, evaluation.results, settings) if main else None))
@@ -547,13 +547,13 @@ def _after_seed_sweep(run: _Run, model: Any, evaluation: Evaluation, settings: d
     cfg = run.cfg
     release_weights(best, eval_dir)
     _copy_training_outputs(ckpt_dir, eval_dir, to_toml(cfg))
+    shown = run.folder / eval_dir.relative_to(run.work)
     checks = _after_evaluation(model, run.split, evaluation, settings, eval_dir,
                                seed=cfg.evaluate.seed, reference=cfg.reference, log=run.log,
-                               progress=run.progress,
-                               shown=run.folder / eval_dir.relative_to(run.work))
+                               progress=run.progress, shown=shown)
     _physical(model, run.split, cfg.attacks, cfg.transforms, cfg.evaluate.eps, eval_dir,
               batch_size=cfg.evaluate.batch_size, seed=cfg.evaluate.seed,
-              progress=run.progress, log=run.log)
+              progress=run.progress, log=run.log, shown=shown)
     return checks
 
 
@@ -601,9 +601,11 @@ def _physical_settings(defence: DefenceConfig | None, transforms: TransformConfi
 
 def _physical(model: Any, split: Any, attacks: Sequence[AttackConfig],
               transforms: TransformConfig | None, eps: Sequence[float], eval_dir: Path, *,
-              batch_size: int, seed: int, progress: bool, log: Callable[[str], None]) -> None:
+              batch_size: int, seed: int, progress: bool, log: Callable[[str], None],
+              shown: Path) -> None:
     """Robustness under transformation (:mod:`robustkit.physical`) when there is a
-    ``[transforms]`` table, or a randomised model attacked with EOT."""
+    ``[transforms]`` table, or a randomised model attacked with EOT. ``shown``: the folder
+    ``eval_dir`` becomes (it may be a staging one)."""
     config = wants_physical(model, attacks, transforms)
     if config is None:
         return
@@ -611,7 +613,7 @@ def _physical(model: Any, split: Any, attacks: Sequence[AttackConfig],
                                          batch_size=batch_size, seed=seed, progress=progress)
     write_physical(eval_dir, physical, {"transforms": to_dict(config),
                                         "transform": build_transform(config).describe()})
-    log(f"robustness under transformation written to {eval_dir / 'physical.csv'}")
+    log(f"robustness under transformation written to {shown / 'physical.csv'}")
 
 
 def _silent(message: str) -> None:
