@@ -108,9 +108,25 @@ def git_commit() -> str | None:
 
 
 def device_description(device: torch.device) -> str:
+    """The device as a manifest records it. On the CPU: the processor model, the instruction set
+    torch's kernels use and the thread count, the three things that decide whether a run
+    reproduces another byte for byte (MKL and oneDNN pick their kernels by processor)."""
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return (f"cpu ({cpu_model()}, {platform.machine()}, {torch.backends.cpu.get_cpu_capability()}"
+            f", {torch.get_num_threads()} threads)")
+
+
+def cpu_model() -> str:
+    """The processor's model name (Linux's ``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown processor"
 
 
 def provenance(device: torch.device, seed: int | None = None) -> dict[str, Any]:

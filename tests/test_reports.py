@@ -3,6 +3,7 @@ fresh clone."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -12,10 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 
 from robustkit.config import config_hash, load_config
 from robustkit.outputs import command_config
+from robustkit.runtime import device_description
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,9 +84,28 @@ def _threads(manifest: dict[str, object]) -> int:
     return int(match.group(1))
 
 
+def _processor(device: str) -> str:
+    """A manifest's CPU description without its thread count: what decides, with the thread
+    count, whether two runs can agree byte for byte (MKL and oneDNN pick kernels by processor)."""
+    return re.sub(r",? ?\d+ threads\)$", ")", device)
+
+
+def _close_to_committed(new: bytes, committed: bytes, tolerance: int) -> None:
+    """The same rows, each ``correct`` within ``tolerance`` samples of the committed count."""
+    ours, theirs = pd.read_csv(io.BytesIO(new)), pd.read_csv(io.BytesIO(committed))
+    keys = ["model", "attack", "norm", "eps", "n"]
+    assert ours[keys].equals(theirs[keys])
+    moved = (ours["correct"] - theirs["correct"]).abs()
+    assert moved.max() <= tolerance, ours.assign(committed=theirs["correct"])[moved > tolerance]
+
+
 @pytest.mark.slow
 def test_readme_quickstart_runs_twice_from_a_fresh_clone(tmp_path: Path, mnist_root: Path
                                                          ) -> None:
+    """Exit 0 twice, the second run byte-identical to the first; equal to the committed report
+    byte for byte on the processor and thread count it records, and within a few samples per
+    row elsewhere (another processor's kernels round differently in the last bits, which moves
+    a handful of samples near the decision boundary)."""
     if not (REPO / ".git").exists() or shutil.which("git") is None:
         pytest.skip("not a git checkout: nothing to clone")
     readme = (REPO / "README.md").read_text(encoding="utf-8")
@@ -93,18 +116,26 @@ def test_readme_quickstart_runs_twice_from_a_fresh_clone(tmp_path: Path, mnist_r
     committed = clone / "reports" / "quickstart"
     expected = {name: (committed / name).read_bytes() for name in ("results.csv",
                                                                    "per_sample.csv")}
-    threads = str(_threads(json.loads((committed / "manifest.json").read_text())))
+    recorded = json.loads((committed / "manifest.json").read_text())["device"]
+    threads = str(_threads({"device": recorded}))
+    same_machine = _processor(recorded) == _processor(device_description(torch.device("cpu")))
     env = {**os.environ, "ROBUSTKIT_DATA": str(mnist_root), "PYTHONPATH": str(clone),
            "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "COLUMNS": "200"}
     script = shutil.which("robustkit")
     argv = [script] if script else [sys.executable, "-m", "robustkit"]
+    made: list[dict[str, bytes]] = []
     for attempt in ("first", "second"):
         result = subprocess.run([*argv, *shlex.split(command)[1:]], cwd=clone, env=env,
                                 capture_output=True, text=True, timeout=1200)
         assert result.returncode == 0, f"{attempt} run: {result.stderr}"
         for name in ("report.html", "report.md", "checks.csv", "manifest.json"):
             assert (committed / name).is_file(), f"{attempt} run: no {name}"
-        for name, data in expected.items():
-            assert (committed / name).read_bytes() == data, f"{attempt} run: {name} differs"
+        made.append({name: (committed / name).read_bytes() for name in expected})
     assert "reusing" in result.stderr  # the second run reuses the first one's checkpoint
     assert "Traceback" not in result.stderr
+    assert made[1] == made[0], "the second run differs from the first"
+    if same_machine:
+        for name, data in expected.items():
+            assert made[0][name] == data, f"{name} differs from the committed one ({recorded})"
+    else:
+        _close_to_committed(made[0]["results.csv"], expected["results.csv"], tolerance=5)
