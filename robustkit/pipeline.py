@@ -73,7 +73,7 @@ from robustkit.runs import (
 )
 from robustkit.runtime import now_iso, provenance
 from robustkit.sources import load_configured, load_data
-from robustkit.training import train
+from robustkit.training import adopt_training, train
 
 _T = TypeVar("_T")
 
@@ -489,9 +489,10 @@ def _run_seed(run: _Run, seed: int) -> Evaluation:
 
 def _train_or_reuse(run: _Run, seed: int, ckpt_dir: Path, best: Path, fingerprint: str
                     ) -> bool:
-    """Train the seed's model into ``ckpt_dir`` unless its checkpoint ``best`` can be reused:
-    not ``--retrain``, no unfinished training, and the same training hash and data checksum.
-    Returns whether it was reused (rank 0's disk decides for every rank)."""
+    """Train the seed's model into ``ckpt_dir`` unless its checkpoint ``best`` can be reused
+    (not ``--retrain``, no unfinished training, the same training hash and data checksum) or
+    another experiment's finished training of the same hash can be copied in. Returns whether
+    a finished training was reused (rank 0's disk decides for every rank)."""
     cfg = run.cfg
 
     def can_reuse() -> bool:
@@ -502,15 +503,56 @@ def _train_or_reuse(run: _Run, seed: int, ckpt_dir: Path, best: Path, fingerprin
         return (sidecar.get("training_hash") == fingerprint
                 and sidecar.get("data_sha256") == run.data.provenance.get("data_sha256"))
 
-    reusable = distributed.on_main(can_reuse, run.dist)
-    if reusable:
+    if distributed.on_main(can_reuse, run.dist):
         run.log(f"seed {seed}: reusing {best}.safetensors (training hash {fingerprint})")
-    else:
-        run.log(f"seed {seed}: training {cfg.model.factory or cfg.model.arch} "
-                f"({cfg.train.method}) into {ckpt_dir}")
-        train(cfg, out_dir=ckpt_dir, seed=seed, device=run.target, data=run.data,
-              progress=run.progress, resume=not run.retrain, log=run.log, dist=run.dist)
-    return reusable
+        return True
+    donor = None if run.retrain else distributed.on_main(
+        lambda: _adopt_same_training(run, seed, ckpt_dir, fingerprint), run.dist)
+    if donor is not None:
+        run.log(f"seed {seed}: reusing {donor / 'model-best'}.safetensors, trained by "
+                f"another experiment with the same training hash {fingerprint}; copied "
+                f"into {ckpt_dir}")
+        return True
+    run.log(f"seed {seed}: training {cfg.model.factory or cfg.model.arch} "
+            f"({cfg.train.method}) into {ckpt_dir}")
+    train(cfg, out_dir=ckpt_dir, seed=seed, device=run.target, data=run.data,
+          progress=run.progress, resume=not run.retrain, log=run.log, dist=run.dist)
+    return False
+
+
+def _adopt_same_training(run: _Run, seed: int, ckpt_dir: Path, fingerprint: str
+                         ) -> Path | None:
+    """Copy into ``ckpt_dir`` a finished training of another experiment under the runs folder
+    with the same training hash and data checksum, and return its folder; None when there is
+    none, or when ``ckpt_dir`` holds an unfinished training of its own (it resumes instead).
+
+    The training hash covers everything the weights depend on (data, model, training
+    settings, seed, device setting), so such a folder holds the weights this run would train:
+    ``mnist_cnn_pgd_at_eot`` takes ``mnist_cnn_pgd_at``'s instead of training an hour again.
+    """
+    if (ckpt_dir / "state.json").exists():
+        return None
+    data_sha = run.data.provenance.get("data_sha256")
+    for donor in sorted(run.runs_dir.glob(f"*/seed-{seed}")):
+        if donor.resolve() != ckpt_dir.resolve() and _finished_training(donor, fingerprint,
+                                                                         data_sha):
+            owner = Owner("train", run.cfg.name, run.owner.config_file)
+            adopt_training(donor, ckpt_dir, run.cfg, seed, owner.record())
+            return donor
+    return None
+
+
+def _finished_training(folder: Path, fingerprint: str, data_sha: Any) -> bool:
+    """Whether ``folder`` holds a finished training (manifest written, no resume state) whose
+    best checkpoint has this training hash and data checksum; a damaged one does not count."""
+    if (read_json(folder / "manifest.json") is None or (folder / "state.json").exists()
+            or not (folder / "model-best.safetensors").is_file()):
+        return False
+    try:
+        sidecar = read_sidecar(folder / "model-best")
+    except RobustkitError:
+        return False
+    return sidecar.get("training_hash") == fingerprint and sidecar.get("data_sha256") == data_sha
 
 
 def _seed_settings(run: _Run, seed: int, fingerprint: str, best: Path) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from robustkit.config import load_config
+from robustkit.config import load_config, training_hash
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.toml"))
@@ -60,6 +60,15 @@ def _named_paths(output: str) -> list[str]:
     return named
 
 
+def _same_training(config: Path, overrides: list[str]) -> list[str]:
+    """The names of the other committed experiments whose training is ``config``'s, shrunk."""
+    values = overrides[1::2]
+    mine = load_config(config, values)
+    others = (load_config(path, values) for path in EXPERIMENTS if path != config)
+    return sorted(other.name for other in others
+                  if training_hash(other, 0) == training_hash(mine, 0))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
 def test_committed_experiment_runs_end_to_end(config: Path, workdir: Path) -> None:
@@ -72,6 +81,12 @@ def test_committed_experiment_runs_end_to_end(config: Path, workdir: Path) -> No
         env={**os.environ, "OMP_NUM_THREADS": "2", "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
+    donors = [d for d in _same_training(config, overrides)
+              if (workdir / "runs" / d / "seed-0" / "manifest.json").is_file()]
+    if donors:  # an earlier config of the same training ran here: its training is copied
+        assert f"seed 0: reusing runs/{donors[0]}/seed-0/model-best.safetensors, trained by " \
+               "another experiment" in result.stderr
+        assert f"training {cfg.model.arch}" not in result.stderr
 
     report = workdir / "reports" / cfg.name
     for name in ("results.csv", "per_sample.csv", "checks.csv", "manifest.json", "report.html",

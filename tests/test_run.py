@@ -86,6 +86,54 @@ def test_run_reuses_the_checkpoint_train_made(workdir: Path) -> None:
     assert manifest["reused_checkpoint"] is True
 
 
+@pytest.mark.slow
+def test_an_experiment_with_the_same_training_takes_anothers_finished_training(
+        workdir: Path) -> None:
+    """Two configs that differ only in name (so in everything but data, model, training and
+    seed too, in general) share one training: the second copies the first's checkpoint into
+    its own folder, owns the copy, evaluates the same weights, and reuses its copy later."""
+    assert robustkit("run", "tiny.toml", "-q", cwd=workdir).returncode == 0
+    (workdir / "twin.toml").write_text(TINY.replace('name = "tiny"', 'name = "twin"'))
+    twin = robustkit("run", "twin.toml", "-q", cwd=workdir)
+    assert twin.returncode == 0, twin.stderr
+    assert "seed 0: reusing runs/tiny/seed-0/model-best.safetensors, trained by another " \
+           "experiment with the same training hash " in twin.stderr
+    assert "training softmax" not in twin.stderr
+    runs = workdir / "runs"
+    for name in ("model-best.safetensors", "model-last.safetensors", "metrics.csv"):
+        assert (runs / "twin" / "seed-0" / name).read_bytes() == \
+               (runs / "tiny" / "seed-0" / name).read_bytes(), name
+    training = json.loads((runs / "twin" / "seed-0" / "manifest.json").read_text())
+    assert training["owner"] == {"command": "train", "name": "twin", "config_file": "twin.toml"}
+    assert training["copied_from"] == "runs/tiny/seed-0"
+    assert 'name = "twin"' in (runs / "twin" / "seed-0" / "config.toml").read_text()
+    reports = workdir / "reports"
+    twin_results, tiny_results = (pd.read_csv(reports / n / "results.csv")
+                                  for n in ("twin", "tiny"))
+    assert set(twin_results.pop("model")) == {"twin"}
+    assert set(tiny_results.pop("model")) == {"tiny"}
+    pd.testing.assert_frame_equal(twin_results, tiny_results)  # the same numbers, another name
+    assert (reports / "twin" / "per_sample.csv").read_bytes() == \
+           (reports / "tiny" / "per_sample.csv").read_bytes()
+    assert json.loads((reports / "twin" / "manifest.json").read_text())["reused_checkpoint"]
+
+    again = robustkit("run", "twin.toml", "-q", cwd=workdir)  # now its own copy is reused
+    assert again.returncode == 0, again.stderr
+    assert "seed 0: reusing runs/twin/seed-0/model-best.safetensors (training hash" \
+           in again.stderr
+
+    (workdir / "longer.toml").write_text(
+        TINY.replace('name = "tiny"', 'name = "longer"').replace("epochs = 1", "epochs = 2"))
+    longer = robustkit("run", "longer.toml", "-q", "--set", "evaluate.eps=[0, 0.1]",
+                       cwd=workdir)
+    assert longer.returncode == 0, longer.stderr
+    assert "training softmax (standard) into runs/longer/seed-0" in longer.stderr
+    retrained = robustkit("run", "twin.toml", "-q", "--retrain", "--set",
+                          "evaluate.eps=[0, 0.1]", cwd=workdir)
+    assert retrained.returncode == 0, retrained.stderr
+    assert "training softmax (standard) into runs/twin/seed-0" in retrained.stderr
+
+
 def test_rerun_with_changed_settings_replaces_its_own_results_with_one_line(workdir: Path
                                                                            ) -> None:
     assert robustkit("run", "tiny.toml", "-q", cwd=workdir).returncode == 0

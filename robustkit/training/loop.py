@@ -30,7 +30,9 @@ checkpoints, metrics and resume state (which holds every rank's attack generator
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import time
 import typing
 import warnings
@@ -259,6 +261,27 @@ RUN_OUTPUTS = ("model-best.safetensors", "model-best.json", "model-last.safetens
 def _remove_previous_outputs(out_dir: Path) -> None:
     for name in RUN_OUTPUTS:
         (out_dir / name).unlink(missing_ok=True)
+
+
+def adopt_training(donor: Path, out_dir: Path, config: ExperimentConfig, seed: int,
+                   owner: dict[str, Any]) -> None:
+    """Make ``out_dir`` hold the finished training in ``donor`` as if ``config`` had trained it.
+
+    The caller has checked that ``donor``'s training hash and data checksum are ``config``'s
+    for ``seed``, so its weights are the ones this training would make. ``out_dir`` gets this
+    config's ``config.toml``, the donor's weights, sidecars and metrics, and last its
+    ``manifest.json`` with ``owner`` and ``copied_from`` added: every file is replaced whole,
+    so a copy cut short leaves either the old file or the new one, never a mixture.
+    """
+    _remove_previous_outputs(out_dir)
+    write_text(out_dir / "config.toml", to_toml(dataclasses.replace(config, seed=seed, seeds=None)))
+    for name in RUN_OUTPUTS[:-1]:  # the weights before their sidecars, the manifest after all
+        if (donor / name).is_file():
+            with atomic_path(out_dir / name) as tmp:
+                shutil.copyfile(donor / name, tmp)
+    manifest = json.loads((donor / "manifest.json").read_text(encoding="utf-8"))
+    write_json(out_dir / "manifest.json",
+               {**manifest, "owner": owner, "copied_from": donor.as_posix()})
 
 
 @dataclass
@@ -598,6 +621,6 @@ def train(
     return finish(setup, state)
 
 
-__all__ = ["TrainResult", "TrainSetup", "TrainState", "accuracy", "attack_mode", "begin",
-           "end_epoch", "finish", "prepare", "robust_accuracy", "train", "train_epoch",
+__all__ = ["TrainResult", "TrainSetup", "TrainState", "accuracy", "adopt_training", "attack_mode",
+           "begin", "end_epoch", "finish", "prepare", "robust_accuracy", "train", "train_epoch",
            "train_step"]
