@@ -270,8 +270,8 @@ def adopt_training(donor: Path, out_dir: Path, config: ExperimentConfig, seed: i
     The caller has checked that ``donor``'s training hash and data checksum are ``config``'s
     for ``seed``, so its weights are the ones this training would make. ``out_dir`` gets this
     config's ``config.toml``, the donor's weights, sidecars and metrics, and last its
-    ``manifest.json`` with ``owner`` and ``copied_from`` added: every file is replaced whole,
-    so a copy cut short leaves either the old file or the new one, never a mixture.
+    ``manifest.json`` with ``owner`` and ``copied_from`` added. Each file is written whole and
+    each sidecar after its weights, so a copy cut short never leaves a sidecar without them.
     """
     _remove_previous_outputs(out_dir)
     write_text(out_dir / "config.toml", to_toml(dataclasses.replace(config, seed=seed, seeds=None)))
