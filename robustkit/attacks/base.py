@@ -1,9 +1,9 @@
 """Shared plumbing for the attacks: the result type, input checks and :func:`attack_mode`.
 
-Design: every attack (:func:`~robustkit.attacks.fgsm`, :func:`~robustkit.attacks.pgd`) returns an
-:class:`AttackResult` holding the perturbed batch, a per-sample success flag and the number of
-per-sample input-gradient evaluations spent, so the evaluation engine gets all three from one
-call. Callers that only want the images use ``result.x_adv``.
+Design: every attack (FGSM, PGD, APGD, APGD-T, Square and the AutoAttack ensemble) returns an
+:class:`AttackResult` holding the perturbed batch, a per-sample success flag and its cost
+(per-sample input-gradient evaluations, and forward queries for Square), so the evaluation engine
+gets all of them from one call. Callers that only want the images use ``result.x_adv``.
 
 Conventions shared by all attacks:
 
