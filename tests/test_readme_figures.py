@@ -1,0 +1,66 @@
+"""The README's result tables quote the committed reports exactly.
+
+Each figure in the baseline table and in the table of the four adversarially trained CNNs is
+read from README.md and compared with the `results.csv` of the report the row names, so a
+report re-made with other numbers cannot leave the README quoting the old ones.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = re.compile(r"\(`(\w+)`\)")
+
+
+def table_after(heading: str, first_column: str) -> list[list[str]]:
+    """The rows (cells stripped) of the first Markdown table after ``heading`` whose header
+    starts with ``first_column``."""
+    text = (REPO / "README.md").read_text(encoding="utf-8").split(heading, 1)[1]
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column}"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def accuracy(report: str, attack: str, eps: float) -> str:
+    results = pd.read_csv(REPO / "reports" / report / "results.csv")
+    row = results[(results["attack"] == attack) & (results["eps"] == eps)]
+    assert len(row) == 1, f"reports/{report}: no single {attack} row at ε = {eps}"
+    return f"{100 * float(row['accuracy'].iloc[0]):.2f}%"
+
+
+def test_baseline_table_quotes_its_reports() -> None:
+    rows = table_after("## Baseline results", "model (config)")
+    assert len(rows) == 6, rows
+    eps = [0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
+    report = ""
+    for row in rows:
+        named = CONFIG.search(row[0])
+        report = named.group(1) if named else report
+        attack = "fgsm" if "FGSM" in row[0] else "pgd40"
+        quoted = row[3:]
+        assert quoted == [accuracy(report, attack, e) for e in eps], row[0]
+
+
+def test_adversarial_training_table_quotes_its_reports() -> None:
+    rows = table_after("## Baseline results", "model (config) | weights")
+    assert len(rows) == 4, rows
+    for row in rows:
+        named = CONFIG.search(row[0])
+        assert named, row[0]
+        report = named.group(1)
+        clean, fgsm, pgd_ce, pgd_margin, worst, ensemble = row[4:10]
+        assert clean == accuracy(report, "any", 0), report
+        assert fgsm == accuracy(report, "fgsm", 0.3), report
+        assert pgd_ce == accuracy(report, "pgd50x10", 0.3), report
+        assert pgd_margin == accuracy(report, "pgd50x10-margin", 0.3), report
+        assert worst.split(",")[0] == accuracy(report, "any", 0.3), report
+        assert ensemble.strip("*") == accuracy(f"{report}_autoattack", "autoattack", 0.3), report
