@@ -64,3 +64,19 @@ def test_adversarial_training_table_quotes_its_reports() -> None:
         assert pgd_margin == accuracy(report, "pgd50x10-margin", 0.3), report
         assert worst.split(",")[0] == accuracy(report, "any", 0.3), report
         assert ensemble.strip("*") == accuracy(f"{report}_autoattack", "autoattack", 0.3), report
+
+
+def test_ensemble_table_quotes_its_reports() -> None:
+    rows = table_after("## AutoAttack-grade evaluation", "model (config) | ε")
+    assert len(rows) == 5, rows
+    for row in rows:
+        named = CONFIG.search(row[0])
+        assert named, row[0]
+        report, eps = f"{named.group(1)}_autoattack", float(row[1])
+        clean, fgsm, ensemble = row[2:5]
+        assert clean == accuracy(report, "any", 0), report
+        assert fgsm == accuracy(report, "fgsm", eps), report
+        results = pd.read_csv(REPO / "reports" / report / "results.csv")
+        row_aa = results[(results["attack"] == "autoattack") & (results["eps"] == eps)].iloc[0]
+        interval = f"({100 * row_aa['ci_low']:.1f}–{100 * row_aa['ci_high']:.1f})"
+        assert ensemble == f"**{accuracy(report, 'autoattack', eps)}** {interval}", report
