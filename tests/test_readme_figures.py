@@ -37,14 +37,20 @@ def accuracy(report: str, attack: str, eps: float) -> str:
     return f"{100 * float(row['accuracy'].iloc[0]):.2f}%"
 
 
+def config_named(row: list[str]) -> str:
+    """The config a row names in its first cell, as "(`name`)"."""
+    named = CONFIG.search(row[0])
+    assert named, f"no (`config`) in {row[0]!r}"
+    return named.group(1)
+
+
 def test_baseline_table_quotes_its_reports() -> None:
     rows = table_after("## Baseline results", "model (config)")
     assert len(rows) == 6, rows
     eps = [0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
     report = ""
     for row in rows:
-        named = CONFIG.search(row[0])
-        report = named.group(1) if named else report
+        report = config_named(row) if CONFIG.search(row[0]) else report
         attack = "fgsm" if "FGSM" in row[0] else "pgd40"
         quoted = row[3:]
         assert quoted == [accuracy(report, attack, e) for e in eps], row[0]
@@ -54,9 +60,7 @@ def test_adversarial_training_table_quotes_its_reports() -> None:
     rows = table_after("## Baseline results", "model (config) | weights")
     assert len(rows) == 4, rows
     for row in rows:
-        named = CONFIG.search(row[0])
-        assert named, row[0]
-        report = named.group(1)
+        report = config_named(row)
         clean, fgsm, pgd_ce, pgd_margin, worst, ensemble = row[4:10]
         assert clean == accuracy(report, "any", 0), report
         assert fgsm == accuracy(report, "fgsm", 0.3), report
@@ -70,9 +74,7 @@ def test_ensemble_table_quotes_its_reports() -> None:
     rows = table_after("## AutoAttack-grade evaluation", "model (config) | ε")
     assert len(rows) == 5, rows
     for row in rows:
-        named = CONFIG.search(row[0])
-        assert named, row[0]
-        report, eps = f"{named.group(1)}_autoattack", float(row[1])
+        report, eps = f"{config_named(row)}_autoattack", float(row[1])
         clean, fgsm, ensemble = row[2:5]
         assert clean == accuracy(report, "any", 0), report
         assert fgsm == accuracy(report, "fgsm", eps), report
