@@ -7,14 +7,10 @@ renamed or removed option cannot leave the README teaching one that fails.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from functools import cache
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.test_cli import REPO, run
 
 FENCED = re.compile(r"```[a-z]*\n(.*?)```", re.DOTALL)
 INLINE = re.compile(r"`([^`]+)`")
@@ -53,9 +49,7 @@ def readme_commands() -> list[tuple[str, list[str]]]:
 
 
 def robustkit_help(*subcommand: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "robustkit", *subcommand, "--help"],
-                            capture_output=True, text=True, cwd=REPO,
-                            env={**os.environ, "COLUMNS": "200"}, timeout=120)
+    result = run(*subcommand, "--help")
     assert result.returncode == 0, f"robustkit {' '.join(subcommand)} --help: {result.stderr}"
     return result.stdout
 

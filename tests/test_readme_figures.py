@@ -1,8 +1,8 @@
 """The README's result tables quote the committed reports exactly.
 
-Each figure in the baseline table and in the table of the four adversarially trained CNNs is
-read from README.md and compared with the `results.csv` of the report the row names, so a
-report re-made with other numbers cannot leave the README quoting the old ones.
+Each figure in the baseline table, the table of the four adversarially trained CNNs and the
+ensemble table is read from README.md and compared with the `results.csv` of the report the
+row names, so a report re-made with other numbers cannot leave the README quoting the old ones.
 """
 
 from __future__ import annotations
@@ -30,11 +30,16 @@ def table_after(heading: str, first_column: str) -> list[list[str]]:
     return rows
 
 
-def accuracy(report: str, attack: str, eps: float) -> str:
+def result(report: str, attack: str, eps: float) -> pd.Series:
+    """The one row of ``reports/<report>/results.csv`` for ``attack`` at ``eps``."""
     results = pd.read_csv(REPO / "reports" / report / "results.csv")
-    row = results[(results["attack"] == attack) & (results["eps"] == eps)]
-    assert len(row) == 1, f"reports/{report}: no single {attack} row at ε = {eps}"
-    return f"{100 * float(row['accuracy'].iloc[0]):.2f}%"
+    rows = results[(results["attack"] == attack) & (results["eps"] == eps)]
+    assert len(rows) == 1, f"reports/{report}: no single {attack} row at ε = {eps}"
+    return rows.iloc[0]
+
+
+def accuracy(report: str, attack: str, eps: float) -> str:
+    return f"{100 * float(result(report, attack, eps)['accuracy']):.2f}%"
 
 
 def config_named(row: list[str]) -> str:
@@ -78,7 +83,6 @@ def test_ensemble_table_quotes_its_reports() -> None:
         clean, fgsm, ensemble = row[2:5]
         assert clean == accuracy(report, "any", 0), report
         assert fgsm == accuracy(report, "fgsm", eps), report
-        results = pd.read_csv(REPO / "reports" / report / "results.csv")
-        row_aa = results[(results["attack"] == "autoattack") & (results["eps"] == eps)].iloc[0]
+        row_aa = result(report, "autoattack", eps)
         interval = f"({100 * row_aa['ci_low']:.1f}–{100 * row_aa['ci_high']:.1f})"
         assert ensemble == f"**{accuracy(report, 'autoattack', eps)}** {interval}", report
