@@ -468,8 +468,10 @@ def zoo(
         training = r.method + (f" ε={r.train_eps:g}" if r.train_eps is not None else "")
         clean = f"{r.clean:.2%}" if r.clean is not None else "?"
         robust = (f"{r.robust:.2%} @ ε={r.robust_eps:g}" if r.robust is not None else "?")
+        weights = f"{r.path}" + ("  MODIFIED: not the weights its report measured"
+                                 if r.modified else "")
         out.print(f"{'zoo:' + r.name:<28} {r.arch:<12} {r.dataset:<14} {training:<14} "
-                  f"{clean:>7} {robust:>16} {r.size_bytes / 1e6:>6.2f}MB  {r.path}",
+                  f"{clean:>7} {robust:>16} {r.size_bytes / 1e6:>6.2f}MB  {weights}",
                   highlight=False, soft_wrap=True)
 
 

@@ -24,6 +24,7 @@ from robustkit.config import (
     AttackConfig,
     DefenceConfig,
     ExperimentConfig,
+    ModelConfig,
     ReferenceConfig,
     TransformConfig,
     config_from_dict,
@@ -39,7 +40,7 @@ from robustkit.errors import RobustkitError
 from robustkit.evaluation import Evaluation
 from robustkit.models import check_logits, load_model, parse_normalize
 from robustkit.models.factory import build_network
-from robustkit.models.loading import load_checkpoint
+from robustkit.models.loading import load_checkpoint, sidecar_network
 from robustkit.outputs import (
     Holder,
     Owner,
@@ -159,6 +160,9 @@ def attack_model(
         parts=("test",), resize=resize), dist)  # the test split only; one download per node
     split = data.test.take(n)
     check_logits(net, split.images[:8], len(data.classes))
+    mismatch = [info["release_mismatch"]] if info.get("release_mismatch") else []
+    for warning in mismatch:
+        log(f"warning: {warning}")
     net = build_defence(net, defence)  # after the checks a random defence would fail
     name = model_name(model)
     folder = out_dir or Path("runs") / f"attack-{name}"
@@ -205,6 +209,7 @@ def attack_model(
     for warning in warnings:
         log(f"warning: {warning}")
     outputs.update(_result_files(folder))
+    warnings = mismatch + warnings
     echo(f"results in {folder}/ (results.csv, per_sample.csv, timings.csv, settings.json)")
     return AttackOutcome(evaluation, checks, warnings, outputs, settings, name)
 
@@ -465,7 +470,7 @@ def _run_seed(run: _Run, seed: int) -> Evaluation:
     fingerprint = training_hash(cfg, seed)
     best = ckpt_dir / "model-best"
     reusable = _train_or_reuse(run, seed, ckpt_dir, best, fingerprint)
-    model, info = _load_everywhere(best, run.target, run.dist)
+    model, info = _load_everywhere(best, run.target, run.dist, cfg.model)
     model = build_defence(model, cfg.defence)
     settings = _seed_settings(run, seed, fingerprint, best)
     manifest = _seed_manifest(run, seed, ckpt_dir, best, info, reusable)
@@ -662,19 +667,22 @@ def _silent(message: str) -> None:
     """What ranks other than 0 print: nothing."""
 
 
-def _load_everywhere(best: Path, device: Any, dist: Context | None) -> tuple[Any, dict[str, Any]]:
-    """Load a checkpoint on rank 0 and hand its weights to every rank (no shared disk needed)."""
+def _load_everywhere(best: Path, device: Any, dist: Context | None, model: ModelConfig
+                     ) -> tuple[Any, dict[str, Any]]:
+    """Load a checkpoint on rank 0 and hand its weights to every rank (no shared disk needed).
+    The config's ``model.factory`` (the user's own choice) is the one the sidecar may name."""
     if dist is None:
-        return load_checkpoint(best, device)
+        return load_checkpoint(best, device, factory=model.factory, app_dir=model.app_dir)
 
     def read() -> tuple[dict[str, Any], dict[str, Any]]:
-        model, info = load_checkpoint(best, "cpu")
-        return {k: v.cpu() for k, v in model.state_dict().items()}, info
+        net, info = load_checkpoint(best, "cpu", factory=model.factory, app_dir=model.app_dir)
+        return {k: v.cpu() for k, v in net.state_dict().items()}, info
 
     weights, info = distributed.on_main(read, dist)
-    model = build_network(info, int(info.get("num_classes", 10)))
-    model.load_state_dict(weights)
-    return model.to(device).eval(), info
+    network = sidecar_network(info, best, factory=model.factory, app_dir=model.app_dir)
+    net = build_network(network, int(info.get("num_classes", 10)))
+    net.load_state_dict(weights)
+    return net.to(device).eval(), info
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import shutil
 import sys
 from dataclasses import dataclass
@@ -49,6 +50,34 @@ def weights_provenance(stem: Path) -> dict[str, str]:
     """``weights_sha256`` and ``sidecar_sha256`` of a checkpoint (``stem``, suffix optional)."""
     weights, sidecar = checkpoint_paths(stem)
     return {"weights_sha256": file_sha256(weights), "sidecar_sha256": file_sha256(sidecar)}
+
+
+def release_mismatch(weights: Path) -> str | None:
+    """How a released checkpoint differs from what its report recorded, as one sentence; None
+    when the folder's ``manifest.json`` records no sha256 for it (not a released checkpoint)
+    or both files match. The report's figures describe the recorded bytes only."""
+    manifest = _read_manifest(weights.parent / "manifest.json")
+    if manifest.get("weights_file") != weights.name or not manifest.get("weights_sha256"):
+        return None
+    recorded = {k: manifest.get(k) for k in ("weights_sha256", "sidecar_sha256")}
+    changed = [kind.split("_")[0] for kind, value in weights_provenance(weights).items()
+               if recorded.get(kind) and recorded[kind] != value]
+    if not changed:
+        return None
+    files = " and ".join(f"{weights.with_suffix('.json' if c == 'sidecar' else '.safetensors')}"
+                         for c in changed)
+    verb = "differ" if len(changed) > 1 else "differs"
+    return (f"{files} {verb} from the sha256 recorded in {weights.parent / 'manifest.json'}: "
+            "the file was changed after the report was made, so the report's figures do not "
+            "describe it")
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def release_weights(stem: Path, folder: Path) -> dict[str, str]:
@@ -92,6 +121,7 @@ class Released:
     robust: float | None
     robust_eps: float | None
     size_bytes: int
+    modified: bool = False
 
 
 def _report_figures(folder: Path) -> tuple[float | None, float | None, float | None]:
@@ -141,7 +171,8 @@ def list_released(roots: list[Path] | None = None) -> list[Released]:
             clean, robust, robust_eps = _report_figures(folder)
             found[name] = Released(name, weights, str(info.get("arch", "?")),
                                    str(info.get("dataset", "?")), method, train_eps, clean,
-                                   robust, robust_eps, weights.stat().st_size)
+                                   robust, robust_eps, weights.stat().st_size,
+                                   release_mismatch(weights) is not None)
     return sorted(found.values(), key=lambda r: r.name)
 
 

@@ -496,6 +496,131 @@ def test_bad_sidecar_json_is_one_error(sidecar: str, tmp_path: Path) -> None:
         load_model(tmp_path / "m.safetensors")
 
 
+# ------------------------------------------------- 1b: a checkpoint's sidecar names code (#31)
+
+
+def _released_copy(root: Path, name: str, **sidecar: object) -> Path:
+    """``root/reports/NAME``: the committed mnist_softmax release with its sidecar edited."""
+    import json
+    import shutil
+
+    folder = root / "reports" / name
+    shutil.copytree(REPO / "reports" / "mnist_softmax", folder)
+    if sidecar:
+        info = json.loads((folder / "model.json").read_text())
+        (folder / "model.json").write_text(json.dumps({**info, **sidecar}))
+    return folder
+
+
+def test_sidecar_naming_subprocess_runs_nothing(tmp_path: Path, mnist_root: Path) -> None:
+    marker = tmp_path / "PWNED"
+    _released_copy(tmp_path, "evil", arch="factory", factory="subprocess:run",
+                   factory_args={"args": f"touch {marker}", "shell": True})
+    result = run("attack", "--model", "zoo:evil", "--attack", "fgsm", "--eps", "0,0.1",
+                 "--n", "50", "-q", cwd=tmp_path)
+    assert_user_error(result, "names the factory 'subprocess:run'",
+                      "--model subprocess:run --weights", "--trust-model-file")
+    assert not marker.exists()
+    assert not (tmp_path / "runs").exists()  # refused before any work
+    # --trust-model-file means "run what the file says": the command runs, then fails
+    trusted = run("attack", "--model", "zoo:evil", "--trust-model-file", "--attack", "fgsm",
+                  "--eps", "0,0.1", "--n", "50", "-q", cwd=tmp_path)
+    assert_user_error(trusted, "returned a CompletedProcess, not an nn.Module")
+    assert marker.exists()
+
+
+PAYLOAD = textwrap.dedent("""
+    from pathlib import Path
+    from torch import nn
+    Path(__file__).with_name("IMPORTED").write_text("payload ran")
+
+    def net():
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+""")
+
+
+def test_sidecar_app_dir_is_never_put_on_the_import_path(tmp_path: Path, mnist_root: Path
+                                                        ) -> None:
+    """A module shipped in the report folder, with the sidecar's app_dir pointing there."""
+    folder = _released_copy(tmp_path, "shipped", arch="factory", factory="payload:net",
+                            factory_args={})
+    import json
+
+    info = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps({**info, "app_dir": str(folder)}))
+    (folder / "payload.py").write_text(PAYLOAD)
+    (folder / "model.safetensors").write_bytes(
+        (REPO / "reports" / "mnist_softmax" / "model.safetensors").read_bytes())
+    options = ["--attack", "fgsm", "--eps", "0,0.1", "--n", "50", "-q"]
+    refused = run("attack", "--model", "zoo:shipped", *options, cwd=tmp_path)
+    assert_user_error(refused, "names the factory 'payload:net'", "--trust-model-file")
+    trusted = run("attack", "--model", "zoo:shipped", "--trust-model-file", *options,
+                  "--out", "t", cwd=tmp_path)
+    assert_user_error(trusted, "cannot import 'payload'")  # trust, but not the sidecar's path
+    named = run("attack", "--model", "payload:net", "--weights",
+                "reports/shipped/model.safetensors", *options, "--out", "n", cwd=tmp_path)
+    assert_user_error(named, "cannot import 'payload'")
+    assert not (folder / "IMPORTED").exists()
+    chosen = run("attack", "--model", "payload:net", "--weights",
+                 "reports/shipped/model.safetensors", "--app-dir", str(folder), *options,
+                 "--out", "c", cwd=tmp_path)  # the user names the folder: their choice
+    assert chosen.returncode == 0, chosen.stderr
+    assert (folder / "IMPORTED").exists()
+
+
+@pytest.mark.parametrize("in_shape", [["a", 2, 3], [1, 100000, 100000], [1, 28], [0, 28, 28],
+                                      [True, 28, 28]])
+def test_sidecar_in_shape_is_checked_before_building(in_shape: list[object], tmp_path: Path
+                                                     ) -> None:
+    from robustkit.checkpoint import save_checkpoint
+    from robustkit.models.zoo import build_model
+
+    save_checkpoint(tmp_path / "m", build_model("mlp"), {"arch": "mlp", "in_shape": in_shape})
+    with pytest.raises(RobustkitError, match=r"in_shape .* is not \[channels, height, width\]"):
+        load_model(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize(("source", "fragment"), [
+    ("def net(:\n", "importing 'brokenmod' for --model brokenmod:net failed (SyntaxError"),
+    ("raise RuntimeError('no GPU here')\n", "failed (RuntimeError: no GPU here)"),
+])
+def test_factory_module_failing_at_import_is_one_line(source: str, fragment: str,
+                                                      tmp_path: Path) -> None:
+    (tmp_path / "brokenmod.py").write_text(source)
+    result = run("attack", "--model", "brokenmod:net", "--eps", "0,0.1", "--n", "5", "-q",
+                 cwd=tmp_path, extra_path=tmp_path)
+    assert_user_error(result, fragment)
+
+
+def test_weights_beside_a_checkpoint_model_are_refused(tmp_path: Path) -> None:
+    result = run("attack", "--model", "zoo:mnist_softmax", "--weights",
+                 str(REPO / "reports" / "mnist_mlp" / "model.safetensors"), "--eps", "0,0.1",
+                 "--n", "5", "-q", cwd=tmp_path)
+    assert_user_error(result, "only --model package.module:factory takes separate weights",
+                      "drop --weights")
+
+
+def test_tampered_release_is_flagged(tmp_path: Path, mnist_root: Path) -> None:
+    folder = _released_copy(tmp_path, "tampered")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["1.bias"] = weights["1.bias"] + 1.0
+    save_file(weights, str(folder / "model.safetensors"))
+    result = run("attack", "--model", "zoo:tampered", "--attack", "fgsm", "--eps", "0,0.1",
+                 "--n", "20", "-q", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "tampered/model.safetensors differs from the sha256 recorded" in result.stderr
+    import json
+
+    assert any("differs from the sha256" in w for w in json.loads(result.stdout)["warnings"])
+    listing = run("zoo", "--reports", str(tmp_path / "reports"), cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    assert "MODIFIED" in listing.stdout
+    untouched = run("zoo", cwd=REPO)
+    assert "MODIFIED" not in untouched.stdout
+
+
 # --------------------------------------------------------------------------- 11: disk faults
 
 

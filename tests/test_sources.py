@@ -249,10 +249,18 @@ def test_model_factory_trains_with_pgd_at_and_runs_on_colour_images(colours: Pat
     assert any(p.name.startswith("examples-") for p in (report / "figures").iterdir())
     assert any(f"clean: {name} (" in markdown for name in CLASSES)
 
-    # the released weights on the same images as PNG files: the same numbers
-    attack = robustkit("attack", "--model", "reports/tinynet_pgd_at/model.safetensors",
-                       "--data", "pngs", "--attack", "fgsm,pgd", "--steps", "5", "--eps",
-                       "0,8/255,0.1", "-q", "--out", "on-pngs", cwd=colours)
+    # the released weights on the same images as PNG files: the same numbers, once the user
+    # names the factory (the sidecar's factory runs only by the user's choice; its arguments
+    # width = 8, classes = 3 come from the sidecar)
+    options = ["--data", "pngs", "--attack", "fgsm,pgd", "--steps", "5", "--eps", "0,8/255,0.1",
+               "-q", "--out", "on-pngs"]
+    refused = robustkit("attack", "--model", "reports/tinynet_pgd_at/model.safetensors",
+                        *options, cwd=colours)
+    assert refused.returncode == 2
+    assert ("names the factory 'tinynet:tiny_net'" in refused.stderr
+            and "--model tinynet:tiny_net --weights" in refused.stderr), refused.stderr
+    attack = robustkit("attack", "--model", "tinynet:tiny_net", "--weights",
+                       "reports/tinynet_pgd_at/model.safetensors", *options, cwd=colours)
     assert attack.returncode == 0, attack.stderr
     again = pd.read_csv(colours / "on-pngs" / "results.csv")
     assert again["accuracy"].tolist() == results["accuracy"].tolist()

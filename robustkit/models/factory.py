@@ -58,6 +58,12 @@ def import_factory(spec: str, app_dir: str | Path | None = None, what: str = "--
             f"folder that holds it (searched {where}), pass --app-dir DIR, or put it on "
             "PYTHONPATH"
         ) from None
+    except Exception as exc:  # a user's module can fail at import in any way; say how
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise RobustkitError(
+            f"importing {module_name!r} for {what} {spec} failed ({type(exc).__name__}: "
+            f"{first}): fix the module so that `python -c 'import {module_name}'` works"
+        ) from None
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
@@ -103,10 +109,32 @@ def network_spec(arch: str, factory: str | None = None, args: dict[str, Any] | N
 
 
 def build_network(spec: dict[str, Any], num_classes: int) -> nn.Module:
-    """A freshly initialised network from a :func:`network_spec` (or an older sidecar)."""
+    """A freshly initialised network from a :func:`network_spec` (or an older sidecar).
+
+    The spec is trusted: a ``factory`` in it is imported (from its ``app_dir``) and called.
+    Specs from a config or the command line are the user's own; a checkpoint's sidecar goes
+    through :func:`robustkit.models.loading.sidecar_network` first, which decides whether its
+    factory may run."""
     if spec.get("factory"):
         return call_factory(str(spec["factory"]), spec.get("factory_args") or {},
                             spec.get("app_dir"), what="model.factory")
-    shape = spec.get("in_shape") or MNIST_SHAPE
-    c, h, w = (int(v) for v in shape)
-    return build_model(str(spec.get("arch")), num_classes, (c, h, w))
+    return build_model(str(spec.get("arch")), num_classes, spec_shape(spec))
+
+
+#: The largest image a sidecar may describe (C·H·W values): 16 Mi floats, 64 MiB per image.
+MAX_IN_VALUES = 1 << 24
+
+
+def spec_shape(spec: dict[str, Any]) -> Shape:
+    """The spec's ``in_shape`` as (C, H, W), MNIST's when absent; a shape that is not three
+    positive integers of at most :data:`MAX_IN_VALUES` values in all is a damaged sidecar."""
+    shape = spec.get("in_shape") or list(MNIST_SHAPE)
+    if (not isinstance(shape, list) or len(shape) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape)
+            or shape[0] * shape[1] * shape[2] > MAX_IN_VALUES):
+        raise RobustkitError(
+            f"the checkpoint's in_shape {str(shape)[:80]} is not [channels, height, width] "
+            f"with at most {MAX_IN_VALUES:,} values: the checkpoint is damaged; save it again "
+            "with robustkit")
+    c, h, w = shape
+    return c, h, w

@@ -40,11 +40,18 @@ from robustkit.checkpoint import (
     checkpoint_paths,
     load_checkpoint_tensors,
     load_tensors,
+    read_sidecar,
 )
 from robustkit.errors import RobustkitError
-from robustkit.models.factory import add_app_dir, build_network, call_factory
+from robustkit.models.factory import (
+    FACTORY_ARCH,
+    add_app_dir,
+    build_network,
+    call_factory,
+    spec_shape,
+)
 from robustkit.models.zoo import Normalized
-from robustkit.released import ZOO_PREFIX, resolve_zoo
+from robustkit.released import ZOO_PREFIX, release_mismatch, resolve_zoo
 
 
 def parse_normalize(text: str) -> tuple[list[float], list[float]]:
@@ -85,7 +92,9 @@ def _load_state_dict(weights: Path, device: torch.device) -> dict[str, Tensor]:
 
 def _from_factory(spec: str, weights: Path | None, device: torch.device,
                   app_dir: str | Path | None) -> nn.Module:
-    model = call_factory(spec, app_dir=app_dir)
+    """``spec`` called with no arguments, or with the arguments a robustkit checkpoint given
+    as ``weights`` recorded for this same factory, then loaded with ``weights``."""
+    model = call_factory(spec, _recorded_args(spec, weights), app_dir=app_dir)
     if weights is not None:
         try:
             model.load_state_dict(_load_state_dict(weights, device))
@@ -93,6 +102,19 @@ def _from_factory(spec: str, weights: Path | None, device: torch.device,
             first = str(exc).splitlines()[0]
             raise RobustkitError(f"{weights} does not fit {spec}: {first}") from None
     return model.to(device)
+
+
+def _recorded_args(spec: str, weights: Path | None) -> dict[str, Any]:
+    """The ``factory_args`` of the sidecar beside ``weights`` when it records the factory the
+    user named (``spec``): the user chose the code, the sidecar only its keyword arguments."""
+    if weights is None or weights.suffix != ".safetensors":
+        return {}
+    sidecar = weights.with_suffix(".json")
+    if not sidecar.is_file():
+        return {}
+    info = read_sidecar(weights)
+    args = info.get("factory_args") or {}
+    return dict(args) if info.get("factory") == spec and isinstance(args, dict) else {}
 
 
 class ExportedModel(nn.Module):
@@ -162,12 +184,15 @@ def _load_exported(path: Path, device: torch.device) -> nn.Module:
 
 
 
-def load_checkpoint(stem: Path | str, device: torch.device | str = "cpu"
-                    ) -> tuple[nn.Module, dict[str, Any]]:
+def load_checkpoint(stem: Path | str, device: torch.device | str = "cpu", *,
+                    factory: str | None = None, app_dir: str | Path | None = None,
+                    trust: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network the sidecar names and load the checkpoint's weights into it, in
-    eval mode on ``device`` (no unpickling)."""
+    eval mode on ``device`` (no unpickling). A sidecar naming a factory is rebuilt only as
+    :func:`sidecar_network` allows (``factory``, ``app_dir``, ``trust``)."""
     state, info = load_checkpoint_tensors(stem, device)
-    model = build_network(info, int(info.get("num_classes", 10)))
+    network = sidecar_network(info, Path(stem), factory=factory, app_dir=app_dir, trust=trust)
+    model = build_network(network, int(info.get("num_classes", 10)))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -177,6 +202,36 @@ def load_checkpoint(stem: Path | str, device: torch.device | str = "cpu"
             f"{weights} does not fit architecture {info.get('arch')}: {first}"
         ) from None
     return model.to(device).eval(), info
+
+
+def sidecar_network(info: dict[str, Any], stem: Path, *, factory: str | None = None,
+                    app_dir: str | Path | None = None, trust: bool = False) -> dict[str, Any]:
+    """The network spec a checkpoint's sidecar ``info`` may be rebuilt from.
+
+    A sidecar is data that anyone can edit, so what it names must run no code of its
+    choosing. It may name a built-in architecture. A ``factory`` (a module to import and a
+    callable to call with the sidecar's arguments) is honoured only when the user names the
+    same factory (``factory``: ``model.factory`` of their config, or ``--model
+    package.module:factory``) or trusts the file (``trust``: ``--trust-model-file``); else the
+    load is refused with what to pass. The sidecar's ``app_dir`` is never put on the import
+    path: the module is looked up in the caller's ``app_dir``, the current folder and
+    ``sys.path``. The recorded ``in_shape`` must be a sane image shape (:func:`spec_shape`).
+    """
+    spec_shape(info)
+    named = info.get("factory")
+    if not named and info.get("arch") != FACTORY_ARCH:
+        return {k: v for k, v in info.items() if k != "app_dir"}
+    if not isinstance(named, str) or not isinstance(info.get("factory_args") or {}, dict):
+        raise RobustkitError(f"{checkpoint_paths(stem)[1]} names no factory as "
+                             "package.module:callable with an object of arguments: the "
+                             "checkpoint is damaged")
+    if named != factory and not trust:
+        weights, sidecar = checkpoint_paths(stem)
+        raise RobustkitError(
+            f"{sidecar} names the factory {named[:100]!r}, code that rebuilding the network "
+            f"would import and run: if you trust it, pass --model {named[:100]} --weights "
+            f"{weights} (with --app-dir DIR for its module), or --trust-model-file")
+    return {**info, "app_dir": str(app_dir) if app_dir is not None else None}
 
 
 def load_model(
@@ -245,6 +300,9 @@ def _load_by_kind(text: str, weights: Path | None, device: torch.device, trust: 
     path = Path(text)
     if _names_factory(text, path):
         return _from_factory(text, weights, device, app_dir), {"kind": "factory"}
+    if weights is not None:
+        raise RobustkitError(f"--weights {weights}: only --model package.module:factory takes "
+                             f"separate weights; {text} carries its own, so drop --weights")
     if path.suffix == ".pt2":
         return _load_exported_file(path, device, trust), {"kind": "torch.export"}
     if path.is_dir():
@@ -255,9 +313,12 @@ def _load_by_kind(text: str, weights: Path | None, device: torch.device, trust: 
             + (f" (it holds {', '.join(found[:3])})" if found else "")
         )
     if _is_checkpoint(path):
-        model, meta = load_checkpoint(path, device)
+        model, meta = load_checkpoint(path, device, app_dir=app_dir, trust=trust)
+        weights_file = checkpoint_paths(path)[0]
+        mismatch = release_mismatch(weights_file)
         return model, {"kind": "checkpoint", "arch": meta.get("arch"), "checkpoint": meta,
-                       "path": str(checkpoint_paths(path)[0])}
+                       "path": str(weights_file),
+                       **({"release_mismatch": mismatch} if mismatch else {})}
     if path.is_file():
         return _load_torchscript_file(path, device, trust), {"kind": "torchscript"}
     raise RobustkitError(
