@@ -28,7 +28,7 @@ from robustkit.config import (
 )
 from robustkit.errors import RobustkitError
 from robustkit.version import INSTALLED, __version__
-from robustkit.vocabulary import ATTACK_NAMES
+from robustkit.vocabulary import ATTACK_NAMES, CHECKS_LEVELS, ChecksLevel
 
 app = typer.Typer(
     name="robustkit",
@@ -337,6 +337,16 @@ def _attack_configs(names: str, *, extra: dict[str, object] | None = None,
     return list(config_from_dict({"attacks": attacks, **(extra or {})}).attacks)
 
 
+def _checks_level(text: str, fail_on_check: bool) -> ChecksLevel:
+    """``--checks`` as a level; ``--fail-on-check`` needs checks to gate on."""
+    if text not in CHECKS_LEVELS:
+        raise RobustkitError(f"--checks {text!r}: choose one of {', '.join(CHECKS_LEVELS)}")
+    if text == "off" and fail_on_check:
+        raise RobustkitError("--fail-on-check with --checks off would gate on nothing: choose "
+                             "--checks quick or full")
+    return text
+
+
 @app.command(epilog=(
     "Example: robustkit attack --model runs/mnist_cnn/model-best.safetensors "
     "--attack fgsm,pgd --eps 0,0.1,0.2,0.3 --n 1000"
@@ -372,18 +382,21 @@ def attack(
              "trust; checkpoints and factories never need it.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document (accuracies, intervals, checks, files) on stdout; the rest goes to stderr.")] = False,  # noqa: E501
     fail_on_check: Annotated[bool, typer.Option("--fail-on-check", help="Exit with code 1 when a sanity check fails (for CI).")] = False,  # noqa: E501
+    checks: Annotated[str, typer.Option("--checks", help="Sanity checks after the sweep: quick (every check that can discredit a number, at budgets scaled to the evaluation), full (each check at its own, larger budget) or off.")] = "quick",  # noqa: E501
     defence: Annotated[Optional[str], typer.Option("--defence", help="Preprocessing in front of the model: bit-depth:BITS, median:SIZE or noise:SIGMA.")] = None,  # noqa: E501, UP045
     bpda: Annotated[Optional[str], typer.Option("--bpda", help="Attack through the --defence with BPDA: identity or mean-filter.")] = None,  # noqa: E501, UP045
     eot_samples: Annotated[Optional[int], typer.Option("--eot-samples", help="EOT: average each PGD/APGD step's gradient over K draws of --transform.")] = None,  # noqa: E501, UP045
     transform: Annotated[Optional[str], typer.Option("--transform", help="Transformations, e.g. rotate=15,translate=2,scale=0.9:1.1,noise=0.05 (also eval_samples=M, eps=E).")] = None,  # noqa: E501, UP045
 ) -> None:
     """Attack a model over an ε sweep; writes results.csv, per_sample.csv and a report."""
+    from robustkit.outputs import staging_path
     from robustkit.pipeline import attack_model, attack_summary, model_name
 
     if data_source is not None and dataset != "mnist" and data_source != dataset:
         raise RobustkitError(f"--dataset {dataset} and --data {data_source} name different "
                              "data: pass only --data")
     eps_values = _float_list(eps, "--eps")
+    level = _checks_level(checks, fail_on_check)
     extra: dict[str, object] = {}
     if defence is not None:
         extra["defence"] = parse_defence_spec(defence)
@@ -395,8 +408,8 @@ def attack(
     tables = config_from_dict({"attacks": [], **extra}) if extra else None
     folder = out_dir or Path("runs") / f"attack-{model_name(model)}"
     _check_out(folder, "--out")
-    _on_interrupt(f"finished (attack, ε) cells are kept in {folder}; run the same command "
-                  "again to resume the sweep")
+    _on_interrupt(f"finished (attack, ε) cells and checks are kept in {staging_path(folder)}; "
+                  "run the same command again to go on from them")
     outcome = attack_model(
         model=model, attacks=attacks, eps=eps_values, n=n, batch_size=batch_size, seed=seed,
         dataset=dataset, data_source=data_source, resize=_resize(resize) if resize else None,
@@ -405,7 +418,7 @@ def attack(
         echo=_log if as_json else _echo, log=_log,
         trust_model_file=trust_model_file,
         defence=tables.defence if tables else None,
-        transforms=tables.transforms if tables else None,
+        transforms=tables.transforms if tables else None, checks_level=level,
     )
     if as_json:
         sys.stdout.write(json.dumps(attack_summary(outcome), indent=2, allow_nan=False) + "\n")

@@ -37,6 +37,7 @@ from robustkit.vocabulary import (
     Approximation,
     Arch,
     AttackName,
+    ChecksLevel,
     DatasetName,
     Loss,
     Norm,
@@ -235,6 +236,9 @@ class EvaluateConfig:
     batch_size: int = field(default=1000, metadata=_range(1))
     split: SplitName = "test"
     seed: int = field(default=0, metadata=_range(0, SEED_MAX))
+    # the sanity checks after the sweep: "full" (every check at its own budget), "quick"
+    # (budgets scaled to the evaluation, reusing its outcomes) or "off"
+    checks: ChecksLevel = "full"
 
 
 @dataclass(frozen=True)

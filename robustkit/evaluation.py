@@ -64,7 +64,7 @@ from robustkit.data import Split
 from robustkit.distributed import Context, all_gather_object, all_gather_tensor, batch_shard, shard
 from robustkit.errors import RobustkitError
 from robustkit.models.defences import with_bpda
-from robustkit.progress import Bar
+from robustkit.progress import Bar, counting_rows
 from robustkit.results import ANY, RESULT_COLUMNS, TARGET_HIT, ResultRow
 from robustkit.vocabulary import ATTACK_NAMES, Norm
 
@@ -389,12 +389,55 @@ def _attack_state(state: SweepState, title: str, clean_correct: Tensor) -> Attac
     return state.attacks[title]
 
 
+def pass_budget(attack: AttackConfig) -> int:
+    """The most forward passes ``attack`` makes per attacked sample at one ε (its restarts,
+    steps, targets, EOT draws and queries; early stopping only lowers it): the progress bar's
+    measure of a cell's work."""
+    draws = attack.eot_samples or 1
+    steps = (attack.steps + 1) * draws
+    queries = attack.queries or DEFAULT_QUERIES
+    targets = attack.targets or DEFAULT_TARGETS
+    if attack.name == "fgsm":
+        return 2 * draws
+    if attack.name == "square":
+        return queries + 1
+    if attack.name == "apgd-t":
+        return targets * attack.restarts * steps + 1
+    if attack.name == "autoattack":
+        return steps + targets * steps + queries + 2
+    return attack.restarts * steps + 1
+
+
+class _Meter:
+    """Moves a sweep's bar with the model's forward passes (:func:`counting_rows`): each cell
+    owns ``active × budget`` units of the bar, filled by the rows the model processes and
+    completed when the cell ends (early stopping spends less than the budget)."""
+
+    def __init__(self, bar: Bar, budget: int) -> None:
+        self.bar, self.budget = bar, budget
+        self.allotted = self.used = 0
+
+    def start(self, active: int, cells_left: int) -> None:
+        """A cell attacking ``active`` samples begins; ``cells_left`` counts it and the rest."""
+        self.allotted, self.used = active * self.budget, 0
+        self.bar.resize(self.bar.done + self.allotted * cells_left)
+
+    def rows(self, n: int) -> None:
+        step = max(0, min(n, self.allotted - self.used - 1))
+        self.used += step
+        self.bar.advance(step)
+
+    def finish(self, info: str) -> None:
+        self.bar.advance(self.allotted - self.used, info)
+        self.allotted = self.used = 0
+
+
 def _sweep_attack(sweep: _Sweep, state: SweepState, attack: AttackConfig, a_index: int,
                   eps_list: list[float], *, bar: str, progress: bool,
                   on_cell: Callable[[SweepState], None] | None) -> None:
     """Attack at every ε > 0 of ``eps_list`` not done yet, smallest first; ``on_cell`` after
-    each. The bar counts samples × ε, advancing per batch; samples a shortcut spares at an ε
-    are counted when that ε ends."""
+    each. The bar measures forward passes against each cell's budget (:func:`pass_budget`);
+    piped, one line per cell."""
     title = attack.title
     a_state = _attack_state(state, title, sweep.clean_correct)
     targets = target_labels(sweep.y, sweep.num_classes) if attack.targeted else sweep.y
@@ -404,17 +447,21 @@ def _sweep_attack(sweep: _Sweep, state: SweepState, attack: AttackConfig, a_inde
     done = [e for e in a_state.done if f"{title}@{e:g}" in state.examples]
     pictures = (state.examples[f"{title}@{max(done):g}"] if done
                 else sweep.x[sweep.example_idx].detach().cpu())
-    with Bar(bar, len(todo) * len(sweep.x), progress) as progress_bar:
-        for e in todo:
-            pictures = _sweep_cell(sweep, state, attack, a_index, a_state, targets, banks, e,
-                                   pictures, progress_bar)
-            if on_cell is not None:
-                on_cell(state)
+    budget = pass_budget(attack)
+    with Bar(bar, max(1, len(todo) * len(sweep.x) * budget), progress,
+             counts=False) as progress_bar:
+        meter = _Meter(progress_bar, budget)
+        with counting_rows(sweep.model, meter.rows):
+            for i, e in enumerate(todo):
+                pictures = _sweep_cell(sweep, state, attack, a_index, a_state, targets, banks,
+                                       e, pictures, meter, cells_left=len(todo) - i)
+                if on_cell is not None:
+                    on_cell(state)
 
 
 def _sweep_cell(sweep: _Sweep, state: SweepState, attack: AttackConfig, a_index: int,
                 a_state: AttackState, targets: Tensor, banks: tuple[NoiseBank, SquareBank],
-                e: float, previous: Tensor, bar: Bar) -> Tensor:
+                e: float, previous: Tensor, meter: _Meter, cells_left: int) -> Tensor:
     """One (attack, ε) cell: attack the samples not broken at any ε' ≤ ``e`` (all the clean-
     correct ones without shortcuts), record its outcome, timing and the example pictures (a
     copy of ``previous`` updated), and return those pictures."""
@@ -423,17 +470,14 @@ def _sweep_cell(sweep: _Sweep, state: SweepState, attack: AttackConfig, a_index:
     # and a sample first broken at a larger ε must be attacked there too
     robust = (a_state.broken_eps > e) if sweep.shortcuts else sweep.clean_correct.cpu()
     pictures = previous.clone()
-    attacked = [0]
-
-    def on_batch(size: int) -> None:
-        attacked[0] += size
-        bar.advance(size, f"ε={e:g}")
-
+    active = robust.nonzero().squeeze(1)
+    meter.start(len(active), cells_left)
+    meter.bar.info = f"ε={e:g}"
     success_all, target_all, evals, queries = _attack_cell(
-        sweep.model, attack, sweep.x, sweep.y, targets, robust.nonzero().squeeze(1), e, banks,
+        sweep.model, attack, sweep.x, sweep.y, targets, active, e, banks,
         batch_size=sweep.batch_size, shortcuts=sweep.shortcuts, a_state=a_state,
         picture_idx=sweep.example_idx.cpu(), pictures=pictures, dist=sweep.dist,
-        on_batch=on_batch, transform=sweep.transform, eot=(sweep.seed, a_index),
+        transform=sweep.transform, eot=(sweep.seed, a_index),
     )
     state.examples[f"{attack.title}@{e:g}"] = pictures
     a_state.success_at[e] = success_all
@@ -443,7 +487,10 @@ def _sweep_cell(sweep: _Sweep, state: SweepState, attack: AttackConfig, a_index:
     a_state.queries[e] = queries
     a_state.seconds[e] = time.perf_counter() - started
     a_state.done.append(e)
-    bar.advance(len(sweep.x) - attacked[0], f"ε={e:g}")
+    left = int((_accuracy_at(a_state, e, sweep.clean_correct.cpu(), sweep.shortcuts)).sum())
+    meter.finish(f"ε={e:g}")
+    meter.bar.note(f"{meter.bar.title} ε={e:g}: {left} of {len(sweep.x)} robust "
+                   f"({a_state.seconds[e]:.1f} s, {len(active)} attacked)")
     return pictures
 
 
@@ -451,13 +498,13 @@ def _attack_cell(
     model: nn.Module, attack: AttackConfig, x_all: Tensor, y_all: Tensor, targets: Tensor,
     active: Tensor, eps: float, banks: tuple[NoiseBank, SquareBank], *, batch_size: int,
     shortcuts: bool, a_state: AttackState, picture_idx: Tensor, pictures: Tensor,
-    dist: Context | None = None, on_batch: Callable[[int], None] | None = None,
+    dist: Context | None = None,
     transform: Transform | None = None, eot: tuple[int, int] = (0, 0),
 ) -> tuple[Tensor, Tensor, int, int]:
     """Attack the ``active`` samples at one ε; record first breaks in ``a_state``.
 
     The adversarial images of the samples ``picture_idx`` (sorted) are written into
-    ``pictures``; ``on_batch(size)`` follows each batch (the progress bar). Returns the
+    ``pictures``. Returns the
     per-sample success (misclassified) mask at this ε, the mask of samples whose example is
     classified as the target (all false for untargeted attacks), the gradient evaluations and
     the queries (forward passes of gradient-free attacks). With ``dist``, each rank attacks a
@@ -505,8 +552,6 @@ def _attack_cell(
         if chosen.any():
             slots = torch.searchsorted(picture_idx, index[chosen])
             pictures[slots] = result.x_adv[chosen.to(device)].detach().cpu()
-        if on_batch is not None:
-            on_batch(len(index))
     if dist is not None:
         mine = active[starts.start:starts.stop]
         evals, queries = _merge_cell(dist, mine, success, on_target, a_state, picture_idx,

@@ -69,12 +69,16 @@ from robustkit.runs import (
     STATE_DIR,
     attack_records,
     evaluate_to_folder,
+    finish_sweep,
+    load_checks,
+    save_check,
     settings_fingerprint,
     write_frame,
 )
 from robustkit.runtime import now_iso, provenance
 from robustkit.sources import load_configured, load_data
 from robustkit.training import adopt_training, train
+from robustkit.vocabulary import ChecksLevel
 
 _T = TypeVar("_T")
 
@@ -139,13 +143,15 @@ def attack_model(
     trust_model_file: bool = False,
     defence: DefenceConfig | None = None,
     transforms: TransformConfig | None = None,
+    checks_level: ChecksLevel = "quick",
 ) -> AttackOutcome:
     """Load any supported model, sweep the attacks over ε on the test set, write a run folder.
 
     Returns the evaluation with its checks, warnings and output files (see
     :func:`attack_summary` for the ``--json`` document). ``defence`` puts a preprocessing step
     in front of the model; ``transforms`` is the distribution EOT attacks draw from and
-    robustness under transformation is measured with.
+    robustness under transformation is measured with. ``checks_level``: how much checking
+    follows the sweep (:func:`robustkit.checks.run_checks`).
     """
     _check_attack_request(attacks, eps, transforms, seed=seed, n=n, batch_size=batch_size)
     target, dist = distributed.setup(device or "auto")
@@ -177,7 +183,8 @@ def attack_model(
         dist)
     work = distributed.on_main(lambda: prepare_staging(folder, _keep_sweep(folder, [None])),
                                dist)
-    manifest = _attack_manifest(owner, info, data, split, target, seed)
+    manifest = {**_attack_manifest(owner, info, data, split, target, seed),
+                "checks": checks_level}
     evaluation = _user_model_stage(model, "the sweep", work, lambda: evaluate_to_folder(
         net, split, attacks, eps, out_dir=work, settings=settings, manifest=manifest,
         model_name=name, batch_size=batch_size, seed=seed, progress=progress, dist=dist,
@@ -189,7 +196,7 @@ def attack_model(
     if reporting:
         checks = _user_model_stage(model, "the sanity checks", work, lambda: _after_evaluation(
             net, split, evaluation, settings, work, seed=seed, reference=None, log=log,
-            progress=progress, shown=folder))
+            progress=progress, shown=folder, level=checks_level))
         _user_model_stage(model, "the physical-world evaluation", work, lambda: _physical(
             net, split, attacks, transforms, eps, work, batch_size=batch_size, seed=seed,
             progress=progress, log=log, shown=folder))
@@ -200,9 +207,10 @@ def attack_model(
         echo(f"note: {note}")
     if reporting:
         outputs.update(_report_folders(work, [work], name, log, shown_as=folder))
-        for line in verdict_lines(checks):
+        for line in verdict_lines(checks, checks_level):
             echo(line)
     if main:
+        finish_sweep(work)
         swap_in(work, folder)
         if replacing:
             log(replacing)
@@ -211,7 +219,7 @@ def attack_model(
     outputs.update(_result_files(folder))
     warnings = mismatch + warnings
     echo(f"results in {folder}/ (results.csv, per_sample.csv, timings.csv, settings.json)")
-    return AttackOutcome(evaluation, checks, warnings, outputs, settings, name)
+    return AttackOutcome(evaluation, checks, warnings, outputs, settings, name, checks_level)
 
 
 def _check_attack_request(attacks: Sequence[AttackConfig], eps: Sequence[float],
@@ -315,6 +323,7 @@ class AttackOutcome:
     outputs: dict[str, str]
     settings: dict[str, Any]
     model: str
+    checks_level: ChecksLevel = "quick"
 
 
 #: Clean accuracy below which a model looks mis-fed on a built-in data set (a linear model
@@ -342,13 +351,22 @@ def clean_accuracy_warnings(results: Any, dataset: str, normalize: str | None) -
             f"(below {floor:.0%} is unusual): {fix}"]
 
 
-def verdict_lines(checks: Any) -> list[str]:
-    """``checks: 8 pass, 1 warn, 0 fail`` and one line per check that did not pass."""
+#: What a run without checks says wherever a verdict would stand.
+NO_CHECKS = ("checks: none ran (--checks off): nothing tested whether these numbers overstate "
+             "robustness; run with --checks quick or full before relying on them")
+
+
+def verdict_lines(checks: Any, level: ChecksLevel = "full") -> list[str]:
+    """``checks: 8 pass, 1 warn, 0 fail`` (``checks (quick): …`` at the quick level) and one
+    line per check that did not pass; :data:`NO_CHECKS` when the level is off."""
+    if level == "off":
+        return [NO_CHECKS]
     if checks is None or len(checks) == 0:
         return []
     counts = {status: int((checks["status"] == status).sum()) for status in ("pass", "warn",
                                                                             "fail")}
-    lines = [f"checks: {counts['pass']} pass, {counts['warn']} warn, {counts['fail']} fail"]
+    head = "checks" if level == "full" else f"checks ({level})"
+    lines = [f"{head}: {counts['pass']} pass, {counts['warn']} warn, {counts['fail']} fail"]
     for _, row in checks[checks["status"] != "pass"].iterrows():
         lines.append(f"  {row['status']}: {row['name']}: {row['detail']}")
     return lines
@@ -370,7 +388,8 @@ def attack_summary(outcome: AttackOutcome) -> dict[str, Any]:
     return {"model": outcome.model, "model_spec": s["model"], "dataset": s["dataset"],
             "split": s["split"], "n": s["n"], "eps": s["eps"],
             "attacks": [a.get("label") or _title(a) for a in s["attacks"]],
-            "results": rows, "checks": checks, "checks_summary": counts,
+            "results": rows, "checks_level": outcome.checks_level, "checks": checks,
+            "checks_summary": counts,
             "warnings": list(outcome.warnings), "outputs": dict(outcome.outputs)}
 
 
@@ -473,7 +492,8 @@ def _run_seed(run: _Run, seed: int) -> Evaluation:
     model, info = _load_everywhere(best, run.target, run.dist, cfg.model)
     model = build_defence(model, cfg.defence)
     settings = _seed_settings(run, seed, fingerprint, best)
-    manifest = _seed_manifest(run, seed, ckpt_dir, best, info, reusable)
+    manifest = {**_seed_manifest(run, seed, ckpt_dir, best, info, reusable),
+                "checks": cfg.evaluate.checks}
     evaluation = evaluate_to_folder(
         model, run.split, cfg.attacks, cfg.evaluate.eps, out_dir=eval_dir, settings=settings,
         manifest=manifest, model_name=f"{cfg.name}/seed-{seed}" if run.several else cfg.name,
@@ -487,7 +507,7 @@ def _run_seed(run: _Run, seed: int) -> Evaluation:
              f"{cfg.evaluate.split} images")
     run.echo(accuracy_table(evaluation.results, _unreliable(eval_dir, evaluation.results, settings)
                             if run.main else None))
-    for line in verdict_lines(checks):
+    for line in verdict_lines(checks, cfg.evaluate.checks):
         run.echo(line)
     return evaluation
 
@@ -597,7 +617,7 @@ def _after_seed_sweep(run: _Run, model: Any, evaluation: Evaluation, settings: d
     shown = run.folder / eval_dir.relative_to(run.work)
     checks = _after_evaluation(model, run.split, evaluation, settings, eval_dir,
                                seed=cfg.evaluate.seed, reference=cfg.reference, log=run.log,
-                               progress=run.progress, shown=shown)
+                               progress=run.progress, shown=shown, level=cfg.evaluate.checks)
     _physical(model, run.split, cfg.attacks, cfg.transforms, cfg.evaluate.eps, eval_dir,
               batch_size=cfg.evaluate.batch_size, seed=cfg.evaluate.seed,
               progress=run.progress, log=run.log, shown=shown)
@@ -615,6 +635,8 @@ def _finish_run(run: _Run, evaluations: dict[int, Evaluation], replacing: list[s
             "seeds": list(cfg.all_seeds), **provenance(run.target)})
     run_dirs = [run.eval_dir(seed) for seed in cfg.all_seeds]
     _report_folders(work, run_dirs, cfg.name, run.log, shown_as=run.folder)
+    for eval_dir in run_dirs:
+        finish_sweep(eval_dir)
     swap_in(work, run.folder)
     for line in replacing:
         run.log(line)
@@ -702,15 +724,25 @@ def _copy_training_outputs(ckpt_dir: Path, eval_dir: Path, config_toml: str) -> 
 def _after_evaluation(model: Any, split: Any, evaluation: Evaluation, settings: dict[str, Any],
                       eval_dir: Path, *, seed: int, reference: ReferenceConfig | None,
                       log: Callable[[str], None], progress: bool = False,
-                      shown: Path | None = None) -> Any:
-    """Sanity checks, example probabilities and the paper reference, when available; returns
-    the checks frame. ``shown``: the folder ``eval_dir`` becomes (it may be a staging one)."""
-    checks = run_checks(model, split, evaluation.results, settings, seed=seed, progress=progress)
-    write_frame(eval_dir / "checks.csv", checks)
+                      shown: Path | None = None, level: ChecksLevel = "full") -> Any:
+    """Sanity checks at ``level`` (each kept in ``eval_dir`` as it finishes, so an interrupted
+    job resumes from them), example probabilities and the paper reference, when available;
+    returns the checks frame, None when ``level`` is off. ``shown``: the folder ``eval_dir``
+    becomes (it may be a staging one)."""
+    checks = None
+    if level != "off":
+        fingerprint = settings_fingerprint(settings)
+        checks = run_checks(
+            model, split, evaluation.results, settings, seed=seed, progress=progress,
+            level=level, per_sample=evaluation.per_sample,
+            done=load_checks(eval_dir, fingerprint, level),
+            on_check=lambda check: save_check(eval_dir, fingerprint, level, check))
+        write_frame(eval_dir / "checks.csv", checks)
     add_probabilities(eval_dir / "examples.safetensors", model)
     if reference:
         write_json(eval_dir / "reference.json", _reference(reference, evaluation))
-    log(f"sanity checks and example pictures written to {shown or eval_dir}")
+    what = "sanity checks and example pictures" if checks is not None else "example pictures"
+    log(f"{what} written to {shown or eval_dir}")
     return checks
 
 

@@ -8,6 +8,8 @@ runs, ``sweep-state/`` holds the finished (attack, ε) cells so an interrupted s
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from robustkit.checkpoint import (
     save_tensors,
     write_json,
 )
+from robustkit.checks.record import Check
 from robustkit.config import config_from_dict, digest, hash_view
 from robustkit.distributed import Context, on_main
 from robustkit.errors import RobustkitError
@@ -102,10 +105,37 @@ def load_sweep(out_dir: Path, fingerprint: str) -> SweepState | None:
 
 
 def finish_sweep(out_dir: Path) -> None:
+    """Remove the sweep's resume state and the finished checks: the job is done."""
     clear_state(out_dir / STATE_DIR)
+    (out_dir / STATE_DIR / CHECKS_STATE).unlink(missing_ok=True)
     folder = out_dir / STATE_DIR
     if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
+
+
+#: The finished checks of an interrupted job, beside the sweep state.
+CHECKS_STATE = "checks.json"
+
+
+def load_checks(out_dir: Path, fingerprint: str, level: str) -> dict[str, Check]:
+    """The checks an interrupted job finished for these settings and checks level, by name."""
+    try:
+        saved = json.loads((out_dir / STATE_DIR / CHECKS_STATE).read_text(encoding="utf-8"))
+        if saved["fingerprint"] != fingerprint or saved["level"] != level:
+            return {}
+        return {c["name"]: Check(**c) for c in saved["checks"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def save_check(out_dir: Path, fingerprint: str, level: str, check: Check) -> None:
+    """Add a finished check to the job's record (atomically), so an interrupt keeps it."""
+    done = load_checks(out_dir, fingerprint, level)
+    done[check.name] = check
+    (out_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / STATE_DIR / CHECKS_STATE, {
+        "fingerprint": fingerprint, "level": level,
+        "checks": [dataclasses.asdict(c) for c in done.values()]})
 
 
 def evaluate_to_folder(
@@ -125,7 +155,9 @@ def evaluate_to_folder(
     dist: Context | None = None,
 ) -> Evaluation:
     """Run (or resume) the sweep in ``out_dir`` (a staging folder the caller guarded and will
-    swap in), write every output; return the frames.
+    swap in), write every output; return the frames. The sweep state stays in ``out_dir`` until
+    the caller's job is done (:func:`finish_sweep`), so an interrupt in the checks or the
+    report loses no cell.
 
     With ``dist`` the ranks share the sweep: rank 0 reads the saved sweep state, which every
     rank resumes; rank 0 saves the state after each cell and writes the outputs.
@@ -149,5 +181,4 @@ def evaluate_to_folder(
                     "resumed": state is not None,
                     **({"processes": dist.world} if dist is not None else {})}
         write_evaluation(out_dir, evaluation, settings, manifest, split.images, split.labels)
-        finish_sweep(out_dir)
     return evaluation

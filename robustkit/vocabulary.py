@@ -35,6 +35,9 @@ Preprocess = Literal["bit-depth", "median", "noise"]
 Approximation = Literal["identity", "mean-filter"]
 #: The verdict of a sanity check.
 Status = Literal["pass", "warn", "fail"]
+#: How much checking follows a sweep: every check at its own budget, every check that can
+#: discredit a number at budgets scaled to the evaluation, or none.
+ChecksLevel = Literal["full", "quick", "off"]
 
 NORMS: tuple[Norm, ...] = get_args(Norm)
 LOSSES: tuple[Loss, ...] = get_args(Loss)
@@ -42,3 +45,4 @@ ATTACK_NAMES: tuple[AttackName, ...] = get_args(AttackName)
 PREPROCESSING: tuple[Preprocess, ...] = get_args(Preprocess)
 APPROXIMATIONS: tuple[Approximation, ...] = get_args(Approximation)
 STATUSES: tuple[Status, ...] = get_args(Status)
+CHECKS_LEVELS: tuple[ChecksLevel, ...] = get_args(ChecksLevel)

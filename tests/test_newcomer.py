@@ -185,7 +185,8 @@ RESULT_ROW = {"attack": str, "norm": str, "eps": float, "n": int, "correct": int
 CHECK_ROW = {"name": str, "status": str, "value": (float, type(None)), "threshold": str,
              "detail": str}
 ATTACK_JSON = {"model": str, "model_spec": str, "dataset": str, "split": str, "n": int,
-               "eps": [float], "attacks": [str], "results": [RESULT_ROW], "checks": [CHECK_ROW],
+               "eps": [float], "attacks": [str], "results": [RESULT_ROW], "checks_level": str,
+               "checks": [CHECK_ROW],
                "checks_summary": {"pass": int, "warn": int, "fail": int}, "warnings": [str],
                "outputs": {"folder": str, "results": str, "per_sample": str, "timings": str,
                            "checks": str, "report_html": str, "report_markdown": str,
@@ -240,7 +241,7 @@ def test_json_summary_verdict_and_fail_on_check(noisy_dir: Path, mnist_root: Pat
     counts = {s: int((checks["status"] == s).sum()) for s in ("pass", "warn", "fail")}
     assert counts["fail"] >= 1
     lines = plain.stdout.splitlines()
-    verdict = lines.index(f"checks: {counts['pass']} pass, {counts['warn']} warn, "
+    verdict = lines.index(f"checks (quick): {counts['pass']} pass, {counts['warn']} warn, "
                           f"{counts['fail']} fail")
     table_end = next(i for i, line in enumerate(lines) if line.startswith("0.1"))
     assert verdict > table_end  # after the results table
@@ -258,7 +259,7 @@ def test_json_summary_verdict_and_fail_on_check(noisy_dir: Path, mnist_root: Pat
         results["accuracy"].tolist(), abs=1e-6)
     assert {(r["attack"], r["eps"]) for r in document["results"]} == {
         (a, e) for a in ("fgsm", "pgd3", "any") for e in (0.0, 0.1)}
-    assert document["checks_summary"]["fail"] >= 1
+    assert document["checks_summary"]["fail"] >= 1 and document["checks_level"] == "quick"
     assert document["attacks"] == ["fgsm", "pgd3"] and document["eps"] == [0.0, 0.1]
     for path in document["outputs"].values():
         assert (noisy_dir / path).exists(), path

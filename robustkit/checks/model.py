@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +33,24 @@ from robustkit.config import AttackConfig
 from robustkit.evaluation import run_attack
 from robustkit.models.loading import BATCH_TOLERANCE, batch_dependent, same_size_batches
 from robustkit.vocabulary import Norm, Status
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an attack already run left robust at one ε: the per-sample mask ``[N]`` and how
+    a check's detail names that attack."""
+
+    robust: Tensor
+    label: str
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.robust.float().mean())
+
+    def first(self, n: int | None) -> Outcome:
+        """The outcome of the first ``n`` samples (all for None)."""
+        return Outcome(self.robust[:n], self.label)
+
 
 #: The finding of :func:`check_gradient_free_finds_no_more` when it fails or warns.
 MASKING_SUSPECTED = ("gradient masking suspected: a gradient-free attack beats the gradient "
@@ -209,18 +228,18 @@ def check_input_gradients_usable(
 
 def check_accuracy_at_large_eps(
     model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, *,
-    seed: int = 0, fail_above: float = 0.05,
+    seed: int = 0, fail_above: float = 0.05, max_steps: int = 50,
 ) -> Check:
     """At L∞ ε = 1 every image is reachable, so PGD must drive accuracy to ≈ 0.
 
     Accuracy above ``fail_above`` at ε = 1 fails: the attack cannot reach images it is allowed
     to. At ε = 0.5 every input can become the uniform grey image, so at most the samples whose
     label is the model's class for grey can survive; more than that (+ 0.05) warns.
-    Value: accuracy at ε = 1.
+    Value: accuracy at ε = 1. PGD runs at most ``max_steps`` steps (at ε = 1 a handful reach
+    any image).
     """
-    linf = dataclasses.replace(
-        attack, name="pgd", norm="linf", step_size=None, steps=min(attack.steps, 50), targeted=False
-    )
+    linf = dataclasses.replace(attack, name="pgd", norm="linf", step_size=None,
+                               steps=min(attack.steps, max_steps), targeted=False)
     acc_half = _robust_accuracy(model, x, y, linf, 0.5, seed)
     acc_one = _robust_accuracy(model, x, y, linf, 1.0, seed)
     with attack_mode(model), torch.no_grad():
@@ -258,7 +277,7 @@ def _noise_accuracy(model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: flo
 
 def check_noise_weaker_than_attack(
     model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: float, *,
-    draws: int = 10, seed: int = 0,
+    draws: int = 10, seed: int = 0, known: Outcome | None = None,
 ) -> Check:
     """Random noise of the same ε must break far fewer samples than the attack.
 
@@ -266,18 +285,22 @@ def check_noise_weaker_than_attack(
     it. Value: ``drop(noise) / drop(attack)`` with ``drop = clean accuracy − accuracy``: 0 when
     noise breaks nothing; above 0.5 warns, 1 or more (noise as strong as the attack: its
     gradients do not help) fails. An attack that changes nothing warns, or fails when noise
-    does change predictions.
+    does change predictions. ``known``: the attack's outcome at ``eps``, when already run.
     """
     with attack_mode(model):
         clean = _accuracy(model, x, y)
         noise_acc = _noise_accuracy(model, x, y, attack.norm, eps, draws, seed)
     config = _untargeted_iterative(attack)
-    attack_acc = _robust_accuracy(model, x, y, config, eps, seed)
+    if known is None:
+        attack_acc, label = (_robust_accuracy(model, x, y, config, eps, seed),
+                             f"{config.name.upper()}-{attack.steps}")
+    else:
+        attack_acc, label = known.accuracy, known.label
     drop_attack, drop_noise = clean - attack_acc, clean - noise_acc
     threshold = "drop(noise) / drop(attack) ≤ 0.5 (fail ≥ 1)"
     detail = (
         f"at ε={eps:g}: clean {clean:.3f}, {draws} random {attack.norm} draws "
-        f"{noise_acc:.3f}, {config.name.upper()}-{attack.steps} {attack_acc:.3f}"
+        f"{noise_acc:.3f}, {label} {attack_acc:.3f}"
     )
     measurements = {"eps": eps, "clean_accuracy": clean, "noise_accuracy": noise_acc,
                     "attack_accuracy": attack_acc}
@@ -299,7 +322,8 @@ def check_noise_weaker_than_attack(
 def check_attack_converged(
     model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: float, *,
     seed: int = 0, step_factor: int = 2, restarts: int = 5, apgd_steps: int = 100,
-    warn_above: float = 0.02, fail_above: float = 0.05,
+    warn_above: float = 0.02, fail_above: float = 0.05, known: Outcome | None = None,
+    stronger: Outcome | None = None,
 ) -> Check:
     """Twice the steps, more random restarts, or (for PGD) APGD may lower accuracy only a little.
 
@@ -307,25 +331,25 @@ def check_attack_converged(
     reported numbers come from an attack that has not converged. Fixed-step PGD can stall where
     neither more steps nor more restarts help; APGD's adaptive step (one start, at least
     ``apgd_steps`` steps) exposes that.
+
+    ``known`` and ``stronger``: the attack's outcome at ``eps`` and that of a stronger attack
+    on top of it, both already run (the quick checks: the evaluation's own outcome, and APGD
+    on the samples it left robust, :func:`strengthen`); nothing runs here then.
     """
     base = _untargeted_iterative(attack)
-    more_restarts = max(restarts, base.restarts + 1)
-    acc = _robust_accuracy(model, x, y, base, eps, seed)
-    acc_steps = _robust_accuracy(model, x, y, base, eps, seed, steps=base.steps * step_factor)
-    acc_restarts = _robust_accuracy(model, x, y, base, eps, seed, restarts=more_restarts)
-    stronger = {f"{base.steps * step_factor} steps": acc_steps,
-                f"{more_restarts} restarts": acc_restarts}
-    measurements = {"eps": eps, "accuracy": acc, "accuracy_more_steps": acc_steps,
-                    "accuracy_more_restarts": acc_restarts}
-    if base.name == "pgd":
-        steps = max(apgd_steps, base.steps)
-        acc_apgd = _robust_accuracy(model, x, y, base, eps, seed, name="apgd", steps=steps,
-                                    restarts=1, step_size=None)
-        stronger[f"APGD-{steps}"] = measurements["accuracy_apgd"] = acc_apgd
-    drop = max(0.0, acc - min(stronger.values()))
+    if known is not None and stronger is not None:
+        acc, label = known.accuracy, known.label
+        variants = {stronger.label: stronger.accuracy}
+        measurements = {"eps": eps, "accuracy": acc, "accuracy_stronger": stronger.accuracy}
+    else:
+        acc, variants, measurements = _stronger_from_scratch(
+            model, x, y, base, eps, seed, step_factor, max(restarts, base.restarts + 1),
+            apgd_steps)
+        label = f"{base.name.upper()}-{base.steps}×{base.restarts}"
+    drop = max(0.0, acc - min(variants.values()))
     detail = (
-        f"at ε={eps:g} on {len(y)} samples: {base.name.upper()}-{base.steps}×{base.restarts} "
-        f"{acc:.3f}, " + ", ".join(f"{name} {value:.3f}" for name, value in stronger.items())
+        f"at ε={eps:g} on {len(y)} samples: {label} "
+        f"{acc:.3f}, " + ", ".join(f"{name} {value:.3f}" for name, value in variants.items())
     )
     status = grade(drop, warn_above, fail_above)
     if status != "pass":
@@ -334,9 +358,43 @@ def check_attack_converged(
                  f"drop ≤ {warn_above:g} (fail > {fail_above:g})", detail, measurements)
 
 
+def _stronger_from_scratch(
+    model: nn.Module, x: Tensor, y: Tensor, base: AttackConfig, eps: float, seed: int,
+    step_factor: int, restarts: int, apgd_steps: int,
+) -> tuple[float, dict[str, float], dict[str, float]]:
+    """The configured attack, and it with more steps, more restarts and (PGD) APGD, each run on
+    every sample: (accuracy, stronger settings' accuracies, measurements)."""
+    acc = _robust_accuracy(model, x, y, base, eps, seed)
+    acc_steps = _robust_accuracy(model, x, y, base, eps, seed, steps=base.steps * step_factor)
+    acc_restarts = _robust_accuracy(model, x, y, base, eps, seed, restarts=restarts)
+    stronger = {f"{base.steps * step_factor} steps": acc_steps,
+                f"{restarts} restarts": acc_restarts}
+    measurements = {"eps": eps, "accuracy": acc, "accuracy_more_steps": acc_steps,
+                    "accuracy_more_restarts": acc_restarts}
+    if base.name == "pgd":
+        steps = max(apgd_steps, base.steps)
+        acc_apgd = _robust_accuracy(model, x, y, base, eps, seed, name="apgd", steps=steps,
+                                    restarts=1, step_size=None)
+        stronger[f"APGD-{steps}"] = measurements["accuracy_apgd"] = acc_apgd
+    return acc, stronger, measurements
+
+
+def strengthen(model: nn.Module, x: Tensor, y: Tensor, known: Outcome, eps: float, *,
+               norm: Norm, seed: int, steps: int) -> Outcome:
+    """``known`` made stronger: APGD-``steps`` (CE, one start, in ``norm``) run on the samples
+    ``known`` left robust at ``eps``; robust = robust to both."""
+    survivors = known.robust.to(x.device).nonzero().squeeze(1)
+    robust = known.robust.clone()
+    if survivors.numel():
+        config = AttackConfig(name="apgd", norm=norm, steps=steps)
+        broken = _broken(model, x[survivors], y[survivors], config, eps, seed)
+        robust[survivors[broken].cpu()] = False
+    return Outcome(robust, f"APGD-{steps} on the {survivors.numel()} left")
+
+
 def check_accuracy_monotone_in_eps_from_scratch(
     model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: Sequence[float], *,
-    seed: int = 0, fail_above: float = 0.02,
+    seed: int = 0, fail_above: float = 0.02, max_steps: int | None = None,
 ) -> Check:
     """Accuracy under ``attack`` run from scratch at each ε (no example reused) must not rise.
 
@@ -344,9 +402,12 @@ def check_accuracy_monotone_in_eps_from_scratch(
     re-attacks the checks' samples independently at every swept ε. A rise means the attack
     finds fewer examples in a larger ball, which it contains: its step size, start or
     gradients fail at large ε (masking that only shows there). Grading as
-    :func:`~robustkit.checks.results.check_accuracy_monotone_in_eps`.
+    :func:`~robustkit.checks.results.check_accuracy_monotone_in_eps`. ``max_steps`` caps the
+    attack's steps (a rise shows at any budget the attack is run with at every ε).
     """
     base = _untargeted_iterative(attack)
+    if max_steps is not None:
+        base = dataclasses.replace(base, steps=min(base.steps, max_steps), restarts=1)
     swept = sorted({0.0, *(float(e) for e in eps)})
     with attack_mode(model):
         clean = _accuracy(model, x, y)
@@ -361,6 +422,7 @@ def check_accuracy_monotone_in_eps_from_scratch(
 def check_gradient_free_finds_no_more(
     model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: float, *,
     seed: int = 0, budget: int = 1000, warn_above: float = 0.01, fail_above: float = 0.05,
+    known: Outcome | None = None,
 ) -> Check:
     """Square (gradient-free) on the samples the strongest gradient attack leaves robust at ε.
 
@@ -369,12 +431,17 @@ def check_gradient_free_finds_no_more(
     random search does not need them (Carlini et al., 2019, §5; AutoAttack's Square).
     Value: ``K / M``, the fraction of the ``M`` samples the gradient attack left robust that
     Square (``budget`` queries) breaks; above ``warn_above`` warns, above ``fail_above`` fails.
+    ``known``: the outcome at ``eps`` of the gradient attacks already run (the evaluation's
+    strongest, say); ``attack`` is then not run.
     """
     config = _untargeted_iterative(attack)
-    robust = ~_broken(model, x, y, config, eps, seed)
+    if known is None:
+        robust = ~_broken(model, x, y, config, eps, seed)
+        label = f"{config.name.upper()}-{config.steps}×{config.restarts} {config.loss}"
+    else:
+        robust, label = known.robust, known.label
     threshold = f"broken by Square ≤ {warn_above:g} of the robust (fail > {fail_above:g})"
-    survivors = robust.nonzero().squeeze(1)
-    label = f"{config.name.upper()}-{config.steps}×{config.restarts} {config.loss}"
+    survivors = robust.to(x.device).nonzero().squeeze(1)
     if survivors.numel() == 0:
         return Check("gradient_free_finds_no_more", "pass", 0.0, threshold,
                      f"at ε={eps:g}: {label} leaves no sample robust; nothing to test",

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 # the checks that probe the model, by module (robustkit.checks lists them by name)
 import robustkit.checks.model as probes
@@ -20,8 +22,10 @@ from robustkit.checks.results import ITERATIVE, attack_configs, attack_kind, res
 from robustkit.config import AttackConfig
 from robustkit.data import Split
 from robustkit.errors import RobustkitError
-from robustkit.progress import Bar
+from robustkit.evaluation import run_attack
+from robustkit.progress import Bar, counting_rows
 from robustkit.results import ANY
+from robustkit.vocabulary import ATTACK_NAMES, ChecksLevel
 
 #: Attacks with a gradient-free stage: a failing gradient-free check does not discredit them.
 GRADIENT_FREE = ("square", "autoattack")
@@ -34,11 +38,12 @@ def checks_from_results(results: pd.DataFrame, settings: dict[str, Any]) -> pd.D
     return checks_frame(result_checks(results, settings))
 
 
-def main_attack(results: pd.DataFrame, settings: dict[str, Any]) -> AttackConfig:
+def main_attack(results: pd.DataFrame, settings: dict[str, Any], default_steps: int = 40
+                ) -> AttackConfig:
     """The attack the model checks use: the evaluation's strongest untargeted PGD or APGD.
 
     Strongest = lowest mean accuracy in ``results``; without either in the settings, the default
-    PGD (L∞, 40 steps, step 2.5·ε/steps, one random start).
+    PGD (L∞, ``default_steps`` steps, step 2.5·ε/steps, one random start).
     """
     configs = [c for c in attack_configs(settings).values() if c.name in ITERATIVE]
     ensembles = [c for c in attack_configs(settings).values() if c.name == "autoattack"]
@@ -47,7 +52,7 @@ def main_attack(results: pd.DataFrame, settings: dict[str, Any]) -> AttackConfig
     if not configs:
         norms = {c.norm for c in attack_configs(settings).values()}
         norm = norms.pop() if len(norms) == 1 else "linf"
-        return AttackConfig(name="pgd", norm=norm)
+        return AttackConfig(name="pgd", norm=norm, steps=default_steps)
     untargeted = [c for c in configs if not c.targeted] or configs
 
     def strength(config: AttackConfig) -> tuple[float, int]:
@@ -83,6 +88,39 @@ def _device(model: nn.Module, fallback: torch.device) -> torch.device:
     return fallback
 
 
+@dataclass(frozen=True)
+class Budgets:
+    """How much the model checks may attack (``full``: each check's own budget)."""
+
+    #: samples the model checks run on (at most)
+    samples: int = 200
+    #: steps of PGD at ε = 0.5 and 1
+    large_eps_steps: int = 50
+    #: steps of the from-scratch re-attack at every ε (None: the evaluation's attack as it is)
+    monotone_steps: int | None = None
+    #: Square's queries on the samples the gradient attacks left robust, and on how many
+    square_queries: int = 1000
+    square_samples: int | None = None
+    #: steps of the checks' attack when the evaluation ran no PGD or APGD
+    default_steps: int = 40
+    #: use the evaluation's per-sample outcomes instead of re-running its attacks
+    reuse: bool = False
+
+
+#: ``quick``: every check that can discredit a number, at budgets scaled to the evaluation;
+#: the attacks the sweep ran are not run again (their per-sample outcomes are reused), and the
+#: convergence check runs one APGD with twice the evaluation's steps (20 to 200) on what they
+#: left robust.
+QUICK = Budgets(samples=100, large_eps_steps=10, monotone_steps=10, square_queries=300,
+                square_samples=100, default_steps=20, reuse=True)
+LEVELS: dict[ChecksLevel, Budgets] = {"full": Budgets(), "quick": QUICK}
+#: The sweep's attacks whose per-sample worst case is "the strongest gradient evaluation" that
+#: the gradient-free check compares Square with (FGSM is too weak to stand for it).
+GRADIENT = ("pgd", "apgd", "apgd-t")
+#: The stronger APGD of the quick convergence check: twice the evaluation's steps, within these.
+CONVERGE_STEPS = (20, 200)
+
+
 def run_checks(
     model: nn.Module,
     split: Split,
@@ -93,19 +131,30 @@ def run_checks(
     seed: int = 0,
     shortcuts: bool = True,
     progress: bool = False,
+    level: ChecksLevel = "full",
+    per_sample: pd.DataFrame | None = None,
+    done: dict[str, Check] | None = None,
+    on_check: Callable[[Check], None] | None = None,
 ) -> pd.DataFrame:
     """Every check: the results-table ones and the model ones on the first ``n`` samples.
 
-    Returns a frame with the columns name, status, value, threshold, detail. Takes a few
-    seconds for an MLP on 200 samples on a CPU; the attacks run on the model's device.
+    Returns a frame with the columns name, status, value, threshold, detail; the attacks run on
+    the model's device. ``level``: ``full`` runs each check at its own budget (several PGD and
+    APGD-100 runs, restarts, a re-attack at every ε, Square with 1,000 queries); ``quick`` runs
+    the same checks at budgets scaled to the evaluation (:data:`QUICK`) and reuses the sweep's
+    per-sample outcomes (``per_sample``, rows in split order) instead of re-running its attacks;
+    ``off`` is not a level of this function (nothing runs).
     ``shortcuts``: the results come from the shortcut engine (ε-monotone reuse, the default of
     :func:`~robustkit.evaluation.evaluate`), so the monotonicity check re-attacks the samples
     from scratch at each ε (:func:`~robustkit.checks.model.
     check_accuracy_monotone_in_eps_from_scratch`) instead of reading a curve that is monotone
     by construction. Without logits ``[N, K]`` only ``outputs_are_logits`` joins the
     results-table checks: the model checks cannot run.
-    ``progress`` shows a bar over the model checks (the slowest phase of a small run).
+    ``done``: checks finished by an interrupted earlier call (by name), not run again;
+    ``on_check`` is called after each model check that runs. ``progress`` shows a bar.
     """
+    budgets = LEVELS[level]
+    n = min(n, budgets.samples)
     checks = result_checks(results, settings)
     if n < 1 or len(split) == 0:
         raise RobustkitError(f"run_checks needs at least one sample, got n={n} of {len(split)}")
@@ -116,27 +165,143 @@ def run_checks(
     with attack_mode(model), torch.no_grad():
         if logits_problem(model(x[:2]), len(x[:2])):
             return checks_frame(checks)
-    attack = main_attack(results, settings)
+    attack = main_attack(results, settings, default_steps=budgets.default_steps)
     eps = _sweep_eps(results, settings)
+    model_checks = _model_checks(model, x, y, attack, eps, results, settings, seed=seed,
+                                 budgets=budgets, shortcuts=shortcuts,
+                                 per_sample=per_sample if budgets.reuse else None)
+    finished = dict(done or {})
+    probed: list[Check] = []
+    with Bar("sanity checks", len(model_checks), progress) as bar, \
+            counting_rows(model, lambda rows: bar.pulse()):
+        for name, run_check in model_checks:
+            check = finished.get(name) or run_check()
+            if name not in finished and on_check is not None:
+                on_check(check)
+            probed.append(check)
+            bar.advance(1, name)
+            bar.note(f"check {name}: {check.status}"
+                     + (" (kept from the interrupted run)" if name in finished else ""))
+    if shortcuts and eps:  # the from-scratch re-attack replaces the table's monotone check
+        checks[0] = probed.pop(0)
+    return checks_frame(checks + probed)
+
+
+#: The name under which the from-scratch monotonicity check runs among the model checks.
+MONOTONE_FROM_SCRATCH = "accuracy_monotone_in_eps"
+
+
+def _model_checks(
+    model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: list[float],
+    results: pd.DataFrame, settings: dict[str, Any], *, seed: int, budgets: Budgets,
+    shortcuts: bool, per_sample: pd.DataFrame | None,
+) -> list[tuple[str, Callable[[], Check]]]:
+    """The model checks in report order, each as (name, how to run it)."""
     eps_max = max(eps) if eps else 0.3
-    if shortcuts and eps:
-        checks[0] = probes.check_accuracy_monotone_in_eps_from_scratch(model, x, y, attack, eps,
-                                                                       seed=seed)
     middle = convergence_eps(results, attack, eps)
-    model_checks: list[Callable[[], Check]] = [
-        lambda: probes.check_forward_deterministic(model, x),
-        lambda: probes.check_batch_independent(model, x),
-        lambda: probes.check_input_gradients_usable(model, x, y),
-        lambda: probes.check_accuracy_at_large_eps(model, x, y, attack, seed=seed),
-        lambda: probes.check_noise_weaker_than_attack(model, x, y, attack, eps_max, seed=seed),
-        lambda: probes.check_attack_converged(model, x, y, attack, middle, seed=seed),
-        lambda: probes.check_gradient_free_finds_no_more(model, x, y, attack, middle, seed=seed),
+    known = (_Known(model, x, y, attack, settings, per_sample, seed)
+             if budgets.reuse else None)
+    square_on = slice(None, budgets.square_samples)
+    checks: list[tuple[str, Callable[[], Check]]] = []
+    if shortcuts and eps:
+        checks.append((MONOTONE_FROM_SCRATCH, lambda: probes.
+                       check_accuracy_monotone_in_eps_from_scratch(
+                           model, x, y, attack, eps, seed=seed,
+                           max_steps=budgets.monotone_steps)))
+    checks += [
+        ("forward_deterministic", lambda: probes.check_forward_deterministic(model, x)),
+        ("batch_independent", lambda: probes.check_batch_independent(model, x)),
+        ("input_gradients_usable", lambda: probes.check_input_gradients_usable(model, x, y)),
+        ("accuracy_at_large_eps", lambda: probes.check_accuracy_at_large_eps(
+            model, x, y, attack, seed=seed, max_steps=budgets.large_eps_steps)),
+        ("noise_weaker_than_attack", lambda: probes.check_noise_weaker_than_attack(
+            model, x, y, attack, eps_max, seed=seed,
+            known=known.own(eps_max) if known else None)),
+        ("attack_converged", lambda: probes.check_attack_converged(
+            model, x, y, attack, middle, seed=seed, known=known.own(middle) if known else None,
+            stronger=known.stronger(middle) if known else None)),
+        ("gradient_free_finds_no_more", lambda: probes.check_gradient_free_finds_no_more(
+            model, x[square_on], y[square_on], attack, middle, seed=seed,
+            budget=budgets.square_queries,
+            known=known.gradient(middle).first(budgets.square_samples) if known else None)),
     ]
-    with Bar("sanity checks", len(model_checks), progress) as bar:
-        for run_check in model_checks:
-            checks.append(run_check())
-            bar.advance(1, checks[-1].name)
-    return checks_frame(checks)
+    return checks
+
+
+class _Known:
+    """The outcomes the quick checks start from, each computed at most once per ε.
+
+    ``own``: the checks' attack as the sweep ran it (its per-sample smallest breaking ε), else
+    the sweep's ensemble, else whatever attack the sweep ran (FGSM, Square); without the
+    sweep's outcomes the attack is run here. ``stronger``: ``own`` with APGD on what it left
+    robust (:func:`~robustkit.checks.model.strengthen`). ``gradient``: the worst case over the
+    sweep's iterative gradient attacks (:data:`GRADIENT`, the strongest gradient evaluation the
+    run contains), else the ensemble's, else ``stronger``.
+    """
+
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig,
+                 settings: dict[str, Any], per_sample: pd.DataFrame | None, seed: int) -> None:
+        self.model, self.x, self.y, self.attack, self.seed = model, x, y, attack, seed
+        configs = attack_configs(settings)
+        ensemble = _sweep_outcome(per_sample, configs, len(y), ("autoattack",))
+        self.swept = (_sweep_outcome(per_sample, configs, len(y), (attack.title,))
+                      or ensemble or _sweep_outcome(per_sample, configs, len(y), ATTACK_NAMES))
+        self.iterative = _sweep_outcome(per_sample, configs, len(y), GRADIENT) or ensemble
+        steps = max((configs[t].steps if configs[t].name != "fgsm" else 1)
+                    for t in self.swept[0]) if self.swept else attack.steps
+        self.converge_steps = min(max(2 * steps, CONVERGE_STEPS[0]), CONVERGE_STEPS[1])
+        self._own: dict[float, probes.Outcome] = {}
+        self._stronger: dict[float, probes.Outcome] = {}
+
+    def own(self, eps: float) -> probes.Outcome:
+        if eps not in self._own:
+            self._own[eps] = (_outcome_at(self.swept, eps) if self.swept is not None
+                              else self._fresh(eps))
+        return self._own[eps]
+
+    def _fresh(self, eps: float) -> probes.Outcome:
+        config = dataclasses.replace(self.attack, eot_samples=None, targeted=False)
+        starts = torch.Generator(device=self.x.device).manual_seed(self.seed)
+        success = run_attack(self.model, config, self.x, self.y, eps, None, starts=starts).success
+        return probes.Outcome(~success.cpu(), f"{config.name.upper()}-{config.steps}")
+
+    def stronger(self, eps: float) -> probes.Outcome:
+        if eps not in self._stronger:
+            self._stronger[eps] = probes.strengthen(
+                self.model, self.x, self.y, self.own(eps), eps, norm=self.attack.norm,
+                seed=self.seed, steps=self.converge_steps)
+        return self._stronger[eps]
+
+    def gradient(self, eps: float) -> probes.Outcome:
+        if self.iterative is not None:
+            return _outcome_at(self.iterative, eps)
+        return self.stronger(eps)
+
+
+#: (titles, per-sample smallest breaking ε) of the sweep's attacks a check reuses.
+_Swept = tuple[list[str], "np.ndarray[Any, Any]"]
+
+
+def _sweep_outcome(per_sample: pd.DataFrame | None, configs: dict[str, AttackConfig], n: int,
+                   names: Sequence[str]) -> _Swept | None:
+    """The sweep's per-sample worst case over its attacks whose name or title is in ``names``
+    and that attacked the plain model (no EOT, no BPDA), for the first ``n`` samples: (their
+    titles, smallest breaking ε per sample); None when there is none."""
+    if per_sample is None or len(per_sample) < n:
+        return None
+    titles = [t for t, c in configs.items() if (c.name in names or t in names)
+              and c.eot_samples is None and c.bpda is None and f"{t}_eps" in per_sample]
+    if not titles:
+        return None
+    columns = per_sample[[f"{t}_eps" for t in titles]].to_numpy(dtype=float)[:n]
+    return titles, columns.min(axis=1)
+
+
+def _outcome_at(swept: _Swept, eps: float) -> probes.Outcome:
+    """Which samples the swept attacks leave robust at ``eps``."""
+    titles, smallest = swept
+    return probes.Outcome(torch.from_numpy(smallest > eps),
+                          f"the sweep's {' + '.join(titles)}")
 
 
 def unreliable_attacks(checks: pd.DataFrame | None, settings: dict[str, Any],

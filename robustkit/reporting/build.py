@@ -428,24 +428,42 @@ def _training_section(runs: list[RunData]) -> Section | None:
     return Section("training", "Training", blocks) if blocks else None
 
 
+#: What a report says for a run made with ``--checks off``, where a verdict would stand.
+UNCHECKED = ("No sanity check ran (--checks off): nothing tested whether these numbers "
+             "overstate robustness (masked gradients, an attack that has not converged, a "
+             "random or batch-dependent model). Run again with --checks quick or full before "
+             "relying on them.")
+#: What a report says for a run made with ``--checks quick``.
+QUICK_NOTE = ("Quick checks: every check that can discredit a number, at budgets scaled to "
+              "the evaluation and reusing its per-sample outcomes; --checks full runs each "
+              "check at its own, larger budget.")
+
+
+def _checks_level(run: RunData) -> str:
+    """The checks level a run was made with (runs from before levels existed: full)."""
+    return str(run.manifest.get("checks", "full"))
+
+
 def _checks_section(runs: list[RunData]) -> tuple[Section | None, pd.DataFrame]:
     frame = tables.checks_table(runs)
-    if frame.empty:
+    unchecked = [run.name for run in runs if _checks_level(run) == "off"]
+    blocks: list[Block] = []
+    if unchecked:
+        named = f" ({', '.join(unchecked)})" if len(runs) > 1 else ""
+        blocks.append(Text(UNCHECKED.replace("(--checks off)", f"(--checks off){named}")))
+    if not frame.empty:
+        shown = frame if len(runs) > 1 else frame.drop(columns=["run"])
+        counts = frame["status"].value_counts()
+        summary = ", ".join(f"{int(counts.get(s, 0))} {s}" for s in ("pass", "warn", "fail"))
+        blocks.append(Text(
+            f"Checks for gradient masking and mis-configured attacks (Carlini et al. 2019, "
+            f"“On Evaluating Adversarial Robustness”): {summary}."))
+        if any(_checks_level(run) == "quick" for run in runs):
+            blocks.append(Text(QUICK_NOTE))
+        blocks.append(Table(shown, status_column="status"))
+    if not blocks:
         return None, frame
-    shown = frame if len(runs) > 1 else frame.drop(columns=["run"])
-    counts = frame["status"].value_counts()
-    summary = ", ".join(f"{int(counts.get(s, 0))} {s}" for s in ("pass", "warn", "fail"))
-    return Section(
-        "checks",
-        "Sanity checks",
-        [
-            Text(
-                f"Checks for gradient masking and mis-configured attacks (Carlini et al. 2019, "
-                f"“On Evaluating Adversarial Robustness”): {summary}."
-            ),
-            Table(shown, status_column="status"),
-        ],
-    ), frame
+    return Section("checks", "Sanity checks", blocks), frame
 
 
 def _reference_section(runs: list[RunData]) -> tuple[Section | None, pd.DataFrame]:
