@@ -8,6 +8,7 @@ prints, so the folder is the one a single process writes."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -729,7 +730,7 @@ def _after_evaluation(model: Any, split: Any, evaluation: Evaluation, settings: 
     job resumes from them), example probabilities and the paper reference, when available;
     returns the checks frame, None when ``level`` is off. ``shown``: the folder ``eval_dir``
     becomes (it may be a staging one)."""
-    checks = None
+    checks, started = None, time.perf_counter()
     if level != "off":
         fingerprint = settings_fingerprint(settings)
         checks = run_checks(
@@ -738,10 +739,12 @@ def _after_evaluation(model: Any, split: Any, evaluation: Evaluation, settings: 
             done=load_checks(eval_dir, fingerprint, level),
             on_check=lambda check: save_check(eval_dir, fingerprint, level, check))
         write_frame(eval_dir / "checks.csv", checks)
+    seconds = time.perf_counter() - started
     add_probabilities(eval_dir / "examples.safetensors", model)
     if reference:
         write_json(eval_dir / "reference.json", _reference(reference, evaluation))
-    what = "sanity checks and example pictures" if checks is not None else "example pictures"
+    what = (f"sanity checks ({level}, {seconds:.1f} s) and example "
+            "pictures" if checks is not None else "example pictures")
     log(f"{what} written to {shown or eval_dir}")
     return checks
 

@@ -47,10 +47,6 @@ class Outcome:
     def accuracy(self) -> float:
         return float(self.robust.float().mean())
 
-    def first(self, n: int | None) -> Outcome:
-        """The outcome of the first ``n`` samples (all for None)."""
-        return Outcome(self.robust[:n], self.label)
-
 
 #: The finding of :func:`check_gradient_free_finds_no_more` when it fails or warns.
 MASKING_SUSPECTED = ("gradient masking suspected: a gradient-free attack beats the gradient "

@@ -98,27 +98,31 @@ class Budgets:
     large_eps_steps: int = 50
     #: steps of the from-scratch re-attack at every ε (None: the evaluation's attack as it is)
     monotone_steps: int | None = None
-    #: Square's queries on the samples the gradient attacks left robust, and on how many
+    #: Square's queries on the samples the gradient attacks left robust
     square_queries: int = 1000
-    square_samples: int | None = None
+    #: samples of the noise, convergence and gradient-free checks (None: all of ``samples``)
+    probe_samples: int | None = None
     #: steps of the checks' attack when the evaluation ran no PGD or APGD
     default_steps: int = 40
     #: use the evaluation's per-sample outcomes instead of re-running its attacks
     reuse: bool = False
 
 
-#: ``quick``: every check that can discredit a number, at budgets scaled to the evaluation;
-#: the attacks the sweep ran are not run again (their per-sample outcomes are reused), and the
-#: convergence check runs one APGD with twice the evaluation's steps (20 to 200) on what they
-#: left robust.
-QUICK = Budgets(samples=100, large_eps_steps=10, monotone_steps=10, square_queries=300,
-                square_samples=100, default_steps=20, reuse=True)
+#: ``quick``: every check that can discredit a number, at budgets scaled to the evaluation:
+#: the attacks the sweep ran are not run again (their per-sample outcomes are reused); on the
+#: first 50 samples the convergence check runs one APGD with the evaluation's steps (20 to 100)
+#: on what the sweep left robust, and Square twice as many queries (100 to 500) on what the
+#: gradient attacks left.
+QUICK = Budgets(samples=100, large_eps_steps=10, monotone_steps=10, square_queries=500,
+                probe_samples=50, default_steps=20, reuse=True)
 LEVELS: dict[ChecksLevel, Budgets] = {"full": Budgets(), "quick": QUICK}
 #: The sweep's attacks whose per-sample worst case is "the strongest gradient evaluation" that
 #: the gradient-free check compares Square with (FGSM is too weak to stand for it).
 GRADIENT = ("pgd", "apgd", "apgd-t")
-#: The stronger APGD of the quick convergence check: twice the evaluation's steps, within these.
-CONVERGE_STEPS = (20, 200)
+#: The stronger APGD of the quick convergence check: the evaluation's steps, within these.
+CONVERGE_STEPS = (20, 100)
+#: The fewest queries of the quick gradient-free check.
+SQUARE_QUERIES = 100
 
 
 def run_checks(
@@ -175,11 +179,12 @@ def run_checks(
     with Bar("sanity checks", len(model_checks), progress) as bar, \
             counting_rows(model, lambda rows: bar.pulse()):
         for name, run_check in model_checks:
+            bar.advance(0, name)  # the check now running
             check = finished.get(name) or run_check()
             if name not in finished and on_check is not None:
                 on_check(check)
             probed.append(check)
-            bar.advance(1, name)
+            bar.advance(1)
             bar.note(f"check {name}: {check.status}"
                      + (" (kept from the interrupted run)" if name in finished else ""))
     if shortcuts and eps:  # the from-scratch re-attack replaces the table's monotone check
@@ -199,9 +204,9 @@ def _model_checks(
     """The model checks in report order, each as (name, how to run it)."""
     eps_max = max(eps) if eps else 0.3
     middle = convergence_eps(results, attack, eps)
-    known = (_Known(model, x, y, attack, settings, per_sample, seed)
+    few = slice(None, budgets.probe_samples)
+    known = (_Known(model, x[few], y[few], attack, settings, per_sample, seed)
              if budgets.reuse else None)
-    square_on = slice(None, budgets.square_samples)
     checks: list[tuple[str, Callable[[], Check]]] = []
     if shortcuts and eps:
         checks.append((MONOTONE_FROM_SCRATCH, lambda: probes.
@@ -215,15 +220,16 @@ def _model_checks(
         ("accuracy_at_large_eps", lambda: probes.check_accuracy_at_large_eps(
             model, x, y, attack, seed=seed, max_steps=budgets.large_eps_steps)),
         ("noise_weaker_than_attack", lambda: probes.check_noise_weaker_than_attack(
-            model, x, y, attack, eps_max, seed=seed,
+            model, x[few], y[few], attack, eps_max, seed=seed,
             known=known.own(eps_max) if known else None)),
         ("attack_converged", lambda: probes.check_attack_converged(
-            model, x, y, attack, middle, seed=seed, known=known.own(middle) if known else None,
+            model, x[few], y[few], attack, middle, seed=seed,
+            known=known.own(middle) if known else None,
             stronger=known.stronger(middle) if known else None)),
         ("gradient_free_finds_no_more", lambda: probes.check_gradient_free_finds_no_more(
-            model, x[square_on], y[square_on], attack, middle, seed=seed,
-            budget=budgets.square_queries,
-            known=known.gradient(middle).first(budgets.square_samples) if known else None)),
+            model, x[few], y[few], attack, middle, seed=seed,
+            budget=known.square_queries(budgets.square_queries) if known else
+            budgets.square_queries, known=known.gradient(middle) if known else None)),
     ]
     return checks
 
@@ -249,7 +255,7 @@ class _Known:
         self.iterative = _sweep_outcome(per_sample, configs, len(y), GRADIENT) or ensemble
         steps = max((configs[t].steps if configs[t].name != "fgsm" else 1)
                     for t in self.swept[0]) if self.swept else attack.steps
-        self.converge_steps = min(max(2 * steps, CONVERGE_STEPS[0]), CONVERGE_STEPS[1])
+        self.converge_steps = min(max(steps, CONVERGE_STEPS[0]), CONVERGE_STEPS[1])
         self._own: dict[float, probes.Outcome] = {}
         self._stronger: dict[float, probes.Outcome] = {}
 
@@ -271,6 +277,10 @@ class _Known:
                 self.model, self.x, self.y, self.own(eps), eps, norm=self.attack.norm,
                 seed=self.seed, steps=self.converge_steps)
         return self._stronger[eps]
+
+    def square_queries(self, most: int) -> int:
+        """Square's budget: twice the evaluation's steps per sample, 100 to ``most``."""
+        return min(max(2 * self.converge_steps, SQUARE_QUERIES), most)
 
     def gradient(self, eps: float) -> probes.Outcome:
         if self.iterative is not None:
