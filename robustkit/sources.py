@@ -14,9 +14,10 @@ A source is one of
   or ``train/class_name/…`` + ``test/class_name/…`` (``val/`` is accepted for ``test/``).
 
 Images become float32 ``[N, C, H, W]`` in [0, 1], whatever their layout (N×C×H×W, N×H×W×C or
-N×H×W) and type (uint8 0–255, or float already in [0, 1]); ε therefore stays in pixel units.
-Images are resized only when asked (``resize``), with antialiased bilinear interpolation; an
-image folder whose images differ in size is refused with a message naming ``--resize``.
+N×H×W) and type (uint8 0–255, or float already in [0, 1]; 16-bit grey images in a folder are
+scaled by 65535); ε therefore stays in pixel units. Images are resized only when asked
+(``resize``), with antialiased bilinear interpolation; an image folder whose images differ in
+size is refused with a message naming ``--resize``.
 
 Every loaded data set records its provenance: the source, the number of images and a sha256 of
 the source files (array files; an image folder's files in sorted order) or of the decoded arrays
@@ -53,6 +54,10 @@ from robustkit.errors import RobustkitError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff",
                   ".webp"}
 ARRAY_SUFFIXES = {".npz", ".safetensors"}
+#: Image modes of 16-bit grey pixels (PIL opens 16-bit PNGs as ``I;16``, some files as ``I``):
+#: scaled by 65535, not clipped to 255 as a conversion to ``L`` would.
+WIDE_GREY_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+GREY_MODES = {"1", "L", *WIDE_GREY_MODES}
 #: torchvision data sets robustkit knows how to read: (class name, split argument style)
 TORCHVISION = {"cifar10": ("CIFAR10", "train"), "cifar100": ("CIFAR100", "train"),
                "svhn": ("SVHN", "split")}
@@ -324,22 +329,17 @@ def _read_folder(root: Path, size: tuple[int, int] | None) -> _Read:
 
 
 def _decode(paths: list[Path], size: tuple[int, int] | None, root: Path) -> np.ndarray:
-    """The images as uint8 N×H×W×C: grey when every file is grey, else RGB."""
-    opened: list[Image.Image] = []
-    for path in paths:
-        try:
-            with Image.open(path) as handle:
-                handle.load()
-                opened.append(handle.copy())
-        except (UnidentifiedImageError, OSError) as exc:
-            raise RobustkitError(f"{path} is not a readable image ({exc}): remove or replace it"
-                                 ) from None
-    grey = all(im.mode in ("1", "L", "I;16", "I") for im in opened)
-    mode = "L" if grey else "RGB"
+    """The images as N×H×W×C, grey when every file is grey, else RGB: uint8 when every image
+    has 8-bit channels, else float32 in [0, 1] (16-bit grey divided by 65535, 8-bit by 255,
+    so a 16-bit copy of an 8-bit image gives the same values)."""
+    opened = [_open_image(path) for path in paths]
+    grey = all(im.mode in GREY_MODES for im in opened)
+    wide = any(im.mode in WIDE_GREY_MODES for im in opened)
     arrays = []
     first_size = None
     for path, original in zip(paths, opened, strict=True):
-        image = original.convert(mode)
+        image = _wide_grey(original, path) if original.mode in WIDE_GREY_MODES else (
+            original.convert("L" if grey else "RGB"))
         if size is not None:
             image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
         if first_size is None:
@@ -349,9 +349,43 @@ def _decode(paths: list[Path], size: tuple[int, int] | None, root: Path) -> np.n
                 f"{path.relative_to(root)} is {image.size[0]}×{image.size[1]} pixels, other "
                 f"images {first_size[0]}×{first_size[1]}: pass --resize H,W (data.resize) to "
                 "bring them to one size")
-        array = np.asarray(image, dtype=np.uint8)
-        arrays.append(array[..., None] if array.ndim == 2 else array)
+        arrays.append(_pixels(image, grey, wide))
     return np.stack(arrays)
+
+
+def _open_image(path: Path) -> Image.Image:
+    """The decoded image in ``path``; a file PIL cannot identify or read is one error naming
+    it."""
+    try:
+        with Image.open(path) as handle:
+            handle.load()
+            return handle.copy()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise RobustkitError(f"{path} is not a readable image ({exc}): remove or replace it"
+                             ) from None
+
+
+def _wide_grey(image: Image.Image, path: Path) -> Image.Image:
+    """A 16-bit grey image as a float image (mode ``F``) in [0, 1]: its values divided by
+    65535; values outside 16 bits (32-bit ``I`` images) are refused."""
+    values = np.asarray(image)
+    if values.size and (int(values.min()) < 0 or int(values.max()) > 65535):
+        raise RobustkitError(
+            f"{path} holds pixel values in [{int(values.min())}, {int(values.max())}], beyond "
+            "16 bits: save it as an 8- or 16-bit image")
+    return Image.fromarray(values.astype(np.float32) / np.float32(65535))
+
+
+def _pixels(image: Image.Image, grey: bool, wide: bool) -> np.ndarray:
+    """H×W×C pixels of an ``L``, ``RGB`` or ``F`` (already in [0, 1]) image: uint8, or float32
+    in [0, 1] when ``wide`` (some image of the set has 16-bit values); an ``F`` image gets
+    three equal channels when the set is not ``grey``."""
+    array = np.asarray(image)
+    if wide and array.dtype == np.uint8:
+        array = array.astype(np.float32) / np.float32(255)
+    if array.ndim == 2:
+        array = array[..., None] if grey else np.repeat(array[..., None], 3, axis=-1)
+    return array
 
 
 # --------------------------------------------------------------------------- torchvision
