@@ -17,7 +17,8 @@ Images become float32 ``[N, C, H, W]`` in [0, 1], whatever their layout (N×C×H
 N×H×W) and type (uint8 0–255, or float already in [0, 1]; 16-bit grey images in a folder are
 scaled by 65535); ε therefore stays in pixel units. Images are resized only when asked
 (``resize``), with antialiased bilinear interpolation; an image folder whose images differ in
-size is refused with a message naming ``--resize``.
+size is refused with a message naming ``--resize``. Unreadable or crafted images (bad chunks,
+decompression bombs) are one :class:`RobustkitError` naming the file.
 
 Every loaded data set records its provenance: the source, the number of images and a sha256 of
 the source files (array files; an image folder's files in sorted order) or of the decoded arrays
@@ -35,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from safetensors import safe_open
 from torch import Tensor
 
@@ -354,14 +355,17 @@ def _decode(paths: list[Path], size: tuple[int, int] | None, root: Path) -> np.n
 
 
 def _open_image(path: Path) -> Image.Image:
-    """The decoded image in ``path``; a file PIL cannot identify or read is one error naming
-    it."""
+    """The decoded image in ``path``; any failure (not an image, a damaged or crafted file:
+    bad chunks, oversized text, a decompression bomb) is one error naming the file."""
     try:
         with Image.open(path) as handle:
             handle.load()
             return handle.copy()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise RobustkitError(f"{path} is not a readable image ({exc}): remove or replace it"
+    except MemoryError:
+        raise
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBomb…
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise RobustkitError(f"{path} is not a readable image ({first}): remove or replace it"
                              ) from None
 
 

@@ -5,17 +5,21 @@ resumed one prints."""
 
 from __future__ import annotations
 
+import io
+import struct
 import subprocess
 import textwrap
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from robustkit.sources import load_data
-from tests.test_hostile_input import run
+from tests.test_hostile_input import assert_user_error, cli, run
 
 LINEAR = textwrap.dedent("""
     from torch import nn
@@ -87,3 +91,59 @@ def test_16_bit_pngs_beside_colour_ones_and_resized(tmp_path: Path) -> None:
     assert torch.equal(loaded, reference[:, None].expand(-1, 3, -1, -1))
     small = load_data(str(mixed), parts=("test",), resize=(14, 14)).test.images
     assert small.shape == (4, 3, 14, 14) and 0.0 <= float(small.min()) <= float(small.max()) <= 1
+
+
+# --------------------------------------------------------------------------- 6: PIL errors
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _header(width: int, height: int) -> bytes:
+    return _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+
+
+def garbled_chunk_png() -> bytes:
+    """A grey 28×28 PNG whose image data is split over two chunks, the second with a garbled
+    chunk header: PIL raises SyntaxError while decoding."""
+    body = zlib.compress(b"".join(b"\x00" + bytes(range(28)) for _ in range(28)))
+    half = len(body) // 2
+    return (PNG_SIGNATURE + _header(28, 28) + _chunk(b"IDAT", body[:half])
+            + struct.pack(">I", len(body) - half) + b"\x01\x02\x03\x04" + body[half:]
+            + _chunk(b"IEND", b""))
+
+
+def oversized_ztxt_png() -> bytes:
+    """A PNG with a 2 MB compressed text chunk: PIL raises ValueError above its 1 MB limit."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * 2**21, zip=True)
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def bomb_png() -> bytes:
+    """A PNG whose header claims 20000×20000 pixels (400 MB) over a one-row body: PIL raises
+    DecompressionBombError. Nothing of that size is allocated here."""
+    return (PNG_SIGNATURE + _header(20000, 20000)
+            + _chunk(b"IDAT", zlib.compress(bytes(20001))) + _chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize(("make", "fragment"), [
+    (garbled_chunk_png, "broken PNG file"),
+    (oversized_ztxt_png, "MAX_TEXT_CHUNK"),
+    (bomb_png, "exceeds limit"),
+])
+def test_crafted_pngs_are_one_error_naming_the_file(make: Callable[[], bytes], fragment: str,
+                                                     tmp_path: Path) -> None:
+    folder = tmp_path / "images" / "digit"
+    _png_folder(tmp_path / "images", [digits(1)[0]])
+    folder.mkdir(parents=True)
+    bad = folder / "bad.png"
+    bad.write_bytes(make())
+    assert bad.stat().st_size < 2**20
+    assert_user_error(cli("data", "--data", str(tmp_path / "images")), str(bad), fragment)
