@@ -7,6 +7,7 @@ prints, so the folder is the one a single process writes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pandas as pd
+import torch
 
 from robustkit import distributed
 from robustkit.budgets import sweep_eps_bound
@@ -158,7 +160,10 @@ def attack_model(
         data_source, dataset=dataset, data_dir=data_dir, device=target, val_size=0,
         parts=("test",), resize=resize), dist)  # the test split only; one download per node
     split = data.test.take(n)
-    check_logits(net, split.images[:8], len(data.classes))
+    num_classes = _model_width(net, split) or max(2, len(data.classes))
+    check_logits(net, split.images[:8], num_classes)
+    _check_labels(split, num_classes, data.name, model)
+    data = _named_up_to(data, num_classes)
     net = build_defence(net, defence)  # after the checks a random defence would fail
     name = model_name(model)
     folder = out_dir or Path("runs") / f"attack-{name}"
@@ -207,6 +212,43 @@ def attack_model(
     outputs.update(_result_files(folder))
     echo(f"results in {folder}/ (results.csv, per_sample.csv, timings.csv, settings.json)")
     return AttackOutcome(evaluation, checks, warnings, outputs, settings, name)
+
+
+def _model_width(net: Any, split: Split) -> int | None:
+    """K, the number of logits the model returns per image: the class count of an evaluation
+    (not the largest label: data whose labels happen to stop at 7 still meets a 10-class
+    model). None when the model returns no ``[N, K ≥ 2]`` tensor or fails, for
+    :func:`check_logits` to say what is wrong."""
+    try:
+        with torch.no_grad():
+            out = net(split.images[:8])
+    except Exception:  # check_logits runs it again and reports the failure
+        return None
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] >= 2:
+        return int(out.shape[1])
+    return None
+
+
+def _named_up_to(data: Dataset, num_classes: int) -> Dataset:
+    """``data`` with a name for each of ``num_classes`` classes: its own, then ``8``, ``9``, …
+    for the classes of the model its labels do not reach."""
+    if num_classes <= len(data.classes):
+        return data
+    extra = tuple(str(i) for i in range(len(data.classes), num_classes))
+    return dataclasses.replace(data, classes=data.classes + extra)
+
+
+def _check_labels(split: Split, num_classes: int, data_name: str, model: str) -> None:
+    """Every evaluated label must index one of the model's ``num_classes`` logits."""
+    if len(split) == 0:
+        return
+    largest = int(split.labels.max())
+    if largest >= num_classes:
+        index = int((split.labels == largest).nonzero()[0])
+        raise RobustkitError(
+            f"{data_name}: test image {index} has label {largest}, but the model {model} "
+            f"returns {num_classes} logits (classes 0 to {num_classes - 1}): use data whose "
+            "labels are the model's classes, or the model trained on this data")
 
 
 def _check_attack_request(attacks: Sequence[AttackConfig], eps: Sequence[float],

@@ -17,8 +17,9 @@ Images become float32 ``[N, C, H, W]`` in [0, 1], whatever their layout (N×C×H
 N×H×W) and type (uint8 0–255, or float already in [0, 1]; 16-bit grey images in a folder are
 scaled by 65535); ε therefore stays in pixel units. Images are resized only when asked
 (``resize``), with antialiased bilinear interpolation; an image folder whose images differ in
-size is refused with a message naming ``--resize``. Unreadable or crafted images (bad chunks,
-decompression bombs) are one :class:`RobustkitError` naming the file.
+size is refused with a message naming ``--resize``. Labels must be class indices below
+:data:`MAX_CLASSES`; unreadable or crafted images (bad chunks, decompression bombs) are one
+:class:`RobustkitError` naming the file.
 
 Every loaded data set records its provenance: the source, the number of images and a sha256 of
 the source files (array files; an image folder's files in sorted order) or of the decoded arrays
@@ -55,6 +56,9 @@ from robustkit.errors import RobustkitError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff",
                   ".webp"}
 ARRAY_SUFFIXES = {".npz", ".safetensors"}
+#: Labels are class indices below this: class names are built for each index up to the
+#: largest label, so one stray huge label must not build millions of them.
+MAX_CLASSES = 100_000
 #: Image modes of 16-bit grey pixels (PIL opens 16-bit PNGs as ``I;16``, some files as ``I``):
 #: scaled by 65535, not clipped to 255 as a conversion to ``L`` would.
 WIDE_GREY_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
@@ -138,8 +142,13 @@ def _as_tensors(name: str, splits: dict[str, tuple[np.ndarray, np.ndarray]],
 def _class_names(name: str, named: tuple[str, ...], labels: dict[str, Tensor]
                  ) -> tuple[str, ...]:
     """The source's class names, else ``0``, ``1``, … up to the largest label; a label beyond
-    the names given is a user error."""
+    the names given, or (without names) of :data:`MAX_CLASSES` or more, is a user error."""
     num_classes = max(int(y.max()) + 1 if len(y) else 0 for y in labels.values())
+    if not named and num_classes > MAX_CLASSES:
+        raise RobustkitError(
+            f"{name}: a label is {num_classes - 1}, but labels are class indices and robustkit "
+            f"takes at most {MAX_CLASSES} classes (labels 0 to {MAX_CLASSES - 1}): fix the "
+            "labels")
     classes = named or tuple(str(i) for i in range(num_classes))
     if num_classes > len(classes):
         raise RobustkitError(f"{name}: a label is {num_classes - 1} but only {len(classes)} "

@@ -6,6 +6,8 @@ resumed one prints."""
 from __future__ import annotations
 
 import io
+import json
+import resource
 import struct
 import subprocess
 import textwrap
@@ -18,6 +20,7 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
+from robustkit.errors import RobustkitError
 from robustkit.sources import load_data
 from tests.test_hostile_input import assert_user_error, cli, run
 
@@ -91,6 +94,55 @@ def test_16_bit_pngs_beside_colour_ones_and_resized(tmp_path: Path) -> None:
     assert torch.equal(loaded, reference[:, None].expand(-1, 3, -1, -1))
     small = load_data(str(mixed), parts=("test",), resize=(14, 14)).test.images
     assert small.shape == (4, 3, 14, 14) and 0.0 <= float(small.min()) <= float(small.max()) <= 1
+
+
+# --------------------------------------------------------------------------- 5: class count
+
+
+def test_labels_below_the_models_width_are_evaluated(tmp_path: Path, models: Path) -> None:
+    """Labels 0–7 and a 10-class model: K comes from the model, not from the largest label."""
+    rng = np.random.default_rng(1)
+    data = npz(tmp_path / "d.npz", digits(60), rng.integers(0, 8, 60))
+    result = attack(data, tmp_path / "o", models)
+    assert result.returncode == 0, result.stderr
+    settings = json.loads((tmp_path / "o" / "settings.json").read_text())
+    assert settings["classes"] == [str(i) for i in range(10)]
+
+
+def test_a_label_beyond_the_models_width_is_named(tmp_path: Path, models: Path) -> None:
+    labels = np.zeros(60, dtype=np.int64)
+    labels[7] = 12
+    result = attack(npz(tmp_path / "d.npz", digits(60), labels), tmp_path / "o", models)
+    assert_user_error(result, "label 12", "returns 10 logits")
+    assert "expected [N, 13]" not in result.stderr
+
+
+def _limit_memory() -> None:
+    """Room for torch, not for a billion class names: a regression fails with MemoryError
+    instead of taking the machine's memory."""
+    resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
+
+
+def test_a_huge_label_builds_no_class_names(tmp_path: Path) -> None:
+    labels = np.zeros(10, dtype=np.int64)
+    labels[3] = 10**9
+    data = npz(tmp_path / "d.npz", digits(10), labels)
+    result = run("data", "--data", str(data), preexec=_limit_memory)
+    assert_user_error(result, "1000000000", str(data))
+    with pytest.raises(RobustkitError, match="at most 100000 classes"):
+        load_data(str(data), parts=("test",))
+
+
+def test_one_class_data_is_refused_before_training(tmp_path: Path) -> None:
+    zeros = np.zeros(60, dtype=np.int64)
+    np.savez(tmp_path / "d.npz", train_images=digits(60), train_labels=zeros,
+             test_images=digits(20, seed=1), test_labels=zeros[:20])
+    config = tmp_path / "c.toml"
+    config.write_text('[model]\narch = "mlp"\n[train]\nepochs = 1\n[data]\nval_size = 10\n')
+    result = run("train", str(config), "--data", str(tmp_path / "d.npz"), "-q", "--out",
+                 str(tmp_path / "t"))
+    assert_user_error(result, "one class", "at least two")
+    assert not (tmp_path / "t" / "metrics.csv").exists()
 
 
 # --------------------------------------------------------------------------- 6: PIL errors
