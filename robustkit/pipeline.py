@@ -158,7 +158,7 @@ def attack_model(
                            trust=trust_model_file, app_dir=app_dir)
     data = distributed.local_first(lambda: load_data(
         data_source, dataset=dataset, data_dir=data_dir, device=target, val_size=0,
-        parts=("test",), resize=resize), dist)  # the test split only; one download per node
+        parts=("test",), resize=resize, limit=n), dist)  # the test split, its first n images
     split = data.test.take(n)
     num_classes = _model_width(net, split) or max(2, len(data.classes))
     check_logits(net, split.images[:8], num_classes)

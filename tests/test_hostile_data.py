@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import resource
 import struct
 import subprocess
+import sys
 import textwrap
+import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -19,10 +22,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, PngImagePlugin
+from safetensors.numpy import save_file
+from safetensors.torch import save_file as save_torch_file
 
 from robustkit.errors import RobustkitError
-from robustkit.sources import load_data
-from tests.test_hostile_input import assert_user_error, cli, run
+from robustkit.sources import MAX_ARRAY_BYTES, load_data
+from tests.test_hostile_input import REPO, assert_user_error, cli, run
 
 LINEAR = textwrap.dedent("""
     from torch import nn
@@ -199,3 +204,109 @@ def test_crafted_pngs_are_one_error_naming_the_file(make: Callable[[], bytes], f
     bad.write_bytes(make())
     assert bad.stat().st_size < 2**20
     assert_user_error(cli("data", "--data", str(tmp_path / "images")), str(bad), fragment)
+
+
+# --------------------------------------------------------------------------- 8: npz bombs
+
+
+def write_npz_bomb(path: Path, images: int, *, declared: int | None = None) -> Path:
+    """A compressed npz of ``images`` zero images of 28×28 (and as many zero labels), written
+    16 MiB at a time: a large array in a small file. ``declared``: the image count the .npy
+    header claims instead (the member then holds less than it says)."""
+    block = bytes(16 * 2**20)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, shape in (("images", (declared or images, 28, 28)), ("labels", (images,))):
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_1_0(
+                    member, {"descr": "|u1", "fortran_order": False, "shape": shape})
+                left = images * (784 if name == "images" else 1)
+                while left > 0:
+                    member.write(block[:min(left, len(block))])
+                    left -= len(block)
+    return path
+
+
+def peak_rss(*args: str, extra_path: Path | None = None
+             ) -> tuple[subprocess.CompletedProcess[str], int]:
+    """``robustkit ARGS`` in a fresh parent process, and its peak resident memory in bytes."""
+    code = textwrap.dedent("""
+        import resource, subprocess, sys
+        done = subprocess.run([sys.executable, "-m", "robustkit", *sys.argv[1:]],
+                              capture_output=True, text=True)
+        sys.stdout.write(done.stdout)
+        sys.stderr.write(done.stderr)
+        sys.stdout.write(f"\\npeak-rss {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}")
+        sys.exit(done.returncode)
+    """)
+    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": os.pathsep.join(
+        p for p in (str(extra_path or ""), str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                            text=True, cwd=REPO, env=env, timeout=600)
+    stdout, _, peak = result.stdout.rpartition("\npeak-rss ")
+    result.stdout = stdout
+    return result, int(peak) * 1024
+
+
+#: robustkit with torch loaded peaks near 0.75 GB; inflating a 512 MiB member and converting it
+#: to float32 took it to 3.1 GB
+SMALL_PEAK = 1.25 * 2**30
+
+
+@pytest.mark.slow
+def test_npz_bomb_above_the_cap_is_refused_before_inflating(tmp_path: Path) -> None:
+    over = MAX_ARRAY_BYTES // 784 + 1000
+    bomb = write_npz_bomb(tmp_path / "bomb.npz", over)
+    assert bomb.stat().st_size < 2 * 2**20
+    result, peak = peak_rss("data", "--data", str(bomb))
+    assert_user_error(result, str(bomb), "images", "MiB")
+    assert peak < SMALL_PEAK, peak
+
+
+def test_npz_header_claiming_more_than_the_cap_is_refused(tmp_path: Path) -> None:
+    liar = write_npz_bomb(tmp_path / "liar.npz", 10, declared=10**8)
+    assert_user_error(cli("data", "--data", str(liar)), str(liar), "images", "MiB")
+
+
+@pytest.mark.slow
+def test_npz_bomb_below_the_cap_reads_only_what_n_needs(tmp_path: Path, models: Path) -> None:
+    bomb = write_npz_bomb(tmp_path / "bomb.npz", 512 * 2**20 // 784)
+    assert bomb.stat().st_size < 2**20
+    result, peak = peak_rss("attack", "--model", "linear:linear", "--data", str(bomb),
+                            "--attack", "fgsm", "--eps", "0,0.1", "--n", "50", "-q",
+                            "--out", str(tmp_path / "o"), extra_path=models)
+    assert peak < SMALL_PEAK, peak
+    assert result.returncode == 0, result.stderr
+    assert "50 test images" in (tmp_path / "o" / "manifest.json").read_text()
+
+
+def test_uncompressed_npz_and_safetensors_read_a_prefix(tmp_path: Path) -> None:
+    images, labels = digits(30), np.arange(30) % 10
+    np.savez(tmp_path / "d.npz", images=images, labels=labels)
+    save_file({"images": images, "labels": labels}, str(tmp_path / "d.safetensors"))
+    for name in ("d.npz", "d.safetensors"):
+        whole = load_data(str(tmp_path / name), parts=("test",)).test
+        first = load_data(str(tmp_path / name), parts=("test",), limit=7).test
+        assert len(whole) == 30 and len(first) == 7
+        assert torch.equal(first.images, whole.images[:7])
+        assert torch.equal(first.labels, whole.labels[:7])
+
+
+# --------------------------------------------------------------------------- bfloat16
+
+
+def test_bfloat16_safetensors_images_load_as_float32(tmp_path: Path) -> None:
+    images = torch.from_numpy(digits(5)).float().div(256).to(torch.bfloat16)
+    path = tmp_path / "d.safetensors"
+    save_torch_file({"images": images, "labels": torch.arange(5)}, str(path))
+    loaded = load_data(str(path), parts=("test",)).test
+    assert loaded.images.dtype == torch.float32
+    assert torch.equal(loaded.images[:, 0], images.float())
+
+
+def test_other_dtypes_are_named_with_the_accepted_ones(tmp_path: Path) -> None:
+    path = tmp_path / "d.safetensors"
+    save_torch_file({"images": torch.zeros(5, 28, 28, dtype=torch.int16),
+                     "labels": torch.arange(5)}, str(path))
+    with pytest.raises(RobustkitError, match=r"int16: give uint8 \(0–255\) or floats") as info:
+        load_data(str(path), parts=("test",))
+    assert "safetensors" not in str(info.value).split(":", 1)[1]
