@@ -310,3 +310,38 @@ def test_other_dtypes_are_named_with_the_accepted_ones(tmp_path: Path) -> None:
     with pytest.raises(RobustkitError, match=r"int16: give uint8 \(0–255\) or floats") as info:
         load_data(str(path), parts=("test",))
     assert "safetensors" not in str(info.value).split(":", 1)[1]
+
+
+# --------------------------------------------------------------------------- 10: --json stdout
+
+
+PRINTER = textwrap.dedent("""
+    import os
+    from torch import nn
+
+    print("printed on import")
+
+    class Loud(nn.Sequential):
+        def forward(self, x):
+            print("printed in forward")
+            os.write(1, b"written to fd 1\\n")
+            return super().forward(x)
+
+    def factory():
+        print("printed in the factory")
+        return Loud(nn.Flatten(), nn.Linear(784, 10))
+""")
+
+
+def test_user_prints_stay_out_of_the_json_document(tmp_path: Path) -> None:
+    (tmp_path / "printer.py").write_text(PRINTER)
+    data = npz(tmp_path / "d.npz", digits(20), np.arange(20) % 10)
+    result = run("attack", "--model", "printer:factory", "--data", str(data), "--attack",
+                 "fgsm", "--eps", "0,0.1", "--n", "20", "-q", "--json", "--out",
+                 str(tmp_path / "o"), extra_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["results"]
+    for text in ("printed on import", "printed in the factory", "printed in forward",
+                 "written to fd 1"):
+        assert text in result.stderr
