@@ -381,6 +381,7 @@ def attack(
     transform: Annotated[Optional[str], typer.Option("--transform", help="Transformations, e.g. rotate=15,translate=2,scale=0.9:1.1,noise=0.05 (also eval_samples=M, eps=E).")] = None,  # noqa: E501, UP045
 ) -> None:
     """Attack a model over an ε sweep; writes results.csv, per_sample.csv and a report."""
+    from robustkit.outputs import staging_path
     from robustkit.pipeline import attack_model, attack_summary, model_name
 
     if data_source is not None and dataset != "mnist" and data_source != dataset:
@@ -398,8 +399,8 @@ def attack(
     tables = config_from_dict({"attacks": [], **extra}) if extra else None
     folder = out_dir or Path("runs") / f"attack-{model_name(model)}"
     _check_out(folder, "--out")
-    _on_interrupt(f"finished (attack, ε) cells are kept in {folder}; run the same command "
-                  "again to resume the sweep")
+    _on_interrupt(f"finished (attack, ε) cells are kept in {staging_path(folder)}; run the "
+                  "same command again to resume the sweep")
     with _stdout_to_stderr() if as_json else contextlib.nullcontext():
         outcome = attack_model(
             model=model, attacks=attacks, eps=eps_values, n=n, batch_size=batch_size,
@@ -462,6 +463,7 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train (or reuse), attack over the ε sweep, check and report: the whole experiment."""
+    from robustkit.outputs import staging_path
     from robustkit.pipeline import run_experiment
 
     overrides = _data_overrides(set_, data_dir, data_source, resize, app_dir)
@@ -470,8 +472,8 @@ def run(
     _check_out(folder, "--out")
     _check_out(runs_dir, "--runs")
     _on_interrupt(f"finished training epochs (in {runs_dir / cfg.name}) and finished "
-                  f"(attack, ε) cells (in {folder}) are kept; run the same command again to "
-                  "resume")
+                  f"(attack, ε) cells (in {staging_path(folder)}) are kept; run the same "
+                  "command again to resume")
     run_experiment(config, overrides=overrides, out_dir=out_dir, runs_dir=runs_dir,
                    retrain=retrain, device=device, progress=not quiet, overwrite=overwrite,
                    echo=_echo, log=_log)

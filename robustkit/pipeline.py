@@ -182,7 +182,7 @@ def attack_model(
     evaluation = _user_model_stage(model, "the sweep", work, lambda: evaluate_to_folder(
         net, split, attacks, eps, out_dir=work, settings=settings, manifest=manifest,
         model_name=name, batch_size=batch_size, seed=seed, progress=progress, dist=dist,
-        transform=build_transform(transforms),
+        transform=build_transform(transforms), log=log,
     ))
     warnings = clean_accuracy_warnings(evaluation.results, data.name, normalize)
     reporting = report and main  # checks and report: rank 0 only
@@ -515,7 +515,7 @@ def _run_seed(run: _Run, seed: int) -> Evaluation:
         model, run.split, cfg.attacks, cfg.evaluate.eps, out_dir=eval_dir, settings=settings,
         manifest=manifest, model_name=f"{cfg.name}/seed-{seed}" if run.several else cfg.name,
         batch_size=cfg.evaluate.batch_size, seed=cfg.evaluate.seed, progress=run.progress,
-        dist=run.dist, transform=build_transform(cfg.transforms),
+        dist=run.dist, transform=build_transform(cfg.transforms), log=run.log,
     )
     checks = None
     if run.main:

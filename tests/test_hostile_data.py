@@ -26,8 +26,9 @@ from safetensors.numpy import save_file
 from safetensors.torch import save_file as save_torch_file
 
 from robustkit.errors import RobustkitError
+from robustkit.outputs import staging_path
 from robustkit.sources import MAX_ARRAY_BYTES, load_data
-from tests.test_hostile_input import REPO, assert_user_error, cli, run
+from tests.test_hostile_input import REPO, _interrupt_when, _popen, assert_user_error, cli, run
 
 LINEAR = textwrap.dedent("""
     from torch import nn
@@ -345,3 +346,65 @@ def test_user_prints_stay_out_of_the_json_document(tmp_path: Path) -> None:
     for text in ("printed on import", "printed in the factory", "printed in forward",
                  "written to fd 1"):
         assert text in result.stderr
+
+
+# --------------------------------------------------------------------------- interrupt, resume
+
+
+STUBBORN = textwrap.dedent("""
+    import os
+    import time
+
+    import torch
+    from torch import nn
+
+    class Stubborn(nn.Module):
+        \"\"\"Always predicts 7, with no input gradient, so PGD runs all its steps; sleeps in
+        each forward while the file named by $STUBBORN_SLOW exists.\"\"\"
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+            self.register_buffer("logits", 5 * nn.functional.one_hot(torch.tensor(7), 10) - 1.0)
+
+        def forward(self, x):
+            if os.path.exists(os.environ["STUBBORN_SLOW"]):
+                time.sleep(0.05)
+            return self.logits.expand(len(x), 10) + self.w * x.flatten(1)[:, :1]
+
+    def stubborn():
+        return Stubborn()
+""")
+
+
+@pytest.mark.slow
+def test_interrupted_attack_names_the_cells_folder_and_resume_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "stubborn.py").write_text(STUBBORN)
+    slow = tmp_path / "slow"
+    slow.touch()
+    monkeypatch.setenv("STUBBORN_SLOW", str(slow))
+    labels = np.array([7, 7, 7, 7, 9, 1, 2, 3])
+    data = npz(tmp_path / "d.npz", digits(8), labels)
+    out = tmp_path / "s"
+    args = ("attack", "--model", "stubborn:stubborn", "--data", str(data), "--attack", "pgd",
+            "--steps", "100", "--eps", "0,0.1,0.2,0.3", "-q", "--out", str(out))
+    sweep = _popen(*args, cwd=tmp_path)
+    _interrupt_when(sweep, staging_path(out) / "sweep-state" / "state.json")
+    _, stderr = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted: finished (attack, ε) cells are kept in")
+    assert str(staging_path(out)) in last
+    assert (staging_path(out) / "sweep-state" / "state.json").is_file()
+
+    slow.unlink()
+    resumed = _popen(*args, cwd=tmp_path)
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("resuming ")]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("resuming 1 finished cell from ") or lines[0].startswith(
+        "resuming 2 finished cells from "), lines[0]
+    assert str(staging_path(out)) in lines[0]
+    assert (out / "results.csv").is_file()
