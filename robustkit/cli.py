@@ -6,10 +6,13 @@ own body: those are the only imports below the top of a module in robustkit, and
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -410,16 +413,17 @@ def attack(
     _check_out(folder, "--out")
     _on_interrupt(f"finished (attack, ε) cells and checks are kept in {staging_path(folder)}; "
                   "run the same command again to go on from them")
-    outcome = attack_model(
-        model=model, attacks=attacks, eps=eps_values, n=n, batch_size=batch_size, seed=seed,
-        dataset=dataset, data_source=data_source, resize=_resize(resize) if resize else None,
-        app_dir=app_dir, weights=weights, normalize=normalize, device=device, data_dir=data_dir,
-        out_dir=out_dir, overwrite=overwrite, progress=not quiet,
-        echo=_log if as_json else _echo, log=_log,
-        trust_model_file=trust_model_file,
-        defence=tables.defence if tables else None,
-        transforms=tables.transforms if tables else None, checks_level=level,
-    )
+    with _stdout_to_stderr() if as_json else contextlib.nullcontext():
+        outcome = attack_model(
+            model=model, attacks=attacks, eps=eps_values, n=n, batch_size=batch_size,
+            seed=seed, dataset=dataset, data_source=data_source,
+            resize=_resize(resize) if resize else None, app_dir=app_dir, weights=weights,
+            normalize=normalize, device=device, data_dir=data_dir, out_dir=out_dir,
+            overwrite=overwrite, progress=not quiet, echo=_log if as_json else _echo, log=_log,
+            trust_model_file=trust_model_file,
+            defence=tables.defence if tables else None,
+            transforms=tables.transforms if tables else None, checks_level=level,
+        )
     if as_json:
         sys.stdout.write(json.dumps(attack_summary(outcome), indent=2, allow_nan=False) + "\n")
         sys.stdout.flush()
@@ -429,6 +433,30 @@ def attack(
         err.print(f"checks failed: {', '.join(failed)} (exit code 1: --fail-on-check)",
                   highlight=False)
         raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """For ``--json``: while the job (and the user's model code in it) runs, whatever is
+    written to stdout goes to stderr instead, ``print`` and writes to file descriptor 1 (C
+    code, ``os.write``) alike, so that stdout carries the JSON document alone."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        _flush_c_stdio()  # C's buffered stdout, filled while fd 1 was stderr, goes there
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _flush_c_stdio() -> None:
+    """``fflush(NULL)`` of the C library, where there is one to call."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).fflush(None)
 
 
 @app.command(epilog="Example: robustkit run experiments/quickstart.toml")
@@ -447,6 +475,7 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train (or reuse), attack over the ε sweep, check and report: the whole experiment."""
+    from robustkit.outputs import staging_path
     from robustkit.pipeline import run_experiment
 
     overrides = _data_overrides(set_, data_dir, data_source, resize, app_dir)
@@ -455,8 +484,8 @@ def run(
     _check_out(folder, "--out")
     _check_out(runs_dir, "--runs")
     _on_interrupt(f"finished training epochs (in {runs_dir / cfg.name}) and finished "
-                  f"(attack, ε) cells (in {folder}) are kept; run the same command again to "
-                  "resume")
+                  f"(attack, ε) cells (in {staging_path(folder)}) are kept; run the same "
+                  "command again to resume")
     run_experiment(config, overrides=overrides, out_dir=out_dir, runs_dir=runs_dir,
                    retrain=retrain, device=device, progress=not quiet, overwrite=overwrite,
                    echo=_echo, log=_log)

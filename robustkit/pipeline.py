@@ -7,6 +7,7 @@ prints, so the folder is the one a single process writes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pandas as pd
+import torch
 
 from robustkit import distributed
 from robustkit.budgets import sweep_eps_bound
@@ -164,9 +166,12 @@ def attack_model(
                            trust=trust_model_file, app_dir=app_dir)
     data = distributed.local_first(lambda: load_data(
         data_source, dataset=dataset, data_dir=data_dir, device=target, val_size=0,
-        parts=("test",), resize=resize), dist)  # the test split only; one download per node
+        parts=("test",), resize=resize, limit=n), dist)  # the test split, its first n images
     split = data.test.take(n)
-    check_logits(net, split.images[:8], len(data.classes))
+    num_classes = _model_width(net, split) or max(2, len(data.classes))
+    check_logits(net, split.images[:8], num_classes)
+    _check_labels(split, num_classes, data.name, model)
+    data = _named_up_to(data, num_classes)
     mismatch = [info["release_mismatch"]] if info.get("release_mismatch") else []
     for warning in mismatch:
         log(f"warning: {warning}")
@@ -189,7 +194,7 @@ def attack_model(
     evaluation = _user_model_stage(model, "the sweep", work, lambda: evaluate_to_folder(
         net, split, attacks, eps, out_dir=work, settings=settings, manifest=manifest,
         model_name=name, batch_size=batch_size, seed=seed, progress=progress, dist=dist,
-        transform=build_transform(transforms),
+        transform=build_transform(transforms), log=log,
     ))
     warnings = clean_accuracy_warnings(evaluation.results, data.name, normalize)
     reporting = report and main  # checks and report: rank 0 only
@@ -221,6 +226,43 @@ def attack_model(
     warnings = mismatch + warnings
     echo(f"results in {folder}/ (results.csv, per_sample.csv, timings.csv, settings.json)")
     return AttackOutcome(evaluation, checks, warnings, outputs, settings, name, checks_level)
+
+
+def _model_width(net: Any, split: Split) -> int | None:
+    """K, the number of logits the model returns per image: the class count of an evaluation
+    (not the largest label: data whose labels happen to stop at 7 still meets a 10-class
+    model). None when the model returns no ``[N, K ≥ 2]`` tensor or fails, for
+    :func:`check_logits` to say what is wrong."""
+    try:
+        with torch.no_grad():
+            out = net(split.images[:8])
+    except Exception:  # check_logits runs it again and reports the failure
+        return None
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] >= 2:
+        return int(out.shape[1])
+    return None
+
+
+def _named_up_to(data: Dataset, num_classes: int) -> Dataset:
+    """``data`` with a name for each of ``num_classes`` classes: its own, then ``8``, ``9``, …
+    for the classes of the model its labels do not reach."""
+    if num_classes <= len(data.classes):
+        return data
+    extra = tuple(str(i) for i in range(len(data.classes), num_classes))
+    return dataclasses.replace(data, classes=data.classes + extra)
+
+
+def _check_labels(split: Split, num_classes: int, data_name: str, model: str) -> None:
+    """Every evaluated label must index one of the model's ``num_classes`` logits."""
+    if len(split) == 0:
+        return
+    largest = int(split.labels.max())
+    if largest >= num_classes:
+        index = int((split.labels == largest).nonzero()[0])
+        raise RobustkitError(
+            f"{data_name}: test image {index} has label {largest}, but the model {model} "
+            f"returns {num_classes} logits (classes 0 to {num_classes - 1}): use data whose "
+            "labels are the model's classes, or the model trained on this data")
 
 
 def _check_attack_request(attacks: Sequence[AttackConfig], eps: Sequence[float],
@@ -499,7 +541,7 @@ def _run_seed(run: _Run, seed: int) -> Evaluation:
         model, run.split, cfg.attacks, cfg.evaluate.eps, out_dir=eval_dir, settings=settings,
         manifest=manifest, model_name=f"{cfg.name}/seed-{seed}" if run.several else cfg.name,
         batch_size=cfg.evaluate.batch_size, seed=cfg.evaluate.seed, progress=run.progress,
-        dist=run.dist, transform=build_transform(cfg.transforms),
+        dist=run.dist, transform=build_transform(cfg.transforms), log=run.log,
     )
     checks = None
     if run.main:

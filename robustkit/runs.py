@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,11 +154,13 @@ def evaluate_to_folder(
     progress: bool,
     transform: Any = None,
     dist: Context | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Evaluation:
     """Run (or resume) the sweep in ``out_dir`` (a staging folder the caller guarded and will
     swap in), write every output; return the frames. The sweep state stays in ``out_dir`` until
     the caller's job is done (:func:`finish_sweep`), so an interrupt in the checks or the
-    report loses no cell.
+    report loses no cell. A resumed sweep says so through ``log`` (``resuming N finished cells
+    from OUT_DIR``).
 
     With ``dist`` the ranks share the sweep: rank 0 reads the saved sweep state, which every
     rank resumes; rank 0 saves the state after each cell and writes the outputs.
@@ -169,6 +172,9 @@ def evaluate_to_folder(
         return load_sweep(out_dir, fingerprint)
 
     state = on_main(prepare, dist)
+    if state is not None and log is not None:
+        cells = sum(len(attack.done) for attack in state.attacks.values())
+        log(f"resuming {cells} finished cell{'' if cells == 1 else 's'} from {out_dir}")
     started = time.perf_counter()
     evaluation = evaluate(
         model, split, attacks, eps, model_name=model_name, batch_size=batch_size, seed=seed,

@@ -167,7 +167,9 @@ def test_attack_rejects_bad_arguments(args: list[str], fragments: list[str], use
     ("factory", "fragment"),
     [
         ("usermodels:probabilities", "returns probabilities"),
-        ("usermodels:wrong_shape", "returns shape [8, 7]"),
+        # K comes from the model: its 7 logits cannot score MNIST's label 9 (test image 7)
+        ("usermodels:wrong_shape", "test image 7 has label 9, but the model "
+                                   "usermodels:wrong_shape returns 7 logits"),
         ("usermodels:tupled", "returns a tuple of 2 items"),
         ("usermodels:missing", "has no attribute 'missing'"),
         ("nomodule:good", "cannot import 'nomodule'"),

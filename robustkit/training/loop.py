@@ -341,12 +341,18 @@ class TrainSetup:
 def _training_data(config: ExperimentConfig, device: torch.device, data: Dataset | None,
                    dist: Context | None) -> Dataset:
     """``data``, or the configured data set loaded onto ``device``; refused when it lives
-    elsewhere or an adversarial method has no validation split to select on."""
+    elsewhere, has fewer than two classes (before any training: a one-class model is no
+    classifier) or an adversarial method has no validation split to select on."""
     if data is None:
         data = local_first(lambda: load_configured(config.data, device),
                            dist)  # one download per node at most
     elif data.train.images.device != device:
         raise RobustkitError(f"data lives on {data.train.images.device}, training on {device}")
+    if len(data.classes) < 2:
+        raise RobustkitError(
+            f"{data.name} has one class only ({', '.join(data.classes) or 'no labels'}): a "
+            "classifier needs at least two; check the labels (class indices 0, 1, …) or name "
+            "the classes")
     if len(data.val) == 0 and config.train.method != "standard":
         raise RobustkitError("adversarial training selects models on validation data: "
                              "set data.val_size > 0")
