@@ -21,7 +21,7 @@ import torch
 from robustkit import distributed
 from robustkit.budgets import sweep_eps_bound
 from robustkit.checkpoint import read_sidecar, write_json, write_text
-from robustkit.checks import UNRELIABLE, run_checks, unreliable_attacks
+from robustkit.checks import UNRELIABLE, flag_results, run_checks, unreliable_attacks
 from robustkit.config import (
     SEED_MAX,
     AttackConfig,
@@ -67,7 +67,7 @@ from robustkit.physical import (
 )
 from robustkit.released import WEIGHTS_STEM, ZOO_PREFIX, release_weights, weights_provenance
 from robustkit.reporting import add_probabilities, build_report
-from robustkit.results import result_types
+from robustkit.results import UNRELIABLE_COLUMN, result_types
 from robustkit.runs import (
     STATE_DIR,
     attack_records,
@@ -203,6 +203,7 @@ def attack_model(
         checks = _user_model_stage(model, "the sanity checks", work, lambda: _after_evaluation(
             net, split, evaluation, settings, work, seed=seed, reference=None, log=log,
             progress=progress, shown=folder, level=checks_level))
+        evaluation = _flag_unreliable(work, evaluation, checks, settings)
         _user_model_stage(model, "the physical-world evaluation", work, lambda: _physical(
             net, split, attacks, transforms, eps, work, batch_size=batch_size, seed=seed,
             progress=progress, log=log, shown=folder))
@@ -419,7 +420,8 @@ def attack_summary(outcome: AttackOutcome) -> dict[str, Any]:
     """The ``robustkit attack --json`` document (see ``ATTACK_JSON_FIELDS`` in the tests)."""
     results = outcome.evaluation.results
     columns = {c: kind for c, kind in result_types().items() if c != "model"}
-    rows = [{c: kind(r[c]) for c, kind in columns.items()} for _, r in results.iterrows()]
+    rows = [{**{c: kind(r[c]) for c, kind in columns.items()},
+             UNRELIABLE_COLUMN: r.get(UNRELIABLE_COLUMN) or None} for _, r in results.iterrows()]
     checks = [] if outcome.checks is None else [
         {"name": str(c["name"]), "status": str(c["status"]),
          "value": None if c["value"] is None or c["value"] != c["value"] else float(c["value"]),
@@ -546,6 +548,7 @@ def _run_seed(run: _Run, seed: int) -> Evaluation:
     checks = None
     if run.main:
         checks = _after_seed_sweep(run, model, evaluation, settings, ckpt_dir, best, eval_dir)
+        evaluation = _flag_unreliable(eval_dir, evaluation, checks, settings)
     run.echo(f"{cfg.name} seed {seed}: robust accuracy on {len(run.split)} "
              f"{cfg.evaluate.split} images")
     run.echo(accuracy_table(evaluation.results, _unreliable(eval_dir, evaluation.results, settings)
@@ -789,6 +792,18 @@ def _after_evaluation(model: Any, split: Any, evaluation: Evaluation, settings: 
             "pictures" if checks is not None else "example pictures")
     log(f"{what} written to {shown or eval_dir}")
     return checks
+
+
+def _flag_unreliable(folder: Path, evaluation: Evaluation, checks: Any,
+                     settings: dict[str, Any]) -> Evaluation:
+    """The evaluation with its results flagged where failed checks discredit them
+    (:func:`~robustkit.checks.flag_results`), ``results.csv`` in ``folder`` rewritten to
+    match; unchanged when nothing is discredited."""
+    flagged = flag_results(evaluation.results, checks, settings)
+    if flagged is evaluation.results:
+        return evaluation
+    write_frame(folder / "results.csv", flagged)
+    return dataclasses.replace(evaluation, results=flagged)
 
 
 def _reference(reference: ReferenceConfig, evaluation: Evaluation) -> dict[str, Any]:

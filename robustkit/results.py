@@ -2,7 +2,8 @@
 
 One row per (model, attack, ε). With two or more attacks the sweep adds the rows of
 :data:`ANY`, the per-sample worst case over them; a sweep with a targeted attack appends the
-column :data:`TARGET_HIT`. This module imports nothing of robustkit (nor torch), so the config,
+column :data:`TARGET_HIT`, and an evaluation whose checks failed the column
+:data:`UNRELIABLE_COLUMN`. This module imports nothing of robustkit (nor torch), so the config,
 which reserves the name :data:`ANY`, can use it as well as the engine, the checks and the reports.
 """
 
@@ -17,6 +18,9 @@ ANY = "any"
 #: The extra results column of sweeps with a targeted attack: the fraction of all n samples whose
 #: kept adversarial example is classified as the target (empty for untargeted rows).
 TARGET_HIT = "target_hit"
+#: The extra results column of an evaluation whose checks failed: per row, why its robust
+#: accuracy is unreliable (the failed checks), empty where the row is not discredited.
+UNRELIABLE_COLUMN = "unreliable"
 
 
 class ResultRow(NamedTuple):

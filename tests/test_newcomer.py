@@ -181,7 +181,8 @@ def wrong_width():
 
 #: The --json document: field → type, a one-item list for "list of", a dict for an object.
 RESULT_ROW = {"attack": str, "norm": str, "eps": float, "n": int, "correct": int,
-              "accuracy": float, "ci_low": float, "ci_high": float, "grad_evals": int}
+              "accuracy": float, "ci_low": float, "ci_high": float, "grad_evals": int,
+              "unreliable": (str, type(None))}
 CHECK_ROW = {"name": str, "status": str, "value": (float, type(None)), "threshold": str,
              "detail": str}
 ATTACK_JSON = {"model": str, "model_spec": str, "dataset": str, "split": str, "n": int,
@@ -245,8 +246,10 @@ def test_json_summary_verdict_and_fail_on_check(noisy_dir: Path, mnist_root: Pat
                           f"{counts['fail']} fail")
     table_end = next(i for i, line in enumerate(lines) if line.startswith("0.1"))
     assert verdict > table_end  # after the results table
+    flowing = " ".join(plain.stdout.split())  # a long detail wraps at the terminal's width
     for _, row in checks[checks["status"] != "pass"].iterrows():
-        assert f"  {row['status']}: {row['name']}: {row['detail']}" in lines
+        assert f"  {row['status']}: {row['name']}: " in plain.stdout
+        assert " ".join(f"{row['status']}: {row['name']}: {row['detail']}".split()) in flowing
     assert "  fail: input_gradients_usable: " in plain.stdout
 
     as_json = run(*args, "--out", "as-json", "--json", "--fail-on-check", cwd=noisy_dir)
@@ -260,6 +263,14 @@ def test_json_summary_verdict_and_fail_on_check(noisy_dir: Path, mnist_root: Pat
     assert {(r["attack"], r["eps"]) for r in document["results"]} == {
         (a, e) for a in ("fgsm", "pgd3", "any") for e in (0.0, 0.1)}
     assert document["checks_summary"]["fail"] >= 1 and document["checks_level"] == "quick"
+    # the unreliable mark where scripts read (#33): every attacked row of results.csv and of
+    # the JSON names the failed checks; clean accuracy (ε = 0) is not discredited
+    failed = sorted(checks.loc[checks["status"] == "fail", "name"])
+    reason = f"check{'s' if len(failed) > 1 else ''} {', '.join(failed)} failed"
+    assert results["unreliable"].fillna("").tolist() == [
+        reason if eps > 0 else "" for eps in results["eps"]]
+    assert [r["unreliable"] for r in document["results"]] == [
+        reason if r["eps"] > 0 else None for r in document["results"]]
     assert document["attacks"] == ["fgsm", "pgd3"] and document["eps"] == [0.0, 0.1]
     for path in document["outputs"].values():
         assert (noisy_dir / path).exists(), path

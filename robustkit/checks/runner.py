@@ -24,7 +24,7 @@ from robustkit.data import Split
 from robustkit.errors import RobustkitError
 from robustkit.evaluation import run_attack
 from robustkit.progress import Bar, counting_rows
-from robustkit.results import ANY
+from robustkit.results import ANY, UNRELIABLE_COLUMN
 from robustkit.vocabulary import ATTACK_NAMES, ChecksLevel
 
 #: Attacks with a gradient-free stage: a failing gradient-free check does not discredit them.
@@ -336,3 +336,17 @@ def unreliable_attacks(checks: pd.DataFrame | None, settings: dict[str, Any],
     else:
         free = set()
     return {t: reason for t in titles if t not in free}
+
+
+def flag_results(results: pd.DataFrame, checks: pd.DataFrame | None,
+                 settings: dict[str, Any]) -> pd.DataFrame:
+    """``results`` with the column :data:`~robustkit.results.UNRELIABLE_COLUMN` when a failed
+    check discredits some of its rows (:func:`unreliable_attacks`): per row the reason, empty
+    for the rows it does not discredit (clean accuracy, ε = 0, never is). Unchanged otherwise,
+    so the results of an evaluation that passed keep their columns and bytes."""
+    marked = unreliable_attacks(checks, settings, results["attack"].unique())
+    if not marked:
+        return results
+    reasons = [marked.get(attack, "") if eps > 0 else ""
+               for attack, eps in zip(results["attack"], results["eps"], strict=True)]
+    return results.assign(**{UNRELIABLE_COLUMN: reasons})
