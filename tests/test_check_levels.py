@@ -242,3 +242,39 @@ def test_checks_off_says_so_everywhere(tmp_path: Path, mnist_root: Path) -> None
     assert gated.returncode == 2
     assert gated.stderr.strip() == ("error: --fail-on-check with --checks off would gate on "
                                     "nothing: choose --checks quick or full")
+
+
+class Scaled(nn.Module):
+    """Logits × 1000: cross-entropy saturates (its input gradient is 0), DLR and Square do not
+    care about the scale."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits: Tensor = 1000 * self.inner(x)
+        return logits
+
+
+def test_scaled_logits_do_not_discredit_the_ensemble(data: tuple[Split, Tensor]) -> None:
+    """#33: the ensemble on a logits × 1000 copy of a sound model gives, per sample, the
+    unscaled model's verdicts; the saturated cross-entropy gradient fails
+    input_gradients_usable, which must not mark the ensemble (it has Square and DLR)."""
+    from robustkit.checks import unreliable_attacks
+
+    split, templates = data
+    split = split.take(40)
+    sound = linear_model(templates)
+    attacks = [AttackConfig(name="autoattack", steps=20, queries=200)]
+    plain = evaluate(sound, split, attacks, [0.0, 0.1])
+    scaled_model = Scaled(sound)
+    scaled = evaluate(scaled_model, split, attacks, [0.0, 0.1])
+    column = f"{attacks[0].title}_eps"
+    assert scaled.per_sample[column].tolist() == plain.per_sample[column].tolist()
+    checks = run_checks(scaled_model, split, scaled.results, settings_for(*attacks,
+                        eps=[0.0, 0.1]), n=40, level="quick", per_sample=scaled.per_sample)
+    status = checks.set_index("name")["status"]
+    assert status["input_gradients_usable"] == "fail"
+    assert unreliable_attacks(checks, settings_for(*attacks, eps=[0.0, 0.1]),
+                              [attacks[0].title]) == {}

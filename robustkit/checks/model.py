@@ -232,9 +232,11 @@ def check_accuracy_at_large_eps(
     to. At ε = 0.5 every input can become the uniform grey image, so at most the samples whose
     label is the model's class for grey can survive; more than that (+ 0.05) warns.
     Value: accuracy at ε = 1. PGD runs at most ``max_steps`` steps (at ε = 1 a handful reach
-    any image).
+    any image) on the margin loss, whose gradient does not saturate when the logits are large
+    (cross-entropy's vanishes there: that is :func:`check_input_gradients_usable`'s finding,
+    not this check's).
     """
-    linf = dataclasses.replace(attack, name="pgd", norm="linf", step_size=None,
+    linf = dataclasses.replace(attack, name="pgd", norm="linf", step_size=None, loss="margin",
                                steps=min(attack.steps, max_steps), targeted=False)
     acc_half = _robust_accuracy(model, x, y, linf, 0.5, seed)
     acc_one = _robust_accuracy(model, x, y, linf, 1.0, seed)

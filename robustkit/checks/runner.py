@@ -29,6 +29,8 @@ from robustkit.vocabulary import ATTACK_NAMES, ChecksLevel
 
 #: Attacks with a gradient-free stage: a failing gradient-free check does not discredit them.
 GRADIENT_FREE = ("square", "autoattack")
+#: Failures that discredit gradient attacks only: attacks with a gradient-free stage stand.
+GRADIENT_ONLY = frozenset({"gradient_free_finds_no_more", "input_gradients_usable"})
 #: The mark put next to a number that a failing check makes unreliable.
 UNRELIABLE = "(unreliable)"
 
@@ -318,9 +320,11 @@ def unreliable_attacks(checks: pd.DataFrame | None, settings: dict[str, Any],
                        titles: Iterable[str]) -> dict[str, str]:
     """Attack title → why its robust accuracies are unreliable, for a run whose checks failed.
 
-    Every attack of the run is, with one exception: when the only failures are the
-    gradient-free check, attacks that include Square (``square``, ``autoattack``, and the
-    per-sample worst case ``any`` over them) already did what that check asks for.
+    Every attack of the run is, with one exception: when the only failures are about
+    gradients (:data:`GRADIENT_ONLY`: the gradient-free check, unusable input gradients),
+    attacks that include Square (``square``, ``autoattack``, and the per-sample worst case
+    ``any`` over them) already did what those checks ask for, and need no gradient (a model
+    whose logits are scaled by 1000 saturates cross-entropy's gradient, not Square).
     """
     if checks is None or checks.empty or "status" not in checks:
         return {}
@@ -331,7 +335,7 @@ def unreliable_attacks(checks: pd.DataFrame | None, settings: dict[str, Any],
     configs = attack_configs(settings)
     titles = list(titles)
     free = {t for t in titles if attack_kind(t, configs)[0] in GRADIENT_FREE}
-    if set(failed) == {"gradient_free_finds_no_more"} and free:
+    if set(failed) <= GRADIENT_ONLY and free:
         free.add(ANY)
     else:
         free = set()
