@@ -27,6 +27,7 @@ which favours torchattacks and foolbox. Rounds are interleaved and the best time
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import tempfile
@@ -117,7 +118,8 @@ def others_available() -> dict[str, Any]:
 
 @torch.no_grad()
 def correct_on(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    return model(x).argmax(1) == y
+    correct: Tensor = model(x).argmax(1) == y
+    return correct
 
 
 def chunks(n: int, size: int) -> list[slice]:
@@ -239,9 +241,9 @@ def main(argv: list[str] | None = None) -> int:
 
         modes = [("shortcuts", True), ("reference", False)]
         for label, flag in modes if rnd % 2 == 0 else modes[::-1]:
-            seconds, evals[label] = timed(lambda flag=flag: evaluate(
-                model, split, [FGSM, PGD40], eps, batch_size=args.batch_size, seed=args.seed,
-                shortcuts=flag))
+            seconds, evals[label] = timed(functools.partial(
+                evaluate, model, split, [FGSM, PGD40], eps, batch_size=args.batch_size,
+                seed=args.seed, shortcuts=flag))
             sweep[label].append(seconds)
             log(f"round {rnd + 1}: FGSM+PGD-40 sweep, {label}: {seconds:.2f}s")
 
@@ -252,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, lib in others.items():
             torch.manual_seed(args.seed + rnd)
             fn = torchattacks_sweep if name == "torchattacks" else foolbox_sweep
-            seconds, result = timed(lambda fn=fn, lib=lib: fn(lib, model, x, y, eps,
-                                                             args.batch_size))
+            seconds, result = timed(functools.partial(fn, lib, model, x, y, eps,
+                                                      args.batch_size))
             versus[name].append(seconds)
             other_results.setdefault(name, result)
             log(f"round {rnd + 1}: {name} PGD-40 sweep {seconds:.2f}s")
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             b = float(ref[(ref.attack == attack) & (ref.eps == e)].accuracy.iloc[0])
             ok &= a <= b
             row.append(f"{a:.4f} / {b:.4f}")
-        rows.append(row)
+        rows.append([str(cell) for cell in row])
     print_table(["eps"] + [f"{a} acc (short / ref)" for a in attacks_seen], rows)
     g_short = int(short[short.attack != ANY].grad_evals.sum())
     g_ref = int(ref[ref.attack != ANY].grad_evals.sum())
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                 images = round((rk_acc[e] - accs[e]) * n)
                 higher[name].append(f"ε={e:g} by {images} of {n} images")
             row += [f"{accs[e]:.4f}", f"{secs[e]:.2f}" if e in secs else "-"]
-        rows.append(row)
+        rows.append([str(cell) for cell in row])
     total_row = ["total (best wall)", "", f"{min(versus['robustkit']):.2f}"]
     for name in others:
         total_row += ["", f"{min(versus[name]):.2f}"]

@@ -128,7 +128,7 @@ def flops_per_image(model: nn.Module, device: torch.device, *, weights: bool) ->
         for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(flag)
             p.grad = None
-    return counter.get_total_flops() / 4
+    return float(counter.get_total_flops()) / 4
 
 
 # --------------------------------------------------------------------------- attack throughput
@@ -150,7 +150,7 @@ def with_option(model: nn.Module, device: torch.device, option: str) -> nn.Modul
     """The model as the option runs it: fp32 | channels_last | bf16 | cudnn_benchmark | compile."""
     torch.backends.cudnn.benchmark = option == "cudnn_benchmark"
     if option == "channels_last":
-        return model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        return model.to(memory_format=torch.channels_last)
     if option == "bf16":
         return Autocast(model, device, torch.bfloat16)
     if option == "compile":
@@ -409,8 +409,11 @@ def profiled(args: argparse.Namespace) -> dict[str, Any]:
             if graphs and device.type != "cuda":
                 continue
             step = training_step(device, cfg, graphs=graphs)
-            out |= profile_job(device, f"pgd-at {label} batch {size}",
-                               lambda step=step: [step() for _ in range(args.profile_steps)],
+
+            def steps(step: Callable[[], object] = step) -> object:
+                return [step() for _ in range(args.profile_steps)]
+
+            out |= profile_job(device, f"pgd-at {label} batch {size}", steps,
                                args.profile_steps, args)
     return out
 
@@ -439,7 +442,7 @@ def training_step(device: torch.device, cfg: ExperimentConfig, *, graphs: bool
 def profile_job(device: torch.device, name: str, fn: Callable[[], object], per: int,
                 args: argparse.Namespace) -> dict[str, Any]:
     """Profile one call of ``fn`` (``per`` steps, after a warm-up call); print its table."""
-    from torch.autograd import DeviceType
+    from torch.autograd import DeviceType  # type: ignore[attr-defined]
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
