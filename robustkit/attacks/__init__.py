@@ -17,9 +17,10 @@ from robustkit.attacks.apgd import apgd
 from robustkit.attacks.apgd_t import apgd_targeted
 from robustkit.attacks.base import AttackResult, as_eps, attack_mode
 from robustkit.attacks.fgsm import fgsm
+from robustkit.attacks.iterative import StartNoise
 from robustkit.attacks.losses import adversarial_loss, dlr, is_adversarial, margin, targeted_dlr
 from robustkit.attacks.norms import project, random_unit_ball, steepest_step
-from robustkit.attacks.pgd import StartNoise, pgd
+from robustkit.attacks.pgd import pgd
 from robustkit.attacks.square import SquareNoise, square
 from robustkit.vocabulary import LOSSES, NORMS, Loss, Norm
 

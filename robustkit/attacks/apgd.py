@@ -40,9 +40,9 @@ from robustkit.attacks.base import (
     clip_box,
     compaction_interval,
 )
+from robustkit.attacks.iterative import StartNoise, check_count, probe, with_restarts
 from robustkit.attacks.losses import check_loss
 from robustkit.attacks.norms import check_norm, project, steepest_step
-from robustkit.attacks.pgd import StartNoise, check_count, probe, with_restarts
 from robustkit.attacks.transforms import EOT
 from robustkit.vocabulary import Loss, Norm
 

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from robustkit.attacks.apgd import apgd
 from robustkit.attacks.base import AttackResult, WorstCase, attack_mode, check_inputs
+from robustkit.attacks.iterative import StartNoise, check_count
 from robustkit.attacks.losses import check_logits, is_adversarial, objective
-from robustkit.attacks.pgd import StartNoise, check_count
 from robustkit.errors import RobustkitError
 from robustkit.vocabulary import Norm
 

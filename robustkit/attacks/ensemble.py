@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from robustkit.attacks.apgd import apgd
 from robustkit.attacks.apgd_t import DEFAULT_TARGETS, apgd_targeted
 from robustkit.attacks.base import AttackResult, WorstCase, as_eps, attack_mode, check_inputs
+from robustkit.attacks.iterative import StartNoise
 from robustkit.attacks.losses import check_logits, is_adversarial, objective
-from robustkit.attacks.pgd import StartNoise
 from robustkit.attacks.square import DEFAULT_P_INIT, DEFAULT_QUERIES, SquareNoise, square
 from robustkit.errors import RobustkitError
 from robustkit.vocabulary import Norm

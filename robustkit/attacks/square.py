@@ -40,9 +40,9 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.attacks.base import AttackResult, as_eps, attack_mode, check_inputs, clip_box
+from robustkit.attacks.iterative import check_count
 from robustkit.attacks.losses import check_logits, is_adversarial, margin
 from robustkit.attacks.norms import check_norm, row_norm
-from robustkit.attacks.pgd import check_count
 from robustkit.errors import RobustkitError
 from robustkit.vocabulary import Norm
 

@@ -209,7 +209,7 @@ class EOT:
 
     def probe(self, model: nn.Module, x_cur: Tensor, y: Tensor, kind: Loss, targeted: bool, *,
               gradient: bool, truth: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """As :func:`~robustkit.attacks.pgd.probe`: ``L̄`` ``[n]``, success under all ``K``
+        """As :func:`~robustkit.attacks.iterative.probe`: ``L̄`` ``[n]``, success under all ``K``
         draws ``[n]`` (:func:`~robustkit.attacks.losses.judge`, with the true labels ``truth`` of
         a targeted attack), and ``∇L̄`` (empty without ``gradient``). Row ``k·n + i`` of the one
         batched pass is draw ``k`` of sample ``i``."""

@@ -1,0 +1,129 @@
+"""What every iterative attack shares: restarts over the samples nothing has broken yet, the
+one pass at an iterate (objective, success flags, gradient), the start noise and the count
+checks. PGD, APGD, APGD-T and the ensemble build on this module; Square uses its count check.
+
+Worst case kept per sample (:class:`~robustkit.attacks.base.WorstCase`): the clean point and
+every iterate of every start are candidates; a sample's result is its first adversarial
+candidate, else its highest-objective one. A start runs only on samples not yet broken, so
+more restarts never raise robust accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from robustkit.attacks.base import AttackResult, WorstCase, attack_mode
+from robustkit.attacks.losses import adversarial_loss, judge, objective
+from robustkit.attacks.norms import random_unit_ball
+from robustkit.attacks.transforms import EOT
+from robustkit.errors import RobustkitError
+from robustkit.vocabulary import Loss, Norm
+
+#: ``start_noise(restart)`` returns unit-ball noise shaped like the whole batch ``x``.
+StartNoise = Callable[[int], Tensor]
+
+#: ``one_start(worst, idx, x[idx], y[idx], u)`` runs one start of an iterative attack from the
+#: unit-ball noise ``u`` on the samples ``idx``, offers its iterates to ``worst`` and returns the
+#: per-sample gradients it computed.
+OneStart = Callable[[WorstCase, Tensor, Tensor, Tensor, Tensor], int]
+
+
+def check_count(value: object, name: str, minimum: int) -> None:
+    """``value`` must be an integer ``≥ minimum`` (``steps``, ``restarts``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RobustkitError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def with_restarts(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: Tensor,
+    one_start: OneStart,
+    *,
+    kind: Loss,
+    targeted: bool,
+    norm: Norm,
+    restarts: int,
+    random_start: bool,
+    generator: torch.Generator | None,
+    start_noise: StartNoise | None,
+    labels: Tensor | None = None,
+    aim: Tensor | None = None,
+) -> AttackResult:
+    """The clean point, then ``restarts`` starts, each on the samples nothing has broken yet.
+
+    The model runs in :func:`attack_mode`; rows with ``ε = 0`` are never attacked. ``labels``:
+    the true classes of a targeted attack (success = misclassified, see :class:`WorstCase`).
+    ``aim``: APGD-T's target classes, for the clean point's objective.
+    """
+    x = x.detach()
+    worst = WorstCase(x, labels)
+    grad_evals = 0
+    with attack_mode(model):
+        with torch.no_grad():
+            logits = model(x)
+            everyone = torch.arange(x.shape[0], device=x.device)
+            worst.update(
+                everyone,
+                x,
+                adversarial_loss(logits, y, kind, targeted, aim),
+                judge(logits, y, targeted, worst.truth(everyone)),
+            )
+        for restart in range(restarts):
+            idx = (~worst.success & (eps.view(-1) > 0)).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            u = _start_noise(restart, x, idx, norm, random_start, generator, start_noise)
+            grad_evals += one_start(worst, idx, x[idx], y[idx], u)
+    return AttackResult(x_adv=worst.x_adv, success=worst.success, grad_evals=grad_evals)
+
+
+def _start_noise(
+    restart: int,
+    x: Tensor,
+    idx: Tensor,
+    norm: Norm,
+    random_start: bool,
+    generator: torch.Generator | None,
+    start_noise: StartNoise | None,
+) -> Tensor:
+    """Unit-ball noise ``u`` for the samples ``idx`` (zeros without a random start)."""
+    shape = (idx.numel(), *x.shape[1:])
+    if not random_start:
+        return torch.zeros(shape, device=x.device, dtype=x.dtype)
+    if start_noise is None:
+        return random_unit_ball(shape, norm, generator, device=x.device, dtype=x.dtype)
+    u = start_noise(restart)
+    if not isinstance(u, Tensor) or u.shape != x.shape:
+        raise RobustkitError(
+            f"start_noise({restart}) must return a tensor shaped like x {list(x.shape)}, "
+            f"got {list(u.shape) if isinstance(u, Tensor) else type(u).__name__}"
+        )
+    return u.to(device=x.device, dtype=x.dtype)[idx]
+
+
+def probe(model: nn.Module, x_cur: Tensor, y: Tensor, kind: Loss, targeted: bool, *,
+          gradient: bool, truth: Tensor | None = None, aim: Tensor | None = None,
+          eot: EOT | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One pass at the iterates ``x_cur``: the objective ``L`` ``[n]``, the success flags ``[n]``
+    (:func:`judge`) and ``∇L`` (an empty tensor when ``gradient`` is false: the forward-only
+    final check). ``aim``: APGD-T's target classes (see
+    :func:`~robustkit.attacks.losses.adversarial_loss`). With ``eot``, its ``K`` transformed
+    passes (:meth:`EOT.probe`)."""
+    if eot is not None:
+        return eot.probe(model, x_cur, y, kind, targeted, gradient=gradient, truth=truth)
+    if not gradient:
+        with torch.no_grad():
+            logits = model(x_cur)
+            value = objective(logits, y, kind, targeted, aim)
+        return value, judge(logits, y, targeted, truth), x_cur.new_empty(0)
+    x_in = x_cur.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x_in)
+        value = objective(logits, y, kind, targeted, aim)
+    (grad,) = torch.autograd.grad(value.sum(), x_in)
+    return value.detach(), judge(logits.detach(), y, targeted, truth), grad
