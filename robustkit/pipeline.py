@@ -395,6 +395,8 @@ def clean_accuracy_warnings(results: Any, dataset: str, normalize: str | None) -
             f"(below {floor:.0%} is unusual): {fix}"]
 
 
+#: Where a check that did not pass is explained, with what to do.
+CHECKS_DOC = "what each check means and what to do: docs/checks.md in robustkit's source"
 #: What a run without checks says wherever a verdict would stand.
 NO_CHECKS = ("checks: none ran (--checks off): nothing tested whether these numbers overstate "
              "robustness; run with --checks quick or full before relying on them")
@@ -413,6 +415,8 @@ def verdict_lines(checks: Any, level: ChecksLevel = "full") -> list[str]:
     lines = [f"{head}: {counts['pass']} pass, {counts['warn']} warn, {counts['fail']} fail"]
     for _, row in checks[checks["status"] != "pass"].iterrows():
         lines.append(f"  {row['status']}: {row['name']}: {row['detail']}")
+    if len(lines) > 1:
+        lines.append(f"  {CHECKS_DOC}")
     return lines
 
 

@@ -278,3 +278,17 @@ def test_scaled_logits_do_not_discredit_the_ensemble(data: tuple[Split, Tensor])
     assert status["input_gradients_usable"] == "fail"
     assert unreliable_attacks(checks, settings_for(*attacks, eps=[0.0, 0.1]),
                               [attacks[0].title]) == {}
+
+
+def test_every_check_is_documented(data: tuple[Split, Tensor]) -> None:
+    """docs/checks.md has a section for each check run_checks can report, and nothing else."""
+    import re
+
+    split, templates = data
+    attacks = [AttackConfig(name="fgsm"), AttackConfig(name="pgd", steps=5)]
+    evaluation = evaluate(linear_model(templates), split.take(20), attacks, [0.0, 0.1])
+    frame = run_checks(linear_model(templates), split.take(20), evaluation.results,
+                       settings_for(*attacks, eps=[0.0, 0.1]), n=20, level="quick",
+                       per_sample=evaluation.per_sample)
+    text = (REPO / "docs" / "checks.md").read_text()
+    assert set(re.findall(r"^## (\w+)$", text, flags=re.M)) == set(frame["name"])
