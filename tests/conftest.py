@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from robustkit.data import DATA_ENV
 
@@ -59,3 +61,14 @@ def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
     else:
         path.write_bytes(content)
     return path
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """One torch thread for a module of tiny tensors: intra-op threads only add contention
+    (and seconds) on a busy 2-core CPU. Modules ask for it with
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,13 +32,7 @@ from robustkit.vocabulary import NORMS, Loss, Norm
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """These tensors are tiny: intra-op threads only add contention (and seconds) on busy CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only contend
 
 
 def linear_model(weight: Tensor, bias: Tensor) -> nn.Module:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -28,12 +27,7 @@ FULL = Transform(rotate=20, translate=3, scale=(0.8, 1.2), brightness=(-0.3, 0.3
                  contrast=(0.5, 1.5), noise=0.2, blur=(0.0, 1.5))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only contend
 
 
 def small_cnn(seed: int = 0) -> nn.Module:

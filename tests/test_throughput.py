@@ -3,7 +3,7 @@ device-chosen batch sizes. None of it may change a result."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -22,12 +22,7 @@ from robustkit.vocabulary import Loss, Norm
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: threads only contend
 
 
 def problem(n: int = 48, seed: int = 0) -> tuple[nn.Module, Tensor, Tensor]:
