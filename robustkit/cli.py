@@ -385,6 +385,7 @@ def attack(
              "trust; checkpoints and factories never need it.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document (accuracies, intervals, checks, files) on stdout; the rest goes to stderr.")] = False,  # noqa: E501
     fail_on_check: Annotated[bool, typer.Option("--fail-on-check", help="Exit with code 1 when a sanity check fails (for CI).")] = False,  # noqa: E501
+    output: Annotated[Optional[str], typer.Option("--output", help="Where the logits are when the model returns more: an index of a tuple (--output 0), a dict key or an attribute (--output logits).")] = None,  # noqa: E501, UP045
     checks: Annotated[str, typer.Option("--checks", help="Sanity checks after the sweep: quick (every check that can discredit a number, at budgets scaled to the evaluation), full (each check at its own, larger budget) or off.")] = "quick",  # noqa: E501
     defence: Annotated[Optional[str], typer.Option("--defence", help="Preprocessing in front of the model: bit-depth:BITS, median:SIZE or noise:SIGMA.")] = None,  # noqa: E501, UP045
     bpda: Annotated[Optional[str], typer.Option("--bpda", help="Attack through the --defence with BPDA: identity or mean-filter.")] = None,  # noqa: E501, UP045
@@ -423,6 +424,7 @@ def attack(
             trust_model_file=trust_model_file,
             defence=tables.defence if tables else None,
             transforms=tables.transforms if tables else None, checks_level=level,
+            output=output,
         )
     if as_json:
         sys.stdout.write(json.dumps(attack_summary(outcome), indent=2, allow_nan=False) + "\n")

@@ -85,6 +85,9 @@ class ModelConfig:
     factory: str | None = None
     args: dict[str, Any] | None = None
     app_dir: str | None = None
+    # where the factory's network keeps its logits when forward returns more: an index of a
+    # tuple or list, a key of a dict, or an attribute ("logits")
+    output: str | None = None
 
 
 @dataclass(frozen=True)
@@ -535,9 +538,9 @@ def _check_model(model: ModelConfig) -> None:
     if model.factory is not None and (":" not in model.factory or model.factory.startswith(":")
                                       or model.factory.endswith(":")):
         _fail("model.factory", f"{model.factory!r}: expected \"package.module:function\"")
-    if model.factory is None and (model.args is not None or model.app_dir is not None):
-        _fail("model.args" if model.args is not None else "model.app_dir",
-              "only used with model.factory = \"package.module:function\"")
+    unused = [k for k in ("args", "app_dir", "output") if getattr(model, k) is not None]
+    if model.factory is None and unused:
+        _fail(f"model.{unused[0]}", "only used with model.factory = \"package.module:function\"")
 
 
 def _check_seeds(seeds: tuple[int, ...] | None) -> None:

@@ -147,6 +147,7 @@ def attack_model(
     defence: DefenceConfig | None = None,
     transforms: TransformConfig | None = None,
     checks_level: ChecksLevel = "quick",
+    output: str | None = None,
 ) -> AttackOutcome:
     """Load any supported model, sweep the attacks over ε on the test set, write a run folder.
 
@@ -154,7 +155,8 @@ def attack_model(
     :func:`attack_summary` for the ``--json`` document). ``defence`` puts a preprocessing step
     in front of the model; ``transforms`` is the distribution EOT attacks draw from and
     robustness under transformation is measured with. ``checks_level``: how much checking
-    follows the sweep (:func:`robustkit.checks.run_checks`).
+    follows the sweep (:func:`robustkit.checks.run_checks`). ``output``: where a model whose
+    forward returns more than logits keeps them (:func:`robustkit.models.load_model`).
     """
     _check_attack_request(attacks, eps, transforms, seed=seed, n=n, batch_size=batch_size)
     target, dist = distributed.setup(device or "auto")
@@ -163,7 +165,7 @@ def attack_model(
         echo = log = _silent
     stats = parse_normalize(normalize) if normalize else None
     net, info = load_model(model, weights=weights, device=target, normalize=stats,
-                           trust=trust_model_file, app_dir=app_dir)
+                           trust=trust_model_file, app_dir=app_dir, output=output)
     data = distributed.local_first(lambda: load_data(
         data_source, dataset=dataset, data_dir=data_dir, device=target, val_size=0,
         parts=("test",), resize=resize, limit=n), dist)  # the test split, its first n images
@@ -316,6 +318,7 @@ def _attack_settings(info: dict[str, Any], data: Dataset, split: Split,
         "eps": sorted(set(eps)), "attacks": attack_records(attacks), "seed": seed,
         "device": str(target), "batch_size": batch_size,
         **_physical_settings(defence, transforms),
+        **({"output": info["output"]} if info.get("output") else {}),
     }
     settings.update(_data_settings(data))
     return settings

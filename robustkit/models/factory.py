@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,13 +99,17 @@ def call_factory(spec: str, args: dict[str, Any] | None = None,
 
 
 def network_spec(arch: str, factory: str | None = None, args: dict[str, Any] | None = None,
-                 app_dir: str | None = None, in_shape: Shape = MNIST_SHAPE) -> dict[str, Any]:
-    """What a checkpoint's sidecar records to rebuild its network."""
+                 app_dir: str | None = None, in_shape: Shape = MNIST_SHAPE,
+                 output: str | None = None) -> dict[str, Any]:
+    """What a checkpoint's sidecar records to rebuild its network (``output``: where the
+    factory's network keeps its logits, see :func:`pick_logits`)."""
     spec: dict[str, Any] = {"arch": FACTORY_ARCH if factory else arch, "in_shape": list(in_shape)}
     if factory:
         spec.update(factory=factory, factory_args=dict(args or {}))
         if app_dir is not None:
             spec["app_dir"] = app_dir
+        if output is not None:
+            spec["output"] = output
     return spec
 
 
@@ -116,9 +121,68 @@ def build_network(spec: dict[str, Any], num_classes: int) -> nn.Module:
     through :func:`robustkit.models.loading.sidecar_network` first, which decides whether its
     factory may run."""
     if spec.get("factory"):
-        return call_factory(str(spec["factory"]), spec.get("factory_args") or {},
-                            spec.get("app_dir"), what="model.factory")
+        model = call_factory(str(spec["factory"]), spec.get("factory_args") or {},
+                             spec.get("app_dir"), what="model.factory")
+        output = spec.get("output")
+        return model if output is None else pick_logits(model, str(output))
     return build_model(str(spec.get("arch")), num_classes, spec_shape(spec))
+
+
+def pick_logits(model: nn.Module, key: str) -> nn.Module:
+    """``model``, its forward made to return only its logits, found in a richer output by
+    ``key`` (:func:`pick_output`). A forward hook replaces the output, so the weights and
+    their names stay the model's own (a state dict loads as before)."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
+        return pick_output(out, key)
+
+    try:
+        model.register_forward_hook(hook)
+    except (RuntimeError, AttributeError, TypeError):
+        raise RobustkitError(f"--output {key}: this model takes no Python hooks (TorchScript?); "
+                             "script a wrapper that returns the logits") from None
+    return model
+
+
+def pick_output(out: Any, key: str) -> Any:
+    """``out[int(key)]`` of a tuple or list, ``out[key]`` of a dict, else ``out.key`` (the
+    ``logits`` attribute of many hub models' output objects)."""
+    if isinstance(out, (tuple, list)):
+        if not key.lstrip("-").isdigit() or not -len(out) <= int(key) < len(out):
+            raise RobustkitError(f"--output {key}: the model returns a {type(out).__name__} "
+                                 f"of {len(out)} items; pass an index from 0 to {len(out) - 1}")
+        return out[int(key)]
+    if isinstance(out, Mapping):
+        if key not in out:
+            raise RobustkitError(f"--output {key}: the model returns a dict with keys "
+                                 f"{', '.join(map(str, list(out)[:8]))}; pass one of them")
+        return out[key]
+    if not hasattr(out, key):
+        raise RobustkitError(f"--output {key}: the model's {type(out).__name__} output has no "
+                             f"attribute {key!r}")
+    return getattr(out, key)
+
+
+def describe_output(out: Any) -> str | None:
+    """For an output that holds more than logits, what it is and the ``--output`` that would
+    pick them (one clause); None for anything else."""
+    def shape(v: Any) -> str:
+        return f"tensor {list(v.shape)}" if hasattr(v, "shape") else type(v).__name__
+
+    if isinstance(out, (tuple, list)):
+        items = ", ".join(f"[{i}] {shape(v)}" for i, v in enumerate(out[:6]))
+        return (f"the model returns a {type(out).__name__} ({items}): pass --output INDEX "
+                "(model.output in a config) to say which item holds the logits, e.g. "
+                "--output 0")
+    if isinstance(out, Mapping):
+        items = ", ".join(f"{k!r} {shape(v)}" for k, v in list(out.items())[:6])
+        first = next(iter(out), "logits")
+        return (f"the model returns a dict ({items}): pass --output KEY (model.output in a "
+                f"config), e.g. --output {first}")
+    if hasattr(out, "logits") and not hasattr(out, "shape"):
+        return (f"the model returns a {type(out).__name__} with a logits attribute: pass "
+                "--output logits (model.output in a config)")
+    return None
 
 
 #: The largest image a sidecar may describe (C·H·W values): 16 Mi floats, 64 MiB per image.

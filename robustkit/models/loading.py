@@ -48,6 +48,8 @@ from robustkit.models.factory import (
     add_app_dir,
     build_network,
     call_factory,
+    describe_output,
+    pick_logits,
     spec_shape,
 )
 from robustkit.models.zoo import Normalized
@@ -91,10 +93,15 @@ def _load_state_dict(weights: Path, device: torch.device) -> dict[str, Tensor]:
 
 
 def _from_factory(spec: str, weights: Path | None, device: torch.device,
-                  app_dir: str | Path | None) -> nn.Module:
+                  app_dir: str | Path | None, output: str | None) -> nn.Module:
     """``spec`` called with no arguments, or with the arguments a robustkit checkpoint given
-    as ``weights`` recorded for this same factory, then loaded with ``weights``."""
-    model = call_factory(spec, _recorded_args(spec, weights), app_dir=app_dir)
+    as ``weights`` recorded for this same factory, then loaded with ``weights``; its logits
+    picked by ``output``, else by the output that checkpoint recorded."""
+    recorded = _recorded(spec, weights)
+    model = call_factory(spec, dict(recorded.get("factory_args") or {}), app_dir=app_dir)
+    output = output if output is not None else recorded.get("output")
+    if output is not None:
+        pick_logits(model, str(output))
     if weights is not None:
         try:
             model.load_state_dict(_load_state_dict(weights, device))
@@ -104,17 +111,16 @@ def _from_factory(spec: str, weights: Path | None, device: torch.device,
     return model.to(device)
 
 
-def _recorded_args(spec: str, weights: Path | None) -> dict[str, Any]:
-    """The ``factory_args`` of the sidecar beside ``weights`` when it records the factory the
-    user named (``spec``): the user chose the code, the sidecar only its keyword arguments."""
+def _recorded(spec: str, weights: Path | None) -> dict[str, Any]:
+    """The sidecar beside ``weights`` when it records the factory the user named (``spec``):
+    the user chose the code, the sidecar only its keyword arguments and output; else {}."""
     if weights is None or weights.suffix != ".safetensors":
         return {}
-    sidecar = weights.with_suffix(".json")
-    if not sidecar.is_file():
+    if not weights.with_suffix(".json").is_file():
         return {}
     info = read_sidecar(weights)
-    args = info.get("factory_args") or {}
-    return dict(args) if info.get("factory") == spec and isinstance(args, dict) else {}
+    fits = info.get("factory") == spec and isinstance(info.get("factory_args") or {}, dict)
+    return info if fits else {}
 
 
 class ExportedModel(nn.Module):
@@ -242,19 +248,27 @@ def load_model(
     normalize: tuple[list[float], list[float]] | None = None,
     trust: bool = False,
     app_dir: str | Path | None = None,
+    output: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load a model from any accepted spec; returns (model in eval mode, description).
 
     ``trust`` allows the formats that can run code when loaded (TorchScript, ``.pt2``); see
     the module docstring. ``package.module:factory`` (and a checkpoint of a factory-built
     network) imports from ``app_dir``, then the current folder, then ``sys.path``.
+    ``output``: the index or key of the logits in a model whose forward returns a tuple, a
+    list, a dict or an object (:func:`~robustkit.models.factory.pick_logits`); a checkpoint
+    records the one it was trained with.
     """
     device = torch.device(device)
     add_app_dir(app_dir)
     text = _model_text(spec)
     weights_path = Path(weights) if weights is not None else None
-    model, found = _load_by_kind(text, weights_path, device, trust, app_dir)
-    info: dict[str, Any] = {"model": str(spec), **found}
+    model, found = _load_by_kind(text, weights_path, device, trust, app_dir, output)
+    recorded = (found.get("checkpoint") or {}).get("output")
+    if output is not None and recorded is None and found["kind"] != "factory":
+        pick_logits(model, output)
+    info: dict[str, Any] = {"model": str(spec), **found,
+                            **({"output": output or recorded} if output or recorded else {})}
     if normalize is not None:
         model = Normalized(model, *normalize).to(device)
         info["normalize"] = {"mean": normalize[0], "std": normalize[1]}
@@ -294,12 +308,13 @@ def _is_checkpoint(path: Path) -> bool:
 
 
 def _load_by_kind(text: str, weights: Path | None, device: torch.device, trust: bool,
-                  app_dir: str | Path | None) -> tuple[nn.Module, dict[str, Any]]:
+                  app_dir: str | Path | None, output: str | None
+                  ) -> tuple[nn.Module, dict[str, Any]]:
     """The model ``text`` names and what describes it (``kind`` first), tried in order:
     a factory, a ``.pt2`` program, a checkpoint, a TorchScript file; else a user error."""
     path = Path(text)
     if _names_factory(text, path):
-        return _from_factory(text, weights, device, app_dir), {"kind": "factory"}
+        return _from_factory(text, weights, device, app_dir, output), {"kind": "factory"}
     if weights is not None:
         raise RobustkitError(f"--weights {weights}: only --model package.module:factory takes "
                              f"separate weights; {text} carries its own, so drop --weights")
@@ -414,6 +429,9 @@ def check_logits(model: nn.Module, x: Tensor, num_classes: int) -> None:
     the batch or are probabilities (:func:`~robustkit.attacks.losses.probability_rows`), with a
     message saying why."""
     out = _forward(model, x)
+    richer = describe_output(out)
+    if richer is not None:
+        raise RobustkitError(richer)
     part = _forward(model, x[:3])  # attacks shrink the batch as samples break: sizes must be free
     problem = logits_problem(out, x.shape[0], num_classes)
     if problem:

@@ -380,7 +380,8 @@ def prepare(config: ExperimentConfig, *, out_dir: Path, seed: int | None = None,
     seed_everything(seed)
     data = _training_data(config, device, data, dist)
     network = network_spec(config.model.arch, config.model.factory, config.model.args,
-                           config.model.app_dir, in_shape=data.in_shape)
+                           config.model.app_dir, in_shape=data.in_shape,
+                           output=config.model.output)
     model = build_network(network, len(data.classes)).to(device)
     steps_per_epoch = -(-len(data.train) // config.train.batch_size)
     state = TrainState.create(model, config.train, device=device,
