@@ -19,9 +19,10 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
+from robustkit.attack_specs import OPTIONS, attack_spec
+from robustkit.attack_specs import attack_names as declared_attacks
 from robustkit.config import (
     ATTACK_PRESETS,
-    FIXED_RECIPES,
     AttackConfig,
     config_from_dict,
     load_config,
@@ -31,7 +32,7 @@ from robustkit.config import (
 )
 from robustkit.errors import RobustkitError
 from robustkit.version import INSTALLED, __version__
-from robustkit.vocabulary import ATTACK_NAMES, CHECKS_LEVELS, ChecksLevel
+from robustkit.vocabulary import CHECKS_LEVELS, ChecksLevel
 
 app = typer.Typer(
     name="robustkit",
@@ -275,14 +276,9 @@ def _float_list(text: str, what: str) -> list[float]:
     return values
 
 
-#: What ``--attack`` accepts: the attack names of :data:`robustkit.vocabulary.ATTACK_NAMES` and
+#: What ``--attack`` accepts: the attacks of :mod:`robustkit.attack_specs` and
 #: the presets of ``config.ATTACK_PRESETS``.
 PRESET_NAMES = tuple(ATTACK_PRESETS)
-
-
-#: The options an attack with a fixed objective (APGD-T, Square, AutoAttack) takes only at
-#: these defaults; ``--attack`` drops them there rather than fail on the defaults it passes.
-_FIXED_OBJECTIVE_DEFAULTS = (("loss", "ce"), ("restarts", 1), ("targeted", False))
 
 
 def _check_step_size(step: object) -> None:
@@ -297,28 +293,23 @@ def _attack_bases(name: str) -> list[dict[str, object]]:
     itself; an unknown name is a user error."""
     if name in ATTACK_PRESETS:
         return [to_dict(a) for a in ATTACK_PRESETS[name]]
-    if name in ATTACK_NAMES:
+    if name in declared_attacks():
         return [{"name": name}]
     raise RobustkitError(
-        f"unknown attack {name!r}: choose {', '.join(ATTACK_NAMES)} or a preset "
+        f"unknown attack {name!r}: choose {', '.join(declared_attacks())} or a preset "
         f"({', '.join(PRESET_NAMES)}), comma-separated")
 
 
-def _fit_options_to_attack(entry: dict[str, object], *, step_size_is_pgds: bool
-                           ) -> dict[str, object]:
+def _fit_options_to_attack(entry: dict[str, object], taken: set[str]) -> dict[str, object]:
     """``entry`` (an attack table with the command-line options merged in) without the options
-    that are not this attack's: ``--step-size`` when it is meant for a PGD named alongside
-    (``step_size_is_pgds``), the fixed objectives' defaults, ``--eot-samples`` outside PGD and
-    APGD. Any other value stays, for the config check to name."""
-    kind = entry["name"]
-    if kind != "pgd" and "step_size" in entry and step_size_is_pgds:
-        entry.pop("step_size")  # --step-size is PGD's; APGD sets its own
-    if kind == "apgd-t" or kind in FIXED_RECIPES:
-        for key, default in _FIXED_OBJECTIVE_DEFAULTS:
-            if entry.get(key) == default:
-                entry.pop(key)
-    if kind not in ("pgd", "apgd"):  # --eot-samples is for PGD and APGD
-        entry.pop("eot_samples", None)
+    its attack's spec does not declare, when they are at their defaults or another attack
+    named alongside takes them (``taken``: ``--steps`` with ``fgsm,pgd`` is PGD's). Any other
+    value stays, for the config check to name."""
+    spec = attack_spec(str(entry["name"]))
+    defaults = to_dict(AttackConfig(name=spec.name))
+    for key in [k for k in OPTIONS if k in entry and k not in spec.options]:
+        if key in taken or entry[key] == defaults.get(key):
+            entry.pop(key)
     return entry
 
 
@@ -329,14 +320,12 @@ def _attack_configs(names: str, *, extra: dict[str, object] | None = None,
     given = {k: v for k, v in settings.items() if v is not None}
     _check_step_size(given.get("step_size"))
     chosen = [n.strip().lower() for n in names.split(",") if n.strip()]
-    attacks = [
-        _fit_options_to_attack({**base, **given},
-                               step_size_is_pgds="pgd" in chosen or name in ATTACK_PRESETS)
-        for name in chosen for base in _attack_bases(name)
-    ]
+    bases = [base for name in chosen for base in _attack_bases(name)]
+    taken = {key for base in bases for key in attack_spec(str(base["name"])).options}
+    attacks = [_fit_options_to_attack({**base, **given}, taken) for base in bases]
     if not attacks:
         raise RobustkitError(
-            f"--attack is empty: choose {', '.join(ATTACK_NAMES)} (comma-separated)")
+            f"--attack is empty: choose {', '.join(declared_attacks())} (comma-separated)")
     return list(config_from_dict({"attacks": attacks, **(extra or {})}).attacks)
 
 
@@ -356,7 +345,7 @@ def _checks_level(text: str, fail_on_check: bool) -> ChecksLevel:
 ))
 def attack(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint (e.g. reports/NAME/model.safetensors), zoo:NAME, TorchScript, .pt2, or package.module:factory.")],  # noqa: E501
-    attack_names: Annotated[str, typer.Option("--attack", help=f"Comma-separated attacks ({', '.join(ATTACK_NAMES)}) or a preset: standard = fgsm + autoattack; apgd-ce-margin = APGD-100 CE and margin (cheaper); fgsm-pgd = FGSM and PGD-40 (quick, overstates robustness).")] = "standard",  # noqa: E501
+    attack_names: Annotated[str, typer.Option("--attack", help=f"Comma-separated attacks ({', '.join(declared_attacks())}) or a preset: standard = fgsm + autoattack; apgd-ce-margin = APGD-100 CE and margin (cheaper); fgsm-pgd = FGSM and PGD-40 (quick, overstates robustness).")] = "standard",  # noqa: E501
     eps: Annotated[str, typer.Option("--eps", help="Comma-separated budgets in [0,1] pixel units; fractions such as 8/255 accepted.")] = "0,0.05,0.1,0.15,0.2,0.25,0.3",  # noqa: E501
     norm: Annotated[str, typer.Option("--norm", help="linf or l2.")] = "linf",
     steps: Annotated[Optional[int], typer.Option("--steps", help="PGD/APGD steps (default: PGD 40, APGD 100).")] = None,  # noqa: E501, UP045

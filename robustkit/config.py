@@ -30,13 +30,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from robustkit.attack_specs import OPTIONS, SPECS, attack_names, attack_spec
 from robustkit.budgets import eps_bound, sweep_eps_bound
 from robustkit.errors import RobustkitError
 from robustkit.results import ANY
 from robustkit.vocabulary import (
     Approximation,
     Arch,
-    AttackName,
     ChecksLevel,
     DatasetName,
     Loss,
@@ -129,22 +129,21 @@ class TrainConfig:
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
 
-#: Steps per start when a config leaves ``steps`` out: PGD 40, the APGD family 100 (AutoAttack's).
-DEFAULT_STEPS = {"apgd": 100, "apgd-t": 100, "autoattack": 100}
-#: Attacks with fixed objectives, one start and no step size: only ``norm``, ``steps`` (the
-#: APGD stages), ``targets``, ``queries``, ``p_init`` and ``label`` apply.
-FIXED_RECIPES = ("square", "autoattack")
+#: Steps per start of an attack that declares none (FGSM, Square): they take no steps, but the
+#: field keeps the value it always had, so configs hash as before.
+NO_STEPS = 40
 
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """One attack of an evaluation; ``step_size`` None means 2.5·ε/steps (PGD only: APGD sets
-    its own step). ``steps`` left out (0) means the attack's default, :data:`DEFAULT_STEPS`
-    or 40. ``targets``: APGD-T's number of target classes (None: 9, AutoAttack's).
+    """One attack of an evaluation, ``name`` one of :mod:`robustkit.attack_specs`; only the
+    settings its spec declares apply. ``step_size`` None means 2.5·ε/steps (PGD only: APGD
+    sets its own step). ``steps`` left out (0) means the attack's default (its spec's).
+    ``targets``: APGD-T's number of target classes (None: 9, AutoAttack's).
     ``queries`` and ``p_init``: Square's query budget per sample and initial square fraction
     (None: 5000 and 0.8, AutoAttack's), for ``square`` and the ``autoattack`` ensemble."""
 
-    name: AttackName = "pgd"
+    name: str = field(default="pgd", metadata={"choices": attack_names})
     norm: Norm = "linf"
     steps: int = field(default=0, metadata=_range(1, MAX_STEPS))
     step_size: float | None = field(default=None, metadata=_range(0, lo_open=True))
@@ -165,16 +164,18 @@ class AttackConfig:
 
     def __post_init__(self) -> None:
         if self.steps == 0:
-            object.__setattr__(self, "steps", DEFAULT_STEPS.get(self.name, 40))
+            spec = SPECS.get(self.name)
+            object.__setattr__(self, "steps", spec.steps if spec and spec.steps else NO_STEPS)
 
     @property
     def title(self) -> str:
         """A short unique-ish name for tables, e.g. ``pgd-40x1-ce-linf``."""
         if self.label:
             return self.label
-        if self.name == "fgsm":
-            return "fgsm" + self._norm_tag
-        if self.name in FIXED_RECIPES:
+        family = attack_spec(self.name).family
+        if family == "single-step":
+            return self.name + self._norm_tag
+        if family in ("gradient-free", "ensemble"):
             return self._recipe_title()
         return self._iterative_title()
 
@@ -185,8 +186,9 @@ class AttackConfig:
 
     def _recipe_title(self) -> str:
         """Square or the AutoAttack ensemble, then each setting that is not AutoAttack's."""
-        parts = [self.name if self.name == "autoattack" else f"square{self.queries or 5000}"]
-        if self.name == "autoattack":
+        ensemble = attack_spec(self.name).family == "ensemble"
+        parts = [self.name if ensemble else f"{self.name}{self.queries or 5000}"]
+        if ensemble:
             if self.steps != 100:
                 parts.append(f"apgd{self.steps}")
             if self.queries not in (None, 5000):
@@ -202,7 +204,7 @@ class AttackConfig:
     def _iterative_title(self) -> str:
         """PGD or APGD(-T): steps, restarts when several, then each setting off the default."""
         tag = f"{self.name}{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
-        if self.name == "apgd-t":
+        if "loss" not in attack_spec(self.name).options:  # APGD-T: its objective is fixed
             return tag + (f"-{self.targets}targets" if self.targets else "") + self._norm_tag
         return tag + "".join(self._variant_tags())
 
@@ -337,6 +339,8 @@ def _convert(value: Any, hint: Any, path: str, meta: Any) -> Any:
         return None if value is None else _convert(value, _optional_of(hint), path, meta)
     if origin is Literal:
         return _choice(value, typing.get_args(hint), path)
+    if meta and "choices" in meta:  # a closed list read when the config is: the attack names
+        return _choice(_scalar(value, hint, path), tuple(meta["choices"]()), path)
     if dataclasses.is_dataclass(hint):
         return _build(typing.cast(type, hint), _table(value, path, _type_of), path)
     if origin in (tuple, list):
@@ -564,6 +568,18 @@ def _check_attack(attack: AttackConfig, where: str, defence: DefenceConfig | Non
     _check_apgd(attack, where)
     _check_square(attack, where)
     _check_eot_bpda(attack, where, defence)
+    _check_options(attack, where)
+
+
+def _check_options(attack: AttackConfig, where: str) -> None:
+    """Every setting away from its default must be one the attack's spec declares."""
+    spec = attack_spec(attack.name)
+    defaults = AttackConfig(name=attack.name)
+    for key in OPTIONS:
+        if key not in spec.options and getattr(attack, key) != getattr(defaults, key):
+            takes = ", ".join(sorted(spec.options)) or "no settings but norm and label"
+            _fail(f"{where}.{key}", f"{key} is not a setting of {attack.name} (it takes "
+                  f"{takes})")
 
 
 def _check_label(label: str | None, where: str) -> None:
@@ -575,23 +591,26 @@ def _check_label(label: str | None, where: str) -> None:
 
 def _check_apgd(attack: AttackConfig, where: str) -> None:
     """APGD sets its own step; APGD-T fixes its objective."""
-    if attack.name in ("apgd", "apgd-t") and attack.step_size is not None:
+    spec = attack_spec(attack.name)
+    if spec.iterative and "step_size" not in spec.options and attack.step_size is not None:
         _fail(f"{where}.step_size", "APGD adapts its own step size (it starts at 2ε); "
               "remove step_size, or use name = \"pgd\"")
-    if attack.name == "apgd-t" and (attack.targeted or attack.loss != "ce"):
+    if spec.iterative and "loss" not in spec.options and (attack.targeted or
+                                                            attack.loss != "ce"):
         _fail(where, "apgd-t is untargeted and always uses the targeted DLR loss "
               "towards each of its target classes; remove targeted and loss")
-    if attack.targets is not None and attack.name not in ("apgd-t", "autoattack"):
+    if attack.targets is not None and "targets" not in attack_spec(attack.name).options:
         _fail(f"{where}.targets", f"targets is an apgd-t setting, not {attack.name}'s")
 
 
 def _check_square(attack: AttackConfig, where: str) -> None:
     """Square's settings only on Square; the fixed recipes take no PGD options."""
+    spec = attack_spec(attack.name)
     for key in ("queries", "p_init"):
-        if getattr(attack, key) is not None and attack.name not in FIXED_RECIPES:
+        if getattr(attack, key) is not None and key not in spec.options:
             _fail(f"{where}.{key}", f"{key} is a Square setting (square, autoattack), "
                   f"not {attack.name}'s")
-    if attack.name in FIXED_RECIPES:
+    if spec.family in ("gradient-free", "ensemble"):
         changed = [k for k, default in (("loss", "ce"), ("targeted", False), ("restarts", 1),
                                         ("step_size", None), ("random_start", True))
                    if getattr(attack, k) != default]
@@ -601,7 +620,7 @@ def _check_square(attack: AttackConfig, where: str) -> None:
 
 
 def _check_eot_bpda(attack: AttackConfig, where: str, defence: DefenceConfig | None) -> None:
-    if attack.eot_samples is not None and attack.name == "fgsm":
+    if attack.eot_samples is not None and attack_spec(attack.name).family == "single-step":
         _fail(f"{where}.eot_samples", "EOT averages the gradients of an iterative "
               "attack's steps: use name = \"pgd\" or \"apgd\"")
     if attack.bpda is not None and defence is None:

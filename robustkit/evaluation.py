@@ -45,19 +45,11 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from robustkit.attacks import (
-    AttackResult,
-    apgd,
-    attack_mode,
-    fgsm,
-    margin,
-    pgd,
-    random_unit_ball,
-)
-from robustkit.attacks.apgd_t import DEFAULT_TARGETS, apgd_targeted
+from robustkit.attack_specs import SPECS
+from robustkit.attacks import AttackResult, attack_mode, margin, random_unit_ball, registry
 from robustkit.attacks.base import max_eps
-from robustkit.attacks.ensemble import autoattack
-from robustkit.attacks.square import DEFAULT_P_INIT, DEFAULT_QUERIES, SquareNoise, square
+from robustkit.attacks.registry import Draws, pass_budget
+from robustkit.attacks.square import SquareNoise
 from robustkit.attacks.transforms import EOT, Transform
 from robustkit.config import AttackConfig
 from robustkit.data import Split
@@ -66,7 +58,7 @@ from robustkit.errors import RobustkitError
 from robustkit.models.defences import with_bpda
 from robustkit.progress import Bar, counting_rows
 from robustkit.results import ANY, RESULT_COLUMNS, TARGET_HIT, ResultRow
-from robustkit.vocabulary import ATTACK_NAMES, Norm
+from robustkit.vocabulary import Norm
 
 SHORTCUTS_NOTE = (
     "ε-monotone reuse: an adversarial example found at a smaller ε is admissible at every larger "
@@ -173,43 +165,19 @@ def run_attack(model: nn.Module, attack: AttackConfig, x: Tensor, y: Tensor, eps
                square_noise: SquareNoise | None = None, *, transform: Transform | None = None,
                generator: torch.Generator | None = None,
                starts: torch.Generator | None = None) -> AttackResult:
-    """One attack at one ε on a batch: the one place an :class:`AttackConfig` becomes a call of
-    its attack function. ``y`` holds the targets of a targeted attack and ``labels`` the true
-    classes (success = misclassified); random starts come from ``noise`` (by restart), else
-    from ``starts``; ``attack.eot_samples`` draws of ``transform`` (the identity by default)
-    per step from ``generator``; ``attack.bpda`` through the model's preprocessing."""
-    if attack.name == "autoattack":
-        return autoattack(model, x, y, eps=eps, norm=attack.norm, steps=attack.steps,
-                          targets=attack.targets, budget=attack.queries or DEFAULT_QUERIES,
-                          p_init=attack.p_init or DEFAULT_P_INIT, start_noise=noise,
-                          square_noise=square_noise, generator=starts)
-    if attack.name == "square":
-        return square(model, x, y, eps=eps, norm=attack.norm,
-                      budget=attack.queries or DEFAULT_QUERIES,
-                      p_init=attack.p_init or DEFAULT_P_INIT, noise=square_noise)
-    targeted = attack.targeted
+    """One attack at one ε on a batch: the one place an :class:`AttackConfig` is run (the
+    sweep, ``physical`` and the model checks use it), through the runner table
+    (:func:`robustkit.attacks.registry.run`, which holds the result to the ε-ball and the box).
+    ``y`` holds the targets of a targeted attack and ``labels`` the true classes (success =
+    misclassified); random starts come from ``noise`` (by restart), else from ``starts``;
+    ``attack.eot_samples`` draws of ``transform`` (the identity by default) per step from
+    ``generator``; ``attack.bpda`` through the model's preprocessing."""
     if attack.bpda is not None:
         model = with_bpda(model, attack.bpda)
     eot = (EOT(transform or Transform(), attack.eot_samples, generator)
            if attack.eot_samples is not None else None)
-    if attack.name == "fgsm" and attack.norm == "linf":
-        return fgsm(model, x, y, eps=eps, targeted=targeted, loss=attack.loss, labels=labels)
-    if attack.name == "fgsm":  # the L2 fast gradient method: one step of length ε, no start
-        return pgd(model, x, y, eps=eps, norm="l2", steps=1, step_size=eps, loss=attack.loss,
-                   random_start=False, targeted=targeted, labels=labels, early_stop=early_stop)
-    if attack.name == "apgd-t":
-        return apgd_targeted(model, x, y, eps=eps, norm=attack.norm, steps=attack.steps,
-                             targets=attack.targets or DEFAULT_TARGETS, restarts=attack.restarts,
-                             early_stop=early_stop, start_noise=noise, generator=starts)
-    if attack.name == "apgd":
-        return apgd(model, x, y, eps=eps, norm=attack.norm, steps=attack.steps, loss=attack.loss,
-                    restarts=attack.restarts, random_start=attack.random_start,
-                    targeted=targeted, labels=labels, early_stop=early_stop, start_noise=noise,
-                    generator=starts, eot=eot)
-    return pgd(model, x, y, eps=eps, norm=attack.norm, steps=attack.steps,
-               step_size=attack.step_size, loss=attack.loss, restarts=attack.restarts,
-               random_start=attack.random_start, targeted=targeted, labels=labels,
-               early_stop=early_stop, start_noise=noise, generator=starts, eot=eot)
+    draws = Draws(start_noise=noise, square_noise=square_noise, starts=starts, eot=eot)
+    return registry.run(model, attack, x, y, eps, draws, labels=labels, early_stop=early_stop)
 
 
 def check_eps(eps: Sequence[float], norm: Norm, x: Tensor) -> None:
@@ -343,7 +311,7 @@ def _check_attacks(attacks: Sequence[AttackConfig], eps_list: list[float], x: Te
     if len(set(titles)) != len(titles):
         raise RobustkitError(f"two attacks share a name in {titles}: give one a label")
     if not attacks:
-        raise RobustkitError(f"no attack given: choose at least one of {', '.join(ATTACK_NAMES)}")
+        raise RobustkitError(f"no attack given: choose at least one of {', '.join(SPECS)}")
 
 
 @dataclass(frozen=True)
@@ -387,25 +355,6 @@ def _attack_state(state: SweepState, title: str, clean_correct: Tensor) -> Attac
             adv_pred=state.clean_pred.clone().cpu(),
         )
     return state.attacks[title]
-
-
-def pass_budget(attack: AttackConfig) -> int:
-    """The most forward passes ``attack`` makes per attacked sample at one ε (its restarts,
-    steps, targets, EOT draws and queries; early stopping only lowers it): the progress bar's
-    measure of a cell's work."""
-    draws = attack.eot_samples or 1
-    steps = (attack.steps + 1) * draws
-    queries = attack.queries or DEFAULT_QUERIES
-    targets = attack.targets or DEFAULT_TARGETS
-    if attack.name == "fgsm":
-        return 2 * draws
-    if attack.name == "square":
-        return queries + 1
-    if attack.name == "apgd-t":
-        return targets * attack.restarts * steps + 1
-    if attack.name == "autoattack":
-        return steps + targets * steps + queries + 2
-    return attack.restarts * steps + 1
 
 
 class _Meter:

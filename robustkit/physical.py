@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from robustkit.attack_specs import probing
 from robustkit.attacks import attack_mode
 from robustkit.attacks.transforms import Transform, fooled_fraction
 from robustkit.checkpoint import save_tensors, write_json
@@ -91,7 +92,7 @@ class Physical:
 
 def physical_attacks(attacks: Sequence[AttackConfig]) -> list[AttackConfig]:
     """The attacks measured under transformation: the untargeted iterative ones."""
-    return [a for a in attacks if a.name in ("pgd", "apgd") and not a.targeted]
+    return [a for a in attacks if a.name in probing() and not a.targeted]
 
 
 def transformation_robustness(

@@ -170,7 +170,7 @@ def test_attack_rejects_bad_arguments(args: list[str], fragments: list[str], use
         # K comes from the model: its 7 logits cannot score MNIST's label 9 (test image 7)
         ("usermodels:wrong_shape", "test image 7 has label 9, but the model "
                                    "usermodels:wrong_shape returns 7 logits"),
-        ("usermodels:tupled", "returns a tuple of 2 items"),
+        ("usermodels:tupled", "returns a tuple ([0] tensor"),
         ("usermodels:missing", "has no attribute 'missing'"),
         ("nomodule:good", "cannot import 'nomodule'"),
     ],

@@ -7,7 +7,9 @@ All functions act per sample (row) of a batch ``[N, ...]``:
   gives a unit step);
 * :func:`project`: the Euclidean projection onto ``{δ : ‖δ‖ ≤ ε}`` —
   ``clamp(δ, −ε, ε)`` for L∞, ``δ · min(1, ε / ‖δ‖₂)`` for L2;
-* :func:`random_unit_ball`: a uniform sample from the unit ball.
+* :func:`random_unit_ball`: a uniform sample from the unit ball;
+* :func:`enforce_ball`: a result held to the ball and the box (what the framework does to
+  every attack's output before a verdict).
 
 Callers additionally clamp ``x + δ`` into the ``[0, 1]`` pixel box after every step.
 """
@@ -106,3 +108,26 @@ def random_unit_ball(
         radius = v.pow(1.0 / d).view(-1, *([1] * (len(shape) - 1)))
         u = radius * unit_rows(g)
     return u.to(device=device if device is not None else u.device)
+
+
+#: Relative slack of the L2 ball in :func:`enforce_ball`: an attack's rescaling to ‖δ‖₂ = ε
+#: can land a rounding error outside, which is not a breach of the threat model.
+L2_SLACK = 1e-6
+
+
+def enforce_ball(x_adv: Tensor, x: Tensor, eps: Tensor, norm: Norm) -> Tensor:
+    """``x_adv`` held to the threat model: in ``B_ε(x)`` and in the box ``[min(x, 0),
+    max(x, 1)]`` (``[0, 1]`` for a valid ``x``). ``eps`` is ``[N, 1, 1, 1]``.
+
+    L∞: ``clamp(x_adv, x − ε, x + ε)``, which leaves every point an attack built as
+    ``x + clamp(δ, −ε, ε)`` bit for bit as it was (rounding is monotone). L2: rows farther than
+    ``ε·(1 + L2_SLACK)`` are projected onto the ball; the others are left untouched.
+    """
+    check_norm(norm)
+    if norm == "linf":
+        inside = torch.clamp(x_adv, min=x - eps, max=x + eps)
+    else:
+        delta = x_adv - x
+        outside = row_norm(delta) > eps * (1 + L2_SLACK)
+        inside = torch.where(outside, x + project(delta, eps, "l2"), x_adv)
+    return torch.clamp(inside, min=x.clamp(max=0.0), max=x.clamp(min=1.0))

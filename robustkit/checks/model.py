@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustkit.attack_specs import attack_spec
 from robustkit.attacks import (
     NORMS,
     attack_mode,
@@ -369,7 +370,7 @@ def _stronger_from_scratch(
                 f"{restarts} restarts": acc_restarts}
     measurements = {"eps": eps, "accuracy": acc, "accuracy_more_steps": acc_steps,
                     "accuracy_more_restarts": acc_restarts}
-    if base.name == "pgd":
+    if "step_size" in attack_spec(base.name).options:  # a fixed step can stall; APGD's adapts
         steps = max(apgd_steps, base.steps)
         acc_apgd = _robust_accuracy(model, x, y, base, eps, seed, name="apgd", steps=steps,
                                     restarts=1, step_size=None)

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from robustkit.attack_specs import SPECS, attack_spec, probing
 from robustkit.budgets import STEP_FACTOR
 from robustkit.checks.record import Check, grade
 from robustkit.config import AttackConfig, config_from_dict
@@ -20,7 +21,7 @@ from robustkit.errors import RobustkitError
 from robustkit.results import ANY
 
 #: Attacks that take many gradient steps (the ones the model checks probe).
-ITERATIVE = ("pgd", "apgd")
+ITERATIVE = probing()
 #: A rise of accuracy this small is float noise, not a rise.
 RISE_TOLERANCE = 1e-12
 
@@ -39,9 +40,15 @@ def attack_kind(title: str, configs: dict[str, AttackConfig]) -> tuple[str, bool
     """(name, targeted) of an attack title: from the settings, else guessed from the title."""
     if title in configs:
         return configs[title].name, configs[title].targeted
-    name = next((n for n in ("fgsm", "apgd-t", "apgd", "pgd", "square", "autoattack")
-                 if title.startswith(n)), title)
+    longest_first = sorted(SPECS, key=len, reverse=True)  # apgd-t before apgd before pgd
+    name = next((n for n in longest_first if title.startswith(n)), title)
     return name, "targeted" in title
+
+
+def _family(name: str) -> str | None:
+    """The family of a declared attack, None for a name the table does not know."""
+    spec = SPECS.get(name)
+    return spec.family if spec else None
 
 
 def require_results_columns(results: pd.DataFrame) -> None:
@@ -142,8 +149,8 @@ def _comparable_pairs(frame: pd.DataFrame, configs: dict[str, AttackConfig]
         str(t): (*attack_kind(str(t), configs), n)
         for t, n in frame.groupby("attack", sort=False)["norm"].first().items()
     }
-    singles = [t for t, k in kinds.items() if k[0] == "fgsm"]
-    iteratives = [t for t, k in kinds.items() if k[0] in (*ITERATIVE, "apgd-t", "autoattack")]
+    singles = [t for t, k in kinds.items() if _family(k[0]) == "single-step"]
+    iteratives = [t for t, k in kinds.items() if _family(k[0]) in ("iterative", "ensemble")]
     for single in singles:
         for iterative in iteratives:
             if kinds[single][1:] == kinds[iterative][1:]:
@@ -215,7 +222,8 @@ def check_pgd_step_budget(settings: dict[str, Any]) -> Check:
     """
     eps_values = [float(e) for e in settings.get("eps", []) if float(e) > 0]
     threshold = "step_size·steps ≥ ε_max"
-    pgds = [c for c in attack_configs(settings).values() if c.name == "pgd"]
+    pgds = [c for c in attack_configs(settings).values()
+            if "step_size" in attack_spec(c.name).options]
     if not pgds or not eps_values:
         return Check("pgd_step_budget", "pass", None, threshold, "no PGD attack with ε > 0")
     eps_max = max(eps_values)

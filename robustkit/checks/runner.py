@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 # the checks that probe the model, by module (robustkit.checks lists them by name)
 import robustkit.checks.model as probes
+from robustkit.attack_specs import SPECS, attack_spec, names_in, searching_freely
 from robustkit.attacks import attack_mode
 from robustkit.attacks.losses import logits_problem
 from robustkit.checks.record import Check, checks_frame
@@ -25,10 +26,10 @@ from robustkit.errors import RobustkitError
 from robustkit.evaluation import run_attack
 from robustkit.progress import Bar, counting_rows
 from robustkit.results import ANY, UNRELIABLE_COLUMN
-from robustkit.vocabulary import ATTACK_NAMES, ChecksLevel
+from robustkit.vocabulary import ChecksLevel
 
 #: Attacks with a gradient-free stage: a failing gradient-free check does not discredit them.
-GRADIENT_FREE = ("square", "autoattack")
+GRADIENT_FREE = searching_freely()
 #: Failures that discredit gradient attacks only: attacks with a gradient-free stage stand.
 GRADIENT_ONLY = frozenset({"gradient_free_finds_no_more", "input_gradients_usable"})
 #: The mark put next to a number that a failing check makes unreliable.
@@ -48,7 +49,8 @@ def main_attack(results: pd.DataFrame, settings: dict[str, Any], default_steps: 
     PGD (L∞, ``default_steps`` steps, step 2.5·ε/steps, one random start).
     """
     configs = [c for c in attack_configs(settings).values() if c.name in ITERATIVE]
-    ensembles = [c for c in attack_configs(settings).values() if c.name == "autoattack"]
+    ensembles = [c for c in attack_configs(settings).values()
+                 if attack_spec(c.name).family == "ensemble"]
     if not configs and ensembles:  # the ensemble's first stage: APGD with the CE loss
         return AttackConfig(name="apgd", norm=ensembles[0].norm, steps=ensembles[0].steps)
     if not configs:
@@ -120,7 +122,7 @@ QUICK = Budgets(samples=100, large_eps_steps=10, monotone_steps=10, square_queri
 LEVELS: dict[ChecksLevel, Budgets] = {"full": Budgets(), "quick": QUICK}
 #: The sweep's attacks whose per-sample worst case is "the strongest gradient evaluation" that
 #: the gradient-free check compares Square with (FGSM is too weak to stand for it).
-GRADIENT = ("pgd", "apgd", "apgd-t")
+GRADIENT = names_in("iterative")
 #: The stronger APGD of the quick convergence check: the evaluation's steps, within these.
 CONVERGE_STEPS = (20, 100)
 #: The fewest queries of the quick gradient-free check.
@@ -251,11 +253,11 @@ class _Known:
                  settings: dict[str, Any], per_sample: pd.DataFrame | None, seed: int) -> None:
         self.model, self.x, self.y, self.attack, self.seed = model, x, y, attack, seed
         configs = attack_configs(settings)
-        ensemble = _sweep_outcome(per_sample, configs, len(y), ("autoattack",))
+        ensemble = _sweep_outcome(per_sample, configs, len(y), names_in("ensemble"))
         self.swept = (_sweep_outcome(per_sample, configs, len(y), (attack.title,))
-                      or ensemble or _sweep_outcome(per_sample, configs, len(y), ATTACK_NAMES))
+                      or ensemble or _sweep_outcome(per_sample, configs, len(y), tuple(SPECS)))
         self.iterative = _sweep_outcome(per_sample, configs, len(y), GRADIENT) or ensemble
-        steps = max((configs[t].steps if configs[t].name != "fgsm" else 1)
+        steps = max((configs[t].steps if attack_spec(configs[t].name).steps else 1)
                     for t in self.swept[0]) if self.swept else attack.steps
         self.converge_steps = min(max(steps, CONVERGE_STEPS[0]), CONVERGE_STEPS[1])
         self._own: dict[float, probes.Outcome] = {}
