@@ -1,0 +1,13 @@
+"""Certified robustness: lower bounds on the margins over the ε-ball (:mod:`.bounds`), so that
+a report brackets the truth, certified ≤ true robust accuracy ≤ attacked."""
+
+from robustkit.certify.bounds import (
+    METHODS,
+    Bounds,
+    Method,
+    certified_accuracy,
+    margin_bounds,
+    network_steps,
+)
+
+__all__ = ["METHODS", "Bounds", "Method", "certified_accuracy", "margin_bounds", "network_steps"]
