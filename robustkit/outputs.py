@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from robustkit.checkpoint import TEMPORARY
 from robustkit.errors import RobustkitError
 from robustkit.runtime import git_commit
 from robustkit.version import __version__
@@ -43,8 +44,9 @@ STAGING_SUFFIX = ".partial"
 OLD_SUFFIX = ".old"
 #: Files a report-only folder (``robustkit report --out``) holds.
 REPORT_ENTRIES = frozenset({"report.html", "report.md", "figures", "tables", MANIFEST})
-#: robustkit's own scratch entries: never a reason to refuse a folder.
-SCRATCH = re.compile(r"^(sweep-state|\..+\.tmp)$")
+#: robustkit's own scratch entries (sweep state, temporary files of atomic writes): never a
+#: reason to refuse a folder.
+SCRATCH = re.compile(rf"^(sweep-state|{TEMPORARY.pattern})$")
 #: What a training folder holds before its manifest exists (a run killed before its end).
 TRAINING_ENTRIES = re.compile(r"^(config\.toml|metrics\.csv|model-(best|last)\.(json|safetensors)"
                               r"|state\.json|state-.+\.safetensors)$")

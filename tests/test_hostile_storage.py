@@ -1,0 +1,202 @@
+"""Hostile storage (issue #31): a kill at any write of a checkpoint."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robustkit.checkpoint import remove_leftovers
+from robustkit.outputs import Owner, guard_folder
+from tests.test_hostile_input import REPO
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# --------------------------------------------------------------------------- 3: kill at a write
+
+
+def test_a_safetensors_temporary_file_from_a_killed_run_blocks_no_resume(tmp_path: Path
+                                                                          ) -> None:
+    """Checkpoints written by safetensors' ``save_file`` (robustkit before issue #31) left
+    ``.tmpXXXXXX`` files when killed; the guard takes them for robustkit's scratch and a new
+    training run removes them."""
+    folder = tmp_path / "k"
+    folder.mkdir()
+    (folder / "config.toml").write_text('name = "q"\n')
+    (folder / "model-last.safetensors").write_bytes(b"")
+    (folder / ".tmpBadGmO").write_bytes(b"half a checkpoint")
+    (folder / ".model-last.json.g1nd67jn.tmp").write_text("{")
+    assert guard_folder(folder, Owner("train", "q"), announce_same=False) is None  # not refused
+    remove_leftovers(folder)
+    assert _entries(folder) == ["config.toml", "model-last.safetensors"]
+
+
+def _strace() -> str:
+    exe = shutil.which("strace")
+    if exe is None:
+        pytest.skip("strace is not installed")
+    probe = subprocess.run([exe, "-f", "-qq", "-o", os.devnull, "-e", "trace=write", "true"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"strace cannot trace here: {probe.stderr.strip()[:200]}")
+    return exe
+
+
+def _folder_writes(log: Path, folder: Path) -> list[tuple[int, str]]:
+    """The write(2) calls into ``folder`` in an ``strace -f -y`` log: (number among all the
+    write calls of the process that made them, as ``-e inject=write:when=N`` counts, file)."""
+    calls = [(found[1], found[2]) for found in
+             re.finditer(r"^(\d+)\s+write\(\d+<([^>]*)>", log.read_text(), re.MULTILINE)]
+    writer = next(pid for pid, path in calls if path.startswith(f"{folder}/"))
+    ours = [path for pid, path in calls if pid == writer]  # not those of helper processes
+    return [(n, Path(path).name) for n, path in enumerate(ours, 1)
+            if path.startswith(f"{folder}/")]
+
+
+def _killed_at(log: Path) -> dict[str, str]:
+    """Where each process killed in an ``strace -f -y`` log was writing: folder → file."""
+    text = log.read_text()
+    killed = set(re.findall(r"^(\d+)\s+\+\+\+ killed by SIGKILL", text, re.MULTILINE))
+    last: dict[str, Path] = {}
+    for pid, path in re.findall(r"^(\d+)\s+write\(\d+<([^>]*)>", text, re.MULTILINE):
+        if pid in killed:
+            last[pid] = Path(path)
+    return {path.parent.name: _target(path.name) for path in last.values()}
+
+
+def _target(temporary: str) -> str:
+    """The file a temporary file stands for: ``.state-1-2.safetensors.x1y2z3.tmp`` →
+    ``state-*.safetensors`` (``.tmpXXXXXX`` for one of safetensors' own)."""
+    name = re.sub(r"^\.(.+)\.[^.]+\.tmp$", r"\1", temporary)
+    return re.sub(r"^state-\d+-\d+", "state-*", re.sub(r"^\.tmp\w{6}$", ".tmpXXXXXX", name))
+
+
+@pytest.fixture(scope="module")
+def small_npz(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> Path:
+    """600 training and 100 test images of the real MNIST: a training run in a second."""
+    from robustkit.data import load_dataset
+
+    mnist = load_dataset("mnist", mnist_root, "cpu", val_size=0)
+
+    def as_bytes(images: object) -> np.ndarray:
+        return (np.asarray(images)[:, 0] * 255).round().astype(np.uint8)
+
+    path = tmp_path_factory.mktemp("small") / "small.npz"
+    np.savez(path, train_images=as_bytes(mnist.train.images[:600]),
+             train_labels=mnist.train.labels[:600].numpy(),
+             test_images=as_bytes(mnist.test.images[:100]),
+             test_labels=mnist.test.labels[:100].numpy())
+    return path
+
+
+#: Forks training runs from one warm process (torch imported, one run done), so that each kill
+#: and each resume costs a training run, not a Python start: ``driver.py MODE LAST OUT POINTS
+#: -- ARGS``. A child that should die at its N-th write first makes LAST - N writes to
+#: /dev/null: strace counts writes per process and kills every process at its LAST-th.
+DRIVER = """
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from robustkit.cli import main
+
+
+def child(argv, dummy):
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            for _ in range(dummy):
+                os.write(null, b"")
+            sys.argv = ["robustkit", *argv]
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            os._exit(code)
+    return os.waitpid(pid, 0)[1]
+
+
+torch.set_num_threads(1)
+mode, last, out, points = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+args = sys.argv[sys.argv.index("--") + 1:]
+sys.argv = ["robustkit", *args, "--out", out + "-warm"]
+try:  # lazy imports and caches, in the driver: every child starts from them
+    main()
+except SystemExit:
+    pass
+if mode == "reference":
+    outcomes = [f"reference {child([*args, '--out', out], 0)}"]
+else:
+    outcomes = []
+    for n in points.split(","):
+        killed = child([*args, "--out", f"{out}-{n}"], last - int(n))
+        outcomes.append(f"{n} {killed} {child([*args, '--out', f'{out}-{n}'], 0)}")
+Path(out + ".txt").write_text("\\n".join(outcomes))
+"""
+
+
+def _drive(strace: list[str], tmp_path: Path, mode: str, last: int, out: Path, points: str,
+           args: list[str]) -> list[list[str]]:
+    """Run :data:`DRIVER` under ``strace``; its outcome lines, split."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**_env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    done = subprocess.run([*strace, sys.executable, str(driver), mode, str(last), str(out),
+                           points, "--", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [line.split() for line in Path(f"{out}.txt").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_kill_at_any_write_of_a_training_run_resumes_to_the_same_weights(
+        tmp_path: Path, small_npz: Path) -> None:
+    """SIGKILL (strace's syscall injection) before each write(2) into the output folder of a
+    two-epoch training, then the same command again: it resumes, finishes with the weights of
+    an uninterrupted run, byte for byte, and leaves no temporary file or resume state."""
+    strace = [_strace(), "-f", "-qq", "-e", "trace=write"]
+    args = ["train", str(REPO / "experiments" / "quickstart.toml"), "--set", "train.epochs=2",
+            "--set", f"data.source='{small_npz}'", "--set", "data.val_size=100", "-q"]
+    reference, log = tmp_path / "reference", tmp_path / "writes.log"
+    assert _drive([*strace, "-y", "-o", str(log)], tmp_path, "reference", 0, reference, "-",
+                  args) == [["reference", "0"]]
+    writes = _folder_writes(log, reference)
+    assert len(writes) >= 12, writes  # two epochs of weights, sidecars and resume state
+    last = max(n for n, _ in writes) + 200  # beyond any run's writes: only the aimed kills
+    kills = tmp_path / "kills.log"
+    outcomes = _drive([*strace, "-y", "-o", str(kills), "-e",
+                       f"inject=write:signal=KILL:when={last}"], tmp_path, "kill", last,
+                      tmp_path / "k", ",".join(str(n) for n, _ in writes), args)
+    assert _killed_at(kills) == {f"k-{n}": _target(name) for n, name in writes}
+    weights = {name: (reference / name).read_bytes()
+               for name in ("model-best.safetensors", "model-last.safetensors")}
+    failures = []
+    for (number, name), (n, killed, resumed) in zip(writes, outcomes, strict=True):
+        folder = tmp_path / f"k-{n}"
+        left = [e for e in _entries(folder) if e.startswith((".", "state"))]
+        same = all((folder / w).is_file() and (folder / w).read_bytes() == data
+                   for w, data in weights.items())
+        if killed != str(int(signal.SIGKILL)) or resumed != "0" or left or not same:
+            failures.append(f"write {number} ({name}): child status {killed}, resumed with exit "
+                            f"{resumed}, left {left}, same weights: {same}")
+    assert not failures, "\n".join(failures)
