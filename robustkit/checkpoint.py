@@ -52,15 +52,38 @@ def atomic_path(path: Path) -> Iterator[Path]:
     private 0600 of the temporary file, so colleagues can read shared results.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _naming(exc, path, str(exc.filename)) from None
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk: name the file, not its temporary stand-in
+        raise _naming(exc, path, tmp) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Writes to ``path`` in the block: an ``OSError`` that names no file (a failed write, a
+    full disk) is raised again naming ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        raise _naming(exc, path, str(path)) from None
+
+
+def _naming(exc: OSError, path: Path, tmp: str) -> OSError:
+    """``exc`` naming ``path`` when it named no file or the temporary ``tmp`` (a write that
+    failed reports no file name; the temporary file's is robustkit's business)."""
+    if exc.filename is not None and str(exc.filename) != tmp:
+        return exc
+    return OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def write_atomic(path: Path, write: Callable[[IO[str]], object]) -> None:
@@ -69,7 +92,7 @@ def write_atomic(path: Path, write: Callable[[IO[str]], object]) -> None:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
+    """Write ``data`` to ``path`` atomically; an ``OSError`` names ``path``."""
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         handle.write(data)
 

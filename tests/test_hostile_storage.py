@@ -1,4 +1,5 @@
-"""Hostile storage (issue #31): a kill at any write of a checkpoint."""
+"""Hostile storage (issue #31): a kill at any write of a checkpoint, a full disk while a report
+is written."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from robustkit.checkpoint import remove_leftovers
-from robustkit.outputs import Owner, guard_folder
-from tests.test_hostile_input import REPO
+from robustkit.outputs import Owner, guard_folder, staging_path
+from tests.test_hostile_input import REPO, assert_user_error, run
 
 
 def _env() -> dict[str, str]:
@@ -112,6 +114,7 @@ def small_npz(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> Pat
 DRIVER = """
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -200,3 +203,84 @@ def test_a_kill_at_any_write_of_a_training_run_resumes_to_the_same_weights(
             failures.append(f"write {number} ({name}): child status {killed}, resumed with exit "
                             f"{resumed}, left {left}, same weights: {same}")
     assert not failures, "\n".join(failures)
+
+
+# --------------------------------------------------------------------------- 9: full disk
+
+
+def _limit_file_size(limit: int) -> Callable[[], None]:
+    def limit_it() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # a "full disk"
+
+    return limit_it
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+TINY = """
+name = "tiny"
+seed = 0
+device = "cpu"
+[data]
+val_size = 59000
+[model]
+arch = "softmax"
+[train]
+epochs = 1
+lr = 0.1
+[[attacks]]
+name = "fgsm"
+[[attacks]]
+name = "pgd"
+steps = 5
+[evaluate]
+eps = [0.0, 0.1, 0.2]
+n = 300
+"""
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> Path:
+    """A finished ``robustkit run`` of the tiny config: ``reports/tiny`` in its folder."""
+    folder = tmp_path_factory.mktemp("finished")
+    (folder / "tiny.toml").write_text(TINY)
+    done = run("run", "tiny.toml", "-q", cwd=folder)
+    assert done.returncode == 0, done.stderr
+    return folder / "reports" / "tiny"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_report_on_a_full_disk_leaves_the_old_report_and_no_staging_folder(
+        tmp_path: Path, finished_run: Path, in_place: bool) -> None:
+    source = tmp_path / "tiny"
+    shutil.copytree(finished_run, source)
+    out = source if in_place else tmp_path / "combined"
+    first = run("report", str(source), "--out", str(out), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr  # (and matplotlib's font cache is written)
+    before = _tree(out)
+    full = run("report", str(source), "--out", str(out), cwd=tmp_path,
+               preexec=_limit_file_size(20_000))
+    assert_user_error(full, f"cannot write {out}/", "File too large", "free space")
+    assert _tree(out) == before
+    assert not staging_path(out).exists()
+    assert [e for e in _entries(tmp_path) if e.startswith(".")] == []
+
+
+@pytest.mark.slow
+def test_a_run_on_a_full_disk_names_the_file_it_could_not_write(tmp_path: Path,
+                                                                mnist_root: Path) -> None:
+    fgsm = TINY.replace('[[attacks]]\nname = "pgd"\nsteps = 5\n', "").replace("300", "100")
+    (tmp_path / "tiny.toml").write_text(fgsm)  # every file but the report's under 100 kB
+    full = run("run", "tiny.toml", "-q", "--out", "full", cwd=tmp_path,
+               preexec=_limit_file_size(100_000))
+    assert full.returncode == 2, full.stderr
+    line = full.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "free space" in line, full.stderr
+    named = re.search(r"(\.?full(\.partial)?/[\w./-]+\.\w+)", line)  # a file, not a folder
+    assert named is not None, line
