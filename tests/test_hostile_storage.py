@@ -1,5 +1,5 @@
-"""Hostile storage (issue #31): a kill at any write of a checkpoint, a full disk while a report
-is written."""
+"""Hostile storage (issue #31): two robustkit processes writing one folder at once, a kill at
+any write of a checkpoint, a full disk while a report is written."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from robustkit import outputs
 from robustkit.checkpoint import remove_leftovers
+from robustkit.errors import RobustkitError
 from robustkit.outputs import Owner, guard_folder, staging_path
 from tests.test_hostile_input import REPO, assert_user_error, run
 
@@ -26,8 +29,150 @@ def _env() -> dict[str, str]:
     return env
 
 
+def start(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    """``robustkit ARGS`` started in ``cwd``, not waited for."""
+    return subprocess.Popen([sys.executable, "-m", "robustkit", *args], cwd=cwd, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
+    stdout, stderr = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 def _entries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
+
+
+# --------------------------------------------------------------------------- 2: two writers
+
+
+BUSY = "is being written by another robustkit process (pid "
+
+
+def test_a_second_writer_is_refused_until_the_first_lets_go(tmp_path: Path) -> None:
+    folder = tmp_path / "out"
+    with outputs.writing([(folder, "--out")]):
+        assert outputs.lock_path(folder).is_file()
+        with pytest.raises(RobustkitError) as caught, outputs.writing([(folder, "--out")]):
+            pass  # pragma: no cover
+        assert str(caught.value) == (f"{folder} {BUSY}{os.getpid()}); wait for it or choose "
+                                     "another --out")
+        assert not folder.exists()  # the refused writer touched nothing
+    assert not outputs.lock_path(folder).exists()  # the lock file goes with the lock
+    with outputs.writing([(folder, "--runs")]):
+        pass
+
+
+def test_a_lock_dies_with_its_process_and_a_stale_lock_file_blocks_nothing(tmp_path: Path
+                                                                           ) -> None:
+    folder = tmp_path / "out"
+    outputs.lock_path(folder).write_text("12345\n")  # left by a process killed long ago
+    with outputs.writing([(folder, "--out")]):
+        pass
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from pathlib import Path
+            from robustkit.outputs import writing
+            with writing([(Path({str(folder)!r}), "--out")]):
+                print("held", flush=True)
+                time.sleep(600)
+        """)], env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(RobustkitError, match=re.escape(f"{BUSY}{holder.pid})")), \
+                outputs.writing([(folder, "--out")]):
+            pass  # pragma: no cover
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert outputs.lock_path(folder).exists()  # a SIGKILL leaves the file, but not the lock
+    with outputs.writing([(folder, "--out")]):
+        pass
+
+
+TINY = """
+name = "tiny"
+seed = 0
+device = "cpu"
+[data]
+val_size = 59000
+[model]
+arch = "softmax"
+[train]
+epochs = 1
+lr = 0.1
+[[attacks]]
+name = "fgsm"
+[[attacks]]
+name = "pgd"
+steps = 5
+[evaluate]
+eps = [0.0, 0.1, 0.2]
+n = 300
+"""
+
+NET = """
+import torch
+
+
+def net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+"""
+
+
+def _two_at_once(tmp_path: Path, args: list[str]) -> tuple[subprocess.CompletedProcess[str],
+                                                           subprocess.CompletedProcess[str]]:
+    """Start ``robustkit ARGS`` twice at the same moment; the finished (winner, loser)."""
+    first, second = start(*args, cwd=tmp_path), start(*args, cwd=tmp_path)
+    results = sorted((finish(first), finish(second)), key=lambda r: r.returncode)
+    assert [r.returncode for r in results] == [0, 2], [r.stderr for r in results]
+    return results[0], results[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["run", "attack"])
+def test_two_commands_into_one_folder_at_once(tmp_path: Path, mnist_root: Path,
+                                              command: str) -> None:
+    (tmp_path / "tiny.toml").write_text(TINY)
+    (tmp_path / "tinynet.py").write_text(NET)
+    args = (["run", "tiny.toml", "--out", "o", "-q"] if command == "run" else
+            ["attack", "--model", "tinynet:net", "--attack", "fgsm,pgd", "--steps", "5",
+             "--eps", "0,0.1,0.2", "--n", "300", "--out", "o", "-q"])
+    winner, loser = _two_at_once(tmp_path, args)
+    assert "error:" not in winner.stderr, winner.stderr
+    assert_user_error(loser, f"o {BUSY}", "wait for it or choose another --out")
+    folder = tmp_path / "o"
+    for name in ("results.csv", "per_sample.csv", "timings.csv", "checks.csv",
+                 "settings.json", "manifest.json", "report.html", "report.md"):
+        assert (folder / name).is_file(), (name, _entries(folder))
+    if command == "run":
+        assert (folder / "model.safetensors").is_file()
+    assert not staging_path(folder).exists() and not outputs.lock_path(folder).exists()
+    assert not any(p.name.startswith(".") for p in folder.iterdir()), _entries(folder)
+    again = run(*args, cwd=tmp_path)  # the same command again: no --overwrite needed
+    assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "run", "report"])
+def test_every_writing_command_waits_for_no_one(tmp_path: Path, command: str) -> None:
+    """``train`` (its checkpoint folder), ``run`` (its report folder, then each seed's
+    checkpoint folder under --runs) and ``report`` are refused while another process writes
+    there, before they touch anything."""
+    (tmp_path / "tiny.toml").write_text(TINY)
+    (tmp_path / "src").mkdir()
+    held, flag, args = {
+        "train": (tmp_path / "ckpt", "--out", ["train", "tiny.toml", "--out", "ckpt", "-q"]),
+        "run": (tmp_path / "runs" / "tiny" / "seed-0", "--runs", ["run", "tiny.toml", "-q"]),
+        "report": (tmp_path / "rep", "--out", ["report", "src", "--out", "rep"]),
+    }[command]
+    with outputs.writing([(held, flag)]):
+        refused = run(*args, cwd=tmp_path)
+    assert_user_error(refused, f"{held.relative_to(tmp_path)} {BUSY}{os.getpid()}); wait for it "
+                      f"or choose another {flag}")
+    assert _entries(tmp_path) == ["src", "tiny.toml"]  # nothing written, the lock file gone
 
 
 # --------------------------------------------------------------------------- 3: kill at a write
@@ -114,7 +259,6 @@ def small_npz(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> Pat
 DRIVER = """
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -220,28 +364,6 @@ def _limit_file_size(limit: int) -> Callable[[], None]:
 def _tree(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-TINY = """
-name = "tiny"
-seed = 0
-device = "cpu"
-[data]
-val_size = 59000
-[model]
-arch = "softmax"
-[train]
-epochs = 1
-lr = 0.1
-[[attacks]]
-name = "fgsm"
-[[attacks]]
-name = "pgd"
-steps = 5
-[evaluate]
-eps = [0.0, 0.1, 0.2]
-n = 300
-"""
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from robustkit.outputs import (
     staging_path,
     swap_in,
     version_change,
+    writing,
 )
 from robustkit.reporting import figures, tables
 from robustkit.reporting.load import RunData, load_runs
@@ -615,23 +616,24 @@ def publish_report(run_dirs: list[Path], out_dir: Path, *, title: str | None = N
     ``out_dir`` is one of ``run_dirs`` (its own report rebuilt: the run's files are carried
     over), or a report folder owned by the same sources (replaced), or new; anything else
     (another experiment's results or report, files robustkit did not write) is refused unless
-    ``overwrite``. A failure (a full disk, Ctrl-C) leaves the old report and no staging
-    folder.
+    ``overwrite``. Another robustkit process writing ``out_dir`` is refused before anything is
+    read. A failure (a full disk, Ctrl-C) leaves the old report and no staging folder.
     Returns the paths written and the line saying what was replaced, if any.
     """
     run_dirs = [Path(p) for p in run_dirs]
     refuse_working_folder(out_dir)
-    in_place = any(d.resolve() == out_dir.resolve() for d in run_dirs)
-    for d in run_dirs:
-        load_runs([d])  # every source readable before anything is written
-    line = None if in_place else guard_folder(
-        out_dir, Owner("report", ", ".join(_sources(run_dirs))), overwrite,
-        lambda held: f"the same sources, {version_change(held.manifest)}")
-    work = staging_path(out_dir)
-    with _removed_on_failure(work, out_dir):
-        prepare_staging(out_dir)
-        paths = _stage_report(run_dirs, out_dir, work, title, in_place)
-        swap_in(work, out_dir)
+    with writing([(out_dir, "--out")]):  # one writer of the folder, for the whole job
+        in_place = any(d.resolve() == out_dir.resolve() for d in run_dirs)
+        for d in run_dirs:
+            load_runs([d])  # every source readable before anything is written
+        line = None if in_place else guard_folder(
+            out_dir, Owner("report", ", ".join(_sources(run_dirs))), overwrite,
+            lambda held: f"the same sources, {version_change(held.manifest)}")
+        work = staging_path(out_dir)
+        with _removed_on_failure(work, out_dir):
+            prepare_staging(out_dir)
+            paths = _stage_report(run_dirs, out_dir, work, title, in_place)
+            swap_in(work, out_dir)
     return {kind: out_dir / path.relative_to(work) for kind, path in paths.items()}, line
 
 
