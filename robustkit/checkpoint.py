@@ -2,8 +2,11 @@
 
 A checkpoint named ``model`` is two files, ``model.safetensors`` (the state dict) and
 ``model.json`` (architecture, resolved config, metrics, seed, versions, device). Every write
-goes to a temporary file in the same folder and is renamed into place, so an interrupted
-write never leaves a half-written checkpoint behind.
+goes to a temporary file in the same folder, named by robustkit (``.NAME.XXXXXXXX.tmp``), and
+is renamed into place, so an interrupted write never leaves a half-written checkpoint behind,
+and what a killed write leaves is recognised as scratch and removed (:func:`remove_leftovers`).
+Tensors are serialised in memory and written the same way (safetensors' own ``save_file``
+writes through a temporary file of its own naming, which a kill would leave unrecognised).
 
 Resume state (optimizer, scheduler, RNG states, epoch, step) is kept the same way: tensors in
 ``state.safetensors``, everything else in ``state.json``.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -22,12 +26,16 @@ from typing import IO, Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from robustkit.errors import RobustkitError
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".bin", ".ckpt"}
+#: Temporary files of atomic writes: robustkit's ``.NAME.XXXXXXXX.tmp``, and the
+#: ``.tmpXXXXXX`` of safetensors' ``save_file``, which robustkit used before it wrote
+#: checkpoints itself (so a folder a killed older version left resumes too).
+TEMPORARY = re.compile(r"\..+\.tmp|\.tmp[A-Za-z0-9]{6}")
 
 
 def _umask() -> int:
@@ -44,20 +52,49 @@ def atomic_path(path: Path) -> Iterator[Path]:
     private 0600 of the temporary file, so colleagues can read shared results.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _naming(exc, path, str(exc.filename)) from None
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk: name the file, not its temporary stand-in
+        raise _naming(exc, path, tmp) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Writes to ``path`` in the block: an ``OSError`` that names no file (a failed write, a
+    full disk) is raised again naming ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        raise _naming(exc, path, str(path)) from None
+
+
+def _naming(exc: OSError, path: Path, tmp: str) -> OSError:
+    """``exc`` naming ``path`` when it named no file or the temporary ``tmp`` (a write that
+    failed reports no file name; the temporary file's is robustkit's business)."""
+    if exc.filename is not None and str(exc.filename) != tmp:
+        return exc
+    return OSError(exc.errno, exc.strerror or str(exc), str(path))
+
+
 def write_atomic(path: Path, write: Callable[[IO[str]], object]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         write(handle)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically; an ``OSError`` names ``path``."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -70,15 +107,10 @@ def write_json(path: Path, data: Any) -> None:
 
 def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None
                  ) -> None:
+    """Write ``tensors`` as a safetensors file, atomically (see :func:`write_bytes`): the
+    only temporary file is robustkit's own, so a killed write leaves nothing unrecognised."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        try:
-            save_file(cpu, str(tmp), metadata=metadata)
-        except SafetensorError as exc:  # safetensors reports a full disk as its own error
-            raise RobustkitError(
-                f"cannot write {path} ({str(exc).splitlines()[0][:200]}): check the folder is "
-                "writable and has free space, or choose another --out"
-            ) from None
+    write_bytes(path, save(cpu, metadata=metadata))
 
 
 def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, Tensor]:
@@ -215,15 +247,14 @@ def load_state(folder: Path) -> dict[str, Any] | None:
 
 def remove_leftovers(folder: Path) -> None:
     """Remove what a killed process left in ``folder``: temporary files of atomic writes
-    (``.NAME.*.tmp``) and resume tensors that ``state.json`` does not name."""
+    (:data:`TEMPORARY`) and resume tensors that ``state.json`` does not name."""
     if not folder.is_dir():
         return
     current = _state_tensor_file(folder)
     for path in folder.iterdir():
         orphan_state = (path.name.startswith("state-") and path.suffix == ".safetensors"
                         and path.name != current)
-        temporary = path.name.startswith(".") and path.name.endswith(".tmp")
-        if (orphan_state or temporary) and path.is_file():
+        if (orphan_state or TEMPORARY.fullmatch(path.name)) and path.is_file():
             path.unlink(missing_ok=True)
 
 

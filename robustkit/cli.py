@@ -124,6 +124,7 @@ def train(
         config_file_label,
         guard_folder,
         refuse_working_folder,
+        writing,
     )
     from robustkit.training import train as train_model
 
@@ -142,25 +143,26 @@ def train(
         return out_dir / f"seed-{seed}" if len(cfg.all_seeds) > 1 else out_dir
 
     targets = {seed: seed_folder(seed) for seed in cfg.all_seeds}
-    replacing = distributed.on_main(lambda: [  # before any work; train() resumes or restarts
-        guard_folder(t, owner, overwrite, announce_same=False) for t in targets.values()], dist)
-    for line in replacing:
-        if line and distributed.is_main():
-            _log(line)
-    for seed in cfg.all_seeds:
-        target = targets[seed]
-        result = train_model(cfg, out_dir=target, seed=seed, device=target_device,
-                             progress=not quiet, resume=not fresh, log=_log, dist=dist)
-        if not distributed.is_main():
-            continue
-        final = result.metrics.iloc[-1]
-        best = result.metrics.loc[result.metrics["epoch"] == _best_epoch(result.best)]
-        out.print(result.metrics.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        out.print(f"seed {seed}: test accuracy {final['test_acc']:.4f} after "
-                  f"{int(final['epoch'])} epochs in {result.seconds:.1f} s; best checkpoint "
-                  f"(epoch {int(best['epoch'].iloc[0])}) at {result.best}.safetensors")
-        for note in result.warnings:
-            err.print(f"warning: {note}")
+    with writing([(t, "--out") for t in targets.values()], dist):  # one writer at a time
+        replacing = distributed.on_main(lambda: [  # before any work; train() resumes or restarts
+            guard_folder(t, owner, overwrite, announce_same=False) for t in targets.values()], dist)
+        for line in replacing:
+            if line and distributed.is_main():
+                _log(line)
+        for seed in cfg.all_seeds:
+            target = targets[seed]
+            result = train_model(cfg, out_dir=target, seed=seed, device=target_device,
+                                 progress=not quiet, resume=not fresh, log=_log, dist=dist)
+            if not distributed.is_main():
+                continue
+            final = result.metrics.iloc[-1]
+            best = result.metrics.loc[result.metrics["epoch"] == _best_epoch(result.best)]
+            out.print(result.metrics.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+            out.print(f"seed {seed}: test accuracy {final['test_acc']:.4f} after "
+                      f"{int(final['epoch'])} epochs in {result.seconds:.1f} s; best checkpoint "
+                      f"(epoch {int(best['epoch'].iloc[0])}) at {result.best}.safetensors")
+            for note in result.warnings:
+                err.print(f"warning: {note}")
 
 
 def _data_overrides(set_: list[str] | None, data_dir: Path | None, data_source: str | None,

@@ -13,6 +13,10 @@ sources) and, for configs, the config file. Before any work, :func:`guard_folder
 Reports are built in a staging folder beside the target (``.NAME.partial``, which also holds a
 resumable sweep state) and swapped in by one atomic rename (``renameat2(RENAME_EXCHANGE)`` on
 Linux), so a killed process leaves the old report or the new one, never a mix.
+
+One process at a time writes a folder: :func:`writing` holds an advisory lock (``flock`` on
+``.NAME.lock`` beside it) for the whole job, taken before anything is read or written, so a
+second robustkit process aiming at the same folder is refused before it touches anything.
 """
 
 from __future__ import annotations
@@ -24,11 +28,15 @@ import re
 import shlex
 import shutil
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from robustkit.checkpoint import TEMPORARY
+from robustkit.distributed import Context, on_main
 from robustkit.errors import RobustkitError
 from robustkit.runtime import git_commit
 from robustkit.version import __version__
@@ -38,13 +46,18 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+if sys.platform != "win32":
+    import fcntl
+
 MANIFEST = "manifest.json"
 STAGING_SUFFIX = ".partial"
 OLD_SUFFIX = ".old"
+LOCK_SUFFIX = ".lock"
 #: Files a report-only folder (``robustkit report --out``) holds.
 REPORT_ENTRIES = frozenset({"report.html", "report.md", "figures", "tables", MANIFEST})
-#: robustkit's own scratch entries: never a reason to refuse a folder.
-SCRATCH = re.compile(r"^(sweep-state|\..+\.tmp)$")
+#: robustkit's own scratch entries (sweep state, temporary files of atomic writes, the locks of
+#: sub-folders): never a reason to refuse a folder.
+SCRATCH = re.compile(rf"^(sweep-state|\..+\{LOCK_SUFFIX}|{TEMPORARY.pattern})$")
 #: What a training folder holds before its manifest exists (a run killed before its end).
 TRAINING_ENTRIES = re.compile(r"^(config\.toml|metrics\.csv|model-(best|last)\.(json|safetensors)"
                               r"|state\.json|state-.+\.safetensors)$")
@@ -268,6 +281,107 @@ def hash_change(what: str, old: str | None, new: str, rehashed: str | None = Non
         return (f"{what} {old} → {new} (the same settings: the recorded config hashes to {new} "
                 "under this version)")
     return f"{what} {old} → {new}"
+
+
+# --------------------------------------------------------------------------- one writer at a time
+
+
+def lock_path(folder: Path) -> Path:
+    """The lock file of ``folder``: ``.NAME.lock`` beside it (beside its staging folder)."""
+    folder = folder.resolve()
+    return folder.parent / f".{folder.name}{LOCK_SUFFIX}"
+
+
+@contextmanager
+def writing(folders: Sequence[tuple[Path, str]], dist: Context | None = None) -> Iterator[None]:
+    """Hold the right to write each ``(folder, flag)`` (and its staging folder) for the block.
+
+    Each folder's lock is an exclusive ``flock`` on :func:`lock_path`, taken in order before
+    anything of the folder is read or written; under torchrun rank 0 alone holds them. When
+    another process holds one, :class:`RobustkitError` names its pid and ``flag`` (the option
+    that chose the folder) on every rank, and nothing is touched. The lock dies with its
+    process, so a killed run blocks nothing (its leftover file is taken over); a released lock
+    removes its file.
+    """
+    distinct: dict[Path, tuple[Path, str]] = {}
+    for folder, flag in folders:
+        distinct.setdefault(lock_path(folder), (folder, flag))  # each folder once, in order
+    with ExitStack() as held:
+        for folder, flag in distinct.values():
+            def take(folder: Path = folder, flag: str = flag) -> None:
+                held.enter_context(_folder_lock(folder, flag))
+
+            on_main(take, dist)
+        yield
+
+
+@contextmanager
+def _folder_lock(folder: Path, flag: str) -> Iterator[None]:
+    """Hold ``folder``'s lock for the block; the folders made for its lock file go with it
+    when nothing else came into them (a refused writer leaves no empty ``reports/``)."""
+    if sys.platform == "win32":  # pragma: no cover  (no flock: one writer is the user's care)
+        yield
+        return
+    path = lock_path(folder)
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    try:
+        fd = _take_lock(path, folder, flag)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while still locked: a waiting opener sees it gone
+            os.close(fd)
+    finally:
+        for made in created:
+            try:
+                made.rmdir()
+            except OSError:
+                break
+
+
+def _take_lock(path: Path, folder: Path, flag: str) -> int:
+    """Open and lock ``path``; retry when its holder removed it (or its folder) between our
+    open and lock."""
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_pid(fd)
+            os.close(fd)
+            pid = f" (pid {holder})" if holder else ""
+            raise RobustkitError(f"{folder} is being written by another robustkit process{pid}; "
+                                 f"wait for it or choose another {flag}") from None
+        if _is_current(fd, path):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+
+
+def _holder_pid(fd: int) -> str | None:
+    """The pid the holder of the lock file ``fd`` wrote into it (it writes it just after
+    locking, so an instant's wait covers a lock taken a moment ago); None when unreadable."""
+    for _ in range(10):
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text.isdigit():
+            return text
+        time.sleep(0.01)
+    return None
+
+
+def _is_current(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the one at ``path`` (not removed or replaced)."""
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (on_disk.st_dev, on_disk.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 # --------------------------------------------------------------------------- staging and swap

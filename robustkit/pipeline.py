@@ -57,6 +57,7 @@ from robustkit.outputs import (
     staging_path,
     swap_in,
     version_change,
+    writing,
 )
 from robustkit.physical import (
     build_defence,
@@ -163,66 +164,67 @@ def attack_model(
     main = dist is None or dist.is_main
     if not main:
         echo = log = _silent
-    stats = parse_normalize(normalize) if normalize else None
-    net, info = load_model(model, weights=weights, device=target, normalize=stats,
-                           trust=trust_model_file, app_dir=app_dir, output=output)
-    data = distributed.local_first(lambda: load_data(
-        data_source, dataset=dataset, data_dir=data_dir, device=target, val_size=0,
-        parts=("test",), resize=resize, limit=n), dist)  # the test split, its first n images
-    split = data.test.take(n)
-    num_classes = _model_width(net, split) or max(2, len(data.classes))
-    check_logits(net, split.images[:8], num_classes)
-    _check_labels(split, num_classes, data.name, model)
-    data = _named_up_to(data, num_classes)
-    mismatch = [info["release_mismatch"]] if info.get("release_mismatch") else []
-    for warning in mismatch:
-        log(f"warning: {warning}")
-    net = build_defence(net, defence)  # after the checks a random defence would fail
     name = model_name(model)
     folder = out_dir or Path("runs") / f"attack-{name}"
-    owner = _attack_owner(model)
-    settings = _attack_settings(info, data, split, attacks, eps, weights=weights,
-                                normalize=normalize, seed=seed, target=target,
-                                batch_size=batch_size, defence=defence, transforms=transforms)
-    fingerprint = settings_fingerprint(settings)
     refuse_working_folder(folder)
-    replacing = distributed.on_main(lambda: guard_folder(
-        folder, owner, overwrite, lambda held: _settings_changes(held, folder, fingerprint)),
-        dist)
-    work = distributed.on_main(lambda: prepare_staging(folder, _keep_sweep(folder, [None])),
-                               dist)
-    manifest = {**_attack_manifest(owner, info, data, split, target, seed),
-                "checks": checks_level}
-    evaluation = _user_model_stage(model, "the sweep", work, lambda: evaluate_to_folder(
-        net, split, attacks, eps, out_dir=work, settings=settings, manifest=manifest,
-        model_name=name, batch_size=batch_size, seed=seed, progress=progress, dist=dist,
-        transform=build_transform(transforms), log=log,
-    ))
-    warnings = clean_accuracy_warnings(evaluation.results, data.name, normalize)
-    reporting = report and main  # checks and report: rank 0 only
-    checks, outputs = None, {"folder": str(folder)}
-    if reporting:
-        checks = _user_model_stage(model, "the sanity checks", work, lambda: _after_evaluation(
-            net, split, evaluation, settings, work, seed=seed, reference=None, log=log,
-            progress=progress, shown=folder, level=checks_level))
-        evaluation = _flag_unreliable(work, evaluation, checks, settings)
-        _user_model_stage(model, "the physical-world evaluation", work, lambda: _physical(
-            net, split, attacks, transforms, eps, work, batch_size=batch_size, seed=seed,
-            progress=progress, log=log, shown=folder))
-    echo(f"robust accuracy of {name} on {len(split)} {data.name} test images:")
-    echo(accuracy_table(evaluation.results,
-                        _unreliable(work, evaluation.results, settings) if main else None))
-    for note in evaluation.notes:
-        echo(f"note: {note}")
-    if reporting:
-        outputs.update(_report_folders(work, [work], name, log, shown_as=folder))
-        for line in verdict_lines(checks, checks_level):
-            echo(line)
-    if main:
-        finish_sweep(work)
-        swap_in(work, folder)
-        if replacing:
-            log(replacing)
+    with writing([(folder, "--out")], dist):  # one writer of the folder, for the whole job
+        stats = parse_normalize(normalize) if normalize else None
+        net, info = load_model(model, weights=weights, device=target, normalize=stats,
+                               trust=trust_model_file, app_dir=app_dir, output=output)
+        data = distributed.local_first(lambda: load_data(
+            data_source, dataset=dataset, data_dir=data_dir, device=target, val_size=0,
+            parts=("test",), resize=resize, limit=n), dist)  # the test split, its first n images
+        split = data.test.take(n)
+        num_classes = _model_width(net, split) or max(2, len(data.classes))
+        check_logits(net, split.images[:8], num_classes)
+        _check_labels(split, num_classes, data.name, model)
+        data = _named_up_to(data, num_classes)
+        mismatch = [info["release_mismatch"]] if info.get("release_mismatch") else []
+        for warning in mismatch:
+            log(f"warning: {warning}")
+        net = build_defence(net, defence)  # after the checks a random defence would fail
+        owner = _attack_owner(model)
+        settings = _attack_settings(info, data, split, attacks, eps, weights=weights,
+                                    normalize=normalize, seed=seed, target=target,
+                                    batch_size=batch_size, defence=defence, transforms=transforms)
+        fingerprint = settings_fingerprint(settings)
+        replacing = distributed.on_main(lambda: guard_folder(
+            folder, owner, overwrite, lambda held: _settings_changes(held, folder, fingerprint)),
+            dist)
+        work = distributed.on_main(lambda: prepare_staging(folder, _keep_sweep(folder, [None])),
+                                   dist)
+        manifest = {**_attack_manifest(owner, info, data, split, target, seed),
+                    "checks": checks_level}
+        evaluation = _user_model_stage(model, "the sweep", work, lambda: evaluate_to_folder(
+            net, split, attacks, eps, out_dir=work, settings=settings, manifest=manifest,
+            model_name=name, batch_size=batch_size, seed=seed, progress=progress, dist=dist,
+            transform=build_transform(transforms), log=log,
+        ))
+        warnings = clean_accuracy_warnings(evaluation.results, data.name, normalize)
+        reporting = report and main  # checks and report: rank 0 only
+        checks, outputs = None, {"folder": str(folder)}
+        if reporting:
+            checks = _user_model_stage(model, "the sanity checks", work, lambda: _after_evaluation(
+                net, split, evaluation, settings, work, seed=seed, reference=None, log=log,
+                progress=progress, shown=folder, level=checks_level))
+            evaluation = _flag_unreliable(work, evaluation, checks, settings)
+            _user_model_stage(model, "the physical-world evaluation", work, lambda: _physical(
+                net, split, attacks, transforms, eps, work, batch_size=batch_size, seed=seed,
+                progress=progress, log=log, shown=folder))
+        echo(f"robust accuracy of {name} on {len(split)} {data.name} test images:")
+        echo(accuracy_table(evaluation.results,
+                            _unreliable(work, evaluation.results, settings) if main else None))
+        for note in evaluation.notes:
+            echo(f"note: {note}")
+        if reporting:
+            outputs.update(_report_folders(work, [work], name, log, shown_as=folder))
+            for line in verdict_lines(checks, checks_level):
+                echo(line)
+        if main:
+            finish_sweep(work)
+            swap_in(work, folder)
+            if replacing:
+                log(replacing)
     for warning in warnings:
         log(f"warning: {warning}")
     outputs.update(_result_files(folder))
@@ -478,20 +480,23 @@ def run_experiment(
     owner = Owner("run", cfg.name, config_file)
     several = len(cfg.all_seeds) > 1
     refuse_working_folder(folder)
-    replacing = distributed.on_main(
-        lambda: _guard_run(cfg, folder, owner, runs_dir, config_file, overwrite), dist)
-    data = distributed.local_first(lambda: load_configured(cfg.data, target),
-                                   dist)  # one download per node at most
-    split = (data.test if cfg.evaluate.split == "test" else data.val).take(cfg.evaluate.n)
-    seed_dirs = [f"seed-{s}" for s in cfg.all_seeds] if several else [None]
-    work = distributed.on_main(lambda: prepare_staging(folder, _keep_sweep(folder, seed_dirs)),
-                               dist)
-    run = _Run(cfg=cfg, target=target, dist=dist, main=main, several=several, data=data,
-               split=split, folder=folder, work=work, owner=owner, runs_dir=runs_dir,
-               retrain=retrain, progress=progress, echo=echo, log=log)
-    evaluations = {seed: _run_seed(run, seed) for seed in cfg.all_seeds}
-    if main:
-        _finish_run(run, evaluations, replacing)
+    locks = [(folder, "--out"), *((checkpoint_folder(runs_dir, cfg.name, seed), "--runs")
+                                  for seed in cfg.all_seeds)]
+    with writing(locks, dist):  # one writer of the report and checkpoint folders at a time
+        replacing = distributed.on_main(
+            lambda: _guard_run(cfg, folder, owner, runs_dir, config_file, overwrite), dist)
+        data = distributed.local_first(lambda: load_configured(cfg.data, target),
+                                       dist)  # one download per node at most
+        split = (data.test if cfg.evaluate.split == "test" else data.val).take(cfg.evaluate.n)
+        seed_dirs = [f"seed-{s}" for s in cfg.all_seeds] if several else [None]
+        work = distributed.on_main(
+            lambda: prepare_staging(folder, _keep_sweep(folder, seed_dirs)), dist)
+        run = _Run(cfg=cfg, target=target, dist=dist, main=main, several=several, data=data,
+                   split=split, folder=folder, work=work, owner=owner, runs_dir=runs_dir,
+                   retrain=retrain, progress=progress, echo=echo, log=log)
+        evaluations = {seed: _run_seed(run, seed) for seed in cfg.all_seeds}
+        if main:
+            _finish_run(run, evaluations, replacing)
     return evaluations
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import math
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from robustkit.checkpoint import write_json, write_text
+from robustkit.checkpoint import naming, write_json, write_text
 from robustkit.data import DATASETS
 from robustkit.errors import RobustkitError
 from robustkit.outputs import (
@@ -20,8 +22,10 @@ from robustkit.outputs import (
     guard_folder,
     prepare_staging,
     refuse_working_folder,
+    staging_path,
     swap_in,
     version_change,
+    writing,
 )
 from robustkit.reporting import figures, tables
 from robustkit.reporting.load import RunData, load_runs
@@ -602,14 +606,16 @@ def build_report(run_dirs: list[Path], out_dir: Path, title: str | None = None,
         for section in present:
             for block in section.blocks:
                 if isinstance(block, FigureBlock):
-                    (figure_dir / block.name).write_bytes(block.png)
+                    with naming(figure_dir / block.name):  # a failed write names the file
+                        (figure_dir / block.name).write_bytes(block.png)
                     written_figures.add(block.name)
         written_tables = set()
         for name, frame in csvs.items():
             if frame.empty:
                 continue
             path = table_dir / f"{name}.csv"
-            frame.to_csv(path, index=name.startswith("confusion-"))
+            with naming(path):
+                frame.to_csv(path, index=name.startswith("confusion-"))
             written_tables.add(path.name)
         _clean_stale(figure_dir, OUR_FIGURES, written_figures)
         _clean_stale(table_dir, OUR_TABLES, written_tables)
@@ -617,9 +623,7 @@ def build_report(run_dirs: list[Path], out_dir: Path, title: str | None = None,
         write_text(html_path, to_html(title, intro, present, footer))
         write_text(md_path, to_markdown(title, intro, present, footer, FIGURE_DIR))
     except OSError as exc:
-        raise RobustkitError(
-            f"cannot write the report into {out_dir} ({exc}): choose a writable folder"
-        ) from None
+        raise _cannot_write(exc, out_dir, shown) from None
     return {"html": html_path, "markdown": md_path, "figures": figure_dir, "tables": table_dir}
 
 
@@ -630,33 +634,71 @@ def publish_report(run_dirs: list[Path], out_dir: Path, *, title: str | None = N
     ``out_dir`` is one of ``run_dirs`` (its own report rebuilt: the run's files are carried
     over), or a report folder owned by the same sources (replaced), or new; anything else
     (another experiment's results or report, files robustkit did not write) is refused unless
-    ``overwrite``. Returns the paths written and the line saying what was replaced, if any.
+    ``overwrite``. Another robustkit process writing ``out_dir`` is refused before anything is
+    read. A failure (a full disk, Ctrl-C) leaves the old report and no staging folder.
+    Returns the paths written and the line saying what was replaced, if any.
     """
     run_dirs = [Path(p) for p in run_dirs]
     refuse_working_folder(out_dir)
-    in_place = any(d.resolve() == out_dir.resolve() for d in run_dirs)
-    for d in run_dirs:
-        load_runs([d])  # every source readable before anything is written
-    line = None
+    with writing([(out_dir, "--out")]):  # one writer of the folder, for the whole job
+        in_place = any(d.resolve() == out_dir.resolve() for d in run_dirs)
+        for d in run_dirs:
+            load_runs([d])  # every source readable before anything is written
+        line = None if in_place else guard_folder(
+            out_dir, Owner("report", ", ".join(_sources(run_dirs))), overwrite,
+            lambda held: f"the same sources, {version_change(held.manifest)}")
+        work = staging_path(out_dir)
+        with _removed_on_failure(work, out_dir):
+            prepare_staging(out_dir)
+            paths = _stage_report(run_dirs, out_dir, work, title, in_place)
+            swap_in(work, out_dir)
+    return {kind: out_dir / path.relative_to(work) for kind, path in paths.items()}, line
+
+
+def _sources(run_dirs: list[Path]) -> list[str]:
+    """A report's sources as its manifest and owner record them."""
+    return sorted(config_file_label(d) for d in run_dirs)
+
+
+def _stage_report(run_dirs: list[Path], out_dir: Path, work: Path, title: str | None,
+                  in_place: bool) -> dict[str, Path]:
+    """Build in the staging folder ``work`` the report ``out_dir`` becomes: a copy of the run
+    folder rebuilt in place, or a report folder with its manifest."""
     if in_place:
-        work = prepare_staging(out_dir)
         shutil.copytree(out_dir, work, symlinks=True, dirs_exist_ok=True)
     else:
-        sources = sorted(config_file_label(d) for d in run_dirs)
-        owner = Owner("report", ", ".join(sources))
-        line = guard_folder(out_dir, owner, overwrite,
-                            lambda held: f"the same sources, {version_change(held.manifest)}")
-        work = prepare_staging(out_dir)
+        sources = _sources(run_dirs)
         write_json(work / "manifest.json", {
-            "command": "report", "owner": owner.record(), "sources": sources,
-            "robustkit": __version__, "git_commit": git_commit(), "date": now_iso(),
-            "command_line": command_line()})
+            "command": "report", "owner": Owner("report", ", ".join(sources)).record(),
+            "sources": sources, "robustkit": __version__, "git_commit": git_commit(),
+            "date": now_iso(), "command_line": command_line()})
     sources_now = [work if d.resolve() == out_dir.resolve() else d for d in run_dirs]
+    return build_report(sources_now, work, title=title, shown_as=out_dir)
+
+
+@contextmanager
+def _removed_on_failure(work: Path, shown: Path) -> Iterator[None]:
+    """Remove the staging folder ``work`` when the block fails; a failed write becomes one
+    :class:`RobustkitError` line naming the file as ``shown`` would hold it."""
     try:
-        paths = build_report(sources_now, work, title=title, shown_as=out_dir)
-        swap_in(work, out_dir)
+        yield
     except OSError as exc:
-        raise RobustkitError(
-            f"cannot write the report into {out_dir} ({exc}): choose a writable folder"
-        ) from None
-    return {kind: out_dir / path.relative_to(work) for kind, path in paths.items()}, line
+        shutil.rmtree(work, ignore_errors=True)
+        raise _cannot_write(exc, work, shown) from None
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _cannot_write(exc: OSError, work: Path, shown: Path) -> RobustkitError:
+    """A failed write into the staging folder ``work`` as one line naming the file as it
+    would have been named in ``shown`` (``shutil.copytree`` reports its first failure)."""
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list):
+        _, target, reason = exc.args[0][0]
+        path, why = Path(target), re.sub(r"^\[Errno \d+\] |: '.*$", "", str(reason))
+    else:
+        path, why = Path(str(exc.filename or work)), exc.strerror or str(exc)
+    with suppress(ValueError):  # a file outside the staging folder keeps its name
+        path = shown / path.resolve().relative_to(work.resolve())
+    return RobustkitError(f"cannot write {path} ({why}): check the folder is writable and has "
+                          "free space, or choose another --out")
