@@ -143,3 +143,41 @@ def test_certified_samples_resist_the_attack() -> None:
     broken = pgd(model, x, y, eps=eps, steps=50, generator=torch.Generator().manual_seed(0)
                  ).success
     assert not bool((certified & broken).any())
+
+
+def test_certify_command_brackets_the_attack(tmp_path: object, mnist_root: object) -> None:
+    """``robustkit certify`` on the released MLP: certified accuracy never above PGD's robust
+    accuracy on the same images, clean accuracy at ε = 0, and one-line errors."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from robustkit.config import AttackConfig
+    from robustkit.evaluation import evaluate
+    from robustkit.models import load_model
+    from robustkit.sources import load_data
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, "-m", "robustkit", "certify", "--model",
+                           "zoo:mnist_mlp", "--eps", "0,0.01,0.02", "--n", "100", "--json"],
+                          capture_output=True, text=True, env=env, cwd=repo, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    model, _ = load_model("zoo:mnist_mlp")
+    split = load_data(None, val_size=0, parts=("test",)).test.take(100)
+    attacked = evaluate(model, split, [AttackConfig(name="pgd", steps=40)], [0.0, 0.01, 0.02])
+    accuracy = dict(zip(attacked.results["eps"], attacked.results["accuracy"], strict=True))
+    for row in rows:
+        assert row["accuracy"] <= accuracy[row["eps"]] + 1e-12, row
+    assert {r["accuracy"] for r in rows if r["eps"] == 0} == {accuracy[0.0]}
+    refused = subprocess.run([sys.executable, "-m", "robustkit", "certify", "--model",
+                              "zoo:mnist_cnn", "--eps", "0.01", "--n", "5", "--method",
+                              "crown"], capture_output=True, text=True, env=env, cwd=repo,
+                             timeout=300)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == ("error: CROWN does not cover MaxPool2d: use the IBP bound "
+                                      "for this model (--method ibp), or pool with AvgPool2d "
+                                      "or a strided convolution")

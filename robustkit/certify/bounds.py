@@ -221,8 +221,8 @@ def backward_bound(steps: Sequence[nn.Module], shapes: Sequence[Sequence[int]],
             lambda_, intercept = _relax(lambda_, lo, hi)
         elif isinstance(step, nn.MaxPool2d):
             raise RobustkitError("CROWN does not cover MaxPool2d: use the IBP bound for this "
-                                 "model (certify = [\"ibp\"]), or pool with AvgPool2d or a "
-                                 "strided convolution")
+                                 "model (--method ibp), or pool with AvgPool2d or a strided "
+                                 "convolution")
         else:
             lambda_, intercept = _vjp(step, shape, lambda_)
         beta = beta + intercept
