@@ -291,3 +291,34 @@ def test_attack_reads_only_the_test_files(linear_model: Path, mnist_root: Path,
     refused = run("train", "experiments/mnist_softmax.toml", "--data-dir", str(tmp_path),
                   "--out", str(tmp_path / "t"), "-q")
     assert refused.returncode == 2 and "truncated or corrupt" in refused.stderr
+
+
+@pytest.mark.parametrize("written", ["mnist", "MNIST"])
+def test_a_folder_named_like_a_builtin_data_set_does_not_hijack_it(
+        tmp_path: Path, mnist_root: Path, written: str) -> None:
+    """A `mnist/` folder in the working folder: the default data (and `--data mnist`) stay the
+    built-in MNIST; only a path the user writes (`./mnist`) names the folder."""
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "notes.txt").write_text("not an image")
+    options = ["--model", "zoo:mnist_softmax", "--attack", "fgsm", "--eps", "0,0.1", "--n", "20",
+               "-q"]
+    default = run("attack", *options, "--out", "default", cwd=tmp_path)
+    assert default.returncode == 0, default.stderr
+    named = run("attack", *options, "--data", written, "--out", "named", cwd=tmp_path)
+    assert named.returncode == 0, named.stderr
+    for out in ("default", "named"):
+        settings = json.loads((tmp_path / out / "settings.json").read_text())
+        assert settings["dataset"] == "mnist" and settings["n"] == 20
+    as_folder = run("attack", *options, "--data", "./mnist", "--out", "folder", cwd=tmp_path)
+    assert as_folder.returncode == 2
+    assert as_folder.stderr.startswith("error: ") and "class folders" in as_folder.stderr, \
+        as_folder.stderr
+
+
+def test_builtin_names_and_written_paths() -> None:
+    from robustkit.sources import builtin_name
+
+    assert builtin_name("mnist") == "mnist" and builtin_name(" CIFAR10 ") == "cifar10"
+    assert builtin_name("fashion-mnist") == "fashion-mnist"
+    for path in ("./mnist", "data/mnist", "/abs/mnist", "mnist/", "my.npz", "digits"):
+        assert builtin_name(path) is None, path
