@@ -503,7 +503,8 @@ def run(
 def zoo(
     reports: Annotated[Optional[Path], typer.Option("--reports", help="Folder of reports (default: ./reports, then the checkout's).")] = None,  # noqa: E501, UP045
 ) -> None:
-    """List the released models: reports that carry the weights they evaluated (zoo:NAME)."""
+    """List the released models: one row per set of weights, with its strongest figure."""
+    from robustkit.catalogue import listing
     from robustkit.released import list_released, zoo_roots
 
     roots = [reports] if reports is not None else zoo_roots()
@@ -512,17 +513,8 @@ def zoo(
         out.print(f"no released weights in {', '.join(str(r) for r in roots)}: a report "
                   "carries them once robustkit run has written model.safetensors into it")
         return
-    out.print(f"{'name':<28} {'arch':<12} {'dataset':<14} {'training':<14} {'clean':>7} "
-              f"{'robust':>16} {'size':>8}  weights", highlight=False)
-    for r in found:
-        training = r.method + (f" ε={r.train_eps:g}" if r.train_eps is not None else "")
-        clean = f"{r.clean:.2%}" if r.clean is not None else "?"
-        robust = (f"{r.robust:.2%} @ ε={r.robust_eps:g}" if r.robust is not None else "?")
-        weights = f"{r.path}" + ("  MODIFIED: not the weights its report measured"
-                                 if r.modified else "")
-        out.print(f"{'zoo:' + r.name:<28} {r.arch:<12} {r.dataset:<14} {training:<14} "
-                  f"{clean:>7} {robust:>16} {r.size_bytes / 1e6:>6.2f}MB  {weights}",
-                  highlight=False, soft_wrap=True)
+    for line in listing(found):
+        out.print(line, highlight=False, soft_wrap=True)
 
 
 @app.command(epilog=_examples(
