@@ -133,6 +133,7 @@ def train(
         refuse_working_folder,
     )
     from robustkit.training import train as train_model
+    from robustkit.training.loop import metrics_text
 
     cfg = load_config(config, _data_overrides(set_, data_dir, data_source, resize, app_dir))
     folder = out_dir or Path("runs") / cfg.name
@@ -162,7 +163,7 @@ def train(
             continue
         final = result.metrics.iloc[-1]
         best = result.metrics.loc[result.metrics["epoch"] == _best_epoch(result.best)]
-        out.print(result.metrics.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        out.print(metrics_text(result.metrics))
         out.print(f"seed {seed}: test accuracy {final['test_acc']:.4f} after "
                   f"{int(final['epoch'])} epochs in {result.seconds:.1f} s; best checkpoint "
                   f"(epoch {int(best['epoch'].iloc[0])}) at {result.best}.safetensors")

@@ -322,3 +322,51 @@ def test_builtin_names_and_written_paths() -> None:
     assert builtin_name("fashion-mnist") == "fashion-mnist"
     for path in ("./mnist", "data/mnist", "/abs/mnist", "mnist/", "my.npz", "digits"):
         assert builtin_name(path) is None, path
+
+
+@pytest.mark.parametrize(("checks", "verdict"), [
+    ("quick", r"checks \(quick\): \d+ pass, \d+ warn, \d+ fail"),
+    ("off", r"no checks ran \(--checks off\)"),
+])
+def test_attack_prints_the_headline_first(linear_model: Path, tmp_path: Path, mnist_root: Path,
+                                          checks: str, verdict: str) -> None:
+    """The terminal opens with the report's headline: robust accuracy at the largest ε with its
+    interval, the strongest attack, clean accuracy and the checks' verdict."""
+    import re
+
+    import pandas as pd
+
+    out = tmp_path / "out"
+    result = run("attack", "--model", str(linear_model), "--attack", "fgsm,pgd", "--steps", "3",
+                 "--eps", "0,0.1", "--n", "30", "-q", "--checks", checks, "--out", str(out),
+                 "--trust-model-file")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    results = pd.read_csv(out / "results.csv")
+    worst = results[(results["attack"] == "any") & (results["eps"] == 0.1)].iloc[0]
+    clean = results[(results["attack"] == "any") & (results["eps"] == 0)].iloc[0]
+    strongest = results[(results["attack"] != "any") & (results["eps"] == 0.1)].sort_values(
+        "accuracy", kind="stable").iloc[0]["attack"]
+    head = (f"linear: robust accuracy {worst['accuracy']:.2%} [{worst['ci_low']:.2%}, "
+            f"{worst['ci_high']:.2%}] at ε = 0.1 (worst case of fgsm, pgd3; strongest "
+            f"{strongest}) · clean {clean['accuracy']:.2%} · 30 images · ")
+    assert text.startswith(head), text[:400]
+    assert re.match(verdict, text[len(head):]), text[:400]
+    assert text.index(head) < text.index("robust accuracy of linear on 30")
+    report = (out / "report.md").read_text()
+    assert report.split("\n\n")[1].startswith(f"**linear**: {head[len('linear: '):]}")
+
+
+def test_training_console_formats_rates_and_seconds() -> None:
+    import pandas as pd
+
+    from robustkit.training.loop import epoch_line, metrics_text
+
+    row = {"epoch": 1, "lr": 0.0, "train_loss": 0.29045988, "train_acc": 0.91549,
+           "val_acc": 0.9512, "test_acc": 0.9563, "seconds": 57.9433}
+    assert epoch_line(row) == ("epoch 1 · lr at end 0 · train_loss 0.2905 · train_acc 0.9155 · "
+                               "val_acc 0.9512 · test_acc 0.9563 · 57.9 s")
+    assert "lr at end 1.71e-08" in epoch_line({**row, "lr": 1.7106296765648377e-08})
+    table = metrics_text(pd.DataFrame([row, {**row, "epoch": 2, "lr": 0.05}]))
+    assert "57.9" in table and "57.9433" not in table and "0.0000" not in table
+    assert "0.05" in table and "0.2905" in table
