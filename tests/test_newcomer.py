@@ -93,13 +93,16 @@ def test_example_figures_never_repeat_a_smaller_eps_pictures(tmp_path: Path) -> 
 
 
 class RecordingBar:
-    """Stands in for robustkit.progress.Bar and records every advance."""
+    """Stands in for robustkit.progress.Bar and records every advance and resize."""
 
     made: ClassVar[list[RecordingBar]] = []
 
-    def __init__(self, title: str, total: int, enabled: bool = True) -> None:
-        self.title, self.total, self.enabled = title, total, enabled
+    def __init__(self, title: str, total: int, enabled: bool = True, counts: bool = True
+                 ) -> None:
+        self.title, self.total, self.enabled, self.counts = title, total, enabled, counts
+        self.done = 0
         self.steps: list[tuple[int, str | None]] = []
+        self.totals = [total]
         RecordingBar.made.append(self)
 
     def __enter__(self) -> RecordingBar:
@@ -109,7 +112,19 @@ class RecordingBar:
         return None
 
     def advance(self, steps: int = 1, info: str | None = None) -> None:
+        steps = max(0, min(steps, self.total - self.done))  # as Bar clips
+        self.done += steps
         self.steps.append((steps, info))
+
+    def resize(self, total: int) -> None:
+        self.total = max(total, self.done)
+        self.totals.append(self.total)
+
+    def note(self, line: str) -> None:
+        return None
+
+    def pulse(self) -> None:
+        return None
 
 
 def _linear_split(n: int = 30) -> tuple[torch.nn.Module, Split]:
@@ -121,24 +136,25 @@ def _linear_split(n: int = 30) -> tuple[torch.nn.Module, Split]:
     return model, Split(x, y)
 
 
-def test_sweep_progress_advances_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sweep_progress_advances_within_cells(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One bar per attack, measured in forward passes against each cell's budget: it moves
+    inside a cell (per forward pass), names each ε as it ends, and ends full."""
     import robustkit.evaluation as evaluation
     from robustkit.config import AttackConfig
 
     monkeypatch.setattr(evaluation, "Bar", RecordingBar)
     RecordingBar.made = []
     model, split = _linear_split(30)
-    evaluation.evaluate(model, split, [AttackConfig(name="pgd", steps=3)], [0, 0.05, 0.5],
-                        batch_size=10, progress=True)
+    attack = AttackConfig(name="pgd", steps=3)
+    evaluation.evaluate(model, split, [attack], [0, 0.05, 0.5], batch_size=10, progress=True)
     (bar,) = RecordingBar.made
-    assert bar.enabled and bar.total == 2 * 30  # samples × ε attacked
-    # ε = 0.05: all 30 samples, three batches of 10, nothing spared
-    assert bar.steps[:4] == [(10, "ε=0.05")] * 3 + [(0, "ε=0.05")]
-    # ε = 0.5: the samples still robust, per batch; the spared ones when the ε ends
-    later = bar.steps[4:]
-    assert all(info == "ε=0.5" for _, info in later)
-    assert all(step <= 10 for step, _ in later[:-1]) and len(later) >= 2
-    assert sum(step for step, _ in bar.steps) == bar.total
+    assert bar.enabled and not bar.counts  # a share of the estimated work, not a count
+    assert bar.totals[0] == 2 * 30 * evaluation.pass_budget(attack)  # ε attacked × samples
+    assert [info for _, info in bar.steps if info] == ["ε=0.05", "ε=0.5"]
+    first_cell = next(i for i, (_, info) in enumerate(bar.steps) if info)
+    assert first_cell >= 3  # moved before the cell ended
+    assert bar.totals[-1] < bar.totals[0]  # ε = 0.5 attacks only the samples still robust
+    assert bar.done == bar.total == sum(step for step, _ in bar.steps)
 
 
 def test_checks_show_a_progress_bar(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,8 +170,10 @@ def test_checks_show_a_progress_bar(monkeypatch: pytest.MonkeyPatch) -> None:
     frame = checks.run_checks(model, split, ev.results, {
         "eps": [0, 0.1, 0.3], "attacks": [to_dict(a) for a in attacks]}, n=30, progress=True)
     (bar,) = RecordingBar.made
-    assert bar.enabled and bar.total == len(bar.steps) >= 5
-    assert [info for _, info in bar.steps] == list(frame["name"])[-len(bar.steps):]
+    named = [info for _, info in bar.steps if info]  # each probing check, as it starts
+    assert bar.enabled and bar.total == len(named) >= 5 and bar.done == bar.total
+    names = list(frame["name"])
+    assert [names.index(n) for n in named] == sorted(names.index(n) for n in named)
 
 
 NOISY = """
