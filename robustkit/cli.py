@@ -89,8 +89,10 @@ def _log(message: str) -> None:
 
 
 def _echo(message: str) -> None:
-    """Results for stdout, printed as they are (the consoles take no rich markup)."""
-    out.print(message)
+    """Results for stdout, printed as they are (the consoles take no rich markup) and never
+    broken into lines by rich: a headline or a check's verdict stays one line for grep and
+    scripts, and the terminal wraps it for the eye."""
+    out.print(message, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
