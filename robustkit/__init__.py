@@ -1,12 +1,14 @@
 """robustkit: evaluate and improve the adversarial robustness of PyTorch image classifiers.
 
-The public API, for notebooks and scripts::
+The public API, for notebooks and scripts (runs as written in a clone, with the MNIST files
+in ``$ROBUSTKIT_DATA``; ``zoo:mnist_cnn`` is the weights released with ``reports/mnist_cnn``)::
 
     import robustkit as rk
     data = rk.load_dataset("mnist")        # or rk.load_data("cifar10" | "my.npz" | "my_images/")
-    model, _ = rk.load_model("runs/mnist_cnn/model-best.safetensors")
-    ev = rk.evaluate(model, data.test, [rk.AttackConfig(name="pgd")], eps=[0, 0.1, 0.3])
-    ev.results, ev.per_sample
+    model, _ = rk.load_model("zoo:mnist_cnn")
+    test = data.test.take(100)             # the first 100 test images
+    ev = rk.evaluate(model, test, [rk.AttackConfig(name="pgd", steps=20)], eps=[0, 0.1, 0.2])
+    print(ev.results)                      # accuracy and its 95% interval per attack and ε
 """
 
 from __future__ import annotations

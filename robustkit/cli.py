@@ -78,13 +78,22 @@ AppDirOption = Annotated[Optional[Path], _shared_option("--app-dir")]  # noqa: U
 DataDirOption = Annotated[Optional[Path], _shared_option("--data-dir")]  # noqa: UP045
 
 
+def _examples(*commands: str) -> str:
+    """A command's ``--help`` epilog: one ``Example: …`` paragraph per command line. Each runs
+    as written in a fresh clone with MNIST in $ROBUSTKIT_DATA, on released weights (zoo:NAME,
+    reports/NAME/model.safetensors) and small sizes: tests/test_help_examples.py runs them."""
+    return "\n\n".join(f"Example: {command}" for command in commands)
+
+
 def _log(message: str) -> None:
     err.print(message, soft_wrap=True)  # one message, one line
 
 
 def _echo(message: str) -> None:
-    """Results for stdout, printed as they are (the consoles take no rich markup)."""
-    out.print(message)
+    """Results for stdout, printed as they are (the consoles take no rich markup) and never
+    broken into lines by rich: a headline or a check's verdict stays one line for grep and
+    scripts, and the terminal wraps it for the eye."""
+    out.print(message, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -102,7 +111,8 @@ def _root(
     """Evaluate and improve the adversarial robustness of PyTorch image classifiers."""
 
 
-@app.command(epilog="Example: robustkit train experiments/mnist_mlp.toml --set train.epochs=2")
+@app.command(epilog=_examples(
+    "robustkit train experiments/mnist_mlp.toml --set train.epochs=1"))
 def train(
     config: Annotated[Path, typer.Argument(help="Experiment TOML file (see experiments/).")],
     set_: SetOption = None,
@@ -127,6 +137,7 @@ def train(
         writing,
     )
     from robustkit.training import train as train_model
+    from robustkit.training.loop import metrics_text
 
     cfg = load_config(config, _data_overrides(set_, data_dir, data_source, resize, app_dir))
     folder = out_dir or Path("runs") / cfg.name
@@ -157,7 +168,7 @@ def train(
                 continue
             final = result.metrics.iloc[-1]
             best = result.metrics.loc[result.metrics["epoch"] == _best_epoch(result.best)]
-            out.print(result.metrics.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+            out.print(metrics_text(result.metrics))
             out.print(f"seed {seed}: test accuracy {final['test_acc']:.4f} after "
                       f"{int(final['epoch'])} epochs in {result.seconds:.1f} s; best checkpoint "
                       f"(epoch {int(best['epoch'].iloc[0])}) at {result.best}.safetensors")
@@ -200,7 +211,7 @@ def _best_epoch(stem: Path) -> int:
     return int(read_sidecar(stem)["epoch"])
 
 
-@app.command(epilog="Example: robustkit data --dataset mnist --data-dir ../shared/data/mnist")
+@app.command(epilog=_examples("robustkit data --dataset mnist"))
 def data(
     dataset: Annotated[str, typer.Option("--dataset", help="mnist or fashion-mnist.")] = "mnist",
     data_source: DataOption = None,
@@ -341,10 +352,10 @@ def _checks_level(text: str, fail_on_check: bool) -> ChecksLevel:
     return text
 
 
-@app.command(epilog=(
-    "Example: robustkit attack --model runs/mnist_cnn/model-best.safetensors "
-    "--attack fgsm,pgd --eps 0,0.1,0.2,0.3 --n 1000"
-))
+@app.command(epilog=_examples(
+    "robustkit attack --model zoo:mnist_cnn --attack fgsm,pgd --eps 0,0.1,0.2,0.3 --n 200",
+    "robustkit attack --model reports/mnist_cnn_pgd_at/model.safetensors --attack apgd "
+    "--eps 0,0.3 --n 200"))
 def attack(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint (e.g. reports/NAME/model.safetensors), zoo:NAME, TorchScript, .pt2, or package.module:factory.")],  # noqa: E501
     attack_names: Annotated[str, typer.Option("--attack", help=f"Comma-separated attacks ({', '.join(declared_attacks())}) or a preset: standard = fgsm + autoattack; apgd-ce-margin = APGD-100 CE and margin (cheaper); fgsm-pgd = FGSM and PGD-40 (quick, overstates robustness).")] = "standard",  # noqa: E501
@@ -452,7 +463,7 @@ def _flush_c_stdio() -> None:
         ctypes.CDLL(None).fflush(None)
 
 
-@app.command(epilog="Example: robustkit run experiments/quickstart.toml")
+@app.command(epilog=_examples("robustkit run experiments/quickstart.toml"))
 def run(
     config: Annotated[Path, typer.Argument(help="Experiment TOML file (see experiments/).")],
     set_: SetOption = None,
@@ -484,11 +495,12 @@ def run(
                    echo=_echo, log=_log)
 
 
-@app.command(epilog="Example: robustkit zoo; robustkit attack --model zoo:mnist_cnn --eps 0,0.3")
+@app.command(epilog=_examples("robustkit zoo"))
 def zoo(
     reports: Annotated[Optional[Path], typer.Option("--reports", help="Folder of reports (default: ./reports, then the checkout's).")] = None,  # noqa: E501, UP045
 ) -> None:
-    """List the released models: reports that carry the weights they evaluated (zoo:NAME)."""
+    """List the released models: one row per set of weights, with its strongest figure."""
+    from robustkit.catalogue import listing
     from robustkit.released import list_released, zoo_roots
 
     roots = [reports] if reports is not None else zoo_roots()
@@ -497,20 +509,11 @@ def zoo(
         out.print(f"no released weights in {', '.join(str(r) for r in roots)}: a report "
                   "carries them once robustkit run has written model.safetensors into it")
         return
-    out.print(f"{'name':<28} {'arch':<12} {'dataset':<14} {'training':<14} {'clean':>7} "
-              f"{'robust':>16} {'size':>8}  weights", highlight=False)
-    for r in found:
-        training = r.method + (f" ε={r.train_eps:g}" if r.train_eps is not None else "")
-        clean = f"{r.clean:.2%}" if r.clean is not None else "?"
-        robust = (f"{r.robust:.2%} @ ε={r.robust_eps:g}" if r.robust is not None else "?")
-        weights = f"{r.path}" + ("  MODIFIED: not the weights its report measured"
-                                 if r.modified else "")
-        out.print(f"{'zoo:' + r.name:<28} {r.arch:<12} {r.dataset:<14} {training:<14} "
-                  f"{clean:>7} {robust:>16} {r.size_bytes / 1e6:>6.2f}MB  {weights}",
-                  highlight=False, soft_wrap=True)
+    for line in listing(found):
+        out.print(line, highlight=False, soft_wrap=True)
 
 
-@app.command(epilog="Example: robustkit certify --model zoo:mnist_mlp --eps 0,0.01,0.02 --n 100")
+@app.command(epilog=_examples("robustkit certify --model zoo:mnist_mlp --eps 0,0.01,0.02 --n 100"))
 def certify(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint, zoo:NAME, or package.module:factory with --weights.")],  # noqa: E501
     eps: Annotated[str, typer.Option("--eps", help="Comma-separated L∞ budgets in [0,1] pixel units.")] = "0,0.1,0.3",  # noqa: E501
@@ -551,7 +554,8 @@ def certify(
               f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]  {row['seconds']:.1f} s")
 
 
-@app.command(epilog="Example: robustkit report reports/mnist_mlp reports/mnist_cnn --out reports/compare")  # noqa: E501
+@app.command(epilog=_examples(
+    "robustkit report reports/mnist_mlp reports/mnist_cnn --out reports/compare"))
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Evaluation folders to put on one report.")],  # noqa: E501
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default: the only RUN_DIR).")] = None,  # noqa: E501, UP045

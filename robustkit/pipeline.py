@@ -68,6 +68,7 @@ from robustkit.physical import (
 )
 from robustkit.released import WEIGHTS_STEM, ZOO_PREFIX, release_weights, weights_provenance
 from robustkit.reporting import add_probabilities, build_report
+from robustkit.reporting.headline import headlines, verdict
 from robustkit.results import UNRELIABLE_COLUMN, result_types
 from robustkit.runs import (
     STATE_DIR,
@@ -112,6 +113,13 @@ def accuracy_table(results: Any, unreliable: dict[str, str] | None = None) -> st
         for eps, v in column.items()])
     reasons = sorted(set(unreliable.values()))
     return str(text.to_string()) + f"\n{UNRELIABLE}: {'; '.join(reasons)} (see checks.csv)"
+
+
+def headline_lines(results: Any, checks: Any, level: ChecksLevel,
+                   unreliable: dict[str, str] | None) -> list[str]:
+    """The headline printed above the results table, one line per model
+    (:mod:`robustkit.reporting.headline`, as the report opens with it)."""
+    return [f"{h.model}: {h.text()}" for h in headlines(results, checks, level, unreliable)]
 
 
 def _unreliable(folder: Path, results: Any, settings: dict[str, Any]) -> dict[str, str]:
@@ -211,9 +219,11 @@ def attack_model(
             _user_model_stage(model, "the physical-world evaluation", work, lambda: _physical(
                 net, split, attacks, transforms, eps, work, batch_size=batch_size, seed=seed,
                 progress=progress, log=log, shown=folder))
+        unreliable = _unreliable(work, evaluation.results, settings) if main else None
+        for line in headline_lines(evaluation.results, checks, checks_level, unreliable):
+            echo(line)
         echo(f"robust accuracy of {name} on {len(split)} {data.name} test images:")
-        echo(accuracy_table(evaluation.results,
-                            _unreliable(work, evaluation.results, settings) if main else None))
+        echo(accuracy_table(evaluation.results, unreliable))
         for note in evaluation.notes:
             echo(f"note: {note}")
         if reporting:
@@ -414,10 +424,7 @@ def verdict_lines(checks: Any, level: ChecksLevel = "full") -> list[str]:
         return [NO_CHECKS]
     if checks is None or len(checks) == 0:
         return []
-    counts = {status: int((checks["status"] == status).sum()) for status in ("pass", "warn",
-                                                                            "fail")}
-    head = "checks" if level == "full" else f"checks ({level})"
-    lines = [f"{head}: {counts['pass']} pass, {counts['warn']} warn, {counts['fail']} fail"]
+    lines = [verdict(checks, level)]
     for _, row in checks[checks["status"] != "pass"].iterrows():
         lines.append(f"  {row['status']}: {row['name']}: {row['detail']}")
     if len(lines) > 1:
@@ -561,10 +568,12 @@ def _run_seed(run: _Run, seed: int) -> Evaluation:
     if run.main:
         checks = _after_seed_sweep(run, model, evaluation, settings, ckpt_dir, best, eval_dir)
         evaluation = _flag_unreliable(eval_dir, evaluation, checks, settings)
+    unreliable = _unreliable(eval_dir, evaluation.results, settings) if run.main else None
+    for line in headline_lines(evaluation.results, checks, cfg.evaluate.checks, unreliable):
+        run.echo(line)
     run.echo(f"{cfg.name} seed {seed}: robust accuracy on {len(run.split)} "
              f"{cfg.evaluate.split} images")
-    run.echo(accuracy_table(evaluation.results, _unreliable(eval_dir, evaluation.results, settings)
-                            if run.main else None))
+    run.echo(accuracy_table(evaluation.results, unreliable))
     for line in verdict_lines(checks, cfg.evaluate.checks):
         run.echo(line)
     return evaluation

@@ -15,7 +15,6 @@ the current folder, then under the checkout robustkit runs from (an editable ins
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import shutil
@@ -109,7 +108,9 @@ def zoo_roots() -> list[Path]:
 
 @dataclass(frozen=True)
 class Released:
-    """One released model: its short name, weights file and what its report says about it."""
+    """One released model: its short name, weights file and training; ``sha256`` is the
+    weights file's now, ``modified`` whether it differs from the one its report recorded.
+    What its report measured is :mod:`robustkit.catalogue`'s to read."""
 
     name: str
     path: Path
@@ -117,31 +118,14 @@ class Released:
     dataset: str
     method: str
     train_eps: float | None
-    clean: float | None
-    robust: float | None
-    robust_eps: float | None
     size_bytes: int
+    sha256: str
     modified: bool = False
 
 
-def _report_figures(folder: Path) -> tuple[float | None, float | None, float | None]:
-    """(clean accuracy, worst-case accuracy at the largest ε, that ε) from results.csv."""
-    path = folder / "results.csv"
-    if not path.is_file():
-        return None, None, None
-    with open(path, encoding="utf-8", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows:
-        return None, None, None
-    eps_max = max(float(r["eps"]) for r in rows)
-    clean = [float(r["accuracy"]) for r in rows if float(r["eps"]) == 0]
-    at_max = [float(r["accuracy"]) for r in rows if float(r["eps"]) == eps_max]
-    return (min(clean) if clean else None, min(at_max) if at_max and eps_max > 0 else None,
-            eps_max if eps_max > 0 else None)
-
-
 def _training(folder: Path) -> tuple[str, float | None]:
-    """(training method, training ε) from the report's config.toml."""
+    """(training method, training ε: None for standard training) from the report's
+    config.toml; ("", None) when it has none."""
     try:
         config = tomllib.loads((folder / "config.toml").read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
@@ -149,7 +133,7 @@ def _training(folder: Path) -> tuple[str, float | None]:
     train: dict[str, Any] = config.get("train", {})
     method = str(train.get("method", "standard"))
     eps = train.get("adversarial", {}).get("eps") if method != "standard" else None
-    return method, float(eps) if eps is not None else None
+    return method, float(eps) if isinstance(eps, (int, float)) else None
 
 
 def list_released(roots: list[Path] | None = None) -> list[Released]:
@@ -168,10 +152,9 @@ def list_released(roots: list[Path] | None = None) -> list[Released]:
             except RobustkitError:
                 continue
             method, train_eps = _training(folder)
-            clean, robust, robust_eps = _report_figures(folder)
             found[name] = Released(name, weights, str(info.get("arch", "?")),
-                                   str(info.get("dataset", "?")), method, train_eps, clean,
-                                   robust, robust_eps, weights.stat().st_size,
+                                   str(info.get("dataset", "?")), method, train_eps,
+                                   weights.stat().st_size, file_sha256(weights),
                                    release_mismatch(weights) is not None)
     return sorted(found.values(), key=lambda r: r.name)
 

@@ -13,6 +13,9 @@ A source is one of
 * an image folder in torchvision's ``ImageFolder`` layout: ``class_name/*.png|jpg|…`` (one split)
   or ``train/class_name/…`` + ``test/class_name/…`` (``val/`` is accepted for ``test/``).
 
+A built-in name is the built-in set even where the current folder holds a folder of that name
+(``mnist/``): only a path the user writes (``./mnist``, ``data/mnist``) names a folder.
+
 Images become float32 ``[N, C, H, W]`` in [0, 1], whatever their layout (N×C×H×W, N×H×W×C or
 N×H×W) and type (uint8 0–255, float already in [0, 1], bfloat16 included; 16-bit grey images in
 a folder are scaled by 65535); ε therefore stays in pixel units. Images are resized only when
@@ -100,8 +103,9 @@ def load_data(
     """
     name = (source or dataset).strip()
     size = _resize_shape(resize)
-    if name.lower() in DATASETS and not Path(name).exists():
-        data = load_dataset(name.lower(), data_dir, device, val_size=val_size,
+    builtin = builtin_name(name)
+    if builtin in DATASETS:
+        data = load_dataset(builtin, data_dir, device, val_size=val_size,
                             split_seed=split_seed, parts=parts)
         return data if size is None else _resized(data, size)
     (splits, named, digest), kind, path = _read_source(name, data_dir, size, parts, limit)
@@ -119,22 +123,37 @@ def load_data(
 _Read = tuple[dict[str, tuple[np.ndarray, np.ndarray]], tuple[str, ...], str]
 
 
+def builtin_name(source: str) -> str | None:
+    """The built-in data set ``source`` names (lower case), or None for a path.
+
+    A bare name of a built-in set (``mnist``, ``fashion-mnist``, ``cifar10``, …, any case)
+    always means that set, even when the current folder holds a folder or file of that name;
+    a path the user writes (``./mnist``, ``data/mnist``, ``/abs/mnist``, ``~/mnist``) means
+    the folder or file."""
+    name = source.strip().lower()
+    if "/" in name or os.sep in name:
+        return None
+    return name if name in DATASETS or name in TORCHVISION else None
+
+
 def _read_source(name: str, data_dir: str | Path | None, size: tuple[int, int] | None,
                  parts: tuple[str, ...], limit: int | None) -> tuple[_Read, str, Path]:
-    """Read a source other than the built-in sets: what its reader found, the kind of source
-    (for the provenance) and the path it goes by. An array file is recognised by its suffix
-    or by being a file, then an image folder, then a torchvision name; anything else is a user
-    error listing the choices. The test split is cut to its first ``limit`` images."""
+    """Read a source other than the built-in IDX sets: what its reader found, the kind of
+    source (for the provenance) and the path it goes by. A torchvision name
+    (:func:`builtin_name`) is that data set; otherwise an array file is recognised by its
+    suffix or by being a file, then an image folder; anything else is a user error listing
+    the choices. The test split is cut to its first ``limit`` images."""
+    builtin = builtin_name(name)
+    if builtin in TORCHVISION:
+        splits, classes, digest = _read_torchvision(builtin, data_dir)
+        test_x, test_y = splits["test"]
+        splits["test"] = (test_x[:limit], test_y[:limit])
+        return (splits, classes, digest), "torchvision", Path(builtin)
     path = Path(name).expanduser()
     if path.suffix.lower() in ARRAY_SUFFIXES or path.is_file():
         return _read_arrays(path, parts, limit), "array file", path
     if path.is_dir():
         return _read_folder(path, size, limit), "image folder", path
-    if name.lower() in TORCHVISION:
-        splits, classes, digest = _read_torchvision(name.lower(), data_dir)
-        test_x, test_y = splits["test"]
-        splits["test"] = (test_x[:limit], test_y[:limit])
-        return (splits, classes, digest), "torchvision", Path(name.lower())
     raise RobustkitError(f"data source {name!r} not found: pass {CHOICES}")
 
 

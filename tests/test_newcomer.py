@@ -93,13 +93,16 @@ def test_example_figures_never_repeat_a_smaller_eps_pictures(tmp_path: Path) -> 
 
 
 class RecordingBar:
-    """Stands in for robustkit.progress.Bar and records every advance."""
+    """Stands in for robustkit.progress.Bar and records every advance and resize."""
 
     made: ClassVar[list[RecordingBar]] = []
 
-    def __init__(self, title: str, total: int, enabled: bool = True) -> None:
-        self.title, self.total, self.enabled = title, total, enabled
+    def __init__(self, title: str, total: int, enabled: bool = True, counts: bool = True
+                 ) -> None:
+        self.title, self.total, self.enabled, self.counts = title, total, enabled, counts
+        self.done = 0
         self.steps: list[tuple[int, str | None]] = []
+        self.totals = [total]
         RecordingBar.made.append(self)
 
     def __enter__(self) -> RecordingBar:
@@ -109,7 +112,19 @@ class RecordingBar:
         return None
 
     def advance(self, steps: int = 1, info: str | None = None) -> None:
+        steps = max(0, min(steps, self.total - self.done))  # as Bar clips
+        self.done += steps
         self.steps.append((steps, info))
+
+    def resize(self, total: int) -> None:
+        self.total = max(total, self.done)
+        self.totals.append(self.total)
+
+    def note(self, line: str) -> None:
+        return None
+
+    def pulse(self) -> None:
+        return None
 
 
 def _linear_split(n: int = 30) -> tuple[torch.nn.Module, Split]:
@@ -121,24 +136,26 @@ def _linear_split(n: int = 30) -> tuple[torch.nn.Module, Split]:
     return model, Split(x, y)
 
 
-def test_sweep_progress_advances_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sweep_progress_advances_within_cells(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One bar per attack, measured in forward passes against each cell's budget: it moves
+    inside a cell (per forward pass), names each ε as it ends, and ends full."""
     import robustkit.evaluation as evaluation
+    from robustkit.attacks.registry import pass_budget
     from robustkit.config import AttackConfig
 
     monkeypatch.setattr(evaluation, "Bar", RecordingBar)
     RecordingBar.made = []
     model, split = _linear_split(30)
-    evaluation.evaluate(model, split, [AttackConfig(name="pgd", steps=3)], [0, 0.05, 0.5],
-                        batch_size=10, progress=True)
+    attack = AttackConfig(name="pgd", steps=3)
+    evaluation.evaluate(model, split, [attack], [0, 0.05, 0.5], batch_size=10, progress=True)
     (bar,) = RecordingBar.made
-    assert bar.enabled and bar.total == 2 * 30  # samples × ε attacked
-    # ε = 0.05: all 30 samples, three batches of 10, nothing spared
-    assert bar.steps[:4] == [(10, "ε=0.05")] * 3 + [(0, "ε=0.05")]
-    # ε = 0.5: the samples still robust, per batch; the spared ones when the ε ends
-    later = bar.steps[4:]
-    assert all(info == "ε=0.5" for _, info in later)
-    assert all(step <= 10 for step, _ in later[:-1]) and len(later) >= 2
-    assert sum(step for step, _ in bar.steps) == bar.total
+    assert bar.enabled and not bar.counts  # a share of the estimated work, not a count
+    assert bar.totals[0] == 2 * 30 * pass_budget(attack)  # ε attacked × samples
+    assert [info for _, info in bar.steps if info] == ["ε=0.05", "ε=0.5"]
+    first_cell = next(i for i, (_, info) in enumerate(bar.steps) if info)
+    assert first_cell >= 3  # moved before the cell ended
+    assert bar.totals[-1] < bar.totals[0]  # ε = 0.5 attacks only the samples still robust
+    assert bar.done == bar.total == sum(step for step, _ in bar.steps)
 
 
 def test_checks_show_a_progress_bar(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,8 +171,10 @@ def test_checks_show_a_progress_bar(monkeypatch: pytest.MonkeyPatch) -> None:
     frame = checks.run_checks(model, split, ev.results, {
         "eps": [0, 0.1, 0.3], "attacks": [to_dict(a) for a in attacks]}, n=30, progress=True)
     (bar,) = RecordingBar.made
-    assert bar.enabled and bar.total == len(bar.steps) >= 5
-    assert [info for _, info in bar.steps] == list(frame["name"])[-len(bar.steps):]
+    named = [info for _, info in bar.steps if info]  # each probing check, as it starts
+    assert bar.enabled and bar.total == len(named) >= 5 and bar.done == bar.total
+    names = list(frame["name"])
+    assert [names.index(n) for n in named] == sorted(names.index(n) for n in named)
 
 
 NOISY = """
@@ -302,3 +321,82 @@ def test_attack_reads_only_the_test_files(linear_model: Path, mnist_root: Path,
     refused = run("train", "experiments/mnist_softmax.toml", "--data-dir", str(tmp_path),
                   "--out", str(tmp_path / "t"), "-q")
     assert refused.returncode == 2 and "truncated or corrupt" in refused.stderr
+
+
+@pytest.mark.parametrize("written", ["mnist", "MNIST"])
+def test_a_folder_named_like_a_builtin_data_set_does_not_hijack_it(
+        tmp_path: Path, mnist_root: Path, written: str) -> None:
+    """A `mnist/` folder in the working folder: the default data (and `--data mnist`) stay the
+    built-in MNIST; only a path the user writes (`./mnist`) names the folder."""
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "notes.txt").write_text("not an image")
+    options = ["--model", "zoo:mnist_softmax", "--attack", "fgsm", "--eps", "0,0.1", "--n", "20",
+               "-q"]
+    default = run("attack", *options, "--out", "default", cwd=tmp_path)
+    assert default.returncode == 0, default.stderr
+    named = run("attack", *options, "--data", written, "--out", "named", cwd=tmp_path)
+    assert named.returncode == 0, named.stderr
+    for out in ("default", "named"):
+        settings = json.loads((tmp_path / out / "settings.json").read_text())
+        assert settings["dataset"] == "mnist" and settings["n"] == 20
+    as_folder = run("attack", *options, "--data", "./mnist", "--out", "folder", cwd=tmp_path)
+    assert as_folder.returncode == 2
+    assert as_folder.stderr.startswith("error: ") and "class folders" in as_folder.stderr, \
+        as_folder.stderr
+
+
+def test_builtin_names_and_written_paths() -> None:
+    from robustkit.sources import builtin_name
+
+    assert builtin_name("mnist") == "mnist" and builtin_name(" CIFAR10 ") == "cifar10"
+    assert builtin_name("fashion-mnist") == "fashion-mnist"
+    for path in ("./mnist", "data/mnist", "/abs/mnist", "mnist/", "my.npz", "digits"):
+        assert builtin_name(path) is None, path
+
+
+@pytest.mark.parametrize(("checks", "verdict"), [
+    ("quick", r"checks \(quick\): \d+ pass, \d+ warn, \d+ fail"),
+    ("off", r"no checks ran \(--checks off\)"),
+])
+def test_attack_prints_the_headline_first(linear_model: Path, tmp_path: Path, mnist_root: Path,
+                                          checks: str, verdict: str) -> None:
+    """The terminal opens with the report's headline: robust accuracy at the largest ε with its
+    interval, the strongest attack, clean accuracy and the checks' verdict."""
+    import re
+
+    import pandas as pd
+
+    out = tmp_path / "out"
+    result = run("attack", "--model", str(linear_model), "--attack", "fgsm,pgd", "--steps", "3",
+                 "--eps", "0,0.1", "--n", "30", "-q", "--checks", checks, "--out", str(out),
+                 "--trust-model-file")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    results = pd.read_csv(out / "results.csv")
+    worst = results[(results["attack"] == "any") & (results["eps"] == 0.1)].iloc[0]
+    clean = results[(results["attack"] == "any") & (results["eps"] == 0)].iloc[0]
+    strongest = results[(results["attack"] != "any") & (results["eps"] == 0.1)].sort_values(
+        "accuracy", kind="stable").iloc[0]["attack"]
+    head = (f"linear: robust accuracy {worst['accuracy']:.2%} [{worst['ci_low']:.2%}, "
+            f"{worst['ci_high']:.2%}] at ε = 0.1 (worst case of fgsm, pgd3; strongest "
+            f"{strongest}) · clean {clean['accuracy']:.2%} · 30 images · ")
+    assert text.startswith(head), text[:400]
+    assert re.match(verdict, text[len(head):]), text[:400]
+    assert text.index(head) < text.index("robust accuracy of linear on 30")
+    report = (out / "report.md").read_text()
+    assert report.split("\n\n")[1].startswith(f"**linear**: {head[len('linear: '):]}")
+
+
+def test_training_console_formats_rates_and_seconds() -> None:
+    import pandas as pd
+
+    from robustkit.training.loop import epoch_line, metrics_text
+
+    row = {"epoch": 1, "lr": 0.0, "train_loss": 0.29045988, "train_acc": 0.91549,
+           "val_acc": 0.9512, "test_acc": 0.9563, "seconds": 57.9433}
+    assert epoch_line(row) == ("epoch 1 · lr at end 0 · train_loss 0.2905 · train_acc 0.9155 · "
+                               "val_acc 0.9512 · test_acc 0.9563 · 57.9 s")
+    assert "lr at end 1.71e-08" in epoch_line({**row, "lr": 1.7106296765648377e-08})
+    table = metrics_text(pd.DataFrame([row, {**row, "epoch": 2, "lr": 0.05}]))
+    assert "57.9" in table and "57.9433" not in table and "0.0000" not in table
+    assert "0.05" in table and "0.2905" in table

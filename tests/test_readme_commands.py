@@ -83,3 +83,24 @@ def test_every_readme_command_and_option_exists() -> None:
         unknown += [" ".join(["robustkit", subcommand, option]).replace("  ", " ")
                     for option in options if option not in known]
     assert not unknown, f"README shows what the CLI does not have: {sorted(set(unknown))}"
+
+
+MODEL = re.compile(r"--model[ =](\S+)")
+
+
+def test_every_readme_model_is_one_a_clone_has_or_the_users_own() -> None:
+    """`--model` in the README names released weights that exist (`zoo:NAME`, a committed
+    `reports/…/model.safetensors`) or the user's own network (`module:factory`); never weights
+    that need a training run the README does not show first (`runs/…`)."""
+    wrong = []
+    for snippet in readme_code():
+        for model in MODEL.findall(snippet.split(" # ", 1)[0]):
+            if model.startswith("zoo:"):
+                known = (REPO / "reports" / model[4:] / "model.safetensors").is_file()
+            elif model.endswith((".safetensors", ".pt", ".pt2", ".torchscript")):
+                known = (REPO / model).is_file() and not model.startswith("runs/")
+            else:  # a module:factory of the user's, or a placeholder such as M
+                known = ":" in model or model.isupper()
+            if not known:
+                wrong.append(model)
+    assert not wrong, f"README attacks models a fresh clone lacks: {sorted(set(wrong))}"

@@ -93,12 +93,12 @@ def test_attack_on_released_weights_reproduces_the_report_from_another_folder(
 def test_zoo_lists_released_models_and_rejects_unknown_names(released: Path) -> None:
     listing = robustkit("zoo", cwd=released)
     assert listing.returncode == 0, listing.stderr
-    row = next(line for line in listing.stdout.splitlines() if line.startswith("zoo:tiny"))
+    row = next(line for line in listing.stdout.splitlines() if line.startswith("zoo:tiny "))
     results = pd.read_csv(released / "reports" / "tiny" / "results.csv")
     clean = results.loc[results["eps"] == 0, "accuracy"].min()
     worst = results.loc[results["eps"] == 0.2, "accuracy"].min()
-    assert "softmax" in row and "mnist" in row
-    assert f"{clean:.2%}" in row and f"{worst:.2%} @ ε=0.2" in row
+    assert "softmax" in row and "mnist" in row and "standard" in row
+    assert f"{clean:.2%}" in row and f"{worst:.2%}" in row and row.endswith(" 0.2")
     unknown = robustkit("attack", "--model", "zoo:nope", "-q", cwd=released)
     assert unknown.returncode == 2
     # the checkout's committed reports with released weights (quickstart, …) are listed too
@@ -149,3 +149,65 @@ def test_forgotten_normalize_is_named(released: Path, tmp_path: Path) -> None:
             "there") in forgot.stderr
     assert "pass --normalize MEAN,STD (for mnist: --normalize 0.1307,0.3081)" in " ".join(
         forgot.stderr.split())
+
+
+# ------------------------------------------------------- the listing of the committed reports
+
+
+def zoo_blocks(stdout: str) -> dict[str, list[str]]:
+    """``robustkit zoo``'s output by entry: zoo:NAME → its row and the indented notes."""
+    blocks: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in stdout.splitlines():
+        if line.startswith("zoo:"):
+            current = blocks.setdefault(line.split()[0], [])
+        elif not line.startswith("  "):
+            current = None
+        if current is not None:
+            current.append(line)
+    return blocks
+
+
+def committed_releases() -> dict[str, str]:
+    """Report name → the weights sha256 its manifest records, for the committed reports."""
+    found = {}
+    for weights in sorted((REPO / "reports").glob("*/model.safetensors")):
+        manifest = json.loads((weights.parent / "manifest.json").read_text())
+        found[weights.parent.name] = manifest["weights_sha256"]
+    return found
+
+
+def test_zoo_lists_each_set_of_weights_once_with_its_strongest_figure(tmp_path: Path) -> None:
+    listing = robustkit("zoo", cwd=tmp_path)  # ./reports absent: the checkout's
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
+    assert str(REPO) not in listing.stdout and "model.safetensors" not in listing.stdout
+    blocks = zoo_blocks(listing.stdout)
+    releases = committed_releases()
+    assert len(blocks) == len(set(releases.values())) < len(releases)  # one row per sha256
+    for name in releases:  # every report is named once: as a row or as an alias
+        assert listing.stdout.count(f"zoo:{name} ") + listing.stdout.count(f"zoo:{name},") \
+            + listing.stdout.count(f"zoo:{name}\n") == 1, name
+    pgd_at = blocks["zoo:mnist_cnn_pgd_at"]
+    assert "89.79%" in pgd_at[0] and "98.73%" in pgd_at[0] and "91.67%" not in listing.stdout
+    assert "from mnist_cnn_pgd_at_autoattack" in " ".join(pgd_at)
+    assert "zoo:mnist_cnn_pgd_at_autoattack" in " ".join(pgd_at)
+    fast_at = " ".join(" ".join(blocks["zoo:mnist_cnn_fast_at"]).split())
+    assert "71.25%" in blocks["zoo:mnist_cnn_fast_at"][0]
+    assert "mnist_cnn_fast_at: its 82.84% is unreliable (check attack_converged failed)" \
+        in fast_at
+    mlp_pgd_at = blocks["zoo:mnist_mlp_pgd_at"][0]  # trained at ε = 0.1: quoted there
+    assert mlp_pgd_at.endswith(" 0.1") and "ε=0.1" in mlp_pgd_at and "2.05%" not in mlp_pgd_at
+    assert "90.40%" in mlp_pgd_at
+    assert "MODIFIED" not in listing.stdout
+
+
+def test_zoo_marks_a_figure_a_failed_check_discredits(tmp_path: Path) -> None:
+    """Alone (without its AutoAttack report), fast_at's own 82.84% is the figure: marked."""
+    shutil.copytree(REPO / "reports" / "mnist_cnn_fast_at", tmp_path / "reports" / "fast")
+    listing = robustkit("zoo", "--reports", str(tmp_path / "reports"), cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    (row, *notes) = zoo_blocks(listing.stdout)["zoo:fast"]
+    assert "82.84%*" in row
+    assert "unreliable: check attack_converged failed" in " ".join(" ".join(notes).split())

@@ -410,3 +410,91 @@ def test_intervals_say_what_they_cover(report: dict[str, Path]) -> None:
     assert "robust accuracy under these attacks" in summary
     assert "the true value can only be lower" in summary
     assert "covers test-set sampling alone" in summary
+
+
+# ------------------------------------------------------------------------- the headline (#36)
+
+
+def _headline_text(accuracy: float, low: float, high: float, verdict: str) -> str:
+    return (f"robust accuracy {accuracy:.2%} [{low:.2%}, {high:.2%}] at ε = 0.3 (worst case of "
+            f"fgsm, pgd40; strongest pgd40) · clean 95.00% · {N} images · {verdict}")
+
+
+def _with_level(run: Path, level: str | None) -> Path:
+    manifest = json.loads((run / "manifest.json").read_text())
+    if level is not None:
+        manifest["checks"] = level
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    return run
+
+
+@pytest.mark.parametrize(("level", "verdict"), [
+    (None, "checks: 1 pass, 1 warn, 1 fail"),  # a manifest from before the levels: full
+    ("quick", "checks (quick): 1 pass, 1 warn, 1 fail"),
+    ("off", "no checks ran (--checks off)"),
+])
+def test_report_opens_with_its_headline(tmp_path: Path, level: str | None, verdict: str
+                                        ) -> None:
+    import html as html_lib
+
+    run = _with_level(write_run(tmp_path / "run"), level)
+    if level == "off":
+        (run / "checks.csv").unlink()
+    paths = build_report([run], tmp_path / "out")
+    low, high = wilson_interval(0, N)
+    expected = _headline_text(0.0, low, high, verdict)
+    markdown = paths["markdown"].read_text(encoding="utf-8")
+    assert markdown.split("\n\n")[1] == f"**tiny**: {expected}"  # right under the title
+    page = paths["html"].read_text(encoding="utf-8")
+    line = f'<p class="headline"><strong>tiny</strong>: {html_lib.escape(expected)}</p>'
+    assert line in page
+    assert page.index(line) < min(page.index("<nav>"), page.index("<h2>"))
+
+
+def test_headline_marks_a_figure_a_failed_check_discredits(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run")
+    results = pd.read_csv(run / "results.csv")
+    top = results["eps"] == 0.3
+    low, high = wilson_interval(4, N)
+    results.loc[top & results["attack"].isin(["pgd40", "any"]),
+                ["correct", "accuracy", "ci_low", "ci_high"]] = [4, 4 / N, low, high]
+    results.to_csv(run / "results.csv", index=False)
+    markdown = build_report([run], tmp_path / "out")["markdown"].read_text(encoding="utf-8")
+    head = markdown.split("\n\n")[1]
+    assert head.startswith(f"**tiny**: robust accuracy 10.00% [{low:.2%}, {high:.2%}] at ε = 0.3")
+    assert "unreliable: check input_gradients_usable failed" in head
+
+
+def test_one_epoch_training_plot_has_one_whole_tick() -> None:
+    from robustkit.reporting.figures import training_axes
+
+    one = pd.DataFrame({"epoch": [1], "lr": [0.0], "train_loss": [0.29], "train_acc": [0.91],
+                        "val_acc": [0.95], "test_acc": [0.96]})
+    for ax in training_axes(one).axes:
+        assert list(ax.get_xticks()) == [1.0]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["1"]
+        low, high = ax.get_xlim()
+        assert low < 1 < high and high - low == pytest.approx(1.0)
+    many = pd.DataFrame({"epoch": range(1, 31), "train_loss": np.linspace(1, 0.1, 30)})
+    ticks = training_axes(many).axes[0].get_xticks()
+    assert all(float(t).is_integer() for t in ticks) and len(ticks) <= 12
+
+
+def test_two_eps_comparison_legend_shows_points_not_lines() -> None:
+    """Series measured at two ε are drawn as points: the legend must not promise lines."""
+    from robustkit.reporting.figures import _legend_handles
+
+    handles = _legend_handles(["a", "b"], ["fgsm", "pgd40", "any"], lines=set())
+    attacks = handles[2:]
+    assert [h.get_linestyle() for h in handles] == ["None"] * 5  # models: colour squares
+    markers = [h.get_marker() for h in attacks]
+    assert len(set(markers[:2])) == 2  # the attacks told apart by their marker
+    mixed = _legend_handles(["a", "b"], ["fgsm", "pgd40"], lines={"pgd40"})
+    assert [h.get_linestyle() for h in mixed[2:]] == ["None", "--"]
+
+
+def test_last_epoch_table_says_the_lr_is_the_end_rate(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run")
+    markdown = build_report([run], tmp_path / "out")["markdown"].read_text(encoding="utf-8")
+    training = markdown.split("## Training", 1)[1].split("\n## ", 1)[0]
+    assert "| epoch | lr at end | train_loss |" in training

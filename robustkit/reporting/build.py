@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from robustkit.checkpoint import naming, write_json, write_text
+from robustkit.checks import unreliable_attacks
 from robustkit.data import DATASETS
 from robustkit.errors import RobustkitError
 from robustkit.outputs import (
@@ -28,6 +29,7 @@ from robustkit.outputs import (
     writing,
 )
 from robustkit.reporting import figures, tables
+from robustkit.reporting.headline import headlines
 from robustkit.reporting.load import RunData, load_runs
 from robustkit.reporting.physical import physical_section
 from robustkit.reporting.render import (
@@ -409,6 +411,11 @@ def _checkpoint_text(manifest: dict[str, Any]) -> str | None:
     return f"Evaluated checkpoint: epoch {epoch}, {SELECTION_TEXT.get(selected, selected)}."
 
 
+#: metrics.csv columns renamed in the report's last-epoch table: ``lr`` is the rate after the
+#: epoch's last step (0 at the end of a cosine schedule), not the one it trained with.
+LAST_EPOCH_LABELS = {"lr": "lr at end"}
+
+
 def _training_section(runs: list[RunData]) -> Section | None:
     blocks: list[Block] = []
     for run in runs:
@@ -425,7 +432,8 @@ def _training_section(runs: list[RunData]) -> Section | None:
                 f"{run.name}: loss and accuracies per epoch (metrics.csv).",
             )
         )
-        blocks.append(Table(metrics.tail(1).reset_index(drop=True), caption="Last epoch"))
+        last = metrics.tail(1).reset_index(drop=True).rename(columns=LAST_EPOCH_LABELS)
+        blocks.append(Table(last, caption="Last epoch"))
         chosen = _checkpoint_text(run.manifest)
         if chosen:
             blocks.append(Text(chosen))
@@ -499,6 +507,17 @@ def _provenance_section(runs: list[RunData]) -> tuple[Section, pd.DataFrame]:
         if isinstance(notes, list):
             blocks += [Text(f"Note: {note}") for note in notes]
     return Section("provenance", "Provenance", blocks), tables.provenance_table(runs)
+
+
+def _headline(runs: list[RunData]) -> list[tuple[str, str]]:
+    """(model, headline) for every model of every run: robust accuracy at the largest ε with
+    its interval, the strongest attack, clean accuracy, the checks' verdict."""
+    lines = []
+    for run in runs:
+        unreliable = unreliable_attacks(run.checks, run.settings, run.results["attack"].unique())
+        lines += [(h.model, h.text())
+                  for h in headlines(run.results, run.checks, _checks_level(run), unreliable)]
+    return lines
 
 
 def _intro(runs: list[RunData]) -> list[str]:
@@ -620,8 +639,9 @@ def build_report(run_dirs: list[Path], out_dir: Path, title: str | None = None,
         _clean_stale(figure_dir, OUR_FIGURES, written_figures)
         _clean_stale(table_dir, OUR_TABLES, written_tables)
         html_path, md_path = out_dir / "report.html", out_dir / "report.md"
-        write_text(html_path, to_html(title, intro, present, footer))
-        write_text(md_path, to_markdown(title, intro, present, footer, FIGURE_DIR))
+        headline = _headline(runs)
+        write_text(html_path, to_html(title, intro, present, footer, headline))
+        write_text(md_path, to_markdown(title, intro, present, footer, FIGURE_DIR, headline))
     except OSError as exc:
         raise _cannot_write(exc, out_dir, shown) from None
     return {"html": html_path, "markdown": md_path, "figures": figure_dir, "tables": table_dir}

@@ -21,6 +21,11 @@ from robustkit.results import ANY
 DPI = 100
 # ":" is kept for the worst case, ANY
 LINESTYLES: list[Literal["-", "--", "-.", ":"]] = ["-", "--", "-.", ":"]
+#: An attack's marker on a several-model chart (the worst case, ANY, keeps a hollow circle):
+#: what tells the attacks apart where a series is only points.
+MARKERS = ["o", "s", "^", "D", "v", "P"]
+#: A series measured at fewer ε than this is drawn as points, not a line.
+LINE_MIN_POINTS = 3
 
 
 def to_png(fig: Figure) -> bytes:
@@ -45,17 +50,21 @@ def accuracy_figure(results: pd.DataFrame) -> bytes:
     several = len(models) > 1
     fig = Figure(figsize=(8.4, 4.2) if several else (6.4, 3.8))
     ax = fig.add_subplot()
+    lines: set[str] = set()  # the attacks drawn as a line for at least one model
     for mi, model in enumerate(models):
         for ai, attack in enumerate(attacks):
             rows = results[(results["model"] == model) & (results["attack"] == attack)]
             if rows.empty:
                 continue
             color, style = _series_style(mi, ai, attack, several)
+            marker = _attack_marker(ai, attack) if several else "o"
             _plot_series(ax, rows.sort_values("eps"), attack, color, style,
-                         _series_label(model, attack, several))
+                         _series_label(model, attack, several), marker)
+            if len(rows) >= LINE_MIN_POINTS:
+                lines.add(attack)
     _label_axes(ax)
     if several:
-        ax.legend(handles=_legend_handles(models, attacks), fontsize=7, frameon=False,
+        ax.legend(handles=_legend_handles(models, attacks, lines), fontsize=7, frameon=False,
                   loc="upper left", bbox_to_anchor=(1.01, 1.0), handlelength=3)
     else:
         ax.legend(fontsize=8, loc="best", frameon=False)
@@ -86,18 +95,18 @@ def _marker_size(attack: str, sparse: bool) -> int:
 
 
 def _plot_series(ax: Axes, rows: pd.DataFrame, attack: str, color: str, style: str,
-                 label: str) -> None:
+                 label: str, marker: str = "o") -> None:
     """One series (``rows`` sorted by ε): a line, or points only when measured at fewer than
     three ε; then its 95% interval (a band, or error bars on points), except for "any" or
     results without intervals."""
     eps = rows["eps"].to_numpy(float)
-    sparse = len(rows) < 3
+    sparse = len(rows) < LINE_MIN_POINTS
     ax.plot(
         eps,
         rows["accuracy"].to_numpy(float),
         linestyle="none" if sparse else style,
         color=color,
-        marker="o",
+        marker=marker,
         markersize=_marker_size(attack, sparse),
         markerfacecolor="none" if attack == ANY else color,
         linewidth=1.2 if attack == ANY else 1.6,
@@ -135,12 +144,26 @@ def _attack_linestyle(attack_index: int, attack: str) -> Literal["-", "--", "-."
     return ":" if attack == ANY else LINESTYLES[attack_index % (len(LINESTYLES) - 1)]
 
 
-def _legend_handles(models: Sequence[str], attacks: Sequence[str]) -> list[Line2D]:
-    """Colour = model, line style = attack: one entry per model and per attack, not per pair."""
-    handles = [Line2D([], [], color=f"C{i % 10}", linewidth=2.5, label=model)
+def _attack_marker(attack_index: int, attack: str) -> str:
+    """Marker of an attack on a several-model chart; the worst case ("any") keeps the circle
+    (drawn hollow)."""
+    return "o" if attack == ANY else MARKERS[attack_index % len(MARKERS)]
+
+
+def _legend_handles(models: Sequence[str], attacks: Sequence[str],
+                    lines: set[str] | None = None) -> list[Line2D]:
+    """Colour = model, line style and marker = attack: one entry per model and per attack,
+    not per pair. An attack drawn as points only (``lines``, the attacks drawn as a line
+    somewhere: all when None, none on a chart of two ε) shows its marker without a line."""
+    points_only = lines is not None and not lines  # models as colour squares, not lines
+    handles = [Line2D([], [], color=f"C{i % 10}", label=model,
+                      **({"linestyle": "none", "marker": "s", "markersize": 7} if points_only
+                         else {"linewidth": 2.5}))
                for i, model in enumerate(models)]
-    handles += [Line2D([], [], color="0.35", marker="o", markersize=3,
-                       linestyle=_attack_linestyle(i, attack),
+    handles += [Line2D([], [], color="0.35", marker=_attack_marker(i, attack), markersize=4,
+                       markerfacecolor="none" if attack == ANY else "0.35",
+                       linestyle=_attack_linestyle(i, attack)
+                       if lines is None or attack in lines else "none",
                        label="any (worst case)" if attack == ANY else attack)
                 for i, attack in enumerate(attacks)]
     return handles
@@ -251,7 +274,27 @@ def confusion_figure(table: pd.DataFrame, title: str) -> bytes:
 
 
 def training_figure(metrics: pd.DataFrame) -> bytes:
-    """Loss and accuracies per epoch from metrics.csv (whichever columns it has)."""
+    """Loss and accuracies per epoch from metrics.csv (whichever columns it has), as PNG."""
+    return to_png(training_axes(metrics))
+
+
+def _epoch_axis(ax: Axes, epoch: np.ndarray) -> None:
+    """Whole epochs on the x axis: each epoch a tick when there are few (one epoch: its
+    tick alone, centred), else integer ticks; never fractions of an epoch."""
+    ax.set_xlabel("epoch")
+    if len(epoch) == 0:
+        return
+    if len(epoch) <= 12:
+        ax.set_xticks(epoch)
+        ax.set_xticklabels([f"{e:g}" for e in epoch])
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(epoch) == 1:
+        ax.set_xlim(epoch[0] - 0.5, epoch[0] + 0.5)
+
+
+def training_axes(metrics: pd.DataFrame) -> Figure:
+    """The training figure: loss (left) and accuracies (right) per epoch."""
     fig = Figure(figsize=(7.2, 2.9))
     loss_ax, acc_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     epoch = metrics["epoch"].to_numpy(float) if "epoch" in metrics else np.arange(len(metrics))
@@ -266,11 +309,10 @@ def training_figure(metrics: pd.DataFrame) -> bytes:
         if np.isfinite(values).any():
             acc_ax.plot(epoch, values, marker="o", markersize=3, label=column)
     for ax, name in ((loss_ax, "loss"), (acc_ax, "accuracy")):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
+        _epoch_axis(ax, epoch)
         ax.set_ylabel(name)
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
-    return to_png(fig)
+    return fig

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -84,6 +85,8 @@ details summary { cursor: pointer; color: #0969da; margin: 0.5em 0; }
 .status-warn { background: #fff8c5; color: #7d4e00; }
 .status-fail { background: #ffebe9; color: #a40e26; }
 footer { margin-top: 3em; color: #59636e; font-size: 0.85em; }
+.headline { font-size: 1.08em; background: #f6f8fa; border-left: 4px solid #0969da;
+  padding: 8px 12px; margin: 0.4em 0; }
 """
 
 STATUS_MARK = {"pass": "✅ pass", "warn": "⚠️ warn", "fail": "❌ fail"}
@@ -169,7 +172,14 @@ def _html_block(block: Block) -> str:
     return pre
 
 
-def to_html(title: str, intro: list[str], sections: list[Section], footer: str) -> str:
+#: A report's headline: (model, what its figures and checks say), one per model.
+HeadlineLines = Sequence[tuple[str, str]]
+
+
+def to_html(title: str, intro: list[str], sections: list[Section], footer: str,
+            headline: HeadlineLines = ()) -> str:
+    """The report as one HTML page: title, headline, intro lines, a table of contents, the
+    sections, the footer."""
     e = html.escape
     nav = " ".join(f'<a href="#{e(s.id)}">{e(s.title)}</a>' for s in sections)
     parts = [
@@ -178,6 +188,8 @@ def to_html(title: str, intro: list[str], sections: list[Section], footer: str) 
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{e(title)}</title><style>{STYLE}</style></head><body><main>",
         f"<h1>{e(title)}</h1>",
+        *[f'<p class="headline"><strong>{e(model)}</strong>: {e(text)}</p>'
+          for model, text in headline],
         *[f"<p>{e(line)}</p>" for line in intro],
         f"<nav>{nav}</nav>",
     ]
@@ -233,9 +245,13 @@ def _md_block(block: Block, figure_dir: str) -> str:
 
 
 def to_markdown(
-    title: str, intro: list[str], sections: list[Section], footer: str, figure_dir: str = "figures"
+    title: str, intro: list[str], sections: list[Section], footer: str, figure_dir: str = "figures",
+    headline: HeadlineLines = (),
 ) -> str:
-    parts = [f"# {title}", *intro, " · ".join(f"[{s.title}](#{slug(s.title)})" for s in sections)]
+    """The report as GitHub Markdown, in the order of :func:`to_html`; figures link into
+    ``figure_dir``."""
+    parts = [f"# {title}", *[f"**{_md_escape(model)}**: {text}" for model, text in headline],
+             *intro, " · ".join(f"[{s.title}](#{slug(s.title)})" for s in sections)]
     for section in sections:
         parts.append(f"## {section.title}")
         parts.extend(_md_block(b, figure_dir) for b in section.blocks)

@@ -575,8 +575,40 @@ def end_epoch(setup: TrainSetup, state: TrainState) -> None:
     _save_epoch(setup, state, row, score)
     state.next_epoch()
     setup.save(state)
-    setup.say(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in row.items()))
+    setup.say(epoch_line(row))
+
+
+#: How the console names a metrics.csv column where its name alone misleads: ``lr`` is the
+#: rate after the epoch's last step (0 at the end of a cosine schedule), not the one it ran at.
+METRIC_LABELS = {"lr": "lr at end"}
+
+
+def metric_text(name: str, value: Any) -> str:
+    """A metrics.csv value as the console shows it: the learning rate to 3 significant digits
+    (``0.1``, ``0.00342``, ``1.71e-08``, ``0``), seconds to 0.1 s, ε as written, other floats
+    to 4 decimals."""
+    if not isinstance(value, float):
+        return str(value)
+    if name == "lr" or name == "eps":
+        return f"{value:.3g}"
+    if name == "seconds":
+        return f"{value:.1f}"
+    return f"{value:.4f}"
+
+
+def epoch_line(row: dict[str, Any]) -> str:
+    """``epoch 1 · lr at end 0 · train_loss 0.2905 · … · 57.9 s``: one epoch's metrics."""
+    parts = [f"{METRIC_LABELS.get(k, k)} {metric_text(k, v)}" for k, v in row.items()
+             if k != "seconds"]
+    if "seconds" in row:
+        parts.append(f"{metric_text('seconds', row['seconds'])} s")
+    return " · ".join(parts)
+
+
+def metrics_text(metrics: pd.DataFrame) -> str:
+    """metrics.csv as the ``train`` command prints it: each column by :func:`metric_text`."""
+    formatters = {c: (lambda v, c=c: metric_text(c, v)) for c in metrics.columns}
+    return str(metrics.to_string(index=False, formatters=formatters))
 
 
 def finish(setup: TrainSetup, state: TrainState) -> TrainResult:
