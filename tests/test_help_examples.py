@@ -23,7 +23,7 @@ from tests.test_readme_python import NO_NETWORK
 
 REPO = Path(__file__).resolve().parent.parent
 #: Every command, "" for `robustkit --help` itself; a test below keeps the list complete.
-COMMANDS = ["", "train", "data", "attack", "run", "zoo", "report"]
+COMMANDS = ["", "train", "data", "attack", "run", "zoo", "certify", "report"]
 #: Examples that train a model or attack hundreds of images: slower than the rest.
 SLOW = {"", "train", "run", "attack"}
 
