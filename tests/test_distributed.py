@@ -177,7 +177,7 @@ TRAIN_SCRIPT = textwrap.dedent("""
         "adversarial": {"eps": 0.1, "steps": 2, "val_n": 100, "val_steps": 3}}})
 
     def log(message):
-        if crash_after and message.startswith(f"epoch={crash_after} "):
+        if crash_after and message.startswith(f"epoch {crash_after} · "):
             raise SystemExit(3)  # rank 0 dies after writing epoch 1's resume state
 
     train(cfg, out_dir=out, data=data, progress=False, save_every=0.0, log=log, dist=ctx)
