@@ -192,8 +192,11 @@ def _env(folder: Path) -> dict[str, str]:
 
 def test_ctrl_c_in_the_checks_keeps_cells_and_checks(tmp_path: Path, mnist_root: Path) -> None:
     (tmp_path / "slowmodel.py").write_text(SLOW)
+    from tests.test_hostile_input import _default_sigint
+
     process = subprocess.Popen(_attack(tmp_path), cwd=tmp_path, env=_env(tmp_path),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_default_sigint)  # as a terminal user's process
     assert process.stderr is not None
     seen: list[str] = []
     deadline = time.monotonic() + 300
