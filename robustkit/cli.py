@@ -377,7 +377,7 @@ def attack(
     normalize: Annotated[Optional[str], typer.Option("--normalize", help="MEAN,STD the model expects.")] = None,  # noqa: E501, UP045
     device: DeviceOption = None,
     data_dir: DataDirOption = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default runs/attack-MODEL).")] = None,  # noqa: E501, UP045
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default runs/attack-MODEL: the zoo or report name, or module.factory-WEIGHTS).")] = None,  # noqa: E501, UP045
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace another experiment's results in --out.")] = False,  # noqa: E501
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     trust_model_file: Annotated[bool, typer.Option(
@@ -412,7 +412,7 @@ def attack(
                               step_size=step_size, restarts=restarts, loss=loss,
                               targeted=targeted, bpda=bpda, eot_samples=eot_samples)
     tables = config_from_dict({"attacks": [], **extra}) if extra else None
-    folder = out_dir or Path("runs") / f"attack-{model_name(model)}"
+    folder = out_dir or Path("runs") / f"attack-{model_name(model, weights)}"
     _check_out(folder, "--out")
     _on_interrupt(f"finished (attack, ε) cells and checks are kept in {staging_path(folder)}; "
                   "run the same command again to go on from them")

@@ -88,13 +88,19 @@ from robustkit.vocabulary import ChecksLevel
 _T = TypeVar("_T")
 
 
-def model_name(spec: str) -> str:
+def model_name(spec: str, weights: Path | str | None = None) -> str:
     """A short display name: ``runs/mnist_cnn/model-best.safetensors``,
-    ``reports/mnist_cnn/model.safetensors`` and ``zoo:mnist_cnn`` → ``mnist_cnn``."""
+    ``reports/mnist_cnn/model.safetensors`` and ``zoo:mnist_cnn`` → ``mnist_cnn``;
+    ``my_nets:small_cnn`` with ``--weights w/cnn_a.pt`` → ``my_nets.small_cnn-cnn_a`` (the
+    module and the weights, so two factories or two weight files get two folders)."""
     if spec.startswith(ZOO_PREFIX):
         return spec[len(ZOO_PREFIX):].strip("/").replace("/", "-")
     if ":" in spec and not Path(spec).exists():
-        return spec.split(":")[-1]
+        module, _, factory = spec.partition(":")
+        name = f"{module.split('.')[-1]}.{factory.split('.')[-1]}"
+        if weights is not None:
+            name += f"-{Path(weights).name.split('.')[0]}"
+        return name
     path = Path(spec)
     stem = path.name.split(".")[0]
     checkpoint = stem == WEIGHTS_STEM or stem.startswith("model-")
@@ -172,7 +178,7 @@ def attack_model(
     main = dist is None or dist.is_main
     if not main:
         echo = log = _silent
-    name = model_name(model)
+    name = model_name(model, weights)
     folder = out_dir or Path("runs") / f"attack-{name}"
     refuse_working_folder(folder)
     with writing([(folder, "--out")], dist):  # one writer of the folder, for the whole job

@@ -400,3 +400,15 @@ def test_training_console_formats_rates_and_seconds() -> None:
     table = metrics_text(pd.DataFrame([row, {**row, "epoch": 2, "lr": 0.05}]))
     assert "57.9" in table and "57.9433" not in table and "0.0000" not in table
     assert "0.05" in table and "0.2905" in table
+
+
+def test_factory_models_get_a_folder_each() -> None:
+    """#36: two module:factory models, or one factory with two weight files, no longer share
+    runs/attack-factory."""
+    from robustkit.pipeline import model_name
+
+    assert model_name("my_nets:factory") == "my_nets.factory"
+    assert model_name("other.nets:factory") == "nets.factory"
+    assert model_name("my_nets:factory", "w/cnn_a.pt") == "my_nets.factory-cnn_a"
+    assert model_name("my_nets:factory", "w/cnn_b.safetensors") == "my_nets.factory-cnn_b"
+    assert model_name("zoo:mnist_cnn") == model_name("reports/mnist_cnn/model.safetensors")
