@@ -12,7 +12,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -32,7 +32,7 @@ from robustkit.config import (
 )
 from robustkit.errors import RobustkitError
 from robustkit.version import INSTALLED, __version__
-from robustkit.vocabulary import CHECKS_LEVELS, ChecksLevel
+from robustkit.vocabulary import CERTIFY_METHODS, CHECKS_LEVELS, CertifyMethod, ChecksLevel
 
 app = typer.Typer(
     name="robustkit",
@@ -87,6 +87,23 @@ def _examples(*commands: str) -> str:
 
 def _log(message: str) -> None:
     err.print(message, soft_wrap=True)  # one message, one line
+
+
+def _shower(echo: Callable[[str], None]) -> Callable[[Any], None]:
+    """The jobs' ``show``: a finished sweep's lines (:func:`robustkit.terminal.sweep_lines`)
+    through ``echo``."""
+    from robustkit.terminal import sweep_lines
+
+    def show(outcome: Any) -> None:
+        for line in sweep_lines(outcome):
+            echo(line)
+
+    return show
+
+
+def _is_main_process() -> bool:
+    """Whether this process prints: alone, or rank 0 under torchrun."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _echo(message: str) -> None:
@@ -342,6 +359,20 @@ def _attack_configs(names: str, *, extra: dict[str, object] | None = None,
     return list(config_from_dict({"attacks": attacks, **(extra or {})}).attacks)
 
 
+def _certify_methods(text: str | None, attacks: list[AttackConfig]) -> tuple[CertifyMethod, ...]:
+    """``--certify ibp,crown-ibp`` as methods, checked before anything loads."""
+    if text is None:
+        return ()
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not methods or any(m not in CERTIFY_METHODS for m in methods):
+        raise RobustkitError(f"--certify {text!r}: choose from {', '.join(CERTIFY_METHODS)}, "
+                             "comma-separated (e.g. --certify ibp,crown-ibp)")
+    if any(a.norm != "linf" for a in attacks):
+        raise RobustkitError("--certify bounds the L∞ ball: attack with --norm linf to compare "
+                             "the certified and the attacked numbers at the same ε")
+    return methods  # type: ignore[return-value]  # checked against CERTIFY_METHODS above
+
+
 def _checks_level(text: str, fail_on_check: bool) -> ChecksLevel:
     """``--checks`` as a level; ``--fail-on-check`` needs checks to gate on."""
     if text not in CHECKS_LEVELS:
@@ -355,7 +386,9 @@ def _checks_level(text: str, fail_on_check: bool) -> ChecksLevel:
 @app.command(epilog=_examples(
     "robustkit attack --model zoo:mnist_cnn --attack fgsm,pgd --eps 0,0.1,0.2,0.3 --n 200",
     "robustkit attack --model reports/mnist_cnn_pgd_at/model.safetensors --attack apgd "
-    "--eps 0,0.3 --n 200"))
+    "--eps 0,0.3 --n 200",
+    "robustkit attack --model zoo:mnist_mlp --attack pgd --eps 0,0.01,0.02 --certify "
+    "ibp,crown-ibp --n 100"))
 def attack(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint (e.g. reports/NAME/model.safetensors), zoo:NAME, TorchScript, .pt2, or package.module:factory.")],  # noqa: E501
     attack_names: Annotated[str, typer.Option("--attack", help=f"Comma-separated attacks ({', '.join(declared_attacks())}) or a preset: standard = fgsm + autoattack; apgd-ce-margin = APGD-100 CE and margin (cheaper); fgsm-pgd = FGSM and PGD-40 (quick, overstates robustness).")] = "standard",  # noqa: E501
@@ -393,10 +426,12 @@ def attack(
     bpda: Annotated[Optional[str], typer.Option("--bpda", help="Attack through the --defence with BPDA: identity or mean-filter.")] = None,  # noqa: E501, UP045
     eot_samples: Annotated[Optional[int], typer.Option("--eot-samples", help="EOT: average each PGD/APGD step's gradient over K draws of --transform.")] = None,  # noqa: E501, UP045
     transform: Annotated[Optional[str], typer.Option("--transform", help="Transformations, e.g. rotate=15,translate=2,scale=0.9:1.1,noise=0.05 (also eval_samples=M, eps=E).")] = None,  # noqa: E501, UP045
+    certify: Annotated[Optional[str], typer.Option("--certify", help="Also certify at the same ε (a lower bound beside the attacks' upper bound): ibp, crown-ibp or crown, comma-separated.")] = None,  # noqa: E501, UP045
 ) -> None:
     """Attack a model over an ε sweep; writes results.csv, per_sample.csv and a report."""
+    from robustkit.jobs.attack import attack_model, model_name
     from robustkit.outputs import staging_path
-    from robustkit.pipeline import attack_model, attack_summary, model_name
+    from robustkit.terminal import attack_summary
 
     if data_source is not None and dataset != "mnist" and data_source != dataset:
         raise RobustkitError(f"--dataset {dataset} and --data {data_source} name different "
@@ -422,12 +457,16 @@ def attack(
             seed=seed, dataset=dataset, data_source=data_source,
             resize=_resize(resize) if resize else None, app_dir=app_dir, weights=weights,
             normalize=normalize, device=device, data_dir=data_dir, out_dir=out_dir,
-            overwrite=overwrite, progress=not quiet, echo=_log if as_json else _echo, log=_log,
+            overwrite=overwrite, progress=not quiet, show=_shower(_log if as_json else _echo),
+            log=_log,
             trust_model_file=trust_model_file,
             defence=tables.defence if tables else None,
             transforms=tables.transforms if tables else None, checks_level=level,
-            output=output,
+            output=output, certify=_certify_methods(certify, attacks),
         )
+    if _is_main_process():
+        (_log if as_json else _echo)(f"results in {outcome.outputs['folder']}/ (results.csv, "
+                                     "per_sample.csv, timings.csv, settings.json)")
     if as_json:
         sys.stdout.write(json.dumps(attack_summary(outcome), indent=2, allow_nan=False) + "\n")
         sys.stdout.flush()
@@ -479,8 +518,9 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train (or reuse), attack over the ε sweep, check and report: the whole experiment."""
+    from robustkit.jobs.run import run_experiment, seed_summary
     from robustkit.outputs import staging_path
-    from robustkit.pipeline import run_experiment
+    from robustkit.terminal import seed_summary_lines
 
     overrides = _data_overrides(set_, data_dir, data_source, resize, app_dir)
     cfg = load_config(config, overrides)
@@ -490,9 +530,12 @@ def run(
     _on_interrupt(f"finished training epochs (in {runs_dir / cfg.name}) and finished "
                   f"(attack, ε) cells (in {staging_path(folder)}) are kept; run the same "
                   "command again to resume")
-    run_experiment(config, overrides=overrides, out_dir=out_dir, runs_dir=runs_dir,
-                   retrain=retrain, device=device, progress=not quiet, overwrite=overwrite,
-                   echo=_echo, log=_log)
+    evaluations = run_experiment(
+        config, overrides=overrides, out_dir=out_dir, runs_dir=runs_dir, retrain=retrain,
+        device=device, progress=not quiet, overwrite=overwrite, show=_shower(_echo), log=_log)
+    if len(evaluations) > 1 and _is_main_process():
+        for line in seed_summary_lines(seed_summary(evaluations)[1]):
+            _echo(line)
 
 
 @app.command(epilog=_examples("robustkit zoo"))

@@ -37,6 +37,7 @@ from robustkit.results import ANY
 from robustkit.vocabulary import (
     Approximation,
     Arch,
+    CertifyMethod,
     ChecksLevel,
     DatasetName,
     Loss,
@@ -244,6 +245,8 @@ class EvaluateConfig:
     # the sanity checks after the sweep: "full" (every check at its own budget), "quick"
     # (budgets scaled to the evaluation, reusing its outcomes) or "off"
     checks: ChecksLevel = "full"
+    # certified lower bounds after the sweep, at the same ε: any of "ibp", "crown-ibp", "crown"
+    certify: tuple[CertifyMethod, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -499,6 +502,14 @@ def _check_consistency(config: ExperimentConfig) -> None:
     _check_defence(config.defence)
     _check_titles(config.attacks)
     _check_reference(config)
+    _check_certify(config)
+
+
+def _check_certify(config: ExperimentConfig) -> None:
+    """Certified bounds cover the L∞ ball: they sit beside L∞ attacks only."""
+    if config.evaluate.certify and any(a.norm != "linf" for a in config.attacks):
+        _fail("evaluate.certify", "bounds the L∞ ball: certify beside L∞ attacks only (set "
+              "every attack's norm to \"linf\", or leave certify out)")
 
 
 def _input_pixels(data: DataConfig) -> int | None:

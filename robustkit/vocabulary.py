@@ -38,6 +38,9 @@ Status = Literal["pass", "warn", "fail"]
 #: How much checking follows a sweep: every check at its own budget, every check that can
 #: discredit a number at budgets scaled to the evaluation, or none.
 ChecksLevel = Literal["full", "quick", "off"]
+#: Certified bounds (:mod:`robustkit.certify`): interval bound propagation, CROWN over IBP's
+#: intermediate bounds, and CROWN throughout.
+CertifyMethod = Literal["ibp", "crown-ibp", "crown"]
 
 NORMS: tuple[Norm, ...] = get_args(Norm)
 LOSSES: tuple[Loss, ...] = get_args(Loss)
@@ -46,3 +49,4 @@ PREPROCESSING: tuple[Preprocess, ...] = get_args(Preprocess)
 APPROXIMATIONS: tuple[Approximation, ...] = get_args(Approximation)
 STATUSES: tuple[Status, ...] = get_args(Status)
 CHECKS_LEVELS: tuple[ChecksLevel, ...] = get_args(ChecksLevel)
+CERTIFY_METHODS: tuple[CertifyMethod, ...] = get_args(CertifyMethod)

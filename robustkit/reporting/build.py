@@ -29,6 +29,7 @@ from robustkit.outputs import (
     writing,
 )
 from robustkit.reporting import figures, tables
+from robustkit.reporting.certified import certified_section, read_certified
 from robustkit.reporting.headline import headlines
 from robustkit.reporting.load import RunData, load_runs
 from robustkit.reporting.physical import physical_section
@@ -49,9 +50,11 @@ from robustkit.version import __version__
 
 FIGURE_DIR = "figures"
 TABLE_DIR = "tables"
-OUR_FIGURES = re.compile(r"^(accuracy|examples-.*|confusion-.*|training-.*|physical-.*)\.png$")
+OUR_FIGURES = re.compile(
+    r"^(accuracy|examples-.*|confusion-.*|training-.*|physical-.*|certified-.*)\.png$")
 OUR_TABLES = re.compile(
-    r"^(accuracy|results|cost|checks|provenance|reference|confusion-.*|physical-.*)\.csv$")
+    r"^(accuracy|results|cost|checks|provenance|reference|confusion-.*|physical-.*|"
+    r"certified-.*)\.csv$")
 
 
 def _safe(name: str) -> str:
@@ -516,7 +519,8 @@ def _headline(runs: list[RunData]) -> list[tuple[str, str]]:
     for run in runs:
         unreliable = unreliable_attacks(run.checks, run.settings, run.results["attack"].unique())
         lines += [(h.model, h.text())
-                  for h in headlines(run.results, run.checks, _checks_level(run), unreliable)]
+                  for h in headlines(run.results, run.checks, _checks_level(run), unreliable,
+                                     read_certified(run))]
     return lines
 
 
@@ -596,7 +600,9 @@ def build_report(run_dirs: list[Path], out_dir: Path, title: str | None = None,
             "only be lower).",
         ),
     )
-    sections: list[Section | None] = [summary, _examples_section(runs)]
+    certified, certified_csvs = certified_section(runs, _safe)
+    csvs.update(certified_csvs)
+    sections: list[Section | None] = [summary, certified, _examples_section(runs)]
     confusion, confusion_csvs = _confusion_section(runs)
     csvs.update(confusion_csvs)
     physical, physical_csvs = physical_section(runs, _safe)
