@@ -32,7 +32,14 @@ from robustkit.config import (
 )
 from robustkit.errors import RobustkitError
 from robustkit.version import INSTALLED, __version__
-from robustkit.vocabulary import CERTIFY_METHODS, CHECKS_LEVELS, CertifyMethod, ChecksLevel
+from robustkit.vocabulary import (
+    CERTIFY_METHODS,
+    CHECKS_LEVELS,
+    SAVE_ADVERSARIAL,
+    CertifyMethod,
+    ChecksLevel,
+    SaveAdversarial,
+)
 
 app = typer.Typer(
     name="robustkit",
@@ -373,6 +380,16 @@ def _certify_methods(text: str | None, attacks: list[AttackConfig]) -> tuple[Cer
     return methods  # type: ignore[return-value]  # checked against CERTIFY_METHODS above
 
 
+def _save_adversarial(text: str | None) -> SaveAdversarial | None:
+    """``--save-adversarial all|broken``."""
+    if text is None:
+        return None
+    if text not in SAVE_ADVERSARIAL:
+        raise RobustkitError(f"--save-adversarial {text!r}: choose all (every sample's "
+                             "example) or broken (the misclassified ones)")
+    return text
+
+
 def _checks_level(text: str, fail_on_check: bool) -> ChecksLevel:
     """``--checks`` as a level; ``--fail-on-check`` needs checks to gate on."""
     if text not in CHECKS_LEVELS:
@@ -388,7 +405,11 @@ def _checks_level(text: str, fail_on_check: bool) -> ChecksLevel:
     "robustkit attack --model reports/mnist_cnn_pgd_at/model.safetensors --attack apgd "
     "--eps 0,0.3 --n 200",
     "robustkit attack --model zoo:mnist_mlp --attack pgd --eps 0,0.01,0.02 --certify "
-    "ibp,crown-ibp --n 100"))
+    "ibp,crown-ibp --n 100",
+    "robustkit attack --model zoo:mnist_cnn --attack pgd --eps 0,0.1 --n 100 "
+    "--save-adversarial all --out runs/cnn-adv",
+    "robustkit attack --model zoo:mnist_mlp --data runs/cnn-adv/adversarial/pgd40@0.1.safetensors "
+    "--eps 0,0.1 --attack fgsm --out runs/transfer-check"))
 def attack(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint (e.g. reports/NAME/model.safetensors), zoo:NAME, TorchScript, .pt2, or package.module:factory.")],  # noqa: E501
     attack_names: Annotated[str, typer.Option("--attack", help=f"Comma-separated attacks ({', '.join(declared_attacks())}) or a preset: standard = fgsm + autoattack; apgd-ce-margin = APGD-100 CE and margin (cheaper); fgsm-pgd = FGSM and PGD-40 (quick, overstates robustness).")] = "standard",  # noqa: E501
@@ -426,6 +447,7 @@ def attack(
     bpda: Annotated[Optional[str], typer.Option("--bpda", help="Attack through the --defence with BPDA: identity or mean-filter.")] = None,  # noqa: E501, UP045
     eot_samples: Annotated[Optional[int], typer.Option("--eot-samples", help="EOT: average each PGD/APGD step's gradient over K draws of --transform.")] = None,  # noqa: E501, UP045
     transform: Annotated[Optional[str], typer.Option("--transform", help="Transformations, e.g. rotate=15,translate=2,scale=0.9:1.1,noise=0.05 (also eval_samples=M, eps=E).")] = None,  # noqa: E501, UP045
+    save_adversarial: Annotated[Optional[str], typer.Option("--save-adversarial", help="Write each (attack, ε) cell's adversarial examples to OUT/adversarial/ (safetensors, with indices, labels, predictions and ε): all or broken.")] = None,  # noqa: E501, UP045
     certify: Annotated[Optional[str], typer.Option("--certify", help="Also certify at the same ε (a lower bound beside the attacks' upper bound): ibp, crown-ibp or crown, comma-separated.")] = None,  # noqa: E501, UP045
 ) -> None:
     """Attack a model over an ε sweep; writes results.csv, per_sample.csv and a report."""
@@ -463,6 +485,7 @@ def attack(
             defence=tables.defence if tables else None,
             transforms=tables.transforms if tables else None, checks_level=level,
             output=output, certify=_certify_methods(certify, attacks),
+            save_adversarial=_save_adversarial(save_adversarial),
         )
     if _is_main_process():
         (_log if as_json else _echo)(f"results in {outcome.outputs['folder']}/ (results.csv, "

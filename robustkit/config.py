@@ -45,6 +45,7 @@ from robustkit.vocabulary import (
     OptimizerName,
     Precision,
     Preprocess,
+    SaveAdversarial,
     Schedule,
     SplitName,
     TrainMethod,
@@ -247,6 +248,8 @@ class EvaluateConfig:
     checks: ChecksLevel = "full"
     # certified lower bounds after the sweep, at the same ε: any of "ibp", "crown-ibp", "crown"
     certify: tuple[CertifyMethod, ...] = ()
+    # write each (attack, ε) cell's adversarial examples to adversarial/: "all" or "broken"
+    save_adversarial: SaveAdversarial | None = None
 
 
 @dataclass(frozen=True)

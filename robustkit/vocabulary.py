@@ -41,6 +41,8 @@ ChecksLevel = Literal["full", "quick", "off"]
 #: Certified bounds (:mod:`robustkit.certify`): interval bound propagation, CROWN over IBP's
 #: intermediate bounds, and CROWN throughout.
 CertifyMethod = Literal["ibp", "crown-ibp", "crown"]
+#: Which adversarial examples a sweep writes to disk: every sample's, or the broken ones'.
+SaveAdversarial = Literal["all", "broken"]
 
 NORMS: tuple[Norm, ...] = get_args(Norm)
 LOSSES: tuple[Loss, ...] = get_args(Loss)
@@ -50,3 +52,4 @@ APPROXIMATIONS: tuple[Approximation, ...] = get_args(Approximation)
 STATUSES: tuple[Status, ...] = get_args(Status)
 CHECKS_LEVELS: tuple[ChecksLevel, ...] = get_args(ChecksLevel)
 CERTIFY_METHODS: tuple[CertifyMethod, ...] = get_args(CertifyMethod)
+SAVE_ADVERSARIAL: tuple[SaveAdversarial, ...] = get_args(SaveAdversarial)

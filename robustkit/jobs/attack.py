@@ -50,7 +50,7 @@ from robustkit.runs import attack_records, evaluate_to_folder, finish_sweep, set
 from robustkit.runtime import now_iso, provenance
 from robustkit.sources import load_data
 from robustkit.stages import SweepDone, as_model_failure, check_certifiable, run_stages
-from robustkit.vocabulary import CertifyMethod, ChecksLevel
+from robustkit.vocabulary import CertifyMethod, ChecksLevel, SaveAdversarial
 
 
 def model_name(spec: str, weights: Path | str | None = None) -> str:
@@ -99,6 +99,7 @@ def attack_model(
     checks_level: ChecksLevel = "quick",
     output: str | None = None,
     certify: Sequence[CertifyMethod] = (),
+    save_adversarial: SaveAdversarial | None = None,
 ) -> AttackOutcome:
     """Load any supported model, sweep the attacks over ε on the test set, run the post-sweep
     stages (:func:`~robustkit.jobs.common.post_sweep_stages`), write a run folder.
@@ -111,6 +112,8 @@ def attack_model(
     (:func:`robustkit.checks.run_checks`). ``output``: where a model whose forward returns more
     than logits keeps them (:func:`robustkit.models.load_model`). ``certify``: the certified
     bounds computed at the same ε (:class:`~robustkit.stages.CertifiedBounds`).
+    ``save_adversarial``: each cell's examples written to ``adversarial/``
+    (:class:`~robustkit.stages.SavedAdversarial`).
     """
     _check_attack_request(attacks, eps, transforms, seed=seed, n=n, batch_size=batch_size)
     target, dist = distributed.setup(device or "auto")
@@ -142,6 +145,8 @@ def attack_model(
         settings = _attack_settings(info, data, split, attacks, eps, weights=weights,
                                     normalize=normalize, seed=seed, target=target,
                                     batch_size=batch_size, defence=defence, transforms=transforms)
+        if save_adversarial is not None:  # a sweep that kept none cannot resume into one that does
+            settings["save_adversarial"] = save_adversarial
         fingerprint = settings_fingerprint(settings)
         replacing = distributed.on_main(lambda: guard_folder(
             folder, owner, overwrite, lambda held: _settings_changes(held, folder, fingerprint)),
@@ -154,12 +159,14 @@ def attack_model(
             net, split, attacks, eps, out_dir=work, settings=settings, manifest=manifest,
             model_name=name, batch_size=batch_size, seed=seed, progress=progress, dist=dist,
             transform=build_transform(transforms), log=log,
+            keep_adversarial=save_adversarial is not None,
         ))
         warnings = clean_accuracy_warnings(evaluation.results, data.name, normalize)
         done, outputs = None, {"folder": str(folder)}
         if main:  # the stages and the report: rank 0 only
             stages = post_sweep_stages(level=checks_level, attacks=attacks, eps=eps,
-                                       transforms=transforms, certify=certify)
+                                       transforms=transforms, certify=certify,
+                                       save_adversarial=save_adversarial)
             done = run_stages(stages, SweepDone(
                 model=net, split=split, evaluation=evaluation, checks=None, settings=settings,
                 folder=work, shown=folder, seed=seed, batch_size=batch_size, progress=progress,

@@ -21,24 +21,28 @@ from robustkit.stages import (
     PaperReference,
     PhysicalWorld,
     SanityChecks,
+    SavedAdversarial,
     Stage,
     SweepDone,
 )
-from robustkit.vocabulary import CertifyMethod, ChecksLevel
+from robustkit.vocabulary import CertifyMethod, ChecksLevel, SaveAdversarial
 
 
 def post_sweep_stages(*, level: ChecksLevel, attacks: Sequence[AttackConfig],
                       eps: Sequence[float], transforms: TransformConfig | None,
                       reference: ReferenceConfig | None = None,
-                      certify: Sequence[CertifyMethod] = ()) -> list[Stage]:
+                      certify: Sequence[CertifyMethod] = (),
+                      save_adversarial: SaveAdversarial | None = None) -> list[Stage]:
     """The stages after a sweep, in order: the checks (which flag what they discredit), the
     certified bounds (``certify``: their consistency with the attacks is one more check), the
-    example pictures, the paper reference (a config's ``[reference]``), robustness under
-    transformation."""
+    example pictures, the adversarial examples on disk (``save_adversarial``), the paper
+    reference (a config's ``[reference]``), robustness under transformation."""
     stages: list[Stage] = [SanityChecks(level)]
     if certify:
         stages.append(CertifiedBounds(tuple(certify)))
     stages.append(ExampleProbabilities())
+    if save_adversarial is not None:
+        stages.append(SavedAdversarial(save_adversarial))
     if reference is not None:
         stages.append(PaperReference(reference))
     stages.append(PhysicalWorld(attacks, transforms, eps))

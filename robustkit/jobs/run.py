@@ -168,6 +168,7 @@ def _run_seed(run: _Run, seed: int) -> Evaluation:
         manifest=manifest, model_name=f"{cfg.name}/seed-{seed}" if run.several else cfg.name,
         batch_size=cfg.evaluate.batch_size, seed=cfg.evaluate.seed, progress=run.progress,
         dist=run.dist, transform=build_transform(cfg.transforms), log=run.log,
+        keep_adversarial=cfg.evaluate.save_adversarial is not None,
     )
     done = None
     if run.main:
@@ -175,7 +176,8 @@ def _run_seed(run: _Run, seed: int) -> Evaluation:
         _copy_training_outputs(ckpt_dir, eval_dir, to_toml(cfg))
         stages = post_sweep_stages(level=cfg.evaluate.checks, attacks=cfg.attacks,
                                    eps=cfg.evaluate.eps, transforms=cfg.transforms,
-                                   reference=cfg.reference, certify=cfg.evaluate.certify)
+                                   reference=cfg.reference, certify=cfg.evaluate.certify,
+                                   save_adversarial=cfg.evaluate.save_adversarial)
         done = run_stages(stages, SweepDone(
             model=model, split=run.split, evaluation=evaluation, checks=None, settings=settings,
             folder=eval_dir, shown=run.folder / eval_dir.relative_to(run.work),
