@@ -129,7 +129,7 @@ def test_checks_of_a_random_model_attacked_with_eot_state_it_and_use_eot(
     # the same model attacked without EOT: the determinism check still fails, with the advice
     plain = quick_checks(model, split, [AttackConfig(name="apgd", steps=10)], [0.0, 0.001])
     assert plain.loc["forward_deterministic", "status"] == "fail"
-    assert "--eot-samples K" in plain.loc["forward_deterministic", "detail"]
+    assert "--eot-samples K" in str(plain.loc["forward_deterministic", "detail"])
 
 
 def test_a_random_model_with_gradient_attacks_left_without_eot_warns(
@@ -141,7 +141,7 @@ def test_a_random_model_with_gradient_attacks_left_without_eot_warns(
     frame = run_checks(model, split, evaluation.results, settings_for(*attacks, eps=[0.0, 0.02]),
                        n=40, level="quick", per_sample=evaluation.per_sample).set_index("name")
     assert frame.loc["forward_deterministic", "status"] == "warn"
-    assert "fgsm ran on one draw per step" in frame.loc["forward_deterministic", "detail"]
+    assert "fgsm ran on one draw per step" in str(frame.loc["forward_deterministic", "detail"])
 
 
 # --------------------------------------------------------------------------- the command line
@@ -163,7 +163,7 @@ def test_noise_defence_with_eot_runs_the_default_preset_with_a_clean_verdict(
     assert set(results["attack"]) == {"apgd10-eot4", "apgd10-dlr-eot4", "any"}
     checks = pd.read_csv(out / "checks.csv").set_index("name")
     assert set(checks["status"]) == {"pass"}, checks[["status", "detail"]].to_string()
-    assert checks.loc["forward_deterministic", "detail"].startswith("the model is random")
+    assert str(checks.loc["forward_deterministic", "detail"]).startswith("the model is random")
     assert "(unreliable)" not in result.stdout and "batch statistics" not in result.stdout
 
 
@@ -185,7 +185,7 @@ def test_a_random_torchscript_model_is_not_refused_as_batch_statistics(
     assert result.returncode == 0, result.stderr
     checks = pd.read_csv(out / "checks.csv").set_index("name")
     assert set(checks["status"]) == {"pass"}, checks[["status", "detail"]].to_string()
-    assert checks.loc["forward_deterministic", "detail"].startswith("the model is random")
+    assert str(checks.loc["forward_deterministic", "detail"]).startswith("the model is random")
 
 
 # --------------------------------------------------------------------------- masking at small ε
@@ -233,8 +233,8 @@ def test_masking_confined_to_a_small_eps_is_caught() -> None:
     frame = run_checks(decoy, split, evaluation.results, settings_for(attack, eps=eps), n=100,
                        level="quick", per_sample=evaluation.per_sample).set_index("name")
     check = frame.loc["gradient_free_finds_no_more"]
-    assert check["status"] == "fail", check["detail"]
-    assert "at ε=0.05" in check["detail"]
+    assert check["status"] == "fail", str(check["detail"])
+    assert "at ε=0.05" in str(check["detail"])
 
     # what the one-ε check saw: at the middle ε the gradient attack is sound
     x, y = split.images[:50], split.labels[:50]
