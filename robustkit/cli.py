@@ -23,6 +23,7 @@ from robustkit.attack_specs import OPTIONS, attack_spec
 from robustkit.attack_specs import attack_names as declared_attacks
 from robustkit.config import (
     ATTACK_PRESETS,
+    EOT_ENSEMBLE,
     AttackConfig,
     config_from_dict,
     load_config,
@@ -325,9 +326,12 @@ def _check_step_size(step: object) -> None:
                              "give a step in [0, 1] pixel units")
 
 
-def _attack_bases(name: str) -> list[dict[str, object]]:
+def _attack_bases(name: str, eot: bool = False) -> list[dict[str, object]]:
     """The attack tables one ``--attack`` name stands for: a preset's attacks or the attack
-    itself; an unknown name is a user error."""
+    itself; an unknown name is a user error. Under EOT (``eot``) a preset keeps the attacks
+    that take it, runs ``EOT_ENSEMBLE`` for ``autoattack`` and leaves out the others, saying so."""
+    if name in ATTACK_PRESETS and eot:
+        return [to_dict(a) for a in _preset_under_eot(name)]
     if name in ATTACK_PRESETS:
         return [to_dict(a) for a in ATTACK_PRESETS[name]]
     if name in declared_attacks():
@@ -335,6 +339,24 @@ def _attack_bases(name: str) -> list[dict[str, object]]:
     raise RobustkitError(
         f"unknown attack {name!r}: choose {', '.join(declared_attacks())} or a preset "
         f"({', '.join(PRESET_NAMES)}), comma-separated")
+
+
+def _preset_under_eot(name: str) -> list[AttackConfig]:
+    """The preset ``name`` for ``--eot-samples``, with one line saying what changed."""
+    kept: list[AttackConfig] = []
+    said: list[str] = []
+    for attack in ATTACK_PRESETS[name]:
+        if attack_spec(attack.name).family == "ensemble":
+            kept += EOT_ENSEMBLE
+            said.append(f"{attack.name} runs as AutoAttack runs randomised models (APGD-CE and "
+                        "APGD-DLR with EOT; its APGD-T and Square take none)")
+        elif "eot_samples" in attack_spec(attack.name).options:
+            kept.append(attack)
+        else:
+            said.append(f"{attack.name}, which takes no EOT, is left out")
+    if said:
+        _log(f"--eot-samples: in the {name} preset, {'; '.join(said)}")
+    return kept
 
 
 def _fit_options_to_attack(entry: dict[str, object], taken: set[str]) -> dict[str, object]:
@@ -357,7 +379,8 @@ def _attack_configs(names: str, *, extra: dict[str, object] | None = None,
     given = {k: v for k, v in settings.items() if v is not None}
     _check_step_size(given.get("step_size"))
     chosen = [n.strip().lower() for n in names.split(",") if n.strip()]
-    bases = [base for name in chosen for base in _attack_bases(name)]
+    eot = given.get("eot_samples") is not None
+    bases = [base for name in chosen for base in _attack_bases(name, eot)]
     taken = {key for base in bases for key in attack_spec(str(base["name"])).options}
     attacks = [_fit_options_to_attack({**base, **given}, taken) for base in bases]
     if not attacks:

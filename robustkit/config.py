@@ -234,6 +234,11 @@ ATTACK_PRESETS: dict[str, tuple[AttackConfig, ...]] = {
     "apgd-ce-margin": (AttackConfig(name="apgd"), AttackConfig(name="apgd", loss="margin")),
     "fgsm-pgd": (AttackConfig(name="fgsm"), AttackConfig(name="pgd")),
 }
+#: What a preset's ``autoattack`` becomes under EOT (``--eot-samples``): AutoAttack's own
+#: configuration for randomised defences (Croce & Hein's ``version="rand"``: APGD-CE and
+#: APGD-DLR, each step averaged over the EOT draws); its APGD-T and Square take no EOT.
+EOT_ENSEMBLE: tuple[AttackConfig, ...] = (AttackConfig(name="apgd"),
+                                          AttackConfig(name="apgd", loss="dlr"))
 
 
 @dataclass(frozen=True)
