@@ -289,7 +289,9 @@ def _summary_section(
 ) -> tuple[Section, dict[str, pd.DataFrame]]:
     accuracy = tables.accuracy_table(runs)
     cost = tables.cost_table(runs)
-    blocks: list[Block] = [
+    blocks: list[Block] = [Text(f"Not like for like: {note}")
+                           for note in tables.comparability_notes(runs)]
+    blocks += [
         Text(
             "Robust accuracy (fraction of samples classified correctly under every attack "
             f'point within ε) with its 95% Wilson score interval. The attack "{ANY}" is the '
