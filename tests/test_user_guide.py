@@ -125,3 +125,13 @@ def test_report_of_runs_with_different_n_warns(tmp_path: Path) -> None:
     assert "Not like for like: These runs were evaluated on different numbers" in markdown
     same = run("report", "reports/mnist_mlp", "reports/mnist_cnn", "--out", str(tmp_path / "s"))
     assert same.returncode == 0 and "warning" not in same.stderr, same.stderr
+
+
+def test_committed_reports_name_no_absolute_data_folder() -> None:
+    manifests = sorted((REPO / "reports").glob("**/manifest.json"))
+    sources = {m.parent.name: json.loads(m.read_text(encoding="utf-8")).get("data_source")
+               for m in manifests}
+    assert sum(s is not None for s in sources.values()) >= 10, sources
+    absolute = {name: s for name, s in sources.items() if s and "/" in s and
+                any(Path(part.strip("()")).is_absolute() for part in s.split())}
+    assert not absolute, absolute
