@@ -123,6 +123,9 @@ def test_report_of_runs_with_different_n_warns(tmp_path: Path) -> None:
             "1000, mnist_mlp: 10000)") in result.stderr
     markdown = (tmp_path / "cmp" / "report.md").read_text(encoding="utf-8")
     assert "Not like for like: These runs were evaluated on different numbers" in markdown
+    # the note opens the summary; the chart still stands between its text and the table
+    assert (markdown.index("Not like for like") < markdown.index("Robust accuracy (fraction")
+            < markdown.index("figures/accuracy.png") < markdown.index("| model | attack |"))
     same = run("report", "reports/mnist_mlp", "reports/mnist_cnn", "--out", str(tmp_path / "s"))
     assert same.returncode == 0 and "warning" not in same.stderr, same.stderr
 

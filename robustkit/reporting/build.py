@@ -588,7 +588,7 @@ def build_report(run_dirs: list[Path], out_dir: Path, title: str | None = None,
     summary, csvs = _summary_section(runs, results)
     accuracy_png = figures.accuracy_figure(results)
     summary.blocks.insert(
-        1,
+        next(i for i, block in enumerate(summary.blocks) if isinstance(block, Table)),
         FigureBlock(
             "accuracy.png",
             accuracy_png,
