@@ -63,7 +63,8 @@ _SHARED_HELP = {
     "--set": "Override a config value: section.key=value (repeatable).",
     "--device": "auto, cpu, cuda or cuda:N (default: the config's, else auto).",
     "--data": "mnist, fashion-mnist, cifar10, svhn, …, a .npz/.safetensors file "
-              "or an image folder (class_name/*.png).",
+              "or an image folder (class_name/*.png); default mnist. --dataset is an older "
+              "name of this option.",
     "--resize": "Resize images to H,W (or S for S×S); default: keep sizes.",
     "--app-dir": "Folder to import package.module:factory from (searched before the current "
                  "folder).",
@@ -84,6 +85,18 @@ DataOption = Annotated[Optional[str], _shared_option("--data")]  # noqa: UP045
 ResizeOption = Annotated[Optional[str], _shared_option("--resize")]  # noqa: UP045
 AppDirOption = Annotated[Optional[Path], _shared_option("--app-dir")]  # noqa: UP045
 DataDirOption = Annotated[Optional[Path], _shared_option("--data-dir")]  # noqa: UP045
+#: ``--dataset``: the older name of ``--data``, kept so old scripts run; hidden from the option
+#: list (``--data``'s help names it) and merged into ``--data`` by :func:`_data_source`.
+DatasetAlias = Annotated[Optional[str], typer.Option("--dataset", hidden=True)]  # noqa: UP045
+
+
+def _data_source(data: str | None, dataset: str | None) -> str | None:
+    """``--data`` with its older name ``--dataset`` folded in: either names the data; both
+    naming different data is refused rather than one silently winning."""
+    if data is not None and dataset is not None and data != dataset:
+        raise RobustkitError(f"--dataset {dataset} and --data {data} name different data: "
+                             "pass only --data")
+    return data if data is not None else dataset
 
 
 def _examples(*commands: str) -> str:
@@ -236,15 +249,16 @@ def _best_epoch(stem: Path) -> int:
     return int(read_sidecar(stem)["epoch"])
 
 
-@app.command(epilog=_examples("robustkit data --dataset mnist"))
+@app.command(epilog=_examples("robustkit data --data mnist"))
 def data(
-    dataset: Annotated[str, typer.Option("--dataset", help="mnist or fashion-mnist.")] = "mnist",
     data_source: DataOption = None,
+    dataset: DatasetAlias = None,
     resize: ResizeOption = None,
     data_dir: DataDirOption = None,
     download: Annotated[bool, typer.Option("--download", help="Fetch missing files through torchvision.")] = False,  # noqa: E501
 ) -> None:
     """Show where data is looked for, what was found and whether checksums match."""
+    data_source = _data_source(data_source, dataset)
     if data_source is not None and data_source.lower() not in {"mnist", "fashion-mnist"}:
         from robustkit.sources import load_data
 
@@ -263,7 +277,7 @@ def data(
         for key, value in loaded.provenance.items():
             out.print(f"  {key}: {value}", highlight=False, markup=False)
         return
-    dataset = (data_source or dataset).lower()
+    dataset = (data_source or "mnist").lower()
     from robustkit.data import (
         FILE_KEYS,
         dataset_spec,
@@ -446,8 +460,8 @@ def attack(
     n: Annotated[Optional[int], typer.Option("--n", help="Evaluate the first N test images.")] = None,  # noqa: E501, UP045
     batch_size: Annotated[int, typer.Option("--batch-size")] = 1000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random starts.")] = 0,
-    dataset: Annotated[str, typer.Option("--dataset", help="mnist or fashion-mnist (see --data).")] = "mnist",  # noqa: E501
     data_source: DataOption = None,
+    dataset: DatasetAlias = None,
     resize: ResizeOption = None,
     app_dir: AppDirOption = None,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="State dict for a factory model.")] = None,  # noqa: E501, UP045
@@ -478,9 +492,7 @@ def attack(
     from robustkit.outputs import staging_path
     from robustkit.terminal import attack_summary
 
-    if data_source is not None and dataset != "mnist" and data_source != dataset:
-        raise RobustkitError(f"--dataset {dataset} and --data {data_source} name different "
-                             "data: pass only --data")
+    data_source = _data_source(data_source, dataset)
     eps_values = _float_list(eps, "--eps")
     level = _checks_level(checks, fail_on_check)
     extra: dict[str, object] = {}
@@ -499,7 +511,7 @@ def attack(
     with _stdout_to_stderr() if as_json else contextlib.nullcontext():
         outcome = attack_model(
             model=model, attacks=attacks, eps=eps_values, n=n, batch_size=batch_size,
-            seed=seed, dataset=dataset, data_source=data_source,
+            seed=seed, data_source=data_source,
             resize=_resize(resize) if resize else None, app_dir=app_dir, weights=weights,
             normalize=normalize, device=device, data_dir=data_dir, out_dir=out_dir,
             overwrite=overwrite, progress=not quiet, show=_shower(_log if as_json else _echo),
@@ -653,6 +665,8 @@ def report(
 ) -> None:
     """Build one HTML + Markdown + CSV report from one or more evaluation folders."""
     from robustkit.reporting.build import publish_report
+    from robustkit.reporting.load import load_runs
+    from robustkit.reporting.tables import comparability_notes
 
     if out_dir is None:
         if len(run_dirs) != 1:
@@ -666,6 +680,8 @@ def report(
         out.print(f"{kind}: {path}")
     if replaced:
         _log(replaced)
+    for note in comparability_notes(load_runs(list(run_dirs))):
+        _log(f"warning: {note}")
 
 
 def _rank_prefix() -> str:

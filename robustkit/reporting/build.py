@@ -292,7 +292,9 @@ def _summary_section(
 ) -> tuple[Section, dict[str, pd.DataFrame]]:
     accuracy = tables.accuracy_table(runs)
     cost = tables.cost_table(runs)
-    blocks: list[Block] = [
+    blocks: list[Block] = [Text(f"Not like for like: {note}")
+                           for note in tables.comparability_notes(runs)]
+    blocks += [
         Text(
             "Robust accuracy (fraction of samples classified correctly under every attack "
             f'point within ε) with its 95% Wilson score interval. The attack "{ANY}" is the '
@@ -590,7 +592,7 @@ def build_report(run_dirs: list[Path], out_dir: Path, title: str | None = None,
     summary, csvs = _summary_section(runs, results)
     accuracy_png = figures.accuracy_figure(results)
     summary.blocks.insert(
-        1,
+        next(i for i, block in enumerate(summary.blocks) if isinstance(block, Table)),
         FigureBlock(
             "accuracy.png",
             accuracy_png,
