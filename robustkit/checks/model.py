@@ -28,6 +28,7 @@ from robustkit.attacks import (
     steepest_step,
 )
 from robustkit.attacks.losses import logits_problem, probability_rows
+from robustkit.attacks.norms import LP_NORMS
 from robustkit.checks.record import Check, grade
 from robustkit.checks.results import ITERATIVE, largest_rise, monotone_check
 from robustkit.config import AttackConfig
@@ -440,6 +441,11 @@ def check_gradient_free_finds_no_more(
     else:
         robust, label = known.robust, known.label
     threshold = f"broken by Square ≤ {warn_above:g} of the robust (fail > {fail_above:g})"
+    if attack.norm not in LP_NORMS:
+        return Check("gradient_free_finds_no_more", "warn", None, threshold,
+                     f"not run: robustkit's Square has no {attack.norm} version, so no "
+                     "gradient-free search backs the gradient attacks in this norm",
+                     {"eps": eps, "robust": int(robust.sum()), "broken_by_square": 0})
     survivors = robust.to(x.device).nonzero().squeeze(1)
     if survivors.numel() == 0:
         return Check("gradient_free_finds_no_more", "pass", 0.0, threshold,
