@@ -364,8 +364,8 @@ def _checks_level(text: str, fail_on_check: bool) -> ChecksLevel:
     "robustkit attack --model zoo:mnist_cnn --attack fgsm,pgd --eps 0,0.1,0.2,0.3 --n 200",
     "robustkit attack --model reports/mnist_cnn_pgd_at/model.safetensors --attack apgd "
     "--eps 0,0.3 --n 200",
-    "robustkit attack --model zoo:mnist_cnn_pgd_at --attack apgd --norm l1 --eps 0,5,10 "
-    "--n 50"))
+    "robustkit attack --model zoo:mnist_cnn_pgd_at --attack apgd --norm l1 --eps 0,10 "
+    "--n 20 --checks quick"))
 def attack(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint (e.g. reports/NAME/model.safetensors), zoo:NAME, TorchScript, .pt2, or package.module:factory.")],  # noqa: E501
     attack_names: Annotated[str, typer.Option("--attack", help=f"Comma-separated attacks ({', '.join(declared_attacks())}) or a preset: standard = fgsm + autoattack; apgd-ce-margin = APGD-100 CE and margin (cheaper); fgsm-pgd = FGSM and PGD-40 (quick, overstates robustness).")] = "standard",  # noqa: E501
