@@ -17,8 +17,10 @@ the models measured here it broke no sample the other three left robust (see REA
 **L1** (what AutoAttack's ``version="standard"`` runs for ``norm="L1"``, Croce & Hein, 2021):
 APGD-CE with 5 restarts and APGD-T with 5 target classes, both l1-APGD with the ε schedule
 (3ε, 2ε, ε; :mod:`~robustkit.attacks.apgd_l1`). Their L1 Square and FAB-T are left out: robustkit
-has no L1 Square yet, and FAB-T is left out in every norm (above); the benchmark
-``benchmarks/l1_compare.py`` measures what the two add on the authors' code.
+has no L1 Square or FAB yet. In L1 that matters: on ``zoo:mnist_cnn_pgd_at`` at ε = 10 (first
+200 test images, ``benchmarks/l1_compare.py``) the two APGD stages agree with the authors'
+(18.5% robust here, 17.5% after their APGD-T) but their L1 FAB-T then breaks 15.5 points more
+(2.0%), so this L1 ensemble overstates robustness until it has an L1 FAB-T.
 
 Randomness: ``start_noise(r)`` gives draw ``r`` of unit-ball noise shaped like ``x`` (APGD-CE
 uses draws ``0 … R − 1`` for its ``R`` restarts, APGD-T's ``j``-th target draw ``R + j``) and
