@@ -373,6 +373,14 @@ def _preset_under_eot(name: str) -> list[AttackConfig]:
     return kept
 
 
+def _in_norm(bases: list[dict[str, object]], given: dict[str, object]) -> list[dict[str, object]]:
+    """A preset's attacks that run in ``--norm`` (``standard`` in L1 is the ensemble alone);
+    a single attack stays, for the config check to refuse in a norm it does not run in."""
+    norm = given.get("norm", "linf")
+    fitting = [b for b in bases if norm in attack_spec(str(b["name"])).norms]
+    return fitting if len(bases) > 1 and fitting else bases
+
+
 def _fit_options_to_attack(entry: dict[str, object], taken: set[str]) -> dict[str, object]:
     """``entry`` (an attack table with the command-line options merged in) without the options
     its attack's spec does not declare, when they are at their defaults or another attack
@@ -394,7 +402,7 @@ def _attack_configs(names: str, *, extra: dict[str, object] | None = None,
     _check_step_size(given.get("step_size"))
     chosen = [n.strip().lower() for n in names.split(",") if n.strip()]
     eot = given.get("eot_samples") is not None
-    bases = [base for name in chosen for base in _attack_bases(name, eot)]
+    bases = [base for name in chosen for base in _in_norm(_attack_bases(name, eot), given)]
     taken = {key for base in bases for key in attack_spec(str(base["name"])).options}
     attacks = [_fit_options_to_attack({**base, **given}, taken) for base in bases]
     if not attacks:
@@ -446,12 +454,14 @@ def _checks_level(text: str, fail_on_check: bool) -> ChecksLevel:
     "robustkit attack --model zoo:mnist_cnn --attack pgd --eps 0,0.1 --n 100 "
     "--save-adversarial all --out runs/cnn-adv",
     "robustkit attack --model zoo:mnist_mlp --data runs/cnn-adv/adversarial/pgd40@0.1.safetensors "
-    "--eps 0,0.1 --attack fgsm --out runs/transfer-check"))
+    "--eps 0,0.1 --attack fgsm --out runs/transfer-check",
+    "robustkit attack --model zoo:mnist_cnn_pgd_at --attack apgd --norm l1 --eps 0,10 "
+    "--n 20 --checks quick"))
 def attack(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint (e.g. reports/NAME/model.safetensors), zoo:NAME, TorchScript, .pt2, or package.module:factory.")],  # noqa: E501
     attack_names: Annotated[str, typer.Option("--attack", help=f"Comma-separated attacks ({', '.join(declared_attacks())}) or a preset: standard = fgsm + autoattack; apgd-ce-margin = APGD-100 CE and margin (cheaper); fgsm-pgd = FGSM and PGD-40 (quick, overstates robustness).")] = "standard",  # noqa: E501
-    eps: Annotated[str, typer.Option("--eps", help="Comma-separated budgets in [0,1] pixel units; fractions such as 8/255 accepted.")] = "0,0.05,0.1,0.15,0.2,0.25,0.3",  # noqa: E501
-    norm: Annotated[str, typer.Option("--norm", help="linf or l2.")] = "linf",
+    eps: Annotated[str, typer.Option("--eps", help="Comma-separated budgets in pixel units ([0,1] in L∞, up to √d in L2, d in L1); fractions such as 8/255 accepted.")] = "0,0.05,0.1,0.15,0.2,0.25,0.3",  # noqa: E501
+    norm: Annotated[str, typer.Option("--norm", help="linf, l2 or l1 (l1: apgd, apgd-t, autoattack; ε = Σ|pixel changes|, e.g. --norm l1 --eps 0,5,10).")] = "linf",  # noqa: E501
     steps: Annotated[Optional[int], typer.Option("--steps", help="PGD/APGD steps (default: PGD 40, APGD 100).")] = None,  # noqa: E501, UP045
     step_size: Annotated[Optional[float], typer.Option("--step-size", help="PGD step (default 2.5·ε/steps).")] = None,  # noqa: E501, UP045
     restarts: Annotated[Optional[int], typer.Option("--restarts", help="PGD/APGD random restarts (default 1).")] = None,  # noqa: E501, UP045

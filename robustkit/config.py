@@ -30,7 +30,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from robustkit.attack_specs import OPTIONS, SPECS, attack_names, attack_spec
+from robustkit.attack_specs import OPTIONS, SPECS, attack_names, attack_spec, running_in
 from robustkit.budgets import eps_bound, sweep_eps_bound
 from robustkit.errors import RobustkitError
 from robustkit.results import ANY
@@ -549,8 +549,9 @@ def _check_eps_range(config: ExperimentConfig) -> None:
     """Every ε within the largest budget of the attacks' norms (:func:`sweep_eps_bound`)."""
     pixels = _input_pixels(config.data)
     upper = sweep_eps_bound((a.norm for a in config.attacks), pixels)
-    l2 = (f"at most √d = {eps_bound('l2', pixels):g} for d = {pixels} values per image"
-          if pixels is not None else "at most √d, d = values per image")
+    l2 = (f"at most √d = {eps_bound('l2', pixels):g} for d = {pixels} values per image; L1 "
+          f"budgets at most d = {pixels}" if pixels is not None else
+          "at most √d and L1 budgets at most d, d = values per image")
     for i, eps in enumerate(config.evaluate.eps):
         if not 0.0 <= eps <= upper:
             _fail(f"evaluate.eps[{i}]", f"{eps} is out of range: ε is in [0, {upper:g}] pixel "
@@ -584,10 +585,19 @@ def _check_validation(config: ExperimentConfig) -> None:
 
 def _check_attack(attack: AttackConfig, where: str, defence: DefenceConfig | None) -> None:
     _check_label(attack.label, where)
+    _check_norm(attack, where)
     _check_apgd(attack, where)
     _check_square(attack, where)
     _check_eot_bpda(attack, where, defence)
     _check_options(attack, where)
+
+
+def _check_norm(attack: AttackConfig, where: str) -> None:
+    """The attack runs in its norm (L1: APGD, APGD-T and the ensemble only)."""
+    spec = attack_spec(attack.name)
+    if attack.norm not in spec.norms:
+        _fail(f"{where}.norm", f"{attack.name} does not run in {attack.norm}: {attack.norm} "
+              f"attacks are {', '.join(running_in(attack.norm))}")
 
 
 def _check_options(attack: AttackConfig, where: str) -> None:

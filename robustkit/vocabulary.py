@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-#: The threat models (balls) the attacks support.
-Norm = Literal["linf", "l2"]
+#: The threat models (balls) the attacks support; ε is in pixel units in each (L1: the sum of
+#: the absolute pixel changes).
+Norm = Literal["linf", "l2", "l1"]
 #: The objectives an attack maximises (see :mod:`robustkit.attacks.losses`).
 Loss = Literal["ce", "margin", "dlr"]
 #: The attacks a config's ``[[attacks]]`` entry or ``--attack`` names.

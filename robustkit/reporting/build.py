@@ -203,7 +203,7 @@ def _samples_to_show(ex: dict[str, np.ndarray], key: str, norm: str, fresh: list
     then by perturbation size (``norm``; largest first) and position."""
     k = len(ex["clean"])
     delta = np.abs(ex[f"adv/{key}"].astype(np.float64) - ex["clean"]).reshape(k, -1)
-    size = delta.max(axis=1) if norm == "linf" else np.sqrt((delta**2).sum(axis=1))
+    size = [figures.perturbation_size(row, norm) for row in delta]
     return sorted(fresh, key=lambda i: (flags[i] is not True, -round(size[i], 4), i))
 
 
