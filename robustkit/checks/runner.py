@@ -19,7 +19,15 @@ from robustkit.attack_specs import SPECS, attack_spec, names_in, searching_freel
 from robustkit.attacks import attack_mode
 from robustkit.attacks.losses import logits_problem
 from robustkit.checks.record import Check, checks_frame
-from robustkit.checks.results import ITERATIVE, attack_configs, attack_kind, result_checks
+from robustkit.checks.results import (
+    ITERATIVE,
+    TRANSFER_CHECK,
+    attack_configs,
+    attack_kind,
+    check_transfer_not_stronger,
+    result_checks,
+    transfer_titles,
+)
 from robustkit.config import AttackConfig
 from robustkit.data import Split
 from robustkit.errors import RobustkitError
@@ -32,6 +40,9 @@ from robustkit.vocabulary import ChecksLevel
 GRADIENT_FREE = searching_freely()
 #: Failures that discredit gradient attacks only: attacks with a gradient-free stage stand.
 GRADIENT_ONLY = frozenset({"gradient_free_finds_no_more", "input_gradients_usable"})
+#: Failures that speak only of the attacks on the evaluated model: transfer attacks (crafted
+#: on another model's gradients) stand.
+WHITE_BOX_ONLY = GRADIENT_ONLY | {TRANSFER_CHECK}
 #: The mark put next to a number that a failing check makes unreliable.
 UNRELIABLE = "(unreliable)"
 
@@ -46,15 +57,16 @@ def main_attack(results: pd.DataFrame, settings: dict[str, Any], default_steps: 
     """The attack the model checks use: the evaluation's strongest untargeted PGD or APGD.
 
     Strongest = lowest mean accuracy in ``results``; without either in the settings, the default
-    PGD (L∞, ``default_steps`` steps, step 2.5·ε/steps, one random start).
+    PGD (L∞, ``default_steps`` steps, step 2.5·ε/steps, one random start). Transfer attacks
+    (crafted on another model) are not the evaluation's attacks on this one: never chosen.
     """
-    configs = [c for c in attack_configs(settings).values() if c.name in ITERATIVE]
-    ensembles = [c for c in attack_configs(settings).values()
-                 if attack_spec(c.name).family == "ensemble"]
+    own = [c for c in attack_configs(settings).values() if c.source is None]
+    configs = [c for c in own if c.name in ITERATIVE]
+    ensembles = [c for c in own if attack_spec(c.name).family == "ensemble"]
     if not configs and ensembles:  # the ensemble's first stage: APGD with the CE loss
         return AttackConfig(name="apgd", norm=ensembles[0].norm, steps=ensembles[0].steps)
     if not configs:
-        norms = {c.norm for c in attack_configs(settings).values()}
+        norms = {c.norm for c in own} or {"linf"}
         norm = norms.pop() if len(norms) == 1 else "linf"
         return AttackConfig(name="pgd", norm=norm, steps=default_steps)
     untargeted = [c for c in configs if not c.targeted] or configs
@@ -197,6 +209,8 @@ def run_checks(
                      + (" (kept from the interrupted run)" if name in finished else ""))
     if shortcuts and eps:  # the from-scratch re-attack replaces the table's monotone check
         checks[0] = probed.pop(0)
+    if transfer_titles(settings) and per_sample is not None:
+        probed.append(check_transfer_not_stronger(per_sample, settings))
     return checks_frame(checks + probed)
 
 
@@ -227,8 +241,8 @@ class _Randomness:
     def of(cls, settings: dict[str, Any], spread: Spread) -> _Randomness:
         configs = attack_configs(settings)
         eot = {t: c.eot_samples for t, c in configs.items() if c.eot_samples is not None}
-        plain = tuple(t for t, c in configs.items()
-                      if c.eot_samples is None and attack_spec(c.name).uses_gradients)
+        plain = tuple(t for t, c in configs.items() if c.eot_samples is None
+                      and c.source is None and attack_spec(c.name).uses_gradients)
         return cls(spread, eot, plain)
 
     @property
@@ -356,7 +370,7 @@ def _sweep_outcome(per_sample: pd.DataFrame | None, configs: dict[str, AttackCon
         return None
     titles = [t for t, c in configs.items() if (c.name in names or t in names)
               and (c.eot_samples is None or with_eot) and c.bpda is None
-              and f"{t}_eps" in per_sample]
+              and c.source is None and f"{t}_eps" in per_sample]
     if not titles:
         return None
     columns = per_sample[[f"{t}_eps" for t in titles]].to_numpy(dtype=float)[:n]
@@ -374,11 +388,14 @@ def unreliable_attacks(checks: pd.DataFrame | None, settings: dict[str, Any],
                        titles: Iterable[str]) -> dict[str, str]:
     """Attack title → why its robust accuracies are unreliable, for a run whose checks failed.
 
-    Every attack of the run is, with one exception: when the only failures are about
+    Every attack of the run is, with two exceptions: when the only failures are about
     gradients (:data:`GRADIENT_ONLY`: the gradient-free check, unusable input gradients),
     attacks that include Square (``square``, ``autoattack``, and the per-sample worst case
     ``any`` over them) already did what those checks ask for, and need no gradient (a model
-    whose logits are scaled by 1000 saturates cross-entropy's gradient, not Square).
+    whose logits are scaled by 1000 saturates cross-entropy's gradient, not Square); and when
+    the only failures speak of the attacks on this model (:data:`WHITE_BOX_ONLY`: those, and
+    ``transfer_not_stronger``), transfer attacks stand: they followed another model's
+    gradients.
     """
     if checks is None or checks.empty or "status" not in checks:
         return {}
@@ -393,6 +410,8 @@ def unreliable_attacks(checks: pd.DataFrame | None, settings: dict[str, Any],
         free.add(ANY)
     else:
         free = set()
+    if set(failed) <= WHITE_BOX_ONLY:
+        free |= {t for t in titles if t in configs and configs[t].source is not None}
     return {t: reason for t in titles if t not in free}
 
 
