@@ -40,9 +40,14 @@ from robustkit.vocabulary import ChecksLevel
 GRADIENT_FREE = searching_freely()
 #: Failures that discredit gradient attacks only: attacks with a gradient-free stage stand.
 GRADIENT_ONLY = frozenset({"gradient_free_finds_no_more", "input_gradients_usable"})
-#: Failures that speak only of the attacks on the evaluated model: transfer attacks (crafted
-#: on another model's gradients) stand.
-WHITE_BOX_ONLY = GRADIENT_ONLY | {TRANSFER_CHECK}
+#: Failures that speak only of the white-box attacks on the evaluated model (its gradients,
+#: the attack the checks probe it with, the comparison with transfer): transfer attacks,
+#: crafted on another model's gradients, stand. Any other failure (a random or
+#: batch-dependent model, outputs that are not logits, PGD steps too short to reach ε, a
+#: certified sample broken) discredits them too.
+WHITE_BOX_ONLY = GRADIENT_ONLY | {"accuracy_monotone_in_eps", "iterative_beats_single_step",
+                                  "accuracy_at_large_eps", "noise_weaker_than_attack",
+                                  "attack_converged", TRANSFER_CHECK}
 #: The mark put next to a number that a failing check makes unreliable.
 UNRELIABLE = "(unreliable)"
 
@@ -393,9 +398,10 @@ def unreliable_attacks(checks: pd.DataFrame | None, settings: dict[str, Any],
     attacks that include Square (``square``, ``autoattack``, and the per-sample worst case
     ``any`` over them) already did what those checks ask for, and need no gradient (a model
     whose logits are scaled by 1000 saturates cross-entropy's gradient, not Square); and when
-    the only failures speak of the attacks on this model (:data:`WHITE_BOX_ONLY`: those, and
-    ``transfer_not_stronger``), transfer attacks stand: they followed another model's
-    gradients.
+    the only failures speak of the white-box attacks on this model (:data:`WHITE_BOX_ONLY`:
+    those two, ``accuracy_at_large_eps``, ``noise_weaker_than_attack``, ``attack_converged``,
+    the monotonicity and single-step checks, ``transfer_not_stronger``), transfer attacks
+    stand: they followed another model's gradients.
     """
     if checks is None or checks.empty or "status" not in checks:
         return {}
