@@ -168,7 +168,9 @@ def run_checks(
     APGD-100 runs, restarts, a re-attack at every ε, Square with 1,000 queries); ``quick`` runs
     the same checks at budgets scaled to the evaluation (:data:`QUICK`) and reuses the sweep's
     per-sample outcomes (``per_sample``, rows in split order) instead of re-running its attacks;
-    ``off`` is not a level of this function (nothing runs).
+    ``off`` is not a level of this function (nothing runs). With transfer attacks in the
+    settings, ``transfer_not_stronger`` joins the model checks at either level, read from
+    ``per_sample`` (it does not run without it).
     ``shortcuts``: the results come from the shortcut engine (ε-monotone reuse, the default of
     :func:`~robustkit.evaluation.evaluate`), so the monotonicity check re-attacks the samples
     from scratch at each ε (:func:`~robustkit.checks.model.
@@ -199,6 +201,9 @@ def run_checks(
     model_checks = _model_checks(model, x, y, attack, eps, results, settings, seed=seed,
                                  budgets=budgets, shortcuts=shortcuts, randomness=randomness,
                                  per_sample=per_sample if budgets.reuse else None)
+    if transfer_titles(settings) and per_sample is not None:  # read from the sweep's table
+        model_checks.append((TRANSFER_CHECK, lambda: check_transfer_not_stronger(
+            per_sample, settings)))
     finished = dict(done or {})
     probed: list[Check] = []
     with Bar("sanity checks", len(model_checks), progress) as bar, \
@@ -214,8 +219,6 @@ def run_checks(
                      + (" (kept from the interrupted run)" if name in finished else ""))
     if shortcuts and eps:  # the from-scratch re-attack replaces the table's monotone check
         checks[0] = probed.pop(0)
-    if transfer_titles(settings) and per_sample is not None:
-        probed.append(check_transfer_not_stronger(per_sample, settings))
     return checks_frame(checks + probed)
 
 
