@@ -120,6 +120,15 @@ def probing() -> tuple[str, ...]:
     return tuple(n for n, spec in SPECS.items() if spec.iterative and "loss" in spec.options)
 
 
+def transferable() -> tuple[str, ...]:
+    """The attacks a transfer attack can run on a source model (:mod:`robustkit.attacks.
+    transfer`): those whose example need not know whether it fools the source — the single
+    step, and the iterative attacks whose probe can be replaced (they take EOT's), which then
+    run blind to it. An attack that stops on success or searches by it is not one."""
+    return tuple(n for n, spec in SPECS.items() if spec.family == "single-step"
+                 or (spec.iterative and "eot_samples" in spec.options))
+
+
 def searching_freely() -> tuple[str, ...]:
     """The attacks with a gradient-free search (Square, the ensemble)."""
     return tuple(n for n, spec in SPECS.items() if spec.searches_freely)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from robustkit.attack_specs import OPTIONS, attack_spec
+from robustkit.attack_specs import OPTIONS, attack_spec, transferable
 from robustkit.attack_specs import attack_names as declared_attacks
 from robustkit.config import (
     ATTACK_PRESETS,
@@ -411,6 +412,29 @@ def _attack_configs(names: str, *, extra: dict[str, object] | None = None,
     return list(config_from_dict({"attacks": attacks, **(extra or {})}).attacks)
 
 
+def _with_transfer(attacks: list[AttackConfig], source: str | None, weights: Path | None
+                   ) -> list[AttackConfig]:
+    """``attacks`` and, with ``--transfer-from``, the transfer twin of each that transfers
+    (the same attack crafted on ``source``, without EOT or BPDA: those are about the evaluated
+    model); one line names the attacks left out."""
+    if source is None:
+        if weights is not None:
+            raise RobustkitError("--transfer-weights is the state dict of a factory "
+                                 "--transfer-from: give --transfer-from package.module:factory")
+        return attacks
+    twins = [dataclasses.replace(a, source=source, eot_samples=None, bpda=None,
+                                 source_weights=str(weights) if weights else None)
+             for a in attacks if a.name in transferable()]
+    if not twins:
+        raise RobustkitError(f"--transfer-from crafts with {', '.join(transferable())}: name one "
+                             "in --attack (e.g. --attack pgd)")
+    left = sorted({a.name for a in attacks if a.name not in transferable()})
+    if left:
+        _log(f"--transfer-from: {', '.join(left)} not transferred (only "
+             f"{', '.join(transferable())} are)")
+    return list(config_from_dict({"attacks": [to_dict(a) for a in attacks + twins]}).attacks)
+
+
 def _certify_methods(text: str | None, attacks: list[AttackConfig]) -> tuple[CertifyMethod, ...]:
     """``--certify ibp,crown-ibp`` as methods, checked before anything loads."""
     if text is None:
@@ -456,7 +480,9 @@ def _checks_level(text: str, fail_on_check: bool) -> ChecksLevel:
     "robustkit attack --model zoo:mnist_mlp --data runs/cnn-adv/adversarial/pgd40@0.1.safetensors "
     "--eps 0,0.1 --attack fgsm --out runs/transfer-check",
     "robustkit attack --model zoo:mnist_cnn_pgd_at --attack apgd --norm l1 --eps 0,10 "
-    "--n 20 --checks quick"))
+    "--n 20 --checks quick",
+    "robustkit attack --model zoo:mnist_cnn_pgd_at --attack pgd --transfer-from zoo:mnist_cnn "
+    "--eps 0,0.3 --n 20"))
 def attack(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint (e.g. reports/NAME/model.safetensors), zoo:NAME, TorchScript, .pt2, or package.module:factory.")],  # noqa: E501
     attack_names: Annotated[str, typer.Option("--attack", help=f"Comma-separated attacks ({', '.join(declared_attacks())}) or a preset: standard = fgsm + autoattack; apgd-ce-margin = APGD-100 CE and margin (cheaper); fgsm-pgd = FGSM and PGD-40 (quick, overstates robustness).")] = "standard",  # noqa: E501
@@ -496,6 +522,8 @@ def attack(
     transform: Annotated[Optional[str], typer.Option("--transform", help="Transformations, e.g. rotate=15,translate=2,scale=0.9:1.1,noise=0.05 (also eval_samples=M, eps=E).")] = None,  # noqa: E501, UP045
     save_adversarial: Annotated[Optional[str], typer.Option("--save-adversarial", help="Write each (attack, ε) cell's adversarial examples to OUT/adversarial/ (safetensors, with indices, labels, predictions and ε): all or broken.")] = None,  # noqa: E501, UP045
     certify: Annotated[Optional[str], typer.Option("--certify", help="Also certify at the same ε (a lower bound beside the attacks' upper bound): ibp, crown-ibp or crown, comma-separated.")] = None,  # noqa: E501, UP045
+    transfer_from: Annotated[Optional[str], typer.Option("--transfer-from", help="Also run each fgsm/pgd/apgd as a transfer attack: crafted on this model (zoo:NAME, checkpoint, or package.module:factory with --transfer-weights), judged on --model; rows transfer:ATTACK, and the check transfer_not_stronger.")] = None,  # noqa: E501, UP045
+    transfer_weights: Annotated[Optional[Path], typer.Option("--transfer-weights", help="State dict for a factory --transfer-from.")] = None,  # noqa: E501, UP045
 ) -> None:
     """Attack a model over an ε sweep; writes results.csv, per_sample.csv and a report."""
     from robustkit.jobs.attack import attack_model, model_name
@@ -513,6 +541,7 @@ def attack(
     attacks = _attack_configs(attack_names, extra=extra, norm=norm, steps=steps,
                               step_size=step_size, restarts=restarts, loss=loss,
                               targeted=targeted, bpda=bpda, eot_samples=eot_samples)
+    attacks = _with_transfer(attacks, transfer_from, transfer_weights)
     tables = config_from_dict({"attacks": [], **extra}) if extra else None
     folder = out_dir or Path("runs") / f"attack-{model_name(model, weights)}"
     _check_out(folder, "--out")

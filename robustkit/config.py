@@ -30,7 +30,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from robustkit.attack_specs import OPTIONS, SPECS, attack_names, attack_spec, running_in
+from robustkit.attack_specs import (
+    OPTIONS,
+    SPECS,
+    attack_names,
+    attack_spec,
+    running_in,
+    transferable,
+)
 from robustkit.budgets import eps_bound, sweep_eps_bound
 from robustkit.errors import RobustkitError
 from robustkit.results import ANY
@@ -131,6 +138,9 @@ class TrainConfig:
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
 
+#: What a transfer attack's title starts with (a label may not contain the colon).
+TRANSFER_PREFIX = "transfer:"
+
 #: Steps per start of an attack that declares none (FGSM, Square): they take no steps, but the
 #: field keeps the value it always had, so configs hash as before.
 NO_STEPS = 40
@@ -163,6 +173,10 @@ class AttackConfig:
     eot_samples: int | None = field(default=None, metadata=_range(1))
     # BPDA through the [defence] preprocessing: its backward pass becomes this approximation's
     bpda: Approximation | None = None
+    # a transfer attack: craft the examples on this model (zoo:NAME, a checkpoint, or
+    # "package.module:factory" with source_weights) and judge them on the evaluated one
+    source: str | None = None
+    source_weights: str | None = None
 
     def __post_init__(self) -> None:
         if self.steps == 0:
@@ -171,7 +185,11 @@ class AttackConfig:
 
     @property
     def title(self) -> str:
-        """A short unique-ish name for tables, e.g. ``pgd-40x1-ce-linf``."""
+        """A short unique-ish name for tables, e.g. ``pgd40-margin``; a transfer attack's is
+        ``transfer:`` and its attack's (``transfer:pgd40``)."""
+        return (TRANSFER_PREFIX if self.source is not None else "") + self._own_title()
+
+    def _own_title(self) -> str:
         if self.label:
             return self.label
         family = attack_spec(self.name).family
@@ -590,6 +608,7 @@ def _check_attack(attack: AttackConfig, where: str, defence: DefenceConfig | Non
     _check_square(attack, where)
     _check_eot_bpda(attack, where, defence)
     _check_options(attack, where)
+    _check_transfer(attack, where)
 
 
 def _check_norm(attack: AttackConfig, where: str) -> None:
@@ -656,6 +675,26 @@ def _check_eot_bpda(attack: AttackConfig, where: str, defence: DefenceConfig | N
         _fail(f"{where}.bpda", "BPDA replaces the backward pass of a preprocessing "
               "defence: declare one (a defence table in the config, --defence on the command "
               "line), or remove bpda")
+
+
+def _check_transfer(attack: AttackConfig, where: str) -> None:
+    """A transfer attack runs blind on its source: an attack that can (FGSM, PGD, APGD), on
+    the plain source (no EOT, no BPDA); its weights only with a source."""
+    if attack.source is None:
+        if attack.source_weights is not None:
+            _fail(f"{where}.source_weights", "only used with source = \"package.module:"
+                  "factory\" (the model a transfer attack crafts on)")
+        return
+    if not attack.source.strip():
+        _fail(f"{where}.source", "is empty: name the model to craft on (zoo:NAME, a "
+              "checkpoint, or package.module:factory with source_weights)")
+    if attack.name not in transferable():
+        _fail(f"{where}.source", f"{attack.name} is not transferred (it stops on success or "
+              f"searches by it): transfer {', '.join(transferable())}")
+    for key in ("eot_samples", "bpda"):
+        if getattr(attack, key) is not None:
+            _fail(f"{where}.{key}", f"a transfer attack crafts on its source model as it is: "
+                  f"remove {key}, or source")
 
 
 def _check_titles(attacks: tuple[AttackConfig, ...]) -> None:

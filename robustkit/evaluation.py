@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,7 @@ from robustkit.attacks import AttackResult, attack_mode, margin, random_unit_bal
 from robustkit.attacks.base import max_eps
 from robustkit.attacks.registry import Draws, pass_budget
 from robustkit.attacks.square import SquareNoise
+from robustkit.attacks.transfer import craft
 from robustkit.attacks.transforms import EOT, Transform
 from robustkit.config import AttackConfig
 from robustkit.data import Split
@@ -206,14 +207,20 @@ def run_attack(model: nn.Module, attack: AttackConfig, x: Tensor, y: Tensor, eps
                labels: Tensor | None = None,
                square_noise: SquareNoise | None = None, *, transform: Transform | None = None,
                generator: torch.Generator | None = None,
-               starts: torch.Generator | None = None) -> AttackResult:
+               starts: torch.Generator | None = None,
+               source: nn.Module | None = None) -> AttackResult:
     """One attack at one ε on a batch: the one place an :class:`AttackConfig` is run (the
     sweep, ``physical`` and the model checks use it), through the runner table
     (:func:`robustkit.attacks.registry.run`, which holds the result to the ε-ball and the box).
     ``y`` holds the targets of a targeted attack and ``labels`` the true classes (success =
     misclassified); random starts come from ``noise`` (by restart), else from ``starts``;
     ``attack.eot_samples`` draws of ``transform`` (the identity by default) per step from
-    ``generator``; ``attack.bpda`` through the model's preprocessing."""
+    ``generator``; ``attack.bpda`` through the model's preprocessing. ``source``: a transfer
+    attack's model, which the examples are crafted on, blind to its verdict
+    (:func:`robustkit.attacks.transfer.craft`); the caller judges them on ``model``."""
+    if source is not None:
+        draws = Draws(start_noise=noise, square_noise=square_noise, starts=starts)
+        return craft(source, attack, x, y, eps, draws, labels=labels)
     if attack.bpda is not None:
         model = with_bpda(model, attack.bpda)
     eot = (EOT(transform or Transform(), attack.eot_samples, generator)
@@ -309,6 +316,7 @@ def evaluate(
     device_batch: bool = True,
     transform: Transform | None = None,
     keep_adversarial: bool = False,
+    sources: Mapping[str, nn.Module] | None = None,
 ) -> Evaluation:
     """Sweep every attack over every ε; return tidy results, per-sample outcomes and timings.
 
@@ -331,6 +339,9 @@ def evaluate(
 
     ``keep_adversarial``: keep every cell's examples, one per sample (on the CPU, one copy of
     the split per cell), in the state and in :meth:`Evaluation.adversarial` (one process only).
+
+    ``sources``: the models transfer attacks craft on, by their ``source`` (each takes the
+    split's images and returns the model's K logits); their examples are judged on ``model``.
     """
     main = dist is None or dist.is_main
     if keep_adversarial and dist is not None:
@@ -338,6 +349,8 @@ def evaluate(
                              "without torchrun, or without --save-adversarial")
     eps_list = sorted({float(e) for e in eps})
     _check_attacks(attacks, eps_list, data.images)
+    sources = dict(sources or {})
+    _check_sources(attacks, sources)
     with attack_mode(model):
         if device_batch and dist is None:
             batch_size = device_batch_size(model, data.images, data.labels, batch_size)
@@ -345,7 +358,7 @@ def evaluate(
             state = SweepState(clean_pred=predict(model, data.images, batch_size, dist))
         sweep = _Sweep.start(model, data, state, n_examples=n_examples, batch_size=batch_size,
                              seed=seed, shortcuts=shortcuts, dist=dist, transform=transform,
-                             keep_adversarial=keep_adversarial)
+                             keep_adversarial=keep_adversarial, sources=sources)
         for a_index, attack in enumerate(attacks):
             _sweep_attack(sweep, state, attack, a_index, eps_list,
                           bar=f"{model_name} {attack.title}", progress=progress and main,
@@ -362,6 +375,14 @@ def _check_attacks(attacks: Sequence[AttackConfig], eps_list: list[float], x: Te
         raise RobustkitError(f"two attacks share a name in {titles}: give one a label")
     if not attacks:
         raise RobustkitError(f"no attack given: choose at least one of {', '.join(SPECS)}")
+
+
+def _check_sources(attacks: Sequence[AttackConfig], sources: Mapping[str, nn.Module]) -> None:
+    """Every transfer attack's source model is given."""
+    for attack in attacks:
+        if attack.source is not None and attack.source not in sources:
+            raise RobustkitError(f"{attack.title} crafts on {attack.source}, which was not "
+                                 "loaded: pass it in sources={source: model}")
 
 
 @dataclass(frozen=True)
@@ -381,11 +402,17 @@ class _Sweep:
     dist: Context | None
     transform: Transform | None
     keep_adversarial: bool = False
+    sources: Mapping[str, nn.Module] = field(default_factory=dict)
+
+    def source_of(self, attack: AttackConfig) -> nn.Module | None:
+        """The model a transfer attack crafts on; None for an attack on the evaluated model."""
+        return None if attack.source is None else self.sources[attack.source]
 
     @classmethod
     def start(cls, model: nn.Module, data: Split, state: SweepState, *, n_examples: int,
               batch_size: int, seed: int, shortcuts: bool, dist: Context | None,
-              transform: Transform | None, keep_adversarial: bool = False) -> _Sweep:
+              transform: Transform | None, keep_adversarial: bool = False,
+              sources: Mapping[str, nn.Module] | None = None) -> _Sweep:
         """Moves ``state``'s clean predictions to the split's device; the examples are the first
         ``n_examples`` samples classified correctly."""
         x, y = data.images, data.labels
@@ -394,7 +421,8 @@ class _Sweep:
         num_classes = int(model(x[:1]).shape[1])
         return cls(model, x, y, clean_correct, clean_correct.nonzero().squeeze(1)[:n_examples],
                    num_classes, batch_size=batch_size, seed=seed, shortcuts=shortcuts, dist=dist,
-                   transform=transform, keep_adversarial=keep_adversarial)
+                   transform=transform, keep_adversarial=keep_adversarial,
+                   sources=dict(sources or {}))
 
 
 def _attack_state(state: SweepState, title: str, clean_correct: Tensor) -> AttackState:
@@ -451,7 +479,7 @@ def _sweep_attack(sweep: _Sweep, state: SweepState, attack: AttackConfig, a_inde
     with Bar(bar, max(1, len(todo) * len(sweep.x) * budget), progress,
              counts=False) as progress_bar:
         meter = _Meter(progress_bar, budget)
-        with counting_rows(sweep.model, meter.rows):
+        with counting_rows(sweep.source_of(attack) or sweep.model, meter.rows):
             for i, e in enumerate(todo):
                 pictures = _sweep_cell(sweep, state, attack, a_index, a_state, targets, banks,
                                        e, pictures, meter, cells_left=len(todo) - i)
@@ -479,6 +507,7 @@ def _sweep_cell(sweep: _Sweep, state: SweepState, attack: AttackConfig, a_index:
         batch_size=sweep.batch_size, shortcuts=sweep.shortcuts, a_state=a_state,
         picture_idx=sweep.example_idx.cpu(), pictures=pictures, dist=sweep.dist,
         transform=sweep.transform, eot=(sweep.seed, a_index), kept=kept,
+        source=sweep.source_of(attack),
     )
     state.examples[f"{attack.title}@{e:g}"] = pictures
     if kept is not None:
@@ -515,7 +544,7 @@ def _attack_cell(
     shortcuts: bool, a_state: AttackState, picture_idx: Tensor, pictures: Tensor,
     dist: Context | None = None,
     transform: Transform | None = None, eot: tuple[int, int] = (0, 0),
-    kept: dict[str, Tensor] | None = None,
+    kept: dict[str, Tensor] | None = None, source: nn.Module | None = None,
 ) -> tuple[Tensor, Tensor, int, int]:
     """Attack the ``active`` samples at one ε; record first breaks in ``a_state``.
 
@@ -526,6 +555,8 @@ def _attack_cell(
     the queries (forward passes of gradient-free attacks). With ``dist``, each rank attacks a
     contiguous run of the batches and the outcomes are merged on every rank. ``kept`` (one
     process): every attacked sample's example, its prediction and ε are written into it.
+    ``source``: a transfer attack's model; the examples crafted on it are judged on ``model``
+    alone (:func:`_judge`).
     """
     device = x_all.device
     success = torch.zeros(len(x_all), dtype=torch.bool)
@@ -551,13 +582,12 @@ def _attack_cell(
         result = run_attack(model, attack, x_all[on_device], targets[on_device], eps, noise,
                             early_stop=shortcuts, labels=labels,
                             square_noise=square_noise, transform=transform,
-                            generator=generator)
+                            generator=generator, source=source)
         evals += result.grad_evals
         queries += result.queries
         with torch.no_grad():
             adv_logits = model(result.x_adv)
-        hit = (result.success.cpu() if attack.eot_samples is not None  # all K draws fooled
-               else rejudge(adv_logits, y_all[on_device], result.success, attack.title, eps).cpu())
+        hit = _judge(adv_logits, y_all[on_device], result, attack, eps, transfer=source is not None)
         adv_pred = adv_logits.argmax(1).cpu()
         success[index[hit]] = True
         first = hit & (a_state.broken_eps[index] > eps)  # a new smallest breaking ε
@@ -578,6 +608,18 @@ def _attack_cell(
         evals, queries = _merge_cell(dist, mine, success, on_target, a_state, picture_idx,
                                      pictures, (evals, queries))
     return success, on_target, evals, queries
+
+
+def _judge(logits: Tensor, labels: Tensor, result: AttackResult, attack: AttackConfig,
+           eps: float, *, transfer: bool) -> Tensor:
+    """Which samples of a batch the attack broke, on the CPU: an EOT attack by its own
+    criterion (misclassified under all K draws), a transfer attack on the target's pass alone
+    (its own flags speak of the source), any other attack re-judged (:func:`rejudge`)."""
+    if attack.eot_samples is not None:
+        return result.success.cpu()
+    if transfer:
+        return (logits.argmax(1) != labels).cpu()
+    return rejudge(logits, labels, result.success, attack.title, eps).cpu()
 
 
 #: Largest logit gap, relative to max(1, max |z|), that a disagreement between the attack's
@@ -705,8 +747,17 @@ def _frames(state: SweepState, attacks: Sequence[AttackConfig], eps_list: list[f
     if len(attacks) > 1:
         per_sample[f"{ANY}_eps"] = smallest_any.numpy()
     notes = [SHORTCUTS_NOTE] if shortcuts else ["reference mode: every ε attacked from scratch"]
+    notes += [transfer_note(a) for a in attacks if a.source is not None]
     return Evaluation(results, per_sample, pd.DataFrame(timing_rows), dict(state.examples), notes,
                       dict(state.adversarial))
+
+
+def transfer_note(attack: AttackConfig) -> str:
+    """What a transfer attack's rows are, in one line."""
+    return (f"{attack.title}: crafted on {attack.source} with its gradients, blind to its "
+            "verdict (every step runs; the iterate of highest loss on the source is kept), "
+            "then judged on this model; a transfer attack must not beat the white-box attacks "
+            "(check transfer_not_stronger)")
 
 
 def _row(model: str, attack: str, norm: str, eps: float, correct: int, n: int, evals: int

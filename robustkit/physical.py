@@ -91,8 +91,9 @@ class Physical:
 
 
 def physical_attacks(attacks: Sequence[AttackConfig]) -> list[AttackConfig]:
-    """The attacks measured under transformation: the untargeted iterative ones."""
-    return [a for a in attacks if a.name in probing() and not a.targeted]
+    """The attacks measured under transformation: the untargeted iterative ones on the model
+    itself (not transfer attacks, crafted on another)."""
+    return [a for a in attacks if a.name in probing() and not a.targeted and a.source is None]
 
 
 def transformation_robustness(

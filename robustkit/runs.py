@@ -158,6 +158,7 @@ def evaluate_to_folder(
     dist: Context | None = None,
     log: Callable[[str], None] | None = None,
     keep_adversarial: bool = False,
+    sources: Any = None,
 ) -> Evaluation:
     """Run (or resume) the sweep in ``out_dir`` (a staging folder the caller guarded and will
     swap in), write every output; return the frames. The sweep state stays in ``out_dir`` until
@@ -182,7 +183,7 @@ def evaluate_to_folder(
     evaluation = evaluate(
         model, split, attacks, eps, model_name=model_name, batch_size=batch_size, seed=seed,
         progress=progress, state=state, on_cell=lambda s: save_sweep(out_dir, fingerprint, s),
-        dist=dist, transform=transform, keep_adversarial=keep_adversarial,
+        dist=dist, transform=transform, keep_adversarial=keep_adversarial, sources=sources,
     )
     if dist is None or dist.is_main:
         manifest = {**manifest, "fingerprint": fingerprint, "end": now_iso(),

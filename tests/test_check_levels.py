@@ -284,15 +284,17 @@ def test_scaled_logits_do_not_discredit_the_ensemble(data: tuple[Split, Tensor])
 
 
 def test_every_check_is_documented(data: tuple[Split, Tensor]) -> None:
-    """docs/checks.md has a section for each check run_checks can report, and for the
-    certification stage's, and nothing else."""
+    """docs/checks.md has a section for each check run_checks can report (with a transfer
+    attack, so its check runs too), and for the certification stage's, and nothing else."""
     import re
 
     from robustkit.stages.certified import CHECK_NAME
 
     split, templates = data
-    attacks = [AttackConfig(name="fgsm"), AttackConfig(name="pgd", steps=5)]
-    evaluation = evaluate(linear_model(templates), split.take(20), attacks, [0.0, 0.1])
+    attacks = [AttackConfig(name="fgsm"), AttackConfig(name="pgd", steps=5),
+               AttackConfig(name="pgd", steps=5, source="twin")]
+    evaluation = evaluate(linear_model(templates), split.take(20), attacks, [0.0, 0.1],
+                          sources={"twin": linear_model(templates)})
     frame = run_checks(linear_model(templates), split.take(20), evaluation.results,
                        settings_for(*attacks, eps=[0.0, 0.1]), n=20, level="quick",
                        per_sample=evaluation.per_sample)

@@ -36,6 +36,11 @@ def attack_configs(settings: dict[str, Any]) -> dict[str, AttackConfig]:
     return {c.title: c for c in configs}
 
 
+def transfer_titles(settings: dict[str, Any]) -> list[str]:
+    """The titles of the evaluation's transfer attacks (crafted on another model)."""
+    return [t for t, c in attack_configs(settings).items() if c.source is not None]
+
+
 def attack_kind(title: str, configs: dict[str, AttackConfig]) -> tuple[str, bool]:
     """(name, targeted) of an attack title: from the settings, else guessed from the title."""
     if title in configs:
@@ -185,7 +190,8 @@ def check_iterative_beats_single_step(
     """
     configs = attack_configs(settings)
     gaps: list[Gap] = []
-    for model, frame in results[results["attack"] != ANY].groupby("model", sort=False):
+    own = ~results["attack"].isin([ANY, *transfer_titles(settings)])  # white-box rows
+    for model, frame in results[own].groupby("model", sort=False):
         for single, iterative in _comparable_pairs(frame, configs):
             gap = _widest_gap(str(model), frame, single, iterative)
             if gap is not None:
@@ -256,3 +262,88 @@ def result_checks(results: pd.DataFrame, settings: dict[str, Any]) -> list[Check
         check_iterative_beats_single_step(results, settings),
         check_pgd_step_budget(settings),
     ]
+
+
+# ----------------------------------------------------------------------- transfer_not_stronger
+
+#: The check that compares transfer attacks with the white-box ones, and its fail limit: the
+#: share of the samples the white-box attacks left robust at some ε that a transfer attack
+#: broke there (any such sample warns).
+TRANSFER_CHECK = "transfer_not_stronger"
+TRANSFER_FAIL_ABOVE = 0.05
+#: ε where the white-box attacks left fewer samples robust are not judged by share (one
+#: sample would be a large share of them).
+TRANSFER_FEWEST_ROBUST = 5
+
+
+class TransferGain(NamedTuple):
+    """At one ε: the samples the white-box attacks left robust and those of them a transfer
+    attack broke."""
+
+    eps: float
+    robust: int
+    broken: np.ndarray[Any, Any]  # positions (rows of per_sample)
+
+    @property
+    def share(self) -> float:
+        return len(self.broken) / self.robust if self.robust else 0.0
+
+
+def transfer_gains(per_sample: pd.DataFrame, white_box: Sequence[str], transfer: Sequence[str],
+                   eps: Sequence[float]) -> list[TransferGain]:
+    """Per swept ε > 0: the samples no white-box attack broke at any ε' ≤ ε
+    (``min_w <w>_eps > ε``) that some transfer attack broke there (``min_t <t>_eps ≤ ε``)."""
+    def smallest(titles: Sequence[str]) -> np.ndarray[Any, Any]:
+        columns = per_sample[[f"{t}_eps" for t in titles]].to_numpy(dtype=float)
+        return columns.min(axis=1) if len(titles) else np.full(len(per_sample), np.inf)
+
+    own, crafted = smallest(white_box), smallest(transfer)
+    return [TransferGain(e, int((own > e).sum()), np.flatnonzero((own > e) & (crafted <= e)))
+            for e in sorted(e for e in eps if e > 0)]
+
+
+def check_transfer_not_stronger(per_sample: pd.DataFrame, settings: dict[str, Any]) -> Check:
+    """A transfer attack must not beat the white-box attacks on the same model (Carlini et
+    al., 2019, §5): the attacker who sees the model's gradients can find whatever an attacker
+    who sees only another model's can. A sample a transfer attack broke at ε that every
+    white-box attack left robust at ε is an example the white-box attacks missed inside their
+    own ball: their gradients misled them (gradient masking).
+
+    Value: the largest share, over the swept ε where the white-box attacks left at least
+    :data:`TRANSFER_FEWEST_ROBUST` samples robust, of those samples a transfer attack broke;
+    any such sample warns, a share above :data:`TRANSFER_FAIL_ABOVE` fails.
+    """
+    configs = attack_configs(settings)
+    transfer = [t for t in transfer_titles(settings) if f"{t}_eps" in per_sample]
+    white_box = [t for t, c in configs.items() if c.source is None and f"{t}_eps" in per_sample]
+    eps = [float(e) for e in settings.get("eps", [])]
+    threshold = f"share broken by transfer only = 0 (fail > {TRANSFER_FAIL_ABOVE:g})"
+    if not transfer or not white_box:
+        return Check(TRANSFER_CHECK, "pass", None, threshold,
+                     "no transfer and white-box attacks to compare")
+    gains = [g for g in transfer_gains(per_sample, white_box, transfer, eps)
+             if g.robust >= TRANSFER_FEWEST_ROBUST]
+    if not gains:
+        return Check(TRANSFER_CHECK, "pass", None, threshold, "the white-box attacks left "
+                     f"fewer than {TRANSFER_FEWEST_ROBUST} samples robust at every ε")
+    worst = max(gains, key=lambda g: g.share)
+    status = grade(worst.share, 0.0, TRANSFER_FAIL_ABOVE)
+    return Check(TRANSFER_CHECK, status, worst.share, threshold,
+                 _transfer_detail(worst, per_sample, white_box, transfer),
+                 {"share": worst.share, "eps": worst.eps, "robust": worst.robust,
+                  "broken_by_transfer_only": len(worst.broken)})
+
+
+def _transfer_detail(worst: TransferGain, per_sample: pd.DataFrame, white_box: Sequence[str],
+                     transfer: Sequence[str]) -> str:
+    """What the check found, in one line, naming up to ten test images."""
+    attacks = f"{' + '.join(transfer)} vs {' + '.join(white_box)}"
+    if not len(worst.broken):
+        return (f"{attacks}: no sample that the white-box attacks left robust was broken by "
+                "transfer at any ε")
+    named = ", ".join(str(int(per_sample["index"].iloc[i])) for i in worst.broken[:10])
+    more = ", …" if len(worst.broken) > 10 else ""
+    return (f"{attacks}: at ε={worst.eps:g} transfer broke {len(worst.broken)} of the "
+            f"{worst.robust} samples the white-box attacks left robust (test images {named}"
+            f"{more}): the white-box attacks miss examples inside their own ball, gradient "
+            "masking suspected")

@@ -19,7 +19,15 @@ from robustkit.attack_specs import SPECS, attack_spec, names_in, searching_freel
 from robustkit.attacks import attack_mode
 from robustkit.attacks.losses import logits_problem
 from robustkit.checks.record import Check, checks_frame
-from robustkit.checks.results import ITERATIVE, attack_configs, attack_kind, result_checks
+from robustkit.checks.results import (
+    ITERATIVE,
+    TRANSFER_CHECK,
+    attack_configs,
+    attack_kind,
+    check_transfer_not_stronger,
+    result_checks,
+    transfer_titles,
+)
 from robustkit.config import AttackConfig
 from robustkit.data import Split
 from robustkit.errors import RobustkitError
@@ -32,6 +40,14 @@ from robustkit.vocabulary import ChecksLevel
 GRADIENT_FREE = searching_freely()
 #: Failures that discredit gradient attacks only: attacks with a gradient-free stage stand.
 GRADIENT_ONLY = frozenset({"gradient_free_finds_no_more", "input_gradients_usable"})
+#: Failures that speak only of the white-box attacks on the evaluated model (its gradients,
+#: the attack the checks probe it with, the comparison with transfer): transfer attacks,
+#: crafted on another model's gradients, stand. Any other failure (a random or
+#: batch-dependent model, outputs that are not logits, PGD steps too short to reach ε, a
+#: certified sample broken) discredits them too.
+WHITE_BOX_ONLY = GRADIENT_ONLY | {"accuracy_monotone_in_eps", "iterative_beats_single_step",
+                                  "accuracy_at_large_eps", "noise_weaker_than_attack",
+                                  "attack_converged", TRANSFER_CHECK}
 #: The mark put next to a number that a failing check makes unreliable.
 UNRELIABLE = "(unreliable)"
 
@@ -46,15 +62,16 @@ def main_attack(results: pd.DataFrame, settings: dict[str, Any], default_steps: 
     """The attack the model checks use: the evaluation's strongest untargeted PGD or APGD.
 
     Strongest = lowest mean accuracy in ``results``; without either in the settings, the default
-    PGD (L∞, ``default_steps`` steps, step 2.5·ε/steps, one random start).
+    PGD (L∞, ``default_steps`` steps, step 2.5·ε/steps, one random start). Transfer attacks
+    (crafted on another model) are not the evaluation's attacks on this one: never chosen.
     """
-    configs = [c for c in attack_configs(settings).values() if c.name in ITERATIVE]
-    ensembles = [c for c in attack_configs(settings).values()
-                 if attack_spec(c.name).family == "ensemble"]
+    own = [c for c in attack_configs(settings).values() if c.source is None]
+    configs = [c for c in own if c.name in ITERATIVE]
+    ensembles = [c for c in own if attack_spec(c.name).family == "ensemble"]
     if not configs and ensembles:  # the ensemble's first stage: APGD with the CE loss
         return AttackConfig(name="apgd", norm=ensembles[0].norm, steps=ensembles[0].steps)
     if not configs:
-        norms = {c.norm for c in attack_configs(settings).values()}
+        norms = {c.norm for c in own} or {"linf"}
         norm = norms.pop() if len(norms) == 1 else "linf"
         return AttackConfig(name="pgd", norm=norm, steps=default_steps)
     untargeted = [c for c in configs if not c.targeted] or configs
@@ -151,7 +168,9 @@ def run_checks(
     APGD-100 runs, restarts, a re-attack at every ε, Square with 1,000 queries); ``quick`` runs
     the same checks at budgets scaled to the evaluation (:data:`QUICK`) and reuses the sweep's
     per-sample outcomes (``per_sample``, rows in split order) instead of re-running its attacks;
-    ``off`` is not a level of this function (nothing runs).
+    ``off`` is not a level of this function (nothing runs). With transfer attacks in the
+    settings, ``transfer_not_stronger`` joins the model checks at either level, read from
+    ``per_sample`` (it does not run without it).
     ``shortcuts``: the results come from the shortcut engine (ε-monotone reuse, the default of
     :func:`~robustkit.evaluation.evaluate`), so the monotonicity check re-attacks the samples
     from scratch at each ε (:func:`~robustkit.checks.model.
@@ -182,6 +201,9 @@ def run_checks(
     model_checks = _model_checks(model, x, y, attack, eps, results, settings, seed=seed,
                                  budgets=budgets, shortcuts=shortcuts, randomness=randomness,
                                  per_sample=per_sample if budgets.reuse else None)
+    if transfer_titles(settings) and per_sample is not None:  # read from the sweep's table
+        model_checks.append((TRANSFER_CHECK, lambda: check_transfer_not_stronger(
+            per_sample, settings)))
     finished = dict(done or {})
     probed: list[Check] = []
     with Bar("sanity checks", len(model_checks), progress) as bar, \
@@ -227,8 +249,8 @@ class _Randomness:
     def of(cls, settings: dict[str, Any], spread: Spread) -> _Randomness:
         configs = attack_configs(settings)
         eot = {t: c.eot_samples for t, c in configs.items() if c.eot_samples is not None}
-        plain = tuple(t for t, c in configs.items()
-                      if c.eot_samples is None and attack_spec(c.name).uses_gradients)
+        plain = tuple(t for t, c in configs.items() if c.eot_samples is None
+                      and c.source is None and attack_spec(c.name).uses_gradients)
         return cls(spread, eot, plain)
 
     @property
@@ -356,7 +378,7 @@ def _sweep_outcome(per_sample: pd.DataFrame | None, configs: dict[str, AttackCon
         return None
     titles = [t for t, c in configs.items() if (c.name in names or t in names)
               and (c.eot_samples is None or with_eot) and c.bpda is None
-              and f"{t}_eps" in per_sample]
+              and c.source is None and f"{t}_eps" in per_sample]
     if not titles:
         return None
     columns = per_sample[[f"{t}_eps" for t in titles]].to_numpy(dtype=float)[:n]
@@ -374,11 +396,15 @@ def unreliable_attacks(checks: pd.DataFrame | None, settings: dict[str, Any],
                        titles: Iterable[str]) -> dict[str, str]:
     """Attack title → why its robust accuracies are unreliable, for a run whose checks failed.
 
-    Every attack of the run is, with one exception: when the only failures are about
+    Every attack of the run is, with two exceptions: when the only failures are about
     gradients (:data:`GRADIENT_ONLY`: the gradient-free check, unusable input gradients),
     attacks that include Square (``square``, ``autoattack``, and the per-sample worst case
     ``any`` over them) already did what those checks ask for, and need no gradient (a model
-    whose logits are scaled by 1000 saturates cross-entropy's gradient, not Square).
+    whose logits are scaled by 1000 saturates cross-entropy's gradient, not Square); and when
+    the only failures speak of the white-box attacks on this model (:data:`WHITE_BOX_ONLY`:
+    those two, ``accuracy_at_large_eps``, ``noise_weaker_than_attack``, ``attack_converged``,
+    the monotonicity and single-step checks, ``transfer_not_stronger``), transfer attacks
+    stand: they followed another model's gradients.
     """
     if checks is None or checks.empty or "status" not in checks:
         return {}
@@ -393,6 +419,8 @@ def unreliable_attacks(checks: pd.DataFrame | None, settings: dict[str, Any],
         free.add(ANY)
     else:
         free = set()
+    if set(failed) <= WHITE_BOX_ONLY:
+        free |= {t for t in titles if t in configs and configs[t].source is not None}
     return {t: reason for t in titles if t not in free}
 
 

@@ -30,6 +30,7 @@ from robustkit.jobs.common import (
     sweep_outcome,
 )
 from robustkit.jobs.outcome import AttackOutcome, SweepOutcome
+from robustkit.jobs.transfer import load_sources
 from robustkit.models import check_logits, load_model, parse_normalize
 from robustkit.outputs import (
     Holder,
@@ -113,7 +114,9 @@ def attack_model(
     than logits keeps them (:func:`robustkit.models.load_model`). ``certify``: the certified
     bounds computed at the same ε (:class:`~robustkit.stages.CertifiedBounds`).
     ``save_adversarial``: each cell's examples written to ``adversarial/``
-    (:class:`~robustkit.stages.SavedAdversarial`).
+    (:class:`~robustkit.stages.SavedAdversarial`). A transfer attack (``source`` set) crafts
+    on its source model, loaded here and held to the model's input shape and classes
+    (:func:`~robustkit.jobs.transfer.load_sources`).
     """
     _check_attack_request(attacks, eps, transforms, seed=seed, n=n, batch_size=batch_size)
     target, dist = distributed.setup(device or "auto")
@@ -135,6 +138,9 @@ def attack_model(
         check_logits(net, split.images[:8], num_classes)
         _check_labels(split, num_classes, data.name, model)
         data = _named_up_to(data, num_classes)
+        sources, source_settings = load_sources(attacks, split.images[:8], num_classes,
+                                                device=target, app_dir=app_dir,
+                                                trust=trust_model_file)
         mismatch = [info["release_mismatch"]] if info.get("release_mismatch") else []
         for warning in mismatch:
             log(f"warning: {warning}")
@@ -147,6 +153,7 @@ def attack_model(
                                     batch_size=batch_size, defence=defence, transforms=transforms)
         if save_adversarial is not None:  # a sweep that kept none cannot resume into one that does
             settings["save_adversarial"] = save_adversarial
+        settings.update(source_settings)
         fingerprint = settings_fingerprint(settings)
         replacing = distributed.on_main(lambda: guard_folder(
             folder, owner, overwrite, lambda held: _settings_changes(held, folder, fingerprint)),
@@ -159,7 +166,7 @@ def attack_model(
             net, split, attacks, eps, out_dir=work, settings=settings, manifest=manifest,
             model_name=name, batch_size=batch_size, seed=seed, progress=progress, dist=dist,
             transform=build_transform(transforms), log=log,
-            keep_adversarial=save_adversarial is not None,
+            keep_adversarial=save_adversarial is not None, sources=sources,
         ))
         warnings = clean_accuracy_warnings(evaluation.results, data.name, normalize)
         done, outputs = None, {"folder": str(folder)}

@@ -34,6 +34,7 @@ from robustkit.jobs.common import (
     sweep_outcome,
 )
 from robustkit.jobs.outcome import SweepOutcome
+from robustkit.jobs.transfer import load_sources
 from robustkit.outputs import (
     Holder,
     Owner,
@@ -159,7 +160,10 @@ def _run_seed(run: _Run, seed: int) -> Evaluation:
     model = build_defence(model, cfg.defence)
     if cfg.evaluate.certify:
         check_certifiable(model, cfg.evaluate.certify)
-    settings = _seed_settings(run, seed, fingerprint, best)
+    sources, source_settings = load_sources(
+        cfg.attacks, run.split.images[:8], int(info.get("num_classes", 10)), device=run.target,
+        app_dir=cfg.model.app_dir)
+    settings = {**_seed_settings(run, seed, fingerprint, best), **source_settings}
     manifest = {**_seed_manifest(run, seed, ckpt_dir, best, info, reused),
                 "checks": cfg.evaluate.checks,
                 **({"certify": list(cfg.evaluate.certify)} if cfg.evaluate.certify else {})}
@@ -168,7 +172,7 @@ def _run_seed(run: _Run, seed: int) -> Evaluation:
         manifest=manifest, model_name=f"{cfg.name}/seed-{seed}" if run.several else cfg.name,
         batch_size=cfg.evaluate.batch_size, seed=cfg.evaluate.seed, progress=run.progress,
         dist=run.dist, transform=build_transform(cfg.transforms), log=run.log,
-        keep_adversarial=cfg.evaluate.save_adversarial is not None,
+        keep_adversarial=cfg.evaluate.save_adversarial is not None, sources=sources,
     )
     done = None
     if run.main:
