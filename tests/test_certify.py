@@ -6,6 +6,11 @@ failing on a deliberately broken bound."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,7 +18,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from robustkit.attacks import pgd
-from robustkit.certify import METHODS, margin_bounds
+from robustkit.certify import BOUND_NORMS, METHODS, margin_bounds
 from robustkit.errors import RobustkitError
 from robustkit.models.zoo import Normalized
 
@@ -235,16 +240,17 @@ def test_batchnorm_with_a_negative_scale_closed_form() -> None:
     with torch.no_grad():
         bn.weight.fill_(-2.0)
         bn.bias.fill_(0.625)
+    assert bn.running_mean is not None and bn.running_var is not None
     bn.running_mean.fill_(0.25)
     bn.running_var.fill_(0.75)
     head = nn.Linear(1, 2, bias=False)
     with torch.no_grad():
         head.weight.copy_(torch.tensor([[1.0], [0.0]]))
     net = nn.Sequential(bn, nn.ReLU(), head).eval()
-    for norm in ("linf", "l2"):
+    for norm in BOUND_NORMS:
         for method in METHODS:
             bound = margin_bounds(net, torch.tensor([[0.375]]), torch.tensor([0]), 0.125,
-                                  method, norm).margins  # type: ignore[arg-type]
+                                  method, norm).margins
             assert float(bound) == pytest.approx(0.125, abs=1e-12), (norm, method)
 
 
@@ -255,7 +261,7 @@ def _folded(normalised: Normalized, inner: nn.Sequential) -> nn.Sequential:
 
     folded = copy.deepcopy(inner)
     conv = folded[0]
-    assert isinstance(conv, nn.Conv2d)
+    assert isinstance(conv, nn.Conv2d) and conv.bias is not None
     mean, std = normalised.mean.view(-1), normalised.std.view(-1)
     with torch.no_grad():
         weight = conv.weight / std.view(1, -1, 1, 1)
@@ -347,3 +353,181 @@ def test_bounds_contain_every_point_of_the_ball_and_pgd_examples(seed: int, kind
     lowest = torch.stack([_margins(model, p, y) for p in points]).amin(0)
     for method, bound in bounds.items():
         assert bool((bound <= lowest + 1e-6).all()), (method, float((bound - lowest).max()))
+
+
+@pytest.mark.parametrize(("norm", "eps"), [("linf", 0.01), ("l2", 0.3)])
+def test_crown_is_tighter_than_ibp_in_both_norms(mnist: object, norm: str, eps: float) -> None:
+    """The released MLP on 50 test images: CROWN's margins are at least IBP's everywhere and
+    certify more, in L∞ and in L2 (where the ball enters both at the first layer)."""
+    from robustkit.models import load_model
+
+    model, _ = load_model("zoo:mnist_mlp")
+    split = mnist.test.take(50)  # type: ignore[attr-defined]
+    ibp = margin_bounds(model, split.images, split.labels, eps, "ibp", norm)  # type: ignore[arg-type]
+    crown = margin_bounds(model, split.images, split.labels, eps, "crown", norm)  # type: ignore[arg-type]
+    assert bool((crown.margins >= ibp.margins - 1e-9).all())
+    assert int(crown.certified.sum()) > int(ibp.certified.sum())
+
+
+# ------------------------------------------------------------- the sweep and its radii
+
+
+def threshold_net() -> nn.Sequential:
+    """z₀ = x − 0.2, z₁ = 0 on one pixel: label 0 is certified at ε exactly while
+    max(x − ε, 0) > 0.2, so the radius is x − 0.2 in either norm (when below the sweep's
+    top)."""
+    layer = nn.Linear(1, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0], [0.0]]))
+        layer.bias.copy_(torch.tensor([-0.2, 0.0]))
+    return nn.Sequential(nn.Flatten(), layer)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_the_certified_radius_is_bisected_within_the_sweeps_bracket(norm: str) -> None:
+    """Pixels 0.5, 0.33, 0.9, 0.1 with label 0: true radii 0.3, 0.13, 0.7 and none (the last
+    is misclassified). Sweep 0, 0.1, 0.2, 0.4: the radius is bisected to within the tolerance
+    below the truth inside its bracket (0.2–0.4, 0.1–0.2), kept at the top of the sweep (0.4
+    for 0.9) and NaN for the misclassified pixel; the table reads the radii (a sample counts
+    at every ε up to its radius) with Wilson intervals."""
+    from robustkit.certify.evaluate import certify_sweep
+    from robustkit.data import Split
+    from robustkit.evaluation import wilson_interval
+
+    split = Split(torch.tensor([0.5, 0.33, 0.9, 0.1]).view(4, 1, 1, 1), torch.zeros(4).long())
+    tolerance = 1e-4
+    result = certify_sweep(threshold_net(), split, [0, 0.1, 0.2, 0.4], ["ibp", "crown"],
+                           norm=norm, tolerance=tolerance)
+    for method in ("ibp", "crown", "best"):
+        radius = result.radius(method)
+        assert 0.3 - tolerance <= radius[0] < 0.3
+        assert 0.13 - tolerance <= radius[1] < 0.13
+        assert radius[2] == 0.4 and np.isnan(radius[3])
+    table = result.table.set_index(["method", "eps"])
+    assert table.loc[("ibp", 0.2), "certified"] == 2  # 0.5 and 0.9 (0.33 stops at 0.13)
+    assert table.loc[("ibp", 0.4), "certified"] == 1
+    assert table.loc[("best", 0.0), "certified"] == 3
+    assert tuple(table.loc[("crown", 0.1), ["ci_low", "ci_high"]]) == wilson_interval(3, 4)
+    assert result.certified_at(0.2).tolist() == [True, False, True, False]
+    assert list(result.per_sample.columns) == ["index", "label", "clean_pred", "ibp_eps",
+                                               "crown_eps", "best_eps"]
+
+
+def test_the_sweep_agrees_with_direct_bounds_and_takes_the_better_method() -> None:
+    """On a random MLP: IBP's bounds are monotone in ε, so its table equals direct
+    certification at each ε; the best radius is the larger of the two methods' per sample,
+    and its table never falls below either method's; widths grow with ε and CROWN's are the
+    smaller."""
+    from robustkit.certify import certified_accuracy
+    from robustkit.certify.evaluate import certify_sweep
+    from robustkit.data import Split
+
+    model = random_nets(7)["mlp"]
+    x = torch.rand(40, 1, 6, 6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:3] = (y[:3] + 1) % 4  # three misclassified samples
+    eps = [0.0, 0.005, 0.01, 0.02]
+    result = certify_sweep(model, Split(x, y), eps, ["ibp", "crown"], batch_size=16)
+    correct = torch.ones(40, dtype=torch.bool)
+    correct[:3] = False
+    for e in eps[1:]:
+        direct = certified_accuracy(model, x, y, e, "ibp") & correct
+        assert result.certified_at(e, "ibp").tolist() == direct.tolist()
+    best = result.radius("best")
+    assert np.array_equal(best, np.fmax(result.radius("ibp"), result.radius("crown")),
+                          equal_nan=True)
+    assert np.isnan(best[:3]).all()
+    count = {(str(m), float(e)): int(c) for m, e, c in
+             result.table[["method", "eps", "certified"]].itertuples(index=False)}
+    for e in eps:
+        assert count["best", e] >= max(count["ibp", e], count["crown", e])
+    width = {m: result.table[result.table["method"] == m]["width_mean"].to_numpy(float)
+             for m in ("ibp", "crown")}
+    assert width["ibp"][0] == 0 and bool((np.diff(width["ibp"]) > 0).all())
+    assert bool((width["crown"] <= width["ibp"] + 1e-12).all())
+
+
+# -------------------------------------------------------------- certified_consistent
+
+
+def test_certified_consistent_names_the_samples_and_discredits_both() -> None:
+    from robustkit.checks import check_certified_consistent
+
+    passed = check_certified_consistent({0.1: [True, True, False]}, {0.1: [False, False, True],
+                                                                       0.2: [True, True, True]})
+    assert passed.status == "pass" and passed.value == 0.0
+    failed = check_certified_consistent(
+        {0.1: [True, True, False, True], 0.2: [False, True, False, True]},
+        {0.1: [False, False, True, False], 0.2: [False, True, True, True]},
+        index=[10, 11, 12, 13])
+    assert failed.status == "fail" and failed.value == 2.0
+    assert failed.detail.startswith("2 samples certified and yet broken by an attack: "
+                                    "#11 (ε=0.2), #13 (ε=0.2); ")
+    assert "both the certified and the attacked accuracy are unreliable" in failed.detail
+    assert "docs/checks.md#certified_consistent" in failed.detail
+    with pytest.raises(RobustkitError, match="holds 2 flags where 3 samples"):
+        check_certified_consistent({0.1: [True, False]}, {0.1: [True, False]}, index=[0, 1, 2])
+
+
+def test_certified_consistent_fails_on_a_deliberately_broken_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep on a random MLP against PGD passes the check; then the input box is shrunk to
+    the clean point (a bound too loose in the wrong direction: it certifies what it has not
+    proven), and the same check fails on the samples PGD breaks."""
+    from robustkit.certify import bounds
+    from robustkit.certify.evaluate import certify_sweep
+    from robustkit.checks import check_certified_consistent
+    from robustkit.data import Split
+
+    model = random_nets(3)["mlp"]
+    x = torch.rand(64, 1, 6, 6, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    eps = [0.01, 0.05]
+    broken = {e: pgd(model, x, y, eps=e, steps=50, generator=torch.Generator().manual_seed(0)
+                     ).success.numpy() for e in eps}
+
+    def check() -> Any:
+        result = certify_sweep(model, Split(x, y), eps, ["ibp", "crown"], batch_size=32)
+        return check_certified_consistent({e: result.certified_at(e) for e in eps}, broken)
+
+    sound = check()
+    assert sound.status == "pass" and sound.measurements["certified_pairs"] > 0
+    monkeypatch.setattr(bounds, "input_box", lambda x, eps: (x.double(), x.double()))
+    unsound = check()
+    assert unsound.status == "fail" and unsound.value == float(broken[0.05].sum())
+    assert "unreliable" in unsound.detail
+
+
+# -------------------------------------------------------------------------- the CLI
+
+
+def test_certify_refuses_an_unsupported_layer_and_a_norm_in_one_line(tmp_path: Path) -> None:
+    """A factory network with a Tanh: exit 2 and one line naming the layer, its place and what
+    is covered; an L1 ball and a zero tolerance likewise."""
+    import subprocess
+    import sys
+
+    (tmp_path / "tanhnet.py").write_text(
+        "from torch import nn\n\n\ndef net():\n    return nn.Sequential(nn.Flatten(), "
+        "nn.Linear(784, 16), nn.Tanh(), nn.Linear(16, 10))\n")
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    base = [sys.executable, "-m", "robustkit", "certify", "--eps", "0,0.01", "--n", "4"]
+
+    def refused(*args: str) -> str:
+        done = subprocess.run([*base, *args], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=300)
+        assert done.returncode == 2, done.stderr
+        assert done.stdout == "" and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        return done.stderr.strip()
+
+    assert refused("--model", "tanhnet:net", "--app-dir", str(tmp_path)) == (
+        "error: cannot bound the layer Tanh at 2: certification covers Linear, Conv2d, ReLU, "
+        "Flatten, BatchNorm (eval), AvgPool2d, MaxPool2d (IBP only), Identity, Dropout, and "
+        "--normalize; write the network as an nn.Sequential of those")
+    assert refused("--model", "zoo:mnist_mlp", "--norm", "l1") == (
+        "error: --norm 'l1': certification covers linf, l2")
+    assert refused("--model", "zoo:mnist_mlp", "--tolerance", "0").startswith(
+        "error: --tolerance 0: give a positive width")
