@@ -52,6 +52,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.grad import conv2d_input
 
 from robustkit.errors import RobustkitError
 from robustkit.models.zoo import Normalized
@@ -97,6 +98,11 @@ def network_steps(model: nn.Module) -> list[nn.Module]:
         elif isinstance(module, nn.Sequential):
             for name, child in module.named_children():
                 walk(child, f"{path}.{name}" if path else name)
+        elif isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+            raise RobustkitError(
+                f"cannot bound the layer Conv2d at {path or 'the top'} with padding_mode="
+                f"{module.padding_mode!r}: certification covers zero padding only; pad with "
+                "zeros (the default)")
         elif isinstance(module, (*_AFFINE, nn.ReLU, nn.MaxPool2d)):
             steps.append(module)
         else:
@@ -309,16 +315,27 @@ def _affine_margins(steps: Sequence[nn.Module], lower: Tensor, upper: Tensor, y:
 
 def _vjp(step: nn.Module, shape: Sequence[int], cotangent: Tensor) -> tuple[Tensor, Tensor]:
     """``(Λ A, Λ b)`` for the affine step ``h ↦ A h + b`` with inputs of ``shape`` (one
-    sample) and ``Λ`` ``[N, S, *output]``: ``[N, S, *shape]`` and ``[N, S]``."""
+    sample) and ``Λ`` ``[N, S, *output]``: ``[N, S, *shape]`` and ``[N, S]``. Linear and
+    Conv2d apply ``Aᵀ`` directly (a transposed convolution); the other steps, elementwise and
+    cheap, by autograd through one pass over zeros (whose output is ``b``)."""
     n, s = cotangent.shape[:2]
-    zero = torch.zeros((n * s, *shape), dtype=torch.float64, device=cotangent.device,
-                       requires_grad=True)
-    with torch.enable_grad():
-        out = step(zero)
-    flat = cotangent.reshape(n * s, *out.shape[1:])
-    (grad,) = torch.autograd.grad(out, zero, grad_outputs=flat)
-    bias = (flat * out.detach()).flatten(1).sum(1)
-    return grad.view(n, s, *shape), bias.view(n, s)
+    flat = cotangent.reshape(n * s, *cotangent.shape[2:])
+    if isinstance(step, nn.Linear):
+        grad = flat @ step.weight
+        bias = flat @ step.bias if step.bias is not None else flat.new_zeros(n * s)
+    elif isinstance(step, nn.Conv2d) and not isinstance(step.padding, str):
+        grad = conv2d_input((n * s, *shape), step.weight, flat, step.stride, step.padding,
+                            step.dilation, step.groups)
+        bias = (flat.sum((2, 3)) @ step.bias if step.bias is not None
+                else flat.new_zeros(n * s))
+    else:
+        zero = torch.zeros((n * s, *shape), dtype=cotangent.dtype, device=cotangent.device,
+                           requires_grad=True)
+        with torch.enable_grad():
+            out = step(zero)
+        (grad,) = torch.autograd.grad(out, zero, grad_outputs=flat)
+        bias = (flat * out.detach()).flatten(1).sum(1)
+    return grad.reshape(n, s, *shape), bias.view(n, s)
 
 
 def _relax(lambda_: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
@@ -366,26 +383,26 @@ def _crown_boxes(steps: Sequence[nn.Module], shapes: Sequence[Sequence[int]],
                  ball: L2Ball | None = None) -> list[tuple[Tensor, Tensor]]:
     """The input bounds of every ReLU tightened by CROWN (identity specification over the
     ReLU's inputs), front to back; the other boxes as given (IBP's, exact at the input layer
-    as :func:`exact_prefix` says)."""
+    as :func:`exact_prefix` says). Only neurons unstable under the current box (for some
+    sample of the batch) are bounded: a stable ReLU is relaxed exactly (the identity or 0)
+    whatever its bounds, so tightening it changes no bound downstream."""
     tight = list(boxes)
     exact = exact_prefix(steps)
     for k, step in enumerate(steps):
         if not isinstance(step, nn.ReLU) or k <= exact:
             continue
         n, width = len(lower), int(torch.tensor(shapes[k]).prod())
-        lows, highs = [], []
-        for first in range(0, width, ROWS_PER_PASS):  # memory: n × rows × the input's size
-            rows = torch.eye(width, dtype=torch.float64, device=lower.device)[
-                first:first + ROWS_PER_PASS]
-            spec = rows.expand(n, *rows.shape).reshape(n, len(rows), *shapes[k])
-            lows.append(backward_bound(steps[:k], shapes[:k], tight[:k], spec, lower, upper,
-                                       ball))
-            highs.append(-backward_bound(steps[:k], shapes[:k], tight[:k], -spec, lower, upper,
-                                         ball))
-        low, high = torch.cat(lows, dim=1), torch.cat(highs, dim=1)
-        ibp_lo, ibp_hi = tight[k]
-        tight[k] = (torch.maximum(low.view_as(ibp_lo), ibp_lo),
-                    torch.minimum(high.view_as(ibp_hi), ibp_hi))
+        low, high = (b.flatten(1).clone() for b in tight[k])
+        unstable = ((low < 0) & (high > 0)).any(0).nonzero().flatten()
+        for rows in unstable.split(ROWS_PER_PASS):  # memory: n × rows × the input's size
+            basis = torch.zeros((len(rows), width), dtype=torch.float64, device=lower.device)
+            basis[torch.arange(len(rows)), rows] = 1.0
+            spec = basis.expand(n, *basis.shape).reshape(n, len(rows), *shapes[k])
+            low[:, rows] = torch.maximum(low[:, rows], backward_bound(
+                steps[:k], shapes[:k], tight[:k], spec, lower, upper, ball))
+            high[:, rows] = torch.minimum(high[:, rows], -backward_bound(
+                steps[:k], shapes[:k], tight[:k], -spec, lower, upper, ball))
+        tight[k] = (low.view_as(tight[k][0]), high.view_as(tight[k][1]))
     return tight
 
 
