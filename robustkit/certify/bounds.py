@@ -380,12 +380,19 @@ ROWS_PER_PASS = 256
 
 def _crown_boxes(steps: Sequence[nn.Module], shapes: Sequence[Sequence[int]],
                  boxes: list[tuple[Tensor, Tensor]], lower: Tensor, upper: Tensor,
-                 ball: L2Ball | None = None) -> list[tuple[Tensor, Tensor]]:
+                 ball: L2Ball | None = None, intersect: bool = True
+                 ) -> list[tuple[Tensor, Tensor]]:
     """The input bounds of every ReLU tightened by CROWN (identity specification over the
     ReLU's inputs), front to back; the other boxes as given (IBP's, exact at the input layer
     as :func:`exact_prefix` says). Only neurons unstable under the current box (for some
     sample of the batch) are bounded: a stable ReLU is relaxed exactly (the identity or 0)
-    whatever its bounds, so tightening it changes no bound downstream."""
+    whatever its bounds, so tightening it changes no bound downstream.
+
+    Each CROWN bound is intersected with IBP's (both are sound), which helps most on
+    IBP-trained networks, where IBP's box is often the tighter. ``intersect=False`` keeps
+    CROWN's alone, the textbook CROWN that auto_LiRPA computes (its cross-check uses it); with
+    the adaptive lower slope a tighter box does not always give a tighter final bound, so the
+    two can differ either way."""
     tight = list(boxes)
     exact = exact_prefix(steps)
     for k, step in enumerate(steps):
@@ -398,10 +405,13 @@ def _crown_boxes(steps: Sequence[nn.Module], shapes: Sequence[Sequence[int]],
             basis = torch.zeros((len(rows), width), dtype=torch.float64, device=lower.device)
             basis[torch.arange(len(rows)), rows] = 1.0
             spec = basis.expand(n, *basis.shape).reshape(n, len(rows), *shapes[k])
-            low[:, rows] = torch.maximum(low[:, rows], backward_bound(
-                steps[:k], shapes[:k], tight[:k], spec, lower, upper, ball))
-            high[:, rows] = torch.minimum(high[:, rows], -backward_bound(
-                steps[:k], shapes[:k], tight[:k], -spec, lower, upper, ball))
+            crown_low = backward_bound(steps[:k], shapes[:k], tight[:k], spec, lower, upper,
+                                       ball)
+            crown_high = -backward_bound(steps[:k], shapes[:k], tight[:k], -spec, lower, upper,
+                                         ball)
+            low[:, rows] = torch.maximum(low[:, rows], crown_low) if intersect else crown_low
+            high[:, rows] = (torch.minimum(high[:, rows], crown_high) if intersect
+                             else crown_high)
         tight[k] = (low.view_as(tight[k][0]), high.view_as(tight[k][1]))
     return tight
 
