@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from robustkit.errors import RobustkitError
+from robustkit.vocabulary import Norm
 
 Family = Literal["single-step", "iterative", "gradient-free", "ensemble", "minimum-norm"]
 
@@ -39,7 +40,7 @@ class AttackSpec:
     ``steps``: its default steps per start (None: it takes no steps). ``options``: the
     :data:`OPTIONS` it accepts; a config that sets any other is refused. ``searches_freely``:
     it includes a gradient-free search, so checks that discredit gradients do not discredit
-    it. ``title``: what the README and reports call it."""
+    it. ``title``: what the README and reports call it. ``norms``: the balls it runs in."""
 
     name: str
     family: Family
@@ -47,6 +48,7 @@ class AttackSpec:
     steps: int | None
     options: frozenset[str]
     searches_freely: bool = False
+    norms: frozenset[Norm] = frozenset({"linf", "l2"})
 
     @property
     def iterative(self) -> bool:
@@ -57,6 +59,8 @@ class AttackSpec:
         return self.family in ("single-step", "iterative")
 
 
+#: The balls of the attacks that also run in L1 (after Croce & Hein, 2021: l1-APGD).
+_WITH_L1: frozenset[Norm] = frozenset({"linf", "l2", "l1"})
 _ITERATIVE = frozenset({"steps", "restarts", "loss", "random_start", "targeted", "eot_samples",
                         "bpda"})
 
@@ -64,13 +68,15 @@ SPECS: dict[str, AttackSpec] = {spec.name: spec for spec in (
     AttackSpec("fgsm", "single-step", "FGSM (Goodfellow et al., 2015)", None,
                frozenset({"loss", "targeted", "bpda"})),
     AttackSpec("pgd", "iterative", "PGD (Madry et al., 2018)", 40, _ITERATIVE | {"step_size"}),
-    AttackSpec("apgd", "iterative", "APGD (Croce & Hein, 2020)", 100, _ITERATIVE),
+    AttackSpec("apgd", "iterative", "APGD (Croce & Hein, 2020)", 100, _ITERATIVE,
+               norms=_WITH_L1),
     AttackSpec("apgd-t", "iterative", "APGD-T, targeted DLR (Croce & Hein, 2020)", 100,
-               frozenset({"steps", "restarts", "targets", "bpda"})),
+               frozenset({"steps", "restarts", "targets", "bpda"}), norms=_WITH_L1),
     AttackSpec("square", "gradient-free", "Square (Andriushchenko et al., 2020)", None,
                frozenset({"queries", "p_init"}), searches_freely=True),
     AttackSpec("autoattack", "ensemble", "APGD-CE → APGD-T → Square (AutoAttack)", 100,
-               frozenset({"steps", "targets", "queries", "p_init"}), searches_freely=True),
+               frozenset({"steps", "targets", "queries", "p_init"}), searches_freely=True,
+               norms=_WITH_L1),
 )}
 
 
@@ -96,6 +102,11 @@ def attack_spec(name: str) -> AttackSpec:
     except KeyError:
         raise RobustkitError(f"unknown attack {name!r}: choose one of "
                              f"{', '.join(attack_names())}") from None
+
+
+def running_in(norm: str) -> tuple[str, ...]:
+    """The declared attacks that run in ``norm``."""
+    return tuple(name for name, spec in SPECS.items() if norm in spec.norms)
 
 
 def names_in(*families: Family) -> tuple[str, ...]:

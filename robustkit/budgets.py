@@ -1,9 +1,9 @@
 """Attack budgets in pixel units: the ε each norm allows and PGD's default step.
 
-Images are in [0, 1], so an L∞ budget above 1 (the box's width) or an L2 budget above √d (its
-diameter, d = values per image) allows nothing more. This module imports nothing of robustkit
-(nor torch), so the config can check its ε before any data is loaded, and the attacks, the sweep
-and the command line share the one rule.
+Images are in [0, 1], so an L∞ budget above 1 (the box's width), an L2 budget above √d (its
+diameter, d = values per image) or an L1 budget above d (its L1 diameter) allows nothing more.
+This module imports nothing of robustkit (nor torch), so the config can check its ε before any
+data is loaded, and the attacks, the sweep and the command line share the one rule.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ STEP_FACTOR = 2.5
 
 
 def eps_bound(norm: str, pixels: int | None = None) -> float:
-    """The largest meaningful ε in ``norm``: 1 in L∞, √d in L2 for images of ``pixels`` = d
-    values (∞ while d is not known, such as before the data is loaded)."""
+    """The largest meaningful ε in ``norm``: 1 in L∞, √d in L2 and d in L1 for images of
+    ``pixels`` = d values (∞ while d is not known, such as before the data is loaded)."""
     if norm == "linf":
         return 1.0
-    return math.inf if pixels is None else math.sqrt(pixels)
+    if pixels is None:
+        return math.inf
+    return float(pixels) if norm == "l1" else math.sqrt(pixels)
 
 
 def sweep_eps_bound(norms: Iterable[str], pixels: int | None = None) -> float:

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -23,6 +23,7 @@ from robustkit.attack_specs import OPTIONS, attack_spec
 from robustkit.attack_specs import attack_names as declared_attacks
 from robustkit.config import (
     ATTACK_PRESETS,
+    EOT_ENSEMBLE,
     AttackConfig,
     config_from_dict,
     load_config,
@@ -32,7 +33,14 @@ from robustkit.config import (
 )
 from robustkit.errors import RobustkitError
 from robustkit.version import INSTALLED, __version__
-from robustkit.vocabulary import CHECKS_LEVELS, ChecksLevel
+from robustkit.vocabulary import (
+    CERTIFY_METHODS,
+    CHECKS_LEVELS,
+    SAVE_ADVERSARIAL,
+    CertifyMethod,
+    ChecksLevel,
+    SaveAdversarial,
+)
 
 app = typer.Typer(
     name="robustkit",
@@ -55,7 +63,8 @@ _SHARED_HELP = {
     "--set": "Override a config value: section.key=value (repeatable).",
     "--device": "auto, cpu, cuda or cuda:N (default: the config's, else auto).",
     "--data": "mnist, fashion-mnist, cifar10, svhn, …, a .npz/.safetensors file "
-              "or an image folder (class_name/*.png).",
+              "or an image folder (class_name/*.png); default mnist. --dataset is an older "
+              "name of this option.",
     "--resize": "Resize images to H,W (or S for S×S); default: keep sizes.",
     "--app-dir": "Folder to import package.module:factory from (searched before the current "
                  "folder).",
@@ -76,6 +85,18 @@ DataOption = Annotated[Optional[str], _shared_option("--data")]  # noqa: UP045
 ResizeOption = Annotated[Optional[str], _shared_option("--resize")]  # noqa: UP045
 AppDirOption = Annotated[Optional[Path], _shared_option("--app-dir")]  # noqa: UP045
 DataDirOption = Annotated[Optional[Path], _shared_option("--data-dir")]  # noqa: UP045
+#: ``--dataset``: the older name of ``--data``, kept so old scripts run; hidden from the option
+#: list (``--data``'s help names it) and merged into ``--data`` by :func:`_data_source`.
+DatasetAlias = Annotated[Optional[str], typer.Option("--dataset", hidden=True)]  # noqa: UP045
+
+
+def _data_source(data: str | None, dataset: str | None) -> str | None:
+    """``--data`` with its older name ``--dataset`` folded in: either names the data; both
+    naming different data is refused rather than one silently winning."""
+    if data is not None and dataset is not None and data != dataset:
+        raise RobustkitError(f"--dataset {dataset} and --data {data} name different data: "
+                             "pass only --data")
+    return data if data is not None else dataset
 
 
 def _examples(*commands: str) -> str:
@@ -87,6 +108,23 @@ def _examples(*commands: str) -> str:
 
 def _log(message: str) -> None:
     err.print(message, soft_wrap=True)  # one message, one line
+
+
+def _shower(echo: Callable[[str], None]) -> Callable[[Any], None]:
+    """The jobs' ``show``: a finished sweep's lines (:func:`robustkit.terminal.sweep_lines`)
+    through ``echo``."""
+    from robustkit.terminal import sweep_lines
+
+    def show(outcome: Any) -> None:
+        for line in sweep_lines(outcome):
+            echo(line)
+
+    return show
+
+
+def _is_main_process() -> bool:
+    """Whether this process prints: alone, or rank 0 under torchrun."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _echo(message: str) -> None:
@@ -211,15 +249,16 @@ def _best_epoch(stem: Path) -> int:
     return int(read_sidecar(stem)["epoch"])
 
 
-@app.command(epilog=_examples("robustkit data --dataset mnist"))
+@app.command(epilog=_examples("robustkit data --data mnist"))
 def data(
-    dataset: Annotated[str, typer.Option("--dataset", help="mnist or fashion-mnist.")] = "mnist",
     data_source: DataOption = None,
+    dataset: DatasetAlias = None,
     resize: ResizeOption = None,
     data_dir: DataDirOption = None,
     download: Annotated[bool, typer.Option("--download", help="Fetch missing files through torchvision.")] = False,  # noqa: E501
 ) -> None:
     """Show where data is looked for, what was found and whether checksums match."""
+    data_source = _data_source(data_source, dataset)
     if data_source is not None and data_source.lower() not in {"mnist", "fashion-mnist"}:
         from robustkit.sources import load_data
 
@@ -238,7 +277,7 @@ def data(
         for key, value in loaded.provenance.items():
             out.print(f"  {key}: {value}", highlight=False, markup=False)
         return
-    dataset = (data_source or dataset).lower()
+    dataset = (data_source or "mnist").lower()
     from robustkit.data import (
         FILE_KEYS,
         dataset_spec,
@@ -301,9 +340,12 @@ def _check_step_size(step: object) -> None:
                              "give a step in [0, 1] pixel units")
 
 
-def _attack_bases(name: str) -> list[dict[str, object]]:
+def _attack_bases(name: str, eot: bool = False) -> list[dict[str, object]]:
     """The attack tables one ``--attack`` name stands for: a preset's attacks or the attack
-    itself; an unknown name is a user error."""
+    itself; an unknown name is a user error. Under EOT (``eot``) a preset keeps the attacks
+    that take it, runs ``EOT_ENSEMBLE`` for ``autoattack`` and leaves out the others, saying so."""
+    if name in ATTACK_PRESETS and eot:
+        return [to_dict(a) for a in _preset_under_eot(name)]
     if name in ATTACK_PRESETS:
         return [to_dict(a) for a in ATTACK_PRESETS[name]]
     if name in declared_attacks():
@@ -311,6 +353,32 @@ def _attack_bases(name: str) -> list[dict[str, object]]:
     raise RobustkitError(
         f"unknown attack {name!r}: choose {', '.join(declared_attacks())} or a preset "
         f"({', '.join(PRESET_NAMES)}), comma-separated")
+
+
+def _preset_under_eot(name: str) -> list[AttackConfig]:
+    """The preset ``name`` for ``--eot-samples``, with one line saying what changed."""
+    kept: list[AttackConfig] = []
+    said: list[str] = []
+    for attack in ATTACK_PRESETS[name]:
+        if attack_spec(attack.name).family == "ensemble":
+            kept += EOT_ENSEMBLE
+            said.append(f"{attack.name} runs as AutoAttack runs randomised models (APGD-CE and "
+                        "APGD-DLR with EOT; its APGD-T and Square take none)")
+        elif "eot_samples" in attack_spec(attack.name).options:
+            kept.append(attack)
+        else:
+            said.append(f"{attack.name}, which takes no EOT, is left out")
+    if said:
+        _log(f"--eot-samples: in the {name} preset, {'; '.join(said)}")
+    return kept
+
+
+def _in_norm(bases: list[dict[str, object]], given: dict[str, object]) -> list[dict[str, object]]:
+    """A preset's attacks that run in ``--norm`` (``standard`` in L1 is the ensemble alone);
+    a single attack stays, for the config check to refuse in a norm it does not run in."""
+    norm = given.get("norm", "linf")
+    fitting = [b for b in bases if norm in attack_spec(str(b["name"])).norms]
+    return fitting if len(bases) > 1 and fitting else bases
 
 
 def _fit_options_to_attack(entry: dict[str, object], taken: set[str]) -> dict[str, object]:
@@ -333,13 +401,38 @@ def _attack_configs(names: str, *, extra: dict[str, object] | None = None,
     given = {k: v for k, v in settings.items() if v is not None}
     _check_step_size(given.get("step_size"))
     chosen = [n.strip().lower() for n in names.split(",") if n.strip()]
-    bases = [base for name in chosen for base in _attack_bases(name)]
+    eot = given.get("eot_samples") is not None
+    bases = [base for name in chosen for base in _in_norm(_attack_bases(name, eot), given)]
     taken = {key for base in bases for key in attack_spec(str(base["name"])).options}
     attacks = [_fit_options_to_attack({**base, **given}, taken) for base in bases]
     if not attacks:
         raise RobustkitError(
             f"--attack is empty: choose {', '.join(declared_attacks())} (comma-separated)")
     return list(config_from_dict({"attacks": attacks, **(extra or {})}).attacks)
+
+
+def _certify_methods(text: str | None, attacks: list[AttackConfig]) -> tuple[CertifyMethod, ...]:
+    """``--certify ibp,crown-ibp`` as methods, checked before anything loads."""
+    if text is None:
+        return ()
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not methods or any(m not in CERTIFY_METHODS for m in methods):
+        raise RobustkitError(f"--certify {text!r}: choose from {', '.join(CERTIFY_METHODS)}, "
+                             "comma-separated (e.g. --certify ibp,crown-ibp)")
+    if any(a.norm != "linf" for a in attacks):
+        raise RobustkitError("--certify bounds the L∞ ball: attack with --norm linf to compare "
+                             "the certified and the attacked numbers at the same ε")
+    return methods  # type: ignore[return-value]  # checked against CERTIFY_METHODS above
+
+
+def _save_adversarial(text: str | None) -> SaveAdversarial | None:
+    """``--save-adversarial all|broken``."""
+    if text is None:
+        return None
+    if text not in SAVE_ADVERSARIAL:
+        raise RobustkitError(f"--save-adversarial {text!r}: choose all (every sample's "
+                             "example) or broken (the misclassified ones)")
+    return text
 
 
 def _checks_level(text: str, fail_on_check: bool) -> ChecksLevel:
@@ -355,12 +448,20 @@ def _checks_level(text: str, fail_on_check: bool) -> ChecksLevel:
 @app.command(epilog=_examples(
     "robustkit attack --model zoo:mnist_cnn --attack fgsm,pgd --eps 0,0.1,0.2,0.3 --n 200",
     "robustkit attack --model reports/mnist_cnn_pgd_at/model.safetensors --attack apgd "
-    "--eps 0,0.3 --n 200"))
+    "--eps 0,0.3 --n 200",
+    "robustkit attack --model zoo:mnist_mlp --attack pgd --eps 0,0.01,0.02 --certify "
+    "ibp,crown-ibp --n 100",
+    "robustkit attack --model zoo:mnist_cnn --attack pgd --eps 0,0.1 --n 100 "
+    "--save-adversarial all --out runs/cnn-adv",
+    "robustkit attack --model zoo:mnist_mlp --data runs/cnn-adv/adversarial/pgd40@0.1.safetensors "
+    "--eps 0,0.1 --attack fgsm --out runs/transfer-check",
+    "robustkit attack --model zoo:mnist_cnn_pgd_at --attack apgd --norm l1 --eps 0,10 "
+    "--n 20 --checks quick"))
 def attack(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint (e.g. reports/NAME/model.safetensors), zoo:NAME, TorchScript, .pt2, or package.module:factory.")],  # noqa: E501
     attack_names: Annotated[str, typer.Option("--attack", help=f"Comma-separated attacks ({', '.join(declared_attacks())}) or a preset: standard = fgsm + autoattack; apgd-ce-margin = APGD-100 CE and margin (cheaper); fgsm-pgd = FGSM and PGD-40 (quick, overstates robustness).")] = "standard",  # noqa: E501
-    eps: Annotated[str, typer.Option("--eps", help="Comma-separated budgets in [0,1] pixel units; fractions such as 8/255 accepted.")] = "0,0.05,0.1,0.15,0.2,0.25,0.3",  # noqa: E501
-    norm: Annotated[str, typer.Option("--norm", help="linf or l2.")] = "linf",
+    eps: Annotated[str, typer.Option("--eps", help="Comma-separated budgets in pixel units ([0,1] in L∞, up to √d in L2, d in L1); fractions such as 8/255 accepted.")] = "0,0.05,0.1,0.15,0.2,0.25,0.3",  # noqa: E501
+    norm: Annotated[str, typer.Option("--norm", help="linf, l2 or l1 (l1: apgd, apgd-t, autoattack; ε = Σ|pixel changes|, e.g. --norm l1 --eps 0,5,10).")] = "linf",  # noqa: E501
     steps: Annotated[Optional[int], typer.Option("--steps", help="PGD/APGD steps (default: PGD 40, APGD 100).")] = None,  # noqa: E501, UP045
     step_size: Annotated[Optional[float], typer.Option("--step-size", help="PGD step (default 2.5·ε/steps).")] = None,  # noqa: E501, UP045
     restarts: Annotated[Optional[int], typer.Option("--restarts", help="PGD/APGD random restarts (default 1).")] = None,  # noqa: E501, UP045
@@ -369,8 +470,8 @@ def attack(
     n: Annotated[Optional[int], typer.Option("--n", help="Evaluate the first N test images.")] = None,  # noqa: E501, UP045
     batch_size: Annotated[int, typer.Option("--batch-size")] = 1000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random starts.")] = 0,
-    dataset: Annotated[str, typer.Option("--dataset", help="mnist or fashion-mnist (see --data).")] = "mnist",  # noqa: E501
     data_source: DataOption = None,
+    dataset: DatasetAlias = None,
     resize: ResizeOption = None,
     app_dir: AppDirOption = None,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="State dict for a factory model.")] = None,  # noqa: E501, UP045
@@ -393,14 +494,15 @@ def attack(
     bpda: Annotated[Optional[str], typer.Option("--bpda", help="Attack through the --defence with BPDA: identity or mean-filter.")] = None,  # noqa: E501, UP045
     eot_samples: Annotated[Optional[int], typer.Option("--eot-samples", help="EOT: average each PGD/APGD step's gradient over K draws of --transform.")] = None,  # noqa: E501, UP045
     transform: Annotated[Optional[str], typer.Option("--transform", help="Transformations, e.g. rotate=15,translate=2,scale=0.9:1.1,noise=0.05 (also eval_samples=M, eps=E).")] = None,  # noqa: E501, UP045
+    save_adversarial: Annotated[Optional[str], typer.Option("--save-adversarial", help="Write each (attack, ε) cell's adversarial examples to OUT/adversarial/ (safetensors, with indices, labels, predictions and ε): all or broken.")] = None,  # noqa: E501, UP045
+    certify: Annotated[Optional[str], typer.Option("--certify", help="Also certify at the same ε (a lower bound beside the attacks' upper bound): ibp, crown-ibp or crown, comma-separated.")] = None,  # noqa: E501, UP045
 ) -> None:
     """Attack a model over an ε sweep; writes results.csv, per_sample.csv and a report."""
+    from robustkit.jobs.attack import attack_model, model_name
     from robustkit.outputs import staging_path
-    from robustkit.pipeline import attack_model, attack_summary, model_name
+    from robustkit.terminal import attack_summary
 
-    if data_source is not None and dataset != "mnist" and data_source != dataset:
-        raise RobustkitError(f"--dataset {dataset} and --data {data_source} name different "
-                             "data: pass only --data")
+    data_source = _data_source(data_source, dataset)
     eps_values = _float_list(eps, "--eps")
     level = _checks_level(checks, fail_on_check)
     extra: dict[str, object] = {}
@@ -419,15 +521,20 @@ def attack(
     with _stdout_to_stderr() if as_json else contextlib.nullcontext():
         outcome = attack_model(
             model=model, attacks=attacks, eps=eps_values, n=n, batch_size=batch_size,
-            seed=seed, dataset=dataset, data_source=data_source,
+            seed=seed, data_source=data_source,
             resize=_resize(resize) if resize else None, app_dir=app_dir, weights=weights,
             normalize=normalize, device=device, data_dir=data_dir, out_dir=out_dir,
-            overwrite=overwrite, progress=not quiet, echo=_log if as_json else _echo, log=_log,
+            overwrite=overwrite, progress=not quiet, show=_shower(_log if as_json else _echo),
+            log=_log,
             trust_model_file=trust_model_file,
             defence=tables.defence if tables else None,
             transforms=tables.transforms if tables else None, checks_level=level,
-            output=output,
+            output=output, certify=_certify_methods(certify, attacks),
+            save_adversarial=_save_adversarial(save_adversarial),
         )
+    if _is_main_process():
+        (_log if as_json else _echo)(f"results in {outcome.outputs['folder']}/ (results.csv, "
+                                     "per_sample.csv, timings.csv, settings.json)")
     if as_json:
         sys.stdout.write(json.dumps(attack_summary(outcome), indent=2, allow_nan=False) + "\n")
         sys.stdout.flush()
@@ -479,8 +586,9 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train (or reuse), attack over the ε sweep, check and report: the whole experiment."""
+    from robustkit.jobs.run import run_experiment, seed_summary
     from robustkit.outputs import staging_path
-    from robustkit.pipeline import run_experiment
+    from robustkit.terminal import seed_summary_lines
 
     overrides = _data_overrides(set_, data_dir, data_source, resize, app_dir)
     cfg = load_config(config, overrides)
@@ -490,9 +598,12 @@ def run(
     _on_interrupt(f"finished training epochs (in {runs_dir / cfg.name}) and finished "
                   f"(attack, ε) cells (in {staging_path(folder)}) are kept; run the same "
                   "command again to resume")
-    run_experiment(config, overrides=overrides, out_dir=out_dir, runs_dir=runs_dir,
-                   retrain=retrain, device=device, progress=not quiet, overwrite=overwrite,
-                   echo=_echo, log=_log)
+    evaluations = run_experiment(
+        config, overrides=overrides, out_dir=out_dir, runs_dir=runs_dir, retrain=retrain,
+        device=device, progress=not quiet, overwrite=overwrite, show=_shower(_echo), log=_log)
+    if len(evaluations) > 1 and _is_main_process():
+        for line in seed_summary_lines(seed_summary(evaluations)[1]):
+            _echo(line)
 
 
 @app.command(epilog=_examples("robustkit zoo"))
@@ -588,6 +699,8 @@ def report(
 ) -> None:
     """Build one HTML + Markdown + CSV report from one or more evaluation folders."""
     from robustkit.reporting.build import publish_report
+    from robustkit.reporting.load import load_runs
+    from robustkit.reporting.tables import comparability_notes
 
     if out_dir is None:
         if len(run_dirs) != 1:
@@ -601,6 +714,8 @@ def report(
         out.print(f"{kind}: {path}")
     if replaced:
         _log(replaced)
+    for note in comparability_notes(load_runs(list(run_dirs))):
+        _log(f"warning: {note}")
 
 
 def _rank_prefix() -> str:

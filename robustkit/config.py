@@ -30,13 +30,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from robustkit.attack_specs import OPTIONS, SPECS, attack_names, attack_spec
+from robustkit.attack_specs import OPTIONS, SPECS, attack_names, attack_spec, running_in
 from robustkit.budgets import eps_bound, sweep_eps_bound
 from robustkit.errors import RobustkitError
 from robustkit.results import ANY
 from robustkit.vocabulary import (
     Approximation,
     Arch,
+    CertifyMethod,
     ChecksLevel,
     DatasetName,
     Loss,
@@ -44,6 +45,7 @@ from robustkit.vocabulary import (
     OptimizerName,
     Precision,
     Preprocess,
+    SaveAdversarial,
     Schedule,
     SplitName,
     TrainMethod,
@@ -232,6 +234,11 @@ ATTACK_PRESETS: dict[str, tuple[AttackConfig, ...]] = {
     "apgd-ce-margin": (AttackConfig(name="apgd"), AttackConfig(name="apgd", loss="margin")),
     "fgsm-pgd": (AttackConfig(name="fgsm"), AttackConfig(name="pgd")),
 }
+#: What a preset's ``autoattack`` becomes under EOT (``--eot-samples``): AutoAttack's own
+#: configuration for randomised defences (Croce & Hein's ``version="rand"``: APGD-CE and
+#: APGD-DLR, each step averaged over the EOT draws); its APGD-T and Square take no EOT.
+EOT_ENSEMBLE: tuple[AttackConfig, ...] = (AttackConfig(name="apgd"),
+                                          AttackConfig(name="apgd", loss="dlr"))
 
 
 @dataclass(frozen=True)
@@ -244,6 +251,10 @@ class EvaluateConfig:
     # the sanity checks after the sweep: "full" (every check at its own budget), "quick"
     # (budgets scaled to the evaluation, reusing its outcomes) or "off"
     checks: ChecksLevel = "full"
+    # certified lower bounds after the sweep, at the same ε: any of "ibp", "crown-ibp", "crown"
+    certify: tuple[CertifyMethod, ...] = ()
+    # write each (attack, ε) cell's adversarial examples to adversarial/: "all" or "broken"
+    save_adversarial: SaveAdversarial | None = None
 
 
 @dataclass(frozen=True)
@@ -499,6 +510,14 @@ def _check_consistency(config: ExperimentConfig) -> None:
     _check_defence(config.defence)
     _check_titles(config.attacks)
     _check_reference(config)
+    _check_certify(config)
+
+
+def _check_certify(config: ExperimentConfig) -> None:
+    """Certified bounds cover the L∞ ball: they sit beside L∞ attacks only."""
+    if config.evaluate.certify and any(a.norm != "linf" for a in config.attacks):
+        _fail("evaluate.certify", "bounds the L∞ ball: certify beside L∞ attacks only (set "
+              "every attack's norm to \"linf\", or leave certify out)")
 
 
 def _input_pixels(data: DataConfig) -> int | None:
@@ -530,8 +549,9 @@ def _check_eps_range(config: ExperimentConfig) -> None:
     """Every ε within the largest budget of the attacks' norms (:func:`sweep_eps_bound`)."""
     pixels = _input_pixels(config.data)
     upper = sweep_eps_bound((a.norm for a in config.attacks), pixels)
-    l2 = (f"at most √d = {eps_bound('l2', pixels):g} for d = {pixels} values per image"
-          if pixels is not None else "at most √d, d = values per image")
+    l2 = (f"at most √d = {eps_bound('l2', pixels):g} for d = {pixels} values per image; L1 "
+          f"budgets at most d = {pixels}" if pixels is not None else
+          "at most √d and L1 budgets at most d, d = values per image")
     for i, eps in enumerate(config.evaluate.eps):
         if not 0.0 <= eps <= upper:
             _fail(f"evaluate.eps[{i}]", f"{eps} is out of range: ε is in [0, {upper:g}] pixel "
@@ -565,10 +585,19 @@ def _check_validation(config: ExperimentConfig) -> None:
 
 def _check_attack(attack: AttackConfig, where: str, defence: DefenceConfig | None) -> None:
     _check_label(attack.label, where)
+    _check_norm(attack, where)
     _check_apgd(attack, where)
     _check_square(attack, where)
     _check_eot_bpda(attack, where, defence)
     _check_options(attack, where)
+
+
+def _check_norm(attack: AttackConfig, where: str) -> None:
+    """The attack runs in its norm (L1: APGD, APGD-T and the ensemble only)."""
+    spec = attack_spec(attack.name)
+    if attack.norm not in spec.norms:
+        _fail(f"{where}.norm", f"{attack.name} does not run in {attack.norm}: {attack.norm} "
+              f"attacks are {', '.join(running_in(attack.norm))}")
 
 
 def _check_options(attack: AttackConfig, where: str) -> None:

@@ -258,6 +258,16 @@ def empty_split(like: Split) -> Split:
     return Split(like.images[:0], like.labels[:0])
 
 
+def portable_path(path: Path) -> str | None:
+    """``path`` as a report can carry it to another machine: relative to the current folder
+    when it lies inside it (``data/mnist``), else None. An absolute path names one machine's
+    layout and nothing about the data; the checksums beside it identify the files."""
+    try:
+        return Path(os.path.abspath(path)).relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return None
+
+
 def load_split_files(located: Located, spec: DatasetSpec,
                      keys: tuple[str, ...] = FILE_KEYS) -> dict[str, np.ndarray]:
     arrays = {}
@@ -365,7 +375,8 @@ def load_dataset(
     located = find_dataset_files(name, data_dir, download=download)
     keys = tuple(f"{part}_{kind}" for part in parts for kind in ("images", "labels"))
     arrays = load_split_files(located, spec, keys)
-    provenance = {"data_source": f"{name} ({located.folder})",
+    folder = portable_path(located.folder)
+    provenance = {"data_source": f"{name} ({folder})" if folder else name,
                   "data_checksum": "md5 of " + ", ".join(
                       FILE_NAMES[k] for k in keys) + " match the canonical files"}
     splits = {}

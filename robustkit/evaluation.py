@@ -97,11 +97,38 @@ class AttackState:
 
 @dataclass
 class SweepState:
-    """All that a resumed sweep needs: clean predictions and each attack's state."""
+    """All that a resumed sweep needs: clean predictions, each attack's state, the example
+    pictures, and (when kept) every cell's adversarial examples (:class:`Adversarial`'s
+    ``images``, ``pred`` and ``eps`` by cell ``TITLE@EPS``)."""
 
     clean_pred: Tensor
     attacks: dict[str, AttackState] = field(default_factory=dict)
     examples: dict[str, Tensor] = field(default_factory=dict)
+    adversarial: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Adversarial:
+    """One (attack, ε) cell's examples, one row per sample of ``index`` (split order): the
+    image the sweep judged (the first adversarial example found at some ε' ≤ ε, else the
+    attack's last example at ε; the clean image of a clean-misclassified sample), the true
+    label, the clean and the adversarial prediction, and the ε the image was found at. The
+    model's prediction on ``images`` is ``adv_pred`` (an EOT attack's examples are judged under
+    its transformations instead), so the cell's robust accuracy is ``mean(adv_pred == labels)``
+    over all n samples."""
+
+    images: Tensor
+    index: Tensor
+    labels: Tensor
+    clean_pred: Tensor
+    adv_pred: Tensor
+    eps: Tensor
+
+    def broken(self) -> Adversarial:
+        """Only the rows whose adversarial prediction is wrong."""
+        keep = self.adv_pred != self.labels
+        return Adversarial(self.images[keep], self.index[keep], self.labels[keep],
+                           self.clean_pred[keep], self.adv_pred[keep], self.eps[keep])
 
 
 @dataclass(frozen=True)
@@ -111,6 +138,21 @@ class Evaluation:
     timings: pd.DataFrame
     examples: dict[str, Tensor]
     notes: list[str]
+    kept: dict[str, dict[str, Tensor]] = field(default_factory=dict, repr=False)
+
+    def adversarial(self, attack: str, eps: float) -> Adversarial:
+        """The examples of the cell (``attack`` title, ``eps``) of a sweep run with
+        ``keep_adversarial=True``; every sample of the split, in order."""
+        key = f"{attack}@{eps:g}"
+        if key not in self.kept:
+            kept = ", ".join(self.kept) or "none: evaluate with keep_adversarial=True"
+            raise RobustkitError(f"no adversarial examples kept for {attack} at ε = {eps:g} "
+                                 f"(kept: {kept})")
+        cell = self.kept[key]
+        labels = torch.tensor(self.per_sample["label"].to_numpy())
+        return Adversarial(cell["images"], torch.arange(len(labels)), labels,
+                           torch.tensor(self.per_sample["clean_pred"].to_numpy()),
+                           cell["pred"], cell["eps"])
 
 
 class NoiseBank:
@@ -266,6 +308,7 @@ def evaluate(
     dist: Context | None = None,
     device_batch: bool = True,
     transform: Transform | None = None,
+    keep_adversarial: bool = False,
 ) -> Evaluation:
     """Sweep every attack over every ε; return tidy results, per-sample outcomes and timings.
 
@@ -285,8 +328,14 @@ def evaluate(
 
     EOT attacks (``eot_samples``) draw from ``transform`` (default: the identity, for a
     randomised model), seeded per (seed, attack, ε, first sample of the batch).
+
+    ``keep_adversarial``: keep every cell's examples, one per sample (on the CPU, one copy of
+    the split per cell), in the state and in :meth:`Evaluation.adversarial` (one process only).
     """
     main = dist is None or dist.is_main
+    if keep_adversarial and dist is not None:
+        raise RobustkitError("keeping the adversarial examples works in one process: run "
+                             "without torchrun, or without --save-adversarial")
     eps_list = sorted({float(e) for e in eps})
     _check_attacks(attacks, eps_list, data.images)
     with attack_mode(model):
@@ -295,7 +344,8 @@ def evaluate(
         if state is None:
             state = SweepState(clean_pred=predict(model, data.images, batch_size, dist))
         sweep = _Sweep.start(model, data, state, n_examples=n_examples, batch_size=batch_size,
-                             seed=seed, shortcuts=shortcuts, dist=dist, transform=transform)
+                             seed=seed, shortcuts=shortcuts, dist=dist, transform=transform,
+                             keep_adversarial=keep_adversarial)
         for a_index, attack in enumerate(attacks):
             _sweep_attack(sweep, state, attack, a_index, eps_list,
                           bar=f"{model_name} {attack.title}", progress=progress and main,
@@ -330,11 +380,12 @@ class _Sweep:
     shortcuts: bool
     dist: Context | None
     transform: Transform | None
+    keep_adversarial: bool = False
 
     @classmethod
     def start(cls, model: nn.Module, data: Split, state: SweepState, *, n_examples: int,
               batch_size: int, seed: int, shortcuts: bool, dist: Context | None,
-              transform: Transform | None) -> _Sweep:
+              transform: Transform | None, keep_adversarial: bool = False) -> _Sweep:
         """Moves ``state``'s clean predictions to the split's device; the examples are the first
         ``n_examples`` samples classified correctly."""
         x, y = data.images, data.labels
@@ -343,7 +394,7 @@ class _Sweep:
         num_classes = int(model(x[:1]).shape[1])
         return cls(model, x, y, clean_correct, clean_correct.nonzero().squeeze(1)[:n_examples],
                    num_classes, batch_size=batch_size, seed=seed, shortcuts=shortcuts, dist=dist,
-                   transform=transform)
+                   transform=transform, keep_adversarial=keep_adversarial)
 
 
 def _attack_state(state: SweepState, title: str, clean_correct: Tensor) -> AttackState:
@@ -419,6 +470,7 @@ def _sweep_cell(sweep: _Sweep, state: SweepState, attack: AttackConfig, a_index:
     # and a sample first broken at a larger ε must be attacked there too
     robust = (a_state.broken_eps > e) if sweep.shortcuts else sweep.clean_correct.cpu()
     pictures = previous.clone()
+    kept = _kept_base(sweep, state, attack.title, e) if sweep.keep_adversarial else None
     active = robust.nonzero().squeeze(1)
     meter.start(len(active), cells_left)
     meter.bar.info = f"ε={e:g}"
@@ -426,9 +478,11 @@ def _sweep_cell(sweep: _Sweep, state: SweepState, attack: AttackConfig, a_index:
         sweep.model, attack, sweep.x, sweep.y, targets, active, e, banks,
         batch_size=sweep.batch_size, shortcuts=sweep.shortcuts, a_state=a_state,
         picture_idx=sweep.example_idx.cpu(), pictures=pictures, dist=sweep.dist,
-        transform=sweep.transform, eot=(sweep.seed, a_index),
+        transform=sweep.transform, eot=(sweep.seed, a_index), kept=kept,
     )
     state.examples[f"{attack.title}@{e:g}"] = pictures
+    if kept is not None:
+        state.adversarial[f"{attack.title}@{e:g}"] = kept
     a_state.success_at[e] = success_all
     if attack.targeted:
         a_state.target_at[e] = target_all
@@ -443,12 +497,25 @@ def _sweep_cell(sweep: _Sweep, state: SweepState, attack: AttackConfig, a_index:
     return pictures
 
 
+def _kept_base(sweep: _Sweep, state: SweepState, title: str, e: float) -> dict[str, Tensor]:
+    """The examples a cell starts from: a copy of the attack's cell at the largest ε' < ``e``
+    done (the samples not attacked again keep the example found there), else the clean images
+    and predictions at ε = 0."""
+    below = [float(key.rpartition("@")[2]) for key in state.adversarial
+             if key.rpartition("@")[0] == title and float(key.rpartition("@")[2]) < e]
+    if below:
+        return {k: v.clone() for k, v in state.adversarial[f"{title}@{max(below):g}"].items()}
+    return {"images": sweep.x.detach().cpu().clone(), "pred": state.clean_pred.cpu().clone(),
+            "eps": torch.zeros(len(sweep.x), dtype=torch.float64)}
+
+
 def _attack_cell(
     model: nn.Module, attack: AttackConfig, x_all: Tensor, y_all: Tensor, targets: Tensor,
     active: Tensor, eps: float, banks: tuple[NoiseBank, SquareBank], *, batch_size: int,
     shortcuts: bool, a_state: AttackState, picture_idx: Tensor, pictures: Tensor,
     dist: Context | None = None,
     transform: Transform | None = None, eot: tuple[int, int] = (0, 0),
+    kept: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, int, int]:
     """Attack the ``active`` samples at one ε; record first breaks in ``a_state``.
 
@@ -457,7 +524,8 @@ def _attack_cell(
     per-sample success (misclassified) mask at this ε, the mask of samples whose example is
     classified as the target (all false for untargeted attacks), the gradient evaluations and
     the queries (forward passes of gradient-free attacks). With ``dist``, each rank attacks a
-    contiguous run of the batches and the outcomes are merged on every rank.
+    contiguous run of the batches and the outcomes are merged on every rank. ``kept`` (one
+    process): every attacked sample's example, its prediction and ε are written into it.
     """
     device = x_all.device
     success = torch.zeros(len(x_all), dtype=torch.bool)
@@ -497,6 +565,10 @@ def _attack_cell(
         a_state.broken_eps[index[first]] = eps
         if attack.targeted:
             on_target[index] = hit & (adv_pred == targets[index.to(targets.device)].cpu())
+        if kept is not None:
+            kept["images"][index] = result.x_adv.detach().cpu()
+            kept["pred"][index] = adv_pred
+            kept["eps"][index] = eps
         chosen = torch.isin(index, picture_idx)
         if chosen.any():
             slots = torch.searchsorted(picture_idx, index[chosen])
@@ -633,7 +705,8 @@ def _frames(state: SweepState, attacks: Sequence[AttackConfig], eps_list: list[f
     if len(attacks) > 1:
         per_sample[f"{ANY}_eps"] = smallest_any.numpy()
     notes = [SHORTCUTS_NOTE] if shortcuts else ["reference mode: every ε attacked from scratch"]
-    return Evaluation(results, per_sample, pd.DataFrame(timing_rows), dict(state.examples), notes)
+    return Evaluation(results, per_sample, pd.DataFrame(timing_rows), dict(state.examples), notes,
+                      dict(state.adversarial))
 
 
 def _row(model: str, attack: str, norm: str, eps: float, correct: int, n: int, evals: int

@@ -85,6 +85,7 @@ def save_sweep(out_dir: Path, fingerprint: str, state: SweepState) -> None:
         "fingerprint": fingerprint,
         "clean_pred": state.clean_pred,
         "examples": state.examples,
+        "adversarial": state.adversarial,
         "attacks": {title: {"broken_eps": a.broken_eps, "adv_pred": a.adv_pred, "done": a.done,
                             "grad_evals": a.grad_evals, "queries": a.queries,
                             "seconds": a.seconds,
@@ -101,6 +102,7 @@ def load_sweep(out_dir: Path, fingerprint: str) -> SweepState | None:
     return SweepState(
         clean_pred=saved["clean_pred"],
         examples=dict(saved["examples"]),
+        adversarial={k: dict(v) for k, v in saved.get("adversarial", {}).items()},
         attacks={title: AttackState(**a) for title, a in saved["attacks"].items()},
     )
 
@@ -155,6 +157,7 @@ def evaluate_to_folder(
     transform: Any = None,
     dist: Context | None = None,
     log: Callable[[str], None] | None = None,
+    keep_adversarial: bool = False,
 ) -> Evaluation:
     """Run (or resume) the sweep in ``out_dir`` (a staging folder the caller guarded and will
     swap in), write every output; return the frames. The sweep state stays in ``out_dir`` until
@@ -179,7 +182,7 @@ def evaluate_to_folder(
     evaluation = evaluate(
         model, split, attacks, eps, model_name=model_name, batch_size=batch_size, seed=seed,
         progress=progress, state=state, on_cell=lambda s: save_sweep(out_dir, fingerprint, s),
-        dist=dist, transform=transform,
+        dist=dist, transform=transform, keep_adversarial=keep_adversarial,
     )
     if dist is None or dist.is_main:
         manifest = {**manifest, "fingerprint": fingerprint, "end": now_iso(),

@@ -59,6 +59,7 @@ from robustkit.data import (
     cache_dir,
     empty_split,
     load_dataset,
+    portable_path,
     split_validation,
 )
 from robustkit.errors import RobustkitError
@@ -113,7 +114,8 @@ def load_data(
     classes = _class_names(name, named, labels)
     split = {part: Split(images[part].to(device), labels[part].to(device)) for part in images}
     train, val = _train_and_val(name, split, parts, val_size, split_seed)
-    provenance = {"data_source": f"{kind} {path}", "data_size": _sizes(split),
+    shown = portable_path(path) or path.name  # the sha256 identifies the files, not the folder
+    provenance = {"data_source": f"{kind} {shown}", "data_size": _sizes(split),
                   "data_sha256": digest}
     return Dataset(path.name, classes, train, val, split["test"], path, provenance)
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-#: The threat models (balls) the attacks support.
-Norm = Literal["linf", "l2"]
+#: The threat models (balls) the attacks support; ε is in pixel units in each (L1: the sum of
+#: the absolute pixel changes).
+Norm = Literal["linf", "l2", "l1"]
 #: The objectives an attack maximises (see :mod:`robustkit.attacks.losses`).
 Loss = Literal["ce", "margin", "dlr"]
 #: The attacks a config's ``[[attacks]]`` entry or ``--attack`` names.
@@ -38,6 +39,11 @@ Status = Literal["pass", "warn", "fail"]
 #: How much checking follows a sweep: every check at its own budget, every check that can
 #: discredit a number at budgets scaled to the evaluation, or none.
 ChecksLevel = Literal["full", "quick", "off"]
+#: Certified bounds (:mod:`robustkit.certify`): interval bound propagation, CROWN over IBP's
+#: intermediate bounds, and CROWN throughout.
+CertifyMethod = Literal["ibp", "crown-ibp", "crown"]
+#: Which adversarial examples a sweep writes to disk: every sample's, or the broken ones'.
+SaveAdversarial = Literal["all", "broken"]
 
 NORMS: tuple[Norm, ...] = get_args(Norm)
 LOSSES: tuple[Loss, ...] = get_args(Loss)
@@ -46,3 +52,5 @@ PREPROCESSING: tuple[Preprocess, ...] = get_args(Preprocess)
 APPROXIMATIONS: tuple[Approximation, ...] = get_args(Approximation)
 STATUSES: tuple[Status, ...] = get_args(Status)
 CHECKS_LEVELS: tuple[ChecksLevel, ...] = get_args(ChecksLevel)
+CERTIFY_METHODS: tuple[CertifyMethod, ...] = get_args(CertifyMethod)
+SAVE_ADVERSARIAL: tuple[SaveAdversarial, ...] = get_args(SaveAdversarial)

@@ -20,6 +20,7 @@ from robustkit.attacks import AttackResult, attack_mode, registry
 from robustkit.attacks.registry import RUNNERS, Draws, Runner, Settings, register_runner
 from robustkit.config import AttackConfig, config_from_dict
 from robustkit.errors import RobustkitError
+from robustkit.vocabulary import Norm
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +51,11 @@ class Counting(nn.Module):
         self.gradient_rows += rows
 
 
-def settings(name: str) -> AttackConfig:
+#: The L1 budget of the contract (pixel units, on 144-value images).
+EPS_L1 = 2.0
+
+
+def settings(name: str, norm: Norm = "linf") -> AttackConfig:
     """Each attack at a small budget."""
     spec = SPECS[name]
     small: dict[str, object] = {"steps": 5} if "steps" in spec.options else {}
@@ -58,10 +63,23 @@ def settings(name: str) -> AttackConfig:
         small["queries"] = 20
     if "targets" in spec.options:
         small["targets"] = 2
-    return AttackConfig(name=name, **small)  # type: ignore[arg-type]
+    return AttackConfig(name=name, norm=norm, **small)  # type: ignore[arg-type]
 
 
-def contract_problems(name: str, runner: Runner) -> list[str]:
+def outside_ball(delta: Tensor, norm: Norm) -> str | None:
+    """What is wrong when ``delta`` leaves the contract's ball in ``norm``."""
+    if norm == "l1":
+        size = delta.flatten(1).abs().sum(1)
+        if bool((size > EPS_L1 * (1 + 1e-6)).any()):
+            return f"outside the ball: max ‖δ‖₁ {float(size.max()):.4f} > ε = {EPS_L1}"
+        return None
+    size = delta.abs().amax(dim=(1, 2, 3))
+    if bool((size > EPS + 1e-6).any()):
+        return f"outside the ball: max |δ| {float(size.max()):.4f} > ε = {EPS}"
+    return None
+
+
+def contract_problems(name: str, runner: Runner, norm: Norm = "linf") -> list[str]:
     """How ``runner`` breaks the attack contract on a batch of 16 (empty when it keeps it)."""
     model = Counting()
     x = torch.rand(16, 1, 12, 12, generator=torch.Generator().manual_seed(1))
@@ -69,13 +87,14 @@ def contract_problems(name: str, runner: Runner) -> list[str]:
         y = model(x).argmax(1)
     model.plain_rows = 0
     model.train()
-    config = settings(name)
+    config = settings(name, norm)
+    eps = EPS_L1 if norm == "l1" else EPS
     draws = Draws(starts=torch.Generator().manual_seed(2))
-    result: AttackResult = runner(model, config, x, y, EPS, draws, None, True)
+    result: AttackResult = runner(model, config, x, y, eps, draws, None, True)
     problems = []
-    delta = (result.x_adv - x).abs().amax(dim=(1, 2, 3))
-    if bool((delta > EPS + 1e-6).any()):
-        problems.append(f"outside the ball: max |δ| {float(delta.max()):.4f} > ε = {EPS}")
+    leak = outside_ball(result.x_adv - x, norm)
+    if leak:
+        problems.append(leak)
     if bool((result.x_adv < 0).any() or (result.x_adv > 1).any()):
         problems.append("outside the box [0, 1]")
     if not model.training or not all(p.requires_grad for p in model.parameters()):
@@ -100,6 +119,33 @@ def contract_problems(name: str, runner: Runner) -> list[str]:
 def test_every_declared_attack_keeps_the_contract(name: str) -> None:
     runner, _ = RUNNERS[name]
     assert contract_problems(name, runner) == []
+
+
+@pytest.mark.parametrize("name", sorted(n for n, spec in SPECS.items() if "l1" in spec.norms))
+def test_every_l1_attack_keeps_the_contract_in_l1(name: str) -> None:
+    """The same contract in the L1 ball ∩ box (#37): APGD, APGD-T and the ensemble."""
+    runner, _ = RUNNERS[name]
+    assert contract_problems(name, runner, "l1") == []
+
+
+def test_the_l1_contract_catches_a_leak() -> None:
+    apgd_runner, _ = RUNNERS["apgd"]
+
+    def leaky(model: nn.Module, s: Settings, x: Tensor, y: Tensor, eps: float, draws: Draws,
+              labels: Tensor | None, early_stop: bool) -> AttackResult:
+        return apgd_runner(model, s, x, y, 3 * eps, draws, labels, early_stop)
+
+    assert any("outside the ball" in p for p in contract_problems("apgd", leaky, "l1"))
+    x = torch.rand(4, 1, 12, 12)
+    model = Counting()
+    register_runner("leaky-apgd", leaky, lambda s: 7)
+    register_spec(dataclasses.replace(SPECS["apgd"], name="leaky-apgd"))
+    try:
+        result = registry.run(model, AttackConfig(name="leaky-apgd", norm="l1", steps=5), x,
+                              model(x).argmax(1).detach(), EPS_L1, Draws())
+    finally:
+        del SPECS["leaky-apgd"], RUNNERS["leaky-apgd"]
+    assert float((result.x_adv - x).flatten(1).abs().sum(1).max()) <= EPS_L1 * (1 + 1e-6)
 
 
 def test_the_contract_catches_a_planted_leak_and_a_miscount() -> None:

@@ -25,9 +25,10 @@ from robustkit.attacks import (
     steepest_step,
 )
 from robustkit.attacks.apgd import apgd_step, checkpoints
+from robustkit.attacks.norms import LP_NORMS
 from robustkit.config import AttackConfig
 from robustkit.errors import RobustkitError
-from robustkit.vocabulary import NORMS, Loss, Norm
+from robustkit.vocabulary import Loss, Norm
 
 DTYPE = torch.float64
 
@@ -210,15 +211,17 @@ def test_zero_eps_returns_x_unchanged() -> None:
     x[0, 0, 0, 0], x[1, 0, 0, 0] = 0.0, 1.0
     x[2, 0, 0, 0], x[3, 0, 0, 0] = -1e-7, 1 + 1e-7  # rounding noise is tolerated, never moved
     y = torch.randint(0, 3, (4,), generator=g)
-    for norm in NORMS:
+    for norm in LP_NORMS:  # PGD's balls
         result = pgd(model, x, y, eps=0.0, norm=norm, generator=g)
         assert torch.equal(result.x_adv, x)
         assert torch.equal(result.success, model(x).argmax(1) != y)
         assert result.grad_evals == 0
     assert torch.equal(fgsm(model, x, y, eps=0.0).x_adv, x)
+    l1 = apgd(model, x, y, eps=0.0, norm="l1", generator=g)
+    assert torch.equal(l1.x_adv, x) and l1.grad_evals == 0
 
     eps = torch.tensor([0.0, 0.3, 0.0, 0.2])
-    for norm in NORMS:
+    for norm in LP_NORMS:
         result = pgd(model, x, y, eps=eps, norm=norm, generator=g, restarts=2)
         assert torch.equal(result.x_adv[[0, 2]], x[[0, 2]])
         assert bool((distances(result, x, norm) <= eps.to(DTYPE) + 1e-6).all())
@@ -513,7 +516,9 @@ def test_bad_inputs_raise() -> None:
     with pytest.raises(RobustkitError, match="labels must lie"):
         pgd(model, x, torch.tensor([0, 5]), eps=0.1)
     with pytest.raises(RobustkitError, match="unknown norm"):
-        project(x, 0.1, "l1")  # type: ignore[arg-type]  # not a Norm: on purpose
+        project(x, 0.1, "l3")  # type: ignore[arg-type]  # not a Norm: on purpose
+    with pytest.raises(RobustkitError, match="does not run in l1"):
+        project(x, 0.1, "l1")  # L1 has its own projection onto the ball ∩ box
 
 
 # --------------------------------------------------------------------------- APGD
@@ -544,7 +549,7 @@ def test_apgd_step_by_hand() -> None:
     In L2 along one axis the same numbers hold (the ball is the segment [0.4, 0.6])."""
     x = torch.full((1, 1, 1, 1), 0.5, dtype=DTYPE)
     args = (x, x + 0.05, x, -torch.ones_like(x), torch.full_like(x, 0.2), torch.full_like(x, 0.1))
-    for norm in NORMS:
+    for norm in LP_NORMS:  # L1 takes its own step (attacks/apgd_l1.py)
         assert apgd_step(*args, norm).item() == pytest.approx(0.45, abs=1e-12)
         assert apgd_step(*args, norm, first=True).item() == pytest.approx(0.4, abs=1e-12)
     # the box binds at x = 0.05: z = max(0.05 − 0.1, 0) = 0, x⁽ᵏ⁺¹⁾ = 0.05 + 0.75·(0 − 0.05)

@@ -522,10 +522,10 @@ def test_a_failing_check_marks_the_numbers_in_terminal_and_report_tables() -> No
     import pandas as pd
 
     from robustkit.checks import UNRELIABLE, unreliable_attacks
-    from robustkit.pipeline import accuracy_table
     from robustkit.reporting.load import RunData
     from robustkit.reporting.tables import accuracy_table as report_table
     from robustkit.reporting.tables import unreliable_notes
+    from robustkit.terminal import accuracy_table
 
     results = pd.DataFrame({
         "model": "m", "attack": ["apgd100", "apgd100", "autoattack", "autoattack", "any", "any"],

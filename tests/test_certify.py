@@ -1,16 +1,18 @@
 """Certified bounds (#35): closed forms on hand-built nets (L∞ and L2, BatchNorm with a
 negative scale, the normalisation wrapper), containment of sampled points and of attacks'
 examples (a hypothesis property over random nets, both norms), CROWN at least as tight as IBP,
-unsupported layers (API and CLI), the certified radius by bisection, and the consistency check
-failing on a deliberately broken bound."""
+unsupported layers (API and CLI), the certified radius by bisection, and the stage's
+consistency check failing on a deliberately broken bound."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import given, settings
@@ -448,56 +450,49 @@ def test_the_sweep_agrees_with_direct_bounds_and_takes_the_better_method() -> No
     assert bool((width["crown"] <= width["ibp"] + 1e-12).all())
 
 
-# -------------------------------------------------------------- certified_consistent
+# ------------------------------------------------- the consistency check on the radii
 
 
-def test_certified_consistent_names_the_samples_and_discredits_both() -> None:
-    from robustkit.checks import check_certified_consistent
-
-    passed = check_certified_consistent({0.1: [True, True, False]}, {0.1: [False, False, True],
-                                                                       0.2: [True, True, True]})
-    assert passed.status == "pass" and passed.value == 0.0
-    failed = check_certified_consistent(
-        {0.1: [True, True, False, True], 0.2: [False, True, False, True]},
-        {0.1: [False, False, True, False], 0.2: [False, True, True, True]},
-        index=[10, 11, 12, 13])
-    assert failed.status == "fail" and failed.value == 2.0
-    assert failed.detail.startswith("2 samples certified and yet broken by an attack: "
-                                    "#11 (ε=0.2), #13 (ε=0.2); ")
-    assert "both the certified and the attacked accuracy are unreliable" in failed.detail
-    assert "docs/checks.md#certified_consistent" in failed.detail
-    with pytest.raises(RobustkitError, match="holds 2 flags where 3 samples"):
-        check_certified_consistent({0.1: [True, False]}, {0.1: [True, False]}, index=[0, 1, 2])
+def _per_sample(broken: dict[float, Tensor]) -> pd.DataFrame:
+    """An evaluation's per-sample table from PGD's success at each ε: ``pgd_eps``, the
+    smallest ε that broke the sample (inf where none did)."""
+    smallest = torch.full((len(next(iter(broken.values()))),), math.inf, dtype=torch.float64)
+    for e in sorted(broken, reverse=True):
+        smallest = torch.where(broken[e], e, smallest)
+    return pd.DataFrame({"index": np.arange(len(smallest)), "pgd_eps": smallest.numpy()})
 
 
-def test_certified_consistent_fails_on_a_deliberately_broken_bound(
+def test_the_radii_pass_the_consistency_check_and_a_broken_bound_fails_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The sweep on a random MLP against PGD passes the check; then the input box is shrunk to
-    the clean point (a bound too loose in the wrong direction: it certifies what it has not
-    proven), and the same check fails on the samples PGD breaks."""
+    """The sweep's bisected radii on a random MLP against PGD's smallest breaking ε pass the
+    stage's ``certified_not_broken``; with the input box shrunk to the clean point (a bound too
+    loose in the wrong direction: it certifies what it has not proven) the same check fails on
+    the samples PGD breaks, naming them."""
     from robustkit.certify import bounds
     from robustkit.certify.evaluate import certify_sweep
-    from robustkit.checks import check_certified_consistent
     from robustkit.data import Split
+    from robustkit.stages.certified import check_certified_not_broken
 
     model = random_nets(3)["mlp"]
     x = torch.rand(64, 1, 6, 6, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         y = model(x).argmax(1)
     eps = [0.01, 0.05]
-    broken = {e: pgd(model, x, y, eps=e, steps=50, generator=torch.Generator().manual_seed(0)
-                     ).success.numpy() for e in eps}
+    per_sample = _per_sample({e: pgd(model, x, y, eps=e, steps=50,
+                                     generator=torch.Generator().manual_seed(0)).success
+                              for e in eps})
 
     def check() -> Any:
         result = certify_sweep(model, Split(x, y), eps, ["ibp", "crown"], batch_size=32)
-        return check_certified_consistent({e: result.certified_at(e) for e in eps}, broken)
+        return check_certified_not_broken(result.radius(), per_sample)
 
     sound = check()
-    assert sound.status == "pass" and sound.measurements["certified_pairs"] > 0
+    assert sound.status == "pass" and "none of the" in sound.detail
     monkeypatch.setattr(bounds, "input_box", lambda x, eps: (x.double(), x.double()))
     unsound = check()
-    assert unsound.status == "fail" and unsound.value == float(broken[0.05].sum())
-    assert "unreliable" in unsound.detail
+    broken = int(np.isfinite(per_sample["pgd_eps"]).sum())
+    assert broken > 0 and unsound.status == "fail" and unsound.value == float(broken)
+    assert f"{broken} sample(s) certified at an ε where an attack broke them" in unsound.detail
 
 
 # -------------------------------------------------------------------------- the CLI

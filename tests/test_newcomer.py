@@ -405,7 +405,7 @@ def test_training_console_formats_rates_and_seconds() -> None:
 def test_factory_models_get_a_folder_each() -> None:
     """#36: two module:factory models, or one factory with two weight files, no longer share
     runs/attack-factory."""
-    from robustkit.pipeline import model_name
+    from robustkit.jobs.attack import model_name
 
     assert model_name("my_nets:factory") == "my_nets.factory"
     assert model_name("other.nets:factory") == "nets.factory"

@@ -325,7 +325,7 @@ n = 100
 @pytest.mark.slow
 def test_a_kill_at_any_write_of_robustkit_run_leaves_the_old_folder_or_the_new(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mnist_root: Path) -> None:
-    from robustkit.pipeline import run_experiment
+    from robustkit.jobs.run import run_experiment
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny.toml").write_text(TINY_RUN)
@@ -333,7 +333,7 @@ def test_a_kill_at_any_write_of_robustkit_run_leaves_the_old_folder_or_the_new(
 
     def run(eps: str) -> None:
         run_experiment(Path("tiny.toml"), overrides=[f"evaluate.eps={eps}"], progress=False,
-                       echo=lambda m: None, log=lambda m: None)
+                       log=lambda m: None)
 
     run("[0.0, 0.2]")
     new_names = set(_tree(folder))

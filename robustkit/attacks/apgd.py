@@ -21,15 +21,21 @@ than being pulled towards the iterate just abandoned.
 Everything else is shared with :func:`~robustkit.attacks.pgd`: random start ``x⁽⁰⁾ = P(x + ε·u)``,
 every iterate is a candidate for the per-sample worst case (first success, else highest
 objective), restarts run only on samples not yet broken, early stopping, ``grad_evals``.
+
+``norm="l1"`` runs l1-APGD (Croce & Hein, 2021; :mod:`robustkit.attacks.apgd_l1`): the exact
+projection onto the L1 ball ∩ the box, the sparse update with adaptive sparsity, its own step
+schedule, and AutoAttack's ε schedule (3ε, 2ε, ε) unless ``l1_schedule`` says otherwise.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from robustkit.attacks.apgd_l1 import EPS_SCHEDULE, Objective, run_l1
 from robustkit.attacks.base import (
     AttackResult,
     EarlyStop,
@@ -88,13 +94,16 @@ def apgd(
     compact_every: int | None = None,
     aim: Tensor | None = None,
     eot: EOT | None = None,
+    l1_schedule: Sequence[tuple[float, float]] = EPS_SCHEDULE,
 ) -> AttackResult:
-    """APGD within ``‖x_adv − x‖ ≤ ε`` (``norm`` ∈ {"linf", "l2"}) and ``x_adv ∈ [0, 1]``.
+    """APGD within ``‖x_adv − x‖ ≤ ε`` (``norm`` ∈ {"linf", "l2", "l1"}) and ``x_adv ∈ [0, 1]``.
 
     Arguments as for :func:`~robustkit.attacks.pgd`, except that there is no step size:
-    each sample's step starts at ``2ε`` and only ever halves. ``aim`` (with ``loss="dlr"``,
+    each sample's step starts at ``2ε`` and only ever halves (L1: see
+    :mod:`~robustkit.attacks.apgd_l1`). ``aim`` (with ``loss="dlr"``,
     untargeted): one target class per sample for the targeted DLR loss of APGD-T
     (:func:`~robustkit.attacks.apgd_t.apgd_targeted`); success still means ``argmax ≠ y``.
+    ``l1_schedule``: L1's phases, (multiple of ε, fraction of the steps) each.
     """
     check_inputs(x, y)
     check_labels(labels, y, targeted)
@@ -107,6 +116,10 @@ def apgd(
     every = compaction_interval(x.device, compact_every)
 
     def one_start(worst: WorstCase, idx: Tensor, x_i: Tensor, y_i: Tensor, u: Tensor) -> int:
+        if norm == "l1":
+            return run_l1(Objective(model, kind, targeted, eot), worst, idx, x_i, y_i,
+                          eps_t[idx], u, steps=steps, early_stop=early_stop, every=every,
+                          aim=None if aim is None else aim[idx], schedule=l1_schedule)
         return _run(model, worst, idx, x_i, y_i, eps_t[idx], u, norm=norm, steps=steps,
                     halve_at=halve_at, kind=kind, targeted=targeted, early_stop=early_stop,
                     every=every, aim=None if aim is None else aim[idx],

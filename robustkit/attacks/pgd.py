@@ -39,7 +39,7 @@ from robustkit.attacks.base import (
 )
 from robustkit.attacks.iterative import StartNoise, check_count, probe, with_restarts
 from robustkit.attacks.losses import check_loss
-from robustkit.attacks.norms import check_norm, project, steepest_step
+from robustkit.attacks.norms import LP_NORMS, check_norm, project, steepest_step
 from robustkit.attacks.transforms import EOT
 from robustkit.budgets import default_step_size
 from robustkit.vocabulary import Loss, Norm
@@ -91,7 +91,7 @@ def pgd(
     """
     check_inputs(x, y)
     check_labels(labels, y, targeted)
-    norm = check_norm(norm)
+    norm = check_norm(norm, LP_NORMS, "pgd")
     kind = check_loss(loss)
     eps_t = as_eps(eps, x, norm)
     check_count(steps, "steps", minimum=0)

@@ -22,9 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.attacks.apgd import apgd
+from robustkit.attacks.apgd_l1 import EPS_SCHEDULE
 from robustkit.attacks.apgd_t import DEFAULT_TARGETS, apgd_targeted
 from robustkit.attacks.base import AttackResult, as_eps
-from robustkit.attacks.ensemble import autoattack
+from robustkit.attacks.ensemble import autoattack, recipe
 from robustkit.attacks.fgsm import fgsm
 from robustkit.attacks.iterative import StartNoise
 from robustkit.attacks.norms import enforce_ball
@@ -140,19 +141,30 @@ def _autoattack(model: nn.Module, s: Settings, x: Tensor, y: Tensor, eps: float,
                       generator=draws.starts)
 
 
+def _passes_per_start(s: Settings) -> int:
+    """Forward passes of one APGD/PGD start: ``steps + 1``, and one more per extra phase of
+    L1's ε schedule."""
+    return s.steps + (len(EPS_SCHEDULE) if s.norm == "l1" else 1)
+
+
 def _iterative_cost(s: Settings) -> int:
-    return s.restarts * (s.steps + 1) * (s.eot_samples or 1) + 1
+    return s.restarts * _passes_per_start(s) * (s.eot_samples or 1) + 1
+
+
+def _ensemble_cost(s: Settings) -> int:
+    restarts, targets = recipe(s.norm, s.targets, DEFAULT_TARGETS + 1)
+    square = (s.queries or DEFAULT_QUERIES) if s.norm != "l1" else 0
+    return (restarts + targets) * _passes_per_start(s) + square + 2
 
 
 RUNNERS: dict[str, tuple[Runner, Cost]] = {
     "fgsm": (_fgsm, lambda s: 2 * (s.eot_samples or 1)),
     "pgd": (_pgd, _iterative_cost),
     "apgd": (_apgd, _iterative_cost),
-    "apgd-t": (_apgd_t, lambda s: (s.targets or DEFAULT_TARGETS) * s.restarts * (s.steps + 1)
-               + 1),
+    "apgd-t": (_apgd_t, lambda s: (s.targets or DEFAULT_TARGETS) * s.restarts
+               * _passes_per_start(s) + 1),
     "square": (_square, lambda s: (s.queries or DEFAULT_QUERIES) + 1),
-    "autoattack": (_autoattack, lambda s: (1 + (s.targets or DEFAULT_TARGETS)) * (s.steps + 1)
-                   + (s.queries or DEFAULT_QUERIES) + 2),
+    "autoattack": (_autoattack, _ensemble_cost),
 }
 
 

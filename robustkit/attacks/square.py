@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from robustkit.attacks.base import AttackResult, as_eps, attack_mode, check_inputs, clip_box
 from robustkit.attacks.iterative import check_count
 from robustkit.attacks.losses import check_logits, is_adversarial, margin
-from robustkit.attacks.norms import check_norm, row_norm
+from robustkit.attacks.norms import LP_NORMS, check_norm, row_norm
 from robustkit.errors import RobustkitError
 from robustkit.vocabulary import Norm
 
@@ -119,7 +119,7 @@ def square(
     ``x_adv`` is each sample's first adversarial point, else its lowest-margin point.
     """
     check_inputs(x, y)
-    norm = check_norm(norm)
+    norm = check_norm(norm, LP_NORMS, "square")
     eps_t = as_eps(eps, x, norm)
     check_count(budget, "budget", minimum=1)
     if not 0 < p_init <= 1:

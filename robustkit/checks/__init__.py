@@ -20,19 +20,11 @@ it was held to, a one-line explanation and the numbers behind them (``measuremen
   from scratch at each ε (which replaces the table's check, because the sweep's ε-monotone
   reuse makes its curve monotone by construction);
 * :mod:`~robustkit.checks.runner`: :func:`run_checks` (all of them, in report order) and
-  :func:`unreliable_attacks` (which numbers the failed checks discredit);
-* :mod:`~robustkit.checks.certified`: ``certified_consistent``, run by the certification
-  stage rather than :func:`run_checks` (:data:`STAGE_CHECKS`): no sample certified at ε is
-  broken by an attack at ε.
+  :func:`unreliable_attacks` (which numbers the failed checks discredit).
 """
 
 from __future__ import annotations
 
-from robustkit.checks.certified import (
-    CERTIFIED_CONSISTENT,
-    broken_at,
-    check_certified_consistent,
-)
 from robustkit.checks.model import (
     MASKING_SUSPECTED,
     check_accuracy_at_large_eps,
@@ -71,28 +63,21 @@ from robustkit.checks.runner import (
 )
 from robustkit.vocabulary import STATUSES, Status
 
-#: Checks that a post-sweep stage runs (with its own inputs) rather than :func:`run_checks`.
-STAGE_CHECKS = (CERTIFIED_CONSISTENT,)
-
 __all__ = [
-    "CERTIFIED_CONSISTENT",
     "CHECK_COLUMNS",
     "GRADIENT_FREE",
     "ITERATIVE",
     "MASKING_SUSPECTED",
-    "STAGE_CHECKS",
     "STATUSES",
     "UNRELIABLE",
     "Check",
     "Status",
     "attack_configs",
-    "broken_at",
     "check_accuracy_at_large_eps",
     "check_accuracy_monotone_in_eps",
     "check_accuracy_monotone_in_eps_from_scratch",
     "check_attack_converged",
     "check_batch_independent",
-    "check_certified_consistent",
     "check_forward_deterministic",
     "check_gradient_free_finds_no_more",
     "check_input_gradients_usable",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,11 +28,20 @@ from robustkit.attacks import (
     steepest_step,
 )
 from robustkit.attacks.losses import logits_problem, probability_rows
+from robustkit.attacks.norms import LP_NORMS
 from robustkit.checks.record import Check, grade
 from robustkit.checks.results import ITERATIVE, largest_rise, monotone_check
 from robustkit.config import AttackConfig
 from robustkit.evaluation import run_attack
-from robustkit.models.loading import BATCH_TOLERANCE, batch_dependent, same_size_batches
+from robustkit.models.randomness import (
+    AVERAGED_PASSES,
+    BATCH_T2_LIMIT,
+    BATCH_TOLERANCE,
+    Spread,
+    batch_effect,
+    describe_comparison,
+    output_spread,
+)
 from robustkit.vocabulary import Norm, Status
 
 
@@ -54,19 +63,28 @@ MASKING_SUSPECTED = ("gradient masking suspected: a gradient-free attack beats t
                      "attacks on {k} of {m} samples")
 
 
-def _broken(model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: float, seed: int,
+#: Offset of the seed of the checks' EOT draws from their seed of random starts.
+EOT_SEED_OFFSET = 65_537
+
+
+def broken(model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: float, seed: int,
             **changes: Any) -> Tensor:
     """Per-sample success ``[N]`` of an untargeted run of iterative ``attack`` at ``eps``, its
-    random starts drawn from ``seed``; the checks probe the plain attack (no EOT draws)."""
-    config = dataclasses.replace(attack, eot_samples=None, **changes)
+    random starts drawn from ``seed``. With ``attack.eot_samples = K`` (a random model attacked
+    with EOT), every step averages ``K`` passes and success needs all ``K`` fooled, as in the
+    sweep; :func:`~robustkit.checks.runner.run_checks` removes EOT for a deterministic model
+    (the checks probe the plain model, not a transformation's threat model)."""
+    config = dataclasses.replace(attack, **changes)
     starts = torch.Generator(device=x.device).manual_seed(seed)
-    return run_attack(model, config, x, y, eps, None, starts=starts).success
+    draws = (torch.Generator(device=x.device).manual_seed(seed + EOT_SEED_OFFSET)
+             if config.eot_samples is not None else None)
+    return run_attack(model, config, x, y, eps, None, starts=starts, generator=draws).success
 
 
 def _robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: float,
                      seed: int, **changes: Any) -> float:
     """Accuracy under an untargeted run of iterative ``attack`` (with ``changes``) at ``eps``."""
-    return 1.0 - float(_broken(model, x, y, attack, eps, seed, **changes).float().mean())
+    return 1.0 - float(broken(model, x, y, attack, eps, seed, **changes).float().mean())
 
 
 @torch.no_grad()
@@ -126,64 +144,84 @@ def check_outputs_are_logits(model: nn.Module, x: Tensor) -> Check:
 
 
 def check_forward_deterministic(
-    model: nn.Module, x: Tensor, rtol: float = 1e-5, random_above: float = 1e-3
+    model: nn.Module, x: Tensor, rtol: float = 1e-5, random_above: float = 1e-3, *,
+    eot: Mapping[str, int] | None = None, plain: Sequence[str] = (),
+    spread: Spread | None = None,
 ) -> Check:
-    """Two forward passes in eval mode must agree; a random model needs EOT-style attacks.
+    """Two eval-mode passes over the same batch: do they agree, and if the model is random,
+    does the evaluation attack it as a random model must be attacked?
 
-    Value: the largest absolute difference between the two passes' outputs. Differences up to
-    ``random_above·max(1, |z|)`` (non-deterministic kernels) warn; larger ones, or changed
-    predictions, fail.
+    Value: ``max |z⁽¹⁾ − z⁽²⁾|`` (:func:`~robustkit.models.randomness.output_spread`, or
+    ``spread`` when measured already). Up to ``rtol·max(1, |z|)`` passes; up to
+    ``random_above·max(1, |z|)`` with the same predictions warns (non-deterministic kernels).
+    Beyond that the model is random, and the check states how it was attacked: ``eot`` (the
+    evaluation's EOT attacks, title → draws ``K``; each step averages ``K`` passes and success
+    needs all ``K`` fooled) passes, unless gradient attacks of the evaluation (``plain``) ran
+    on one draw per step, which warns; no EOT attack at all fails (every number would rest on
+    single draws of a random function).
     """
-    with attack_mode(model), torch.no_grad():
-        first, second = model(x), model(x)
-    diff = float((first.double() - second.double()).abs().max())
-    scale = max(1.0, float(first.double().abs().max()))
-    changed = int((first.argmax(1) != second.argmax(1)).sum())
-    threshold = f"max |Δ| ≤ {rtol:g}·max(1, |z|) (fail > {random_above:g}·max(1, |z|))"
-    measurements = {"max_difference": diff, "scale": scale, "changed_predictions": changed}
-    random = changed > 0 or not math.isfinite(diff)
-    status: Status = "fail" if random else grade(diff, rtol * scale, random_above * scale)
-    if status == "fail":
-        detail = (f"outputs differ by up to {diff:.3g} and {changed} of {len(x)} predictions "
-                  "change between two identical eval-mode passes: the model is random; "
-                  "attack it with EOT (eot_samples = K in [[attacks]], --eot-samples K) or "
-                  "remove the randomness")
-    elif status == "warn":
-        detail = (f"outputs differ by up to {diff:.3g} between two identical passes "
-                  "(non-deterministic kernels?); predictions agree")
-    else:
-        detail = f"two eval-mode passes over {len(x)} samples agree"
+    with attack_mode(model):
+        spread = spread or output_spread(model, x)
+    diff, scale, changed = spread.difference, spread.scale, spread.changed
+    threshold = f"max |Δ| ≤ {rtol:g}·max(1, |z|) (random above {random_above:g}·max(1, |z|): EOT)"
+    random = changed > 0 or not math.isfinite(diff) or diff > random_above * scale
+    measurements = {"max_difference": diff, "scale": scale, "changed_predictions": changed,
+                    "random": float(random)}
+    seen = (f"outputs differ by up to {diff:.3g} and {changed} of {len(x)} predictions "
+            "change between two identical eval-mode passes")
+    if random and eot:
+        draws = ", ".join(f"{title}: K = {k}" for title, k in eot.items())
+        detail = (f"the model is random ({seen}); the evaluation attacks it with EOT ({draws} "
+                  "draws per step, success only when all K are fooled), and so do the checks")
+        if plain:
+            return Check("forward_deterministic", "warn", diff, threshold, detail + "; but "
+                         f"{', '.join(plain)} ran on one draw per step: give "
+                         f"{'them' if len(plain) > 1 else 'it'} eot_samples too", measurements)
+        return Check("forward_deterministic", "pass", diff, threshold, detail, measurements)
+    if random:
+        return Check("forward_deterministic", "fail", diff, threshold,
+                     f"{seen}: the model is random; attack it with EOT (eot_samples = K in "
+                     "[[attacks]], --eot-samples K) or remove the randomness", measurements)
+    status = grade(diff, rtol * scale, random_above * scale)
+    detail = (f"outputs differ by up to {diff:.3g} between two identical passes "
+              "(non-deterministic kernels?); predictions agree" if status == "warn"
+              else f"two eval-mode passes over {len(x)} samples agree")
     return Check("forward_deterministic", status, diff, threshold, detail, measurements)
 
 
 def check_batch_independent(model: nn.Module, x: Tensor, k: int | None = None) -> Check:
     """A sample's output must not depend on the rest of its batch: the logits of ``x[:k]`` in
     two eval-mode batches of ``len(x)`` images that differ after position ``k``
-    (:func:`~robustkit.models.loading.same_size_batches`).
+    (:func:`~robustkit.models.randomness.batch_effect`).
 
     A model that normalises with batch statistics (BatchNorm in a ``torch.export`` program or
     traced TorchScript saved in train mode, where ``eval()`` changes nothing) predicts
     differently when early stopping shrinks the batch, so no reported number is reproducible
-    and attacks see a different function from the one judged. Value: the largest absolute
-    difference; beyond float noise (``1e-4·max(1, |z|)``) or a changed prediction fails.
+    and attacks see a different function from the one judged. A random model is compared with
+    its randomness held fixed (the same draws in both batches, else the means of several
+    passes), so its randomness is not mistaken for batch statistics. Value: the largest
+    absolute difference; beyond float noise (``1e-4·max(1, |z|)``) or a changed prediction
+    fails (averaged: and ``mean t² > 9``).
     """
     k = max(1, len(x) // 4) if k is None else k
     with attack_mode(model):
-        whole, part = same_size_batches(model, x, k)
-    diff = float((whole.double() - part.double()).abs().max())
-    changed = int((whole.argmax(1) != part.argmax(1)).sum())
-    threshold = f"max |Δ| ≤ {BATCH_TOLERANCE:g}·max(1, |z|), no prediction changes"
-    measurements = {"max_difference": diff, "changed_predictions": changed, "shared": k}
-    if batch_dependent(whole, part):
+        effect = batch_effect(model, x, k)
+    held = describe_comparison(effect)
+    threshold = (f"max |Δ| ≤ {BATCH_TOLERANCE:g}·max(1, |z|), no prediction changes"
+                 + (f" (means of {AVERAGED_PASSES} passes: mean t² ≤ {BATCH_T2_LIMIT:g})"
+                    if effect.comparison == "averaged" else ""))
+    measurements = {"max_difference": effect.difference, "changed_predictions": effect.changed,
+                    "shared": k, "mean_t2": effect.statistic, "random": float(effect.spread.random)}
+    where = f"in two batches of {len(x)} that differ elsewhere" + (f", {held}" if held else "")
+    if effect.dependent:
         return Check(
-            "batch_independent", "fail", diff, threshold,
-            f"the first {k} samples' outputs differ by up to {diff:.3g} between two batches "
-            f"of {len(x)} that differ elsewhere, and {changed} predictions change: the model "
-            "uses batch statistics (train-mode BatchNorm?); every figure depends on the batch, "
-            "export the model after model.eval()", measurements)
-    return Check("batch_independent", "pass", diff, threshold,
-                 f"the first {k} samples agree in two batches of {len(x)} that differ elsewhere",
-                 measurements)
+            "batch_independent", "fail", effect.difference, threshold,
+            f"the first {k} samples' outputs differ by up to {effect.difference:.3g} {where}, "
+            f"and {effect.changed} predictions change: the model uses batch statistics "
+            "(train-mode BatchNorm?); every figure depends on the batch, export the model "
+            "after model.eval()", measurements)
+    return Check("batch_independent", "pass", effect.difference, threshold,
+                 f"the first {k} samples agree {where}", measurements)
 
 
 def check_input_gradients_usable(
@@ -262,15 +300,16 @@ def check_accuracy_at_large_eps(
 
 
 def _noise_accuracy(model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: float, draws: int,
-                    seed: int) -> float:
+                    seed: int, passes: int = 1) -> float:
     """Accuracy under ``draws`` uniform draws from the ε-ball: a sample survives only if every
-    draw leaves it correct."""
+    draw leaves it correct. A random model (``passes = K``, its EOT draws) is judged as the
+    EOT attack is: a draw breaks a sample only when all ``K`` passes misclassify it."""
     generator = torch.Generator(device=x.device).manual_seed(seed + 7919)
     survived = torch.ones(len(y), dtype=torch.bool, device=x.device)
     with torch.no_grad():
         for _ in range(draws):
             u = random_unit_ball(x.shape, norm, generator, device=x.device, dtype=x.dtype)
-            survived &= model(torch.clamp(x + eps * u, 0.0, 1.0)).argmax(1) == y
+            survived &= ~_fooled_every_draw(model, torch.clamp(x + eps * u, 0.0, 1.0), y, passes)
     return float(survived.float().mean())
 
 
@@ -285,10 +324,13 @@ def check_noise_weaker_than_attack(
     noise breaks nothing; above 0.5 warns, 1 or more (noise as strong as the attack: its
     gradients do not help) fails. An attack that changes nothing warns, or fails when noise
     does change predictions. ``known``: the attack's outcome at ``eps``, when already run.
+    With ``attack.eot_samples = K`` (a random model) noise is judged as the attack is (all
+    ``K`` passes fooled).
     """
     with attack_mode(model):
         clean = _accuracy(model, x, y)
-        noise_acc = _noise_accuracy(model, x, y, attack.norm, eps, draws, seed)
+        noise_acc = _noise_accuracy(model, x, y, attack.norm, eps, draws, seed,
+                                    attack.eot_samples or 1)
     config = _untargeted_iterative(attack)
     if known is None:
         attack_acc, label = (_robust_accuracy(model, x, y, config, eps, seed),
@@ -379,15 +421,16 @@ def _stronger_from_scratch(
 
 
 def strengthen(model: nn.Module, x: Tensor, y: Tensor, known: Outcome, eps: float, *,
-               norm: Norm, seed: int, steps: int) -> Outcome:
-    """``known`` made stronger: APGD-``steps`` (CE, one start, in ``norm``) run on the samples
-    ``known`` left robust at ``eps``; robust = robust to both."""
+               norm: Norm, seed: int, steps: int, eot_samples: int | None = None) -> Outcome:
+    """``known`` made stronger: APGD-``steps`` (CE, one start, in ``norm``; with EOT over
+    ``eot_samples`` draws for a random model) run on the samples ``known`` left robust at
+    ``eps``; robust = robust to both."""
     survivors = known.robust.to(x.device).nonzero().squeeze(1)
     robust = known.robust.clone()
     if survivors.numel():
-        config = AttackConfig(name="apgd", norm=norm, steps=steps)
-        broken = _broken(model, x[survivors], y[survivors], config, eps, seed)
-        robust[survivors[broken].cpu()] = False
+        config = AttackConfig(name="apgd", norm=norm, steps=steps, eot_samples=eot_samples)
+        hit = broken(model, x[survivors], y[survivors], config, eps, seed)
+        robust[survivors[hit].cpu()] = False
     return Outcome(robust, f"APGD-{steps} on the {survivors.numel()} left")
 
 
@@ -418,42 +461,102 @@ def check_accuracy_monotone_in_eps_from_scratch(
     return monotone_check(rise, fail_above, passed, where=f" on {len(y)} samples")
 
 
+#: What the gradient-free check is told the gradient attacks left robust: one outcome (a single
+#: ε), or the outcome at each ε.
+Known = Outcome | Callable[[float], Outcome]
+
+
 def check_gradient_free_finds_no_more(
-    model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: float, *,
-    seed: int = 0, budget: int = 1000, warn_above: float = 0.01, fail_above: float = 0.05,
-    known: Outcome | None = None,
+    model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: float | Sequence[float],
+    *, seed: int = 0, budget: int = 1000, warn_above: float = 0.01, fail_above: float = 0.05,
+    known: Known | None = None, least: int = 1, eot_samples: int | None = None,
 ) -> Check:
-    """Square (gradient-free) on the samples the strongest gradient attack leaves robust at ε.
+    """Square (gradient-free) on the samples the strongest gradient attack leaves robust, at
+    every ε of ``eps`` where it leaves at least ``least`` of them (else at the ε where it
+    leaves the most).
 
     Gradients that carry no information (a non-differentiable input step, saturated logits,
     noise) make every gradient attack fail while the model is not robust; a score-based
-    random search does not need them (Carlini et al., 2019, §5; AutoAttack's Square).
-    Value: ``K / M``, the fraction of the ``M`` samples the gradient attack left robust that
-    Square (``budget`` queries) breaks; above ``warn_above`` warns, above ``fail_above`` fails.
-    ``known``: the outcome at ``eps`` of the gradient attacks already run (the evaluation's
-    strongest, say); ``attack`` is then not run.
+    random search does not need them (Carlini et al., 2019, §5; AutoAttack's Square). Masking
+    can be confined to some budgets (a step that hides the gradient only for small
+    perturbations), hence every ε. With ``M_ε`` the samples the gradient attack left robust at
+    ε and ``K_ε`` those of them Square breaks within ε (``budget`` queries; an example found at
+    a smaller ε lies in every larger ball, so it counts there without a new search), the value
+    is ``max_ε K_ε / M_ε``; above ``warn_above`` warns, above ``fail_above`` fails.
+    ``known``: the outcome of the gradient attacks already run (the evaluation's strongest, say:
+    one :class:`Outcome` for a single ε, or a function of ε); ``attack`` is then not run.
+    ``eot_samples``: the model is random, and a Square example counts only when ``K`` fresh
+    passes all misclassify it (as an EOT attack's success is judged).
     """
     config = _untargeted_iterative(attack)
-    if known is None:
-        robust = ~_broken(model, x, y, config, eps, seed)
-        label = f"{config.name.upper()}-{config.steps}×{config.restarts} {config.loss}"
-    else:
-        robust, label = known.robust, known.label
+    budgets = [float(eps)] if isinstance(eps, (int, float)) else sorted(float(e) for e in eps)
     threshold = f"broken by Square ≤ {warn_above:g} of the robust (fail > {fail_above:g})"
-    survivors = robust.to(x.device).nonzero().squeeze(1)
-    if survivors.numel() == 0:
+    if attack.norm not in LP_NORMS:
+        return Check("gradient_free_finds_no_more", "warn", None, threshold,
+                     f"not run: robustkit's Square has no {attack.norm} version, so no "
+                     "gradient-free search backs the gradient attacks in this norm",
+                     {"eps": max(budgets, default=0.0), "robust": 0, "broken_by_square": 0,
+                      "eps_tested": 0})
+
+    def outcome(e: float) -> Outcome:
+        if isinstance(known, Outcome):
+            return known
+        if known is not None:
+            return known(e)
+        return Outcome(~broken(model, x, y, config, e, seed),
+                       f"{config.name.upper()}-{config.steps}×{config.restarts} {config.loss}")
+
+    outcomes = {e: outcome(e) for e in budgets if e > 0}
+    robust = {e: int(o.robust.sum()) for e, o in outcomes.items()}
+    tested = [e for e in outcomes if robust[e] >= least] or (
+        [max(robust, key=lambda e: (robust[e], -e))] if robust and max(robust.values()) else [])
+    if not tested:
+        where = ", ".join(f"{e:g}" for e in budgets) or "no ε"
+        label = next(iter(outcomes.values())).label if outcomes else config.name.upper()
         return Check("gradient_free_finds_no_more", "pass", 0.0, threshold,
-                     f"at ε={eps:g}: {label} leaves no sample robust; nothing to test",
-                     {"eps": eps, "robust": 0, "broken_by_square": 0})
+                     f"at ε={where}: {label} leaves no sample robust; nothing to test",
+                     {"eps": max(budgets, default=0.0), "robust": 0, "broken_by_square": 0,
+                      "eps_tested": 0})
+    found = torch.zeros(len(y), dtype=torch.bool, device=x.device)
     generator = torch.Generator(device=x.device).manual_seed(seed + 104_729)
-    found = square(model, x[survivors], y[survivors], eps=eps, norm=attack.norm, budget=budget,
-                   generator=generator).success
-    k, m = int(found.sum()), int(survivors.numel())
+    counts: dict[float, tuple[int, int]] = {}
+    for e in tested:
+        left = outcomes[e].robust.to(x.device)
+        search = (left & ~found).nonzero().squeeze(1)
+        if search.numel():
+            result = square(model, x[search], y[search], eps=e, norm=attack.norm, budget=budget,
+                            generator=generator)
+            success = result.success
+            if eot_samples is not None:
+                success = success & _fooled_every_draw(model, result.x_adv, y[search],
+                                                       eot_samples)
+            found[search[success]] = True
+        counts[e] = (int((found & left).sum()), int(left.sum()))
+    worst = max(tested, key=lambda e: (counts[e][0] / counts[e][1], e))
+    k, m = counts[worst]
     fraction = k / m
-    detail = (f"at ε={eps:g}: {label} leaves {m} of {len(y)} samples robust; Square "
-              f"({budget} queries) breaks {k} of them")
+    label = outcomes[worst].label
+    judged = f"; each example judged by {eot_samples} fresh passes" if eot_samples else ""
+    if len(tested) == 1:
+        detail = (f"at ε={worst:g}: {label} leaves {m} of {len(y)} samples robust; Square "
+                  f"({budget} queries{judged}) breaks {k} of them")
+    else:
+        detail = (f"at ε = {', '.join(f'{e:g}' for e in tested)}: {label} leaves "
+                  f"{', '.join(str(counts[e][1]) for e in tested)} of {len(y)} samples robust; "
+                  f"Square ({budget} queries{judged}) breaks "
+                  f"{', '.join(str(counts[e][0]) for e in tested)} of them")
     status = grade(fraction, warn_above, fail_above)
     if status != "pass":
-        detail = MASKING_SUSPECTED.format(k=k, m=m) + f" ({detail})"
+        detail = MASKING_SUSPECTED.format(k=k, m=m) + f" at ε={worst:g} ({detail})"
     return Check("gradient_free_finds_no_more", status, fraction, threshold, detail,
-                 {"eps": eps, "robust": m, "broken_by_square": k})
+                 {"eps": worst, "robust": m, "broken_by_square": k, "eps_tested": len(tested)})
+
+
+@torch.no_grad()
+def _fooled_every_draw(model: nn.Module, x: Tensor, y: Tensor, draws: int) -> Tensor:
+    """``[N]``: ``argmax ≠ y`` in each of ``draws`` passes of a random model over ``x``."""
+    fooled = torch.ones(len(y), dtype=torch.bool, device=x.device)
+    with attack_mode(model):
+        for _ in range(draws):
+            fooled &= model(x).argmax(1) != y
+    return fooled

@@ -23,7 +23,7 @@ from robustkit.checks.results import ITERATIVE, attack_configs, attack_kind, res
 from robustkit.config import AttackConfig
 from robustkit.data import Split
 from robustkit.errors import RobustkitError
-from robustkit.evaluation import run_attack
+from robustkit.models.randomness import Spread, output_spread
 from robustkit.progress import Bar, counting_rows
 from robustkit.results import ANY, UNRELIABLE_COLUMN
 from robustkit.vocabulary import ChecksLevel
@@ -173,10 +173,14 @@ def run_checks(
     with attack_mode(model), torch.no_grad():
         if logits_problem(model(x[:2]), len(x[:2])):
             return checks_frame(checks)
-    attack = main_attack(results, settings, default_steps=budgets.default_steps)
+    with attack_mode(model):
+        spread = output_spread(model, x)
+    randomness = _Randomness.of(settings, spread)
+    strongest = main_attack(results, settings, default_steps=budgets.default_steps)
+    attack = dataclasses.replace(strongest, eot_samples=randomness.samples)
     eps = _sweep_eps(results, settings)
     model_checks = _model_checks(model, x, y, attack, eps, results, settings, seed=seed,
-                                 budgets=budgets, shortcuts=shortcuts,
+                                 budgets=budgets, shortcuts=shortcuts, randomness=randomness,
                                  per_sample=per_sample if budgets.reuse else None)
     finished = dict(done or {})
     probed: list[Check] = []
@@ -198,19 +202,60 @@ def run_checks(
 
 #: The name under which the from-scratch monotonicity check runs among the model checks.
 MONOTONE_FROM_SCRATCH = "accuracy_monotone_in_eps"
+#: The gradient-free check runs at every swept ε where the gradient attacks leave at least this
+#: share of the checked samples robust (and at least :data:`FEWEST_ROBUST`): where fewer are
+#: left, one sample Square breaks is a large share of them, and the evaluation's figure is
+#: already small.
+ROBUST_SHARE = 0.2
+FEWEST_ROBUST = 5
+
+
+@dataclass(frozen=True)
+class _Randomness:
+    """How the checks meet the model: ``spread`` of two passes over the same batch; for a
+    random model that the evaluation attacks with EOT, the checks' EOT draws ``samples`` (the
+    largest K of the evaluation's), its EOT attacks (title → K) and its gradient attacks that
+    ran without EOT (``plain``). ``samples`` is None for a deterministic model: the checks
+    probe the plain model then, even when the evaluation's EOT averaged over a
+    transformation (that is robustness under transformation, not the model's)."""
+
+    spread: Spread
+    eot: dict[str, int]
+    plain: tuple[str, ...]
+
+    @classmethod
+    def of(cls, settings: dict[str, Any], spread: Spread) -> _Randomness:
+        configs = attack_configs(settings)
+        eot = {t: c.eot_samples for t, c in configs.items() if c.eot_samples is not None}
+        plain = tuple(t for t, c in configs.items()
+                      if c.eot_samples is None and attack_spec(c.name).uses_gradients)
+        return cls(spread, eot, plain)
+
+    @property
+    def samples(self) -> int | None:
+        return max(self.eot.values()) if self.spread.random and self.eot else None
+
+    def sweep_uses_eot(self, settings: dict[str, Any]) -> bool:
+        """Whether the sweep's EOT attacks attacked the model itself (a random model, no
+        transformation), so that their per-sample outcomes are the evaluation's figures."""
+        return self.samples is not None and not settings.get("transforms")
 
 
 def _model_checks(
     model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: list[float],
     results: pd.DataFrame, settings: dict[str, Any], *, seed: int, budgets: Budgets,
-    shortcuts: bool, per_sample: pd.DataFrame | None,
+    shortcuts: bool, per_sample: pd.DataFrame | None, randomness: _Randomness,
 ) -> list[tuple[str, Callable[[], Check]]]:
     """The model checks in report order, each as (name, how to run it)."""
     eps_max = max(eps) if eps else 0.3
     middle = convergence_eps(results, attack, eps)
     few = slice(None, budgets.probe_samples)
-    known = (_Known(model, x[few], y[few], attack, settings, per_sample, seed)
+    known = (_Known(model, x[few], y[few], attack, settings, per_sample, seed,
+                    with_eot=randomness.sweep_uses_eot(settings))
              if budgets.reuse else None)
+    checked = len(y[few])
+    least = max(FEWEST_ROBUST, math.ceil(ROBUST_SHARE * checked))
+    plain = randomness.plain if randomness.samples else ()
     checks: list[tuple[str, Callable[[], Check]]] = []
     if shortcuts and eps:
         checks.append((MONOTONE_FROM_SCRATCH, lambda: probes.
@@ -218,7 +263,8 @@ def _model_checks(
                            model, x, y, attack, eps, seed=seed,
                            max_steps=budgets.monotone_steps)))
     checks += [
-        ("forward_deterministic", lambda: probes.check_forward_deterministic(model, x)),
+        ("forward_deterministic", lambda: probes.check_forward_deterministic(
+            model, x, eot=randomness.eot, plain=plain, spread=randomness.spread)),
         ("batch_independent", lambda: probes.check_batch_independent(model, x)),
         ("input_gradients_usable", lambda: probes.check_input_gradients_usable(model, x, y)),
         ("accuracy_at_large_eps", lambda: probes.check_accuracy_at_large_eps(
@@ -231,9 +277,10 @@ def _model_checks(
             known=known.own(middle) if known else None,
             stronger=known.stronger(middle) if known else None)),
         ("gradient_free_finds_no_more", lambda: probes.check_gradient_free_finds_no_more(
-            model, x[few], y[few], attack, middle, seed=seed,
+            model, x[few], y[few], attack, eps or [middle], seed=seed,
             budget=known.square_queries(budgets.square_queries) if known else
-            budgets.square_queries, known=known.gradient(middle) if known else None)),
+            budgets.square_queries, known=known.gradient if known else None, least=least,
+            eot_samples=attack.eot_samples)),
     ]
     return checks
 
@@ -250,13 +297,17 @@ class _Known:
     """
 
     def __init__(self, model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig,
-                 settings: dict[str, Any], per_sample: pd.DataFrame | None, seed: int) -> None:
+                 settings: dict[str, Any], per_sample: pd.DataFrame | None, seed: int, *,
+                 with_eot: bool = False) -> None:
         self.model, self.x, self.y, self.attack, self.seed = model, x, y, attack, seed
         configs = attack_configs(settings)
-        ensemble = _sweep_outcome(per_sample, configs, len(y), names_in("ensemble"))
-        self.swept = (_sweep_outcome(per_sample, configs, len(y), (attack.title,))
-                      or ensemble or _sweep_outcome(per_sample, configs, len(y), tuple(SPECS)))
-        self.iterative = _sweep_outcome(per_sample, configs, len(y), GRADIENT) or ensemble
+
+        def outcome(names: Sequence[str]) -> _Swept | None:
+            return _sweep_outcome(per_sample, configs, len(y), names, with_eot=with_eot)
+
+        ensemble = outcome(names_in("ensemble"))
+        self.swept = outcome((attack.title,)) or ensemble or outcome(tuple(SPECS))
+        self.iterative = outcome(GRADIENT) or ensemble
         steps = max((configs[t].steps if attack_spec(configs[t].name).steps else 1)
                     for t in self.swept[0]) if self.swept else attack.steps
         self.converge_steps = min(max(steps, CONVERGE_STEPS[0]), CONVERGE_STEPS[1])
@@ -270,16 +321,15 @@ class _Known:
         return self._own[eps]
 
     def _fresh(self, eps: float) -> probes.Outcome:
-        config = dataclasses.replace(self.attack, eot_samples=None, targeted=False)
-        starts = torch.Generator(device=self.x.device).manual_seed(self.seed)
-        success = run_attack(self.model, config, self.x, self.y, eps, None, starts=starts).success
+        config = dataclasses.replace(self.attack, targeted=False)
+        success = probes.broken(self.model, self.x, self.y, config, eps, self.seed)
         return probes.Outcome(~success.cpu(), f"{config.name.upper()}-{config.steps}")
 
     def stronger(self, eps: float) -> probes.Outcome:
         if eps not in self._stronger:
             self._stronger[eps] = probes.strengthen(
                 self.model, self.x, self.y, self.own(eps), eps, norm=self.attack.norm,
-                seed=self.seed, steps=self.converge_steps)
+                seed=self.seed, steps=self.converge_steps, eot_samples=self.attack.eot_samples)
         return self._stronger[eps]
 
     def square_queries(self, most: int) -> int:
@@ -297,14 +347,16 @@ _Swept = tuple[list[str], "np.ndarray[Any, Any]"]
 
 
 def _sweep_outcome(per_sample: pd.DataFrame | None, configs: dict[str, AttackConfig], n: int,
-                   names: Sequence[str]) -> _Swept | None:
+                   names: Sequence[str], *, with_eot: bool = False) -> _Swept | None:
     """The sweep's per-sample worst case over its attacks whose name or title is in ``names``
-    and that attacked the plain model (no EOT, no BPDA), for the first ``n`` samples: (their
-    titles, smallest breaking ε per sample); None when there is none."""
+    and that attacked the plain model (no BPDA; no EOT, unless ``with_eot``: a random model,
+    whose figures are its EOT attacks'), for the first ``n`` samples: (their titles, smallest
+    breaking ε per sample); None when there is none."""
     if per_sample is None or len(per_sample) < n:
         return None
     titles = [t for t, c in configs.items() if (c.name in names or t in names)
-              and c.eot_samples is None and c.bpda is None and f"{t}_eps" in per_sample]
+              and (c.eot_samples is None or with_eot) and c.bpda is None
+              and f"{t}_eps" in per_sample]
     if not titles:
         return None
     columns = per_sample[[f"{t}_eps" for t in titles]].to_numpy(dtype=float)[:n]

@@ -52,6 +52,7 @@ from robustkit.models.factory import (
     pick_logits,
     spec_shape,
 )
+from robustkit.models.randomness import BatchEffect, batch_effect, describe_comparison
 from robustkit.models.zoo import Normalized
 from robustkit.released import ZOO_PREFIX, release_mismatch, resolve_zoo
 
@@ -387,37 +388,6 @@ def _forward(model: nn.Module, x: Tensor) -> Any:
         ) from None
 
 
-#: How far a sample's logits may move when the rest of its batch changes, relative to
-#: max(1, |z|). Both batches have the same size, so the same kernels run on both.
-BATCH_TOLERANCE = 1e-4
-
-
-def same_size_batches(model: nn.Module, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The logits of ``x[:k]`` in two batches of ``len(x)`` images that differ only after
-    position ``k`` (there, ``1 − x``): ``(model(x)[:k], model([x[:k]; 1 − x[k:]])[:k])``.
-
-    A model that normalises with batch statistics gives different logits; one that does not
-    gives the same up to float noise. Equal batch sizes matter: GPU libraries pick kernels by
-    batch size (TF32 convolutions on an H200 move logits by ~2e-3 between batches of 200 and
-    50), which a comparison of ``model(x)[:k]`` with ``model(x[:k])`` would mistake for batch
-    statistics."""
-    if not 0 < k < len(x):
-        raise ValueError(f"need 0 < k < len(x), got k = {k} for {len(x)} images")
-    with torch.no_grad():
-        first = model(x)
-        second = model(torch.cat([x[:k], 1 - x[k:]]))
-    return first[:k], second[:k]
-
-
-def batch_dependent(in_batch: Tensor, alone: Tensor) -> bool:
-    """Whether the logits of the same samples in two batches differ beyond float noise, or
-    change a prediction."""
-    a, b = in_batch.double(), alone.double()
-    scale = max(1.0, float(a.abs().max()))
-    return bool((a - b).abs().max() > BATCH_TOLERANCE * scale) or bool(
-        (a.argmax(1) != b.argmax(1)).any())
-
-
 def _wraps_exported(model: nn.Module) -> bool:
     """A ``Normalized`` wrapper around an exported program."""
     return isinstance(getattr(model, "model", None), ExportedModel)
@@ -426,8 +396,10 @@ def _wraps_exported(model: nn.Module) -> bool:
 def check_logits(model: nn.Module, x: Tensor, num_classes: int) -> None:
     """Reject a model whose outputs are not ``[N, num_classes]`` logits
     (:func:`~robustkit.attacks.losses.logits_problem`), are not finite, depend on the rest of
-    the batch or are probabilities (:func:`~robustkit.attacks.losses.probability_rows`), with a
-    message saying why."""
+    the batch (:func:`~robustkit.models.randomness.batch_effect`: a random model is not
+    refused, its randomness is held fixed for the comparison; the checks describe it) or are
+    probabilities (:func:`~robustkit.attacks.losses.probability_rows`), with a message saying
+    why."""
     out = _forward(model, x)
     richer = describe_output(out)
     if richer is not None:
@@ -440,9 +412,9 @@ def check_logits(model: nn.Module, x: Tensor, num_classes: int) -> None:
     if not torch.isfinite(out).all():
         raise RobustkitError("the model returns non-finite outputs (nan or inf) on clean images")
     if isinstance(part, Tensor) and part.shape == out[:3].shape and len(x) > 3:
-        in_batch, swapped = same_size_batches(model, x, 3)
-        if batch_dependent(in_batch, swapped):
-            _refuse_batch_statistics(float((in_batch - swapped).abs().max()), len(x))
+        effect = batch_effect(model, x, 3)
+        if effect.dependent:
+            _refuse_batch_statistics(effect, len(x))
     if bool(probability_rows(out).all()):
         raise RobustkitError(
             "the model returns probabilities (rows in [0, 1] summing to 1), not logits: remove "
@@ -450,11 +422,13 @@ def check_logits(model: nn.Module, x: Tensor, num_classes: int) -> None:
         )
 
 
-def _refuse_batch_statistics(diff: float, n: int) -> None:
+def _refuse_batch_statistics(effect: BatchEffect, n: int) -> None:
+    held = describe_comparison(effect)
     raise RobustkitError(
         "the model's outputs for the same images change with the other images in the batch "
-        f"(up to {diff:.3g} between two batches of {n} that share their first 3 images): it "
-        "normalises with batch statistics (BatchNorm saved in train mode in a torch.export or "
-        "TorchScript file, where eval() changes nothing), so every number would depend on the "
-        "batch; export the model after model.eval()"
+        f"(up to {effect.difference:.3g} between two batches of {n} that share their first "
+        f"{effect.shared} images{', ' + held if held else ''}): it normalises with batch "
+        "statistics (BatchNorm saved in train mode in a torch.export or TorchScript file, where "
+        "eval() changes nothing), so every number would depend on the batch; export the model "
+        "after model.eval()"
     )

@@ -29,6 +29,7 @@ from robustkit.outputs import (
     writing,
 )
 from robustkit.reporting import figures, tables
+from robustkit.reporting.certified import certified_section, read_certified
 from robustkit.reporting.headline import headlines
 from robustkit.reporting.load import RunData, load_runs
 from robustkit.reporting.physical import physical_section
@@ -49,9 +50,11 @@ from robustkit.version import __version__
 
 FIGURE_DIR = "figures"
 TABLE_DIR = "tables"
-OUR_FIGURES = re.compile(r"^(accuracy|examples-.*|confusion-.*|training-.*|physical-.*)\.png$")
+OUR_FIGURES = re.compile(
+    r"^(accuracy|examples-.*|confusion-.*|training-.*|physical-.*|certified-.*)\.png$")
 OUR_TABLES = re.compile(
-    r"^(accuracy|results|cost|checks|provenance|reference|confusion-.*|physical-.*)\.csv$")
+    r"^(accuracy|results|cost|checks|provenance|reference|confusion-.*|physical-.*|"
+    r"certified-.*)\.csv$")
 
 
 def _safe(name: str) -> str:
@@ -200,7 +203,7 @@ def _samples_to_show(ex: dict[str, np.ndarray], key: str, norm: str, fresh: list
     then by perturbation size (``norm``; largest first) and position."""
     k = len(ex["clean"])
     delta = np.abs(ex[f"adv/{key}"].astype(np.float64) - ex["clean"]).reshape(k, -1)
-    size = delta.max(axis=1) if norm == "linf" else np.sqrt((delta**2).sum(axis=1))
+    size = [figures.perturbation_size(row, norm) for row in delta]
     return sorted(fresh, key=lambda i: (flags[i] is not True, -round(size[i], 4), i))
 
 
@@ -289,7 +292,9 @@ def _summary_section(
 ) -> tuple[Section, dict[str, pd.DataFrame]]:
     accuracy = tables.accuracy_table(runs)
     cost = tables.cost_table(runs)
-    blocks: list[Block] = [
+    blocks: list[Block] = [Text(f"Not like for like: {note}")
+                           for note in tables.comparability_notes(runs)]
+    blocks += [
         Text(
             "Robust accuracy (fraction of samples classified correctly under every attack "
             f'point within ε) with its 95% Wilson score interval. The attack "{ANY}" is the '
@@ -516,7 +521,8 @@ def _headline(runs: list[RunData]) -> list[tuple[str, str]]:
     for run in runs:
         unreliable = unreliable_attacks(run.checks, run.settings, run.results["attack"].unique())
         lines += [(h.model, h.text())
-                  for h in headlines(run.results, run.checks, _checks_level(run), unreliable)]
+                  for h in headlines(run.results, run.checks, _checks_level(run), unreliable,
+                                     read_certified(run))]
     return lines
 
 
@@ -586,7 +592,7 @@ def build_report(run_dirs: list[Path], out_dir: Path, title: str | None = None,
     summary, csvs = _summary_section(runs, results)
     accuracy_png = figures.accuracy_figure(results)
     summary.blocks.insert(
-        1,
+        next(i for i, block in enumerate(summary.blocks) if isinstance(block, Table)),
         FigureBlock(
             "accuracy.png",
             accuracy_png,
@@ -596,7 +602,9 @@ def build_report(run_dirs: list[Path], out_dir: Path, title: str | None = None,
             "only be lower).",
         ),
     )
-    sections: list[Section | None] = [summary, _examples_section(runs)]
+    certified, certified_csvs = certified_section(runs, _safe)
+    csvs.update(certified_csvs)
+    sections: list[Section | None] = [summary, certified, _examples_section(runs)]
     confusion, confusion_csvs = _confusion_section(runs)
     csvs.update(confusion_csvs)
     physical, physical_csvs = physical_section(runs, _safe)

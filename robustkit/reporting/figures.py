@@ -180,6 +180,14 @@ class Panel:
     flipped: bool
 
 
+def perturbation_size(delta: np.ndarray, norm: str) -> float:
+    """``‖δ‖`` in ``norm`` (L∞, L1, else L2)."""
+    flat = np.abs(delta.astype(np.float64)).ravel()
+    if norm == "linf":
+        return float(flat.max())
+    return float(flat.sum()) if norm == "l1" else float(np.sqrt((flat**2).sum()))
+
+
 def example_figure(rows: Sequence[Panel], eps: float, norm: str, attack: str) -> bytes:
     """Rows of  clean  +  k·δ  =  adversarial, after Goodfellow et al.'s panda figure.
 
@@ -191,14 +199,11 @@ def example_figure(rows: Sequence[Panel], eps: float, norm: str, attack: str) ->
     n = len(rows)
     fig = Figure(figsize=(5.6, 1.95 * n + 0.35))
     grid = fig.add_gridspec(n, 5, width_ratios=[1, 0.22, 1, 0.22, 1], wspace=0.05, hspace=0.45)
-    scale = 1.0 / eps if eps > 0 else 1.0
+    # δ/ε on [−1, 1]; an L1 perturbation's pixels move by up to 1 whatever ε, so δ itself
+    scale = 1.0 / eps if eps > 0 and norm != "l1" else 1.0
     for r, row in enumerate(rows):
         delta = row.adv - row.clean
-        size = (
-            float(np.abs(delta).max())
-            if norm == "linf"
-            else float(np.sqrt((delta.astype(np.float64) ** 2).sum()))
-        )
+        size = perturbation_size(delta, norm)
         axes = {c: fig.add_subplot(grid[r, c]) for c in (0, 2, 4)}
         colour = row.clean.ndim == 3
         pixels = {"interpolation": "nearest"} if colour else {
@@ -210,7 +215,7 @@ def example_figure(rows: Sequence[Panel], eps: float, norm: str, attack: str) ->
         else:
             axes[2].imshow(np.clip(delta * scale, -1, 1), cmap="RdBu_r", vmin=-1, vmax=1,
                            interpolation="nearest")
-        symbol = "∞" if norm == "linf" else "₂"
+        symbol = {"linf": "∞", "l1": "₁"}.get(norm, "₂")
         axes[2].set_title(f"δ ×{scale:.3g}  (‖δ‖{symbol}={size:.3f})", fontsize=9)
         axes[4].imshow(np.clip(row.adv, 0, 1), **pixels)
         axes[4].set_title(row.adv_text, fontsize=9, color="#b2182b" if row.flipped else "black")

@@ -1,6 +1,6 @@
 """The headline a report and the terminal open with, one line per model: robust accuracy at the
-largest evaluated ε with its 95% interval, the strongest attack, clean accuracy and the checks'
-verdict.
+largest evaluated ε with its 95% interval, the strongest attack, clean accuracy, the certified
+accuracy when certified bounds were computed, and the checks' verdict.
 
 The robust figure is the per-sample worst case over the attacks (the ``any`` row) when there
 is one, else the single attack's row (else the lowest row); the strongest attack is the single
@@ -12,6 +12,7 @@ attack behind it (:func:`robustkit.checks.unreliable_attacks`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ class Headline:
     clean: float | None
     verdict: str
     unreliable: str | None = None
+    certified: tuple[float, str] | None = None  # the certified accuracy at eps, and by what
 
     def text(self) -> str:
         """``robust accuracy 89.79% [89.18%, 90.37%] at ε = 0.3 (worst case of fgsm,
@@ -50,6 +52,8 @@ class Headline:
                  f"({how})"]
         if self.unreliable:
             parts[0] += f", unreliable: {self.unreliable}"
+        if self.certified is not None:
+            parts.append(f"certified {self.certified[0]:.2%} ({self.certified[1]})")
         if self.clean is not None:
             parts.append(f"clean {self.clean:.2%}")
         if self.n is not None:
@@ -112,10 +116,25 @@ def model_headline(results: pd.DataFrame, verdict_text: str,
 
 
 def headlines(results: pd.DataFrame, checks: pd.DataFrame | None, level: str,
-              unreliable: dict[str, str] | None = None) -> list[Headline]:
+              unreliable: dict[str, str] | None = None,
+              certified: pd.DataFrame | None = None) -> list[Headline]:
     """One headline per model in ``results`` (a run folder's results.csv), with the checks'
-    verdict at ``level`` (``full``, ``quick`` or ``off``)."""
+    verdict at ``level`` (``full``, ``quick`` or ``off``) and, given ``certified`` (the run's
+    ``certified.csv``), the certified accuracy at the same ε."""
     text = verdict(checks, level)
     found = [model_headline(results[results["model"] == m], text, unreliable)
              for m in results["model"].unique()]
-    return [h for h in found if h is not None]
+    return [dataclasses.replace(h, certified=certified_at(certified, h.eps))
+            for h in found if h is not None]
+
+
+def certified_at(certified: pd.DataFrame | None, eps: float) -> tuple[float, str] | None:
+    """The best certified accuracy at ``eps`` in a ``certified.csv`` frame, and the method
+    (``best`` of several: per sample, any method's certificate)."""
+    if certified is None or certified.empty:
+        return None
+    rows = certified[(certified["eps"].astype(float) - eps).abs() < 1e-12]
+    if rows.empty:
+        return None
+    top = rows.sort_values("accuracy", kind="stable").iloc[-1]
+    return float(top["accuracy"]), str(top["method"])

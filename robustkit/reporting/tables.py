@@ -111,6 +111,48 @@ def unreliable_notes(runs: list[RunData]) -> list[str]:
     return notes
 
 
+def data_label(run: RunData) -> str:
+    """The data a run was evaluated on: the data set and split, resize and content checksum
+    when recorded (the built-in sets are md5-checked against the canonical files, so their
+    name identifies them)."""
+    s, m = run.settings, run.manifest
+    label = f"{s.get('dataset', 'unknown data')} {s.get('split', 'test')} set"
+    extras = [f"resized to {m['data_resize']}"] if m.get("data_resize") else []
+    if m.get("data_sha256"):
+        extras.append(f"sha256 {str(m['data_sha256'])[:12]}")
+    return f"{label} ({', '.join(extras)})" if extras else label
+
+
+def evaluated_n(run: RunData) -> int | None:
+    """How many images the run evaluated (``results.csv``'s ``n``, else the settings')."""
+    if "n" in run.results.columns and len(run.results):
+        return int(run.results["n"].max())
+    n = run.settings.get("n")
+    return int(n) if n is not None else None
+
+
+def comparability_notes(runs: list[RunData]) -> list[str]:
+    """What makes several runs' figures not comparable side by side: different data, or a
+    different number n of images (the first n of the split, so other images and intervals of
+    another width). One line each; none for a single run or runs on the same data and n."""
+    if len(runs) < 2:
+        return []
+    notes = []
+    data = {run.name: data_label(run) for run in runs}
+    if len(set(data.values())) > 1:
+        listed = "; ".join(f"{name}: {label}" for name, label in data.items())
+        notes.append(f"These runs were evaluated on different data ({listed}): their figures "
+                     "are not comparable with each other.")
+    sizes = {run.name: evaluated_n(run) for run in runs}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{name}: {n if n is not None else 'unknown'}"
+                           for name, n in sizes.items())
+        notes.append(f"These runs were evaluated on different numbers of images ({listed}): "
+                     "each figure holds for its own images, and a difference inside the 95% "
+                     "intervals is no difference; compare runs of the same n.")
+    return notes
+
+
 def cost_table(runs: list[RunData]) -> pd.DataFrame:
     """Seconds and gradient evaluations per model × attack, summed over ε."""
     rows: list[dict[str, Any]] = []
