@@ -476,9 +476,9 @@ def _checks_level(text: str, fail_on_check: bool) -> ChecksLevel:
     "robustkit attack --model zoo:mnist_mlp --attack pgd --eps 0,0.01,0.02 --certify "
     "ibp,crown-ibp --n 100",
     "robustkit attack --model zoo:mnist_cnn --attack pgd --eps 0,0.1 --n 100 "
-    "--save-adversarial all --out runs/cnn-adv",
-    "robustkit attack --model zoo:mnist_mlp --data runs/cnn-adv/adversarial/pgd40@0.1.safetensors "
-    "--eps 0,0.1 --attack fgsm --out runs/transfer-check",
+    "--save-adversarial all --out runs/cnn_adv",
+    "robustkit attack --model zoo:mnist_mlp --data runs/cnn_adv/adversarial/pgd40@0.1.safetensors "
+    "--eps 0,0.1 --attack fgsm --out runs/transfer_check",
     "robustkit attack --model zoo:mnist_cnn_pgd_at --attack apgd --norm l1 --eps 0,10 "
     "--n 20 --checks quick",
     "robustkit attack --model zoo:mnist_cnn_pgd_at --attack pgd --transfer-from zoo:mnist_cnn "
@@ -656,20 +656,26 @@ def zoo(
 @app.command(epilog=_examples("robustkit certify --model zoo:mnist_mlp --eps 0,0.01,0.02 --n 100"))
 def certify(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint, zoo:NAME, or package.module:factory with --weights.")],  # noqa: E501
-    eps: Annotated[str, typer.Option("--eps", help="Comma-separated L∞ budgets in [0,1] pixel units.")] = "0,0.1,0.3",  # noqa: E501
+    eps: Annotated[str, typer.Option("--eps", help="Comma-separated budgets in [0,1] pixel units (L∞) or L2 norms.")] = "0,0.1,0.3",  # noqa: E501
     method: Annotated[str, typer.Option("--method", help="Comma-separated bounds: ibp, crown-ibp, crown.")] = "ibp,crown-ibp",  # noqa: E501
+    norm: Annotated[str, typer.Option("--norm", help="The ball: linf or l2.")] = "linf",
     n: Annotated[Optional[int], typer.Option("--n", help="Certify the first N test images.")] = None,  # noqa: E501, UP045
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Bisect each image's certified radius to this width (ε units).")] = 1e-3,  # noqa: E501
     weights: Annotated[Optional[Path], typer.Option("--weights", help="State dict for a factory model.")] = None,  # noqa: E501, UP045
     normalize: Annotated[Optional[str], typer.Option("--normalize", help="MEAN,STD the model expects.")] = None,  # noqa: E501, UP045
     data_source: DataOption = None,
     data_dir: DataDirOption = None,
     app_dir: AppDirOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON rows on stdout.")] = False,  # noqa: E501
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result (table, per-image radii) as JSON on stdout.")] = False,  # noqa: E501
 ) -> None:
     """Certified accuracy: the fraction of images no attack within ε can change (a lower
-    bound on robust accuracy, where the attacks give an upper bound)."""
-    from robustkit.certify import METHODS
-    from robustkit.certify.evaluate import certify_sweep
+    bound on robust accuracy, where the attacks give an upper bound), and each image's
+    certified radius."""
+    import numpy as np
+
+    from robustkit.budgets import eps_bound
+    from robustkit.certify import BOUND_NORMS, METHODS
+    from robustkit.certify.evaluate import BEST, certify_sweep
     from robustkit.models import load_model, parse_normalize
     from robustkit.sources import load_data
 
@@ -678,20 +684,38 @@ def certify(
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise RobustkitError(f"--method {method!r}: choose from {', '.join(METHODS)}")
-    if any(not 0 <= e <= 1 for e in eps_values):
-        raise RobustkitError(f"--eps {eps}: L∞ budgets lie in [0, 1] pixel units")
+    if norm not in BOUND_NORMS:
+        raise RobustkitError(f"--norm {norm!r}: certification covers {', '.join(BOUND_NORMS)}")
+    if not (math.isfinite(tolerance) and tolerance > 0):
+        raise RobustkitError(f"--tolerance {tolerance:g}: give a positive width, e.g. 0.001")
+    if any(e < 0 for e in eps_values) or (norm == "linf" and any(e > 1 for e in eps_values)):
+        raise RobustkitError(f"--eps {eps}: L∞ budgets lie in [0, 1] pixel units, L2 budgets "
+                             "are non-negative")
     stats = parse_normalize(normalize) if normalize else None
     net, _ = load_model(model, weights=weights, normalize=stats, app_dir=app_dir)
     data = load_data(data_source, data_dir=data_dir, val_size=0, parts=("test",), limit=n)
-    table = certify_sweep(net, data.test.take(n), eps_values, methods)  # type: ignore[arg-type]
+    split = data.test.take(n)
+    pixels = int(split.images[0].numel()) if len(split) else None
+    if any(e > eps_bound(norm, pixels) for e in eps_values):
+        raise RobustkitError(f"--eps {eps}: L2 budgets above √d = {eps_bound(norm, pixels):g} "
+                             "reach every image; give smaller budgets")
+    result = certify_sweep(net, split, eps_values, methods, norm=norm,  # type: ignore[arg-type]
+                           tolerance=tolerance)
     if as_json:
-        sys.stdout.write(table.to_json(orient="records", indent=2) + "\n")
+        sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
         return
-    _echo(f"certified accuracy of {model} on {int(table['n'].iloc[0])} test images "
+    _echo(f"certified accuracy of {model} on {len(split)} test images, {norm} "
           "(certified ≤ true robust accuracy ≤ any attack's figure):")
-    for _, row in table.iterrows():
+    for _, row in result.table.iterrows():
         _echo(f"  {row['method']:<10} ε={row['eps']:<6g} {row['accuracy']:.4f} "
-              f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]  {row['seconds']:.1f} s")
+              f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]  width {row['width_median']:.3g}"
+              f"  {row['seconds']:.1f} s")
+    radius = result.radius(BEST)
+    correct = radius[~np.isnan(radius)]
+    if len(correct):
+        _echo(f"  median certified radius of the {len(correct)} correctly classified images: "
+              f"{float(np.median(correct)):.4g} (best of {', '.join(result.methods)}; "
+              f"bisected to {tolerance:g} between the swept ε, at most the largest)")
 
 
 @app.command(epilog=_examples(

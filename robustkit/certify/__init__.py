@@ -2,7 +2,9 @@
 a report brackets the truth, certified ≤ true robust accuracy ≤ attacked."""
 
 from robustkit.certify.bounds import (
+    BOUND_NORMS,
     METHODS,
+    BoundNorm,
     Bounds,
     Method,
     certified_accuracy,
@@ -10,4 +12,5 @@ from robustkit.certify.bounds import (
     network_steps,
 )
 
-__all__ = ["METHODS", "Bounds", "Method", "certified_accuracy", "margin_bounds", "network_steps"]
+__all__ = ["BOUND_NORMS", "METHODS", "BoundNorm", "Bounds", "Method", "certified_accuracy",
+           "margin_bounds", "network_steps"]
