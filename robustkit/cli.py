@@ -443,9 +443,9 @@ def _certify_methods(text: str | None, attacks: list[AttackConfig]) -> tuple[Cer
     if not methods or any(m not in CERTIFY_METHODS for m in methods):
         raise RobustkitError(f"--certify {text!r}: choose from {', '.join(CERTIFY_METHODS)}, "
                              "comma-separated (e.g. --certify ibp,crown-ibp)")
-    if any(a.norm != "linf" for a in attacks):
-        raise RobustkitError("--certify bounds the L∞ ball: attack with --norm linf to compare "
-                             "the certified and the attacked numbers at the same ε")
+    if len({a.norm for a in attacks}) != 1 or attacks[0].norm not in ("linf", "l2"):
+        raise RobustkitError("--certify bounds the L∞ or the L2 ball: attack with --norm linf "
+                             "or l2 to compare the certified and the attacked numbers")
     return methods  # type: ignore[return-value]  # checked against CERTIFY_METHODS above
 
 

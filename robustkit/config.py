@@ -532,10 +532,11 @@ def _check_consistency(config: ExperimentConfig) -> None:
 
 
 def _check_certify(config: ExperimentConfig) -> None:
-    """Certified bounds cover the L∞ ball: they sit beside L∞ attacks only."""
-    if config.evaluate.certify and any(a.norm != "linf" for a in config.attacks):
-        _fail("evaluate.certify", "bounds the L∞ ball: certify beside L∞ attacks only (set "
-              "every attack's norm to \"linf\", or leave certify out)")
+    """Certified bounds cover the L∞ or the L2 ball: the attacks beside them share one."""
+    norms = {a.norm for a in config.attacks}
+    if config.evaluate.certify and not (len(norms) == 1 and norms <= {"linf", "l2"}):
+        _fail("evaluate.certify", "bounds the L∞ or the L2 ball: certify beside attacks that "
+              "all use one of those norms (or leave certify out)")
 
 
 def _input_pixels(data: DataConfig) -> int | None:

@@ -7,6 +7,7 @@ an attack broke."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -20,12 +21,12 @@ import pytest
 import torch
 from torch import nn
 
+from robustkit.certify.evaluate import Certification, certify_sweep
 from robustkit.config import AttackConfig
 from robustkit.data import Split
 from robustkit.errors import RobustkitError
 from robustkit.evaluation import evaluate
 from robustkit.stages import CertifiedBounds, SweepDone, run_stages
-from robustkit.stages import certified as certified_stage
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,9 +67,12 @@ def test_certified_stage_matches_the_closed_form(tmp_path: Path) -> None:
     best = table[table["method"] == "best"].set_index("eps")["certified"].to_dict()
     assert best == {0.0: 3, 0.05: 2, 0.1: 1}
     assert set(table["method"]) == {"ibp", "crown", "best"}
-    per_sample = pd.read_csv(tmp_path / "per_sample.csv")
-    assert per_sample["certified_eps"].tolist()[:3] == [0.1, 0.05, 0.0]
-    assert np.isnan(per_sample["certified_eps"].iloc[3])
+    # radii (x₀ − x₁)/2 bisected to 1e-3 inside the sweep: 0.2 stays at the largest ε swept,
+    # 0.08 and 0.04 from below (a bisected radius is one the bound certified)
+    radius = pd.read_csv(tmp_path / "per_sample.csv")["certified_eps"]
+    assert radius[0] == 0.1
+    assert 0.079 <= radius[1] <= 0.08 and 0.039 <= radius[2] <= 0.04
+    assert np.isnan(radius[3])
     assert done.checks is not None
     assert done.checks.set_index("name").loc["certified_not_broken", "status"] == "pass"
     assert done.certified is not None and len(done.certified) == 9
@@ -78,9 +82,15 @@ def test_a_broken_bound_fails_the_check_and_discredits_every_number(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bound that certifies everything (wrong) meets PGD's examples: the check fails, names
     the samples, marks results.csv and certified.csv unreliable."""
-    monkeypatch.setattr(certified_stage, "certified_accuracy",
-                        lambda model, x, y, eps, method, batch_size: torch.ones(len(y),
-                                                                                dtype=torch.bool))
+    real = certify_sweep
+
+    def everything_certified(*args: object, **kwargs: object) -> Certification:
+        found = real(*args, **kwargs)  # type: ignore[arg-type]
+        correct = found.per_sample["label"] == found.per_sample["clean_pred"]
+        wrong = found.per_sample.assign(best_eps=np.where(correct, max(found.eps), np.nan))
+        return dataclasses.replace(found, per_sample=wrong)
+
+    monkeypatch.setattr("robustkit.stages.certified.certify_sweep", everything_certified)
     done = run_stages([CertifiedBounds(("ibp",))],
                       _done(tmp_path, _linear_model(), _split(), [0.0, 0.1, 0.3]), "linear")
     assert done.checks is not None
@@ -156,9 +166,9 @@ def test_attack_certify_brackets_the_attack_in_every_output(tmp_path: Path,
 @pytest.mark.parametrize(("args", "message"), [
     (["--certify", "ibp,exact"], "error: --certify 'ibp,exact': choose from ibp, crown-ibp, "
                                  "crown, comma-separated (e.g. --certify ibp,crown-ibp)"),
-    (["--certify", "ibp", "--norm", "l2"], "error: --certify bounds the L∞ ball: attack with "
-                                           "--norm linf to compare the certified and the "
-                                           "attacked numbers at the same ε"),
+    (["--certify", "ibp", "--norm", "l1", "--attack", "apgd"],
+     "error: --certify bounds the L∞ or the L2 ball: attack with --norm linf or l2 to compare "
+     "the certified and the attacked numbers"),
 ])
 def test_attack_certify_refuses_bad_requests_in_one_line(tmp_path: Path, args: list[str],
                                                          message: str) -> None:
@@ -179,11 +189,16 @@ def test_a_model_the_bounds_do_not_cover_is_refused_before_the_sweep(tmp_path: P
     assert not (tmp_path / "runs" / "attack-mnist_cnn" / "results.csv").exists()
 
 
-def test_config_certify_needs_linf_attacks() -> None:
+def test_config_certify_needs_one_norm_the_bounds_cover() -> None:
     from robustkit.config import config_from_dict
 
     with pytest.raises(RobustkitError, match=r"evaluate\.certify"):
         config_from_dict({"evaluate": {"certify": ["ibp"]},
-                          "attacks": [{"name": "pgd", "norm": "l2"}]})
+                          "attacks": [{"name": "apgd", "norm": "l1"}]})
+    with pytest.raises(RobustkitError, match=r"evaluate\.certify"):
+        config_from_dict({"evaluate": {"certify": ["ibp"]},
+                          "attacks": [{"name": "pgd"}, {"name": "apgd", "norm": "l2"}]})
+    assert config_from_dict({"evaluate": {"certify": ["ibp"]},
+                             "attacks": [{"name": "pgd", "norm": "l2"}]}).evaluate.certify
     with pytest.raises(RobustkitError, match=r"evaluate\.certify"):
         config_from_dict({"evaluate": {"certify": ["exact"]}})

@@ -38,8 +38,8 @@ def post_sweep_stages(*, level: ChecksLevel, attacks: Sequence[AttackConfig],
     example pictures, the adversarial examples on disk (``save_adversarial``), the paper
     reference (a config's ``[reference]``), robustness under transformation."""
     stages: list[Stage] = [SanityChecks(level)]
-    if certify:
-        stages.append(CertifiedBounds(tuple(certify)))
+    if certify:  # the attacks share one norm the bounds cover (config and CLI check it)
+        stages.append(CertifiedBounds(tuple(certify), norm=attacks[0].norm if attacks else "linf"))
     stages.append(ExampleProbabilities())
     if save_adversarial is not None:
         stages.append(SavedAdversarial(save_adversarial))
