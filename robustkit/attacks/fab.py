@@ -151,7 +151,7 @@ class _Closest:
 
     def __init__(self, x: Tensor, misclassified: Tensor) -> None:
         self.x_adv = x.clone()
-        self.distance = torch.where(misclassified, 0.0, math.inf).to(x.device)
+        self.distance = torch.where(misclassified, 0.0, math.inf).to(x.device, x.dtype)
 
     def offer(self, idx: Tensor, x_cand: Tensor, size: Tensor, adv: Tensor) -> None:
         closer = adv & (size < self.distance[idx])
