@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from _common import THREADS_HELP, default_data_dir, machine_line, set_threads
@@ -37,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> dict[str, object]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     """The sweep's per-sample verdicts at ε with the robustkit on the path."""
     import robustkit.attacks.ensemble as ensemble
     from robustkit.config import AttackConfig
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "robust_accuracy": 1 - sum(broken) / len(broken)}
 
 
-def compare(before: dict[str, object], after: dict[str, object]) -> list[str]:
+def compare(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     old, new = before["broken"], after["broken"]
     assert isinstance(old, list) and isinstance(new, list) and len(old) == len(new)
     only_old = [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a and not b]
