@@ -4,7 +4,8 @@ On one model (default ``zoo:mnist_cnn_pgd_at``) and the first ``--n`` MNIST test
 L1 budget ε (default 10, pixel units: the sum of the absolute pixel changes of a [0, 1] image):
 
 1. robustkit: ``autoattack`` with ``norm = "l1"`` through the sweep engine (ε ∈ {0, ε}):
-   l1-APGD-CE with 5 restarts → l1-APGD-T with 5 targets, both with the 3ε/2ε/ε schedule;
+   l1-APGD-CE with 5 restarts → l1-APGD-T with 5 targets, both with the 3ε/2ε/ε schedule →
+   L1 FAB-T with 9 targets (``robustkit.attacks.fab``; robustkit has no L1 Square);
 2. the authors: ``AutoAttack(model, norm="L1", eps, version="standard")`` from their own code
    (https://github.com/fra31/auto-attack), imported from ``--authors-src`` (a folder that holds
    their ``autoattack/`` package: it is read, never installed, and no dependency of robustkit).
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_robustkit:
         rk, seconds, cost = run_robustkit(model, split, args)
         figures["robustkit"] = {"accuracy": float(rk.float().mean()), "seconds": seconds, **cost}
-        lines.append(f"robustkit autoattack l1 (APGD-CE×5 → APGD-T×5): "
+        lines.append(f"robustkit autoattack l1 (APGD-CE×5 → APGD-T×5 → FAB-T×9): "
                      f"{rk.float().mean():.4f} in {seconds:.0f} s")
         print(lines[-1], flush=True)
     ref, seconds, outside, stages = run_authors(model, split, args)

@@ -14,7 +14,7 @@ Families:
   APGD, APGD-T);
 * ``gradient-free``: a search that reads only the model's outputs (Square);
 * ``ensemble``: several attacks, each on what the earlier ones left robust (AutoAttack);
-* ``minimum-norm``: the smallest perturbation that breaks a sample, judged at each ε.
+* ``minimum-norm``: the smallest perturbation that breaks a sample, judged at each ε (FAB-T).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class AttackSpec:
 
     @property
     def uses_gradients(self) -> bool:
-        return self.family in ("single-step", "iterative")
+        return self.family in ("single-step", "iterative", "minimum-norm")
 
 
 #: The balls of the attacks that also run in L1 (after Croce & Hein, 2021: l1-APGD).
@@ -74,7 +74,9 @@ SPECS: dict[str, AttackSpec] = {spec.name: spec for spec in (
                frozenset({"steps", "restarts", "targets", "bpda"}), norms=_WITH_L1),
     AttackSpec("square", "gradient-free", "Square (Andriushchenko et al., 2020)", None,
                frozenset({"queries", "p_init"}), searches_freely=True),
-    AttackSpec("autoattack", "ensemble", "APGD-CE → APGD-T → Square (AutoAttack)", 100,
+    AttackSpec("fab-t", "minimum-norm", "FAB-T, targeted FAB (Croce & Hein, 2020)", 100,
+               frozenset({"steps", "restarts", "targets"}), norms=_WITH_L1),
+    AttackSpec("autoattack", "ensemble", "APGD-CE → APGD-T → Square (AutoAttack; L1: → FAB-T)", 100,
                frozenset({"steps", "targets", "queries", "p_init"}), searches_freely=True,
                norms=_WITH_L1),
 )}

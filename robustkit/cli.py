@@ -487,7 +487,7 @@ def attack(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint (e.g. reports/NAME/model.safetensors), zoo:NAME, TorchScript, .pt2, or package.module:factory.")],  # noqa: E501
     attack_names: Annotated[str, typer.Option("--attack", help=f"Comma-separated attacks ({', '.join(declared_attacks())}) or a preset: standard = fgsm + autoattack; apgd-ce-margin = APGD-100 CE and margin (cheaper); fgsm-pgd = FGSM and PGD-40 (quick, overstates robustness).")] = "standard",  # noqa: E501
     eps: Annotated[str, typer.Option("--eps", help="Comma-separated budgets in pixel units ([0,1] in L∞, up to √d in L2, d in L1); fractions such as 8/255 accepted.")] = "0,0.05,0.1,0.15,0.2,0.25,0.3",  # noqa: E501
-    norm: Annotated[str, typer.Option("--norm", help="linf, l2 or l1 (l1: apgd, apgd-t, autoattack; ε = Σ|pixel changes|, e.g. --norm l1 --eps 0,5,10).")] = "linf",  # noqa: E501
+    norm: Annotated[str, typer.Option("--norm", help="linf, l2 or l1 (l1: apgd, apgd-t, fab-t, autoattack; ε = Σ|pixel changes|, e.g. --norm l1 --eps 0,5,10).")] = "linf",  # noqa: E501
     steps: Annotated[Optional[int], typer.Option("--steps", help="PGD/APGD steps (default: PGD 40, APGD 100).")] = None,  # noqa: E501, UP045
     step_size: Annotated[Optional[float], typer.Option("--step-size", help="PGD step (default 2.5·ε/steps).")] = None,  # noqa: E501, UP045
     restarts: Annotated[Optional[int], typer.Option("--restarts", help="PGD/APGD random restarts (default 1).")] = None,  # noqa: E501, UP045

@@ -16,7 +16,7 @@ Norm = Literal["linf", "l2", "l1"]
 #: The objectives an attack maximises (see :mod:`robustkit.attacks.losses`).
 Loss = Literal["ce", "margin", "dlr"]
 #: The attacks a config's ``[[attacks]]`` entry or ``--attack`` names.
-AttackName = Literal["fgsm", "pgd", "apgd", "apgd-t", "square", "autoattack"]
+AttackName = Literal["fgsm", "pgd", "apgd", "apgd-t", "fab-t", "square", "autoattack"]
 #: The built-in IDX data sets (any other data goes through ``data.source``).
 DatasetName = Literal["mnist", "fashion-mnist"]
 #: The architectures of the model zoo.

@@ -51,8 +51,9 @@ class Counting(nn.Module):
         self.gradient_rows += rows
 
 
-#: The L1 budget of the contract (pixel units, on 144-value images).
+#: The L1 and L2 budgets of the contract (pixel units, on 144-value images).
 EPS_L1 = 2.0
+EPS_L2 = 1.0
 
 
 def settings(name: str, norm: Norm = "linf") -> AttackConfig:
@@ -73,6 +74,11 @@ def outside_ball(delta: Tensor, norm: Norm) -> str | None:
         if bool((size > EPS_L1 * (1 + 1e-6)).any()):
             return f"outside the ball: max ‖δ‖₁ {float(size.max()):.4f} > ε = {EPS_L1}"
         return None
+    if norm == "l2":
+        length = delta.flatten(1).norm(dim=1)
+        if bool((length > EPS_L2 * (1 + 1e-6)).any()):
+            return f"outside the ball: max ‖δ‖₂ {float(length.max()):.4f} > ε = {EPS_L2}"
+        return None
     size = delta.abs().amax(dim=(1, 2, 3))
     if bool((size > EPS + 1e-6).any()):
         return f"outside the ball: max |δ| {float(size.max()):.4f} > ε = {EPS}"
@@ -88,7 +94,7 @@ def contract_problems(name: str, runner: Runner, norm: Norm = "linf") -> list[st
     model.plain_rows = 0
     model.train()
     config = settings(name, norm)
-    eps = EPS_L1 if norm == "l1" else EPS
+    eps = {"l1": EPS_L1, "l2": EPS_L2}.get(norm, EPS)
     draws = Draws(starts=torch.Generator().manual_seed(2))
     result: AttackResult = runner(model, config, x, y, eps, draws, None, True)
     problems = []
@@ -126,6 +132,35 @@ def test_every_l1_attack_keeps_the_contract_in_l1(name: str) -> None:
     """The same contract in the L1 ball ∩ box (#37): APGD, APGD-T and the ensemble."""
     runner, _ = RUNNERS[name]
     assert contract_problems(name, runner, "l1") == []
+
+
+@pytest.mark.parametrize("name", sorted(n for n, spec in SPECS.items() if "l2" in spec.norms))
+def test_every_l2_attack_keeps_the_contract_in_l2(name: str) -> None:
+    runner, _ = RUNNERS[name]
+    assert contract_problems(name, runner, "l2") == []
+
+
+def test_fab_breaks_samples_in_every_norm_of_the_contract() -> None:
+    """FAB-T breaks samples of the contract's batch in each norm (so the checks above see its
+    adversarial points), and a FAB-T that counted one gradient per run instead of one per
+    step would be caught."""
+    from robustkit.attacks.fab import fab_targeted
+
+    runner, _ = RUNNERS["fab-t"]
+    x = torch.rand(16, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    for norm, eps in (("linf", EPS), ("l2", EPS_L2), ("l1", EPS_L1)):
+        model = Counting()
+        y = model(x).argmax(1).detach()
+        result = fab_targeted(model, x, y, eps=eps, norm=norm,  # type: ignore[arg-type]
+                              steps=5, targets=2)
+        assert int(result.success.sum()) > 0, norm
+
+    def undercounting(model: nn.Module, s: Settings, x: Tensor, y: Tensor, eps: float,
+                      draws: Draws, labels: Tensor | None, early_stop: bool) -> AttackResult:
+        result = runner(model, s, x, y, eps, draws, labels, early_stop)
+        return dataclasses.replace(result, grad_evals=result.grad_evals // s.steps)
+
+    assert any(p.startswith("grad_evals") for p in contract_problems("fab-t", undercounting))
 
 
 def test_the_l1_contract_catches_a_leak() -> None:

@@ -21,7 +21,8 @@ from robustkit.attacks import (
     pgd,
 )
 from robustkit.attacks.apgd_t import apgd_targeted, target_classes
-from robustkit.attacks.ensemble import autoattack
+from robustkit.attacks.ensemble import STAGES, autoattack
+from robustkit.attacks.fab import fab_targeted
 from robustkit.attacks.square import square, square_fraction, square_side
 from robustkit.config import AttackConfig
 from robustkit.data import Split
@@ -362,10 +363,11 @@ def test_ensemble_is_never_weaker_than_any_stage_alone() -> None:
         "apgd-ce": apgd(model, x, y, eps=eps, steps=steps, start_noise=start),
         "apgd-t": apgd_targeted(model, x, y, eps=eps, steps=steps, targets=9,
                                 start_noise=lambda r: start(1 + r)),
+        "fab-t": fab_targeted(model, x, y, eps=eps, steps=steps, targets=9),
         "square": square(model, x, y, eps=eps, budget=budget, noise=sq),
     }
     ensemble = autoattack(model, x, y, eps=eps, steps=steps, budget=budget, start_noise=start,
-                          square_noise=sq)
+                          square_noise=sq, stages=STAGES)  # with FAB-T, as AutoAttack runs it
     broken = {name: int(r.success.sum()) for name, r in alone.items()}
     assert min(broken.values()) > 4 and max(broken.values()) < len(x)  # not trivial
     for name, result in alone.items():
@@ -375,8 +377,8 @@ def test_ensemble_is_never_weaker_than_any_stage_alone() -> None:
     assert bool(((ensemble.x_adv - x).abs().amax(dim=(1, 2, 3)) <= eps + 1e-9).all())
     assert ensemble.queries > 0 and ensemble.grad_evals > 0
     # each stage runs only on what the earlier ones left: dropping Square changes no gradients
-    no_square = autoattack(model, x, y, eps=eps, steps=steps, stages=("apgd-ce", "apgd-t"),
-                           start_noise=start)
+    no_square = autoattack(model, x, y, eps=eps, steps=steps,
+                           stages=("apgd-ce", "apgd-t", "fab-t"), start_noise=start)
     assert no_square.grad_evals == ensemble.grad_evals and no_square.queries == 0
 
 

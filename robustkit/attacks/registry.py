@@ -25,7 +25,8 @@ from robustkit.attacks.apgd import apgd
 from robustkit.attacks.apgd_l1 import EPS_SCHEDULE
 from robustkit.attacks.apgd_t import DEFAULT_TARGETS, apgd_targeted
 from robustkit.attacks.base import AttackResult, as_eps
-from robustkit.attacks.ensemble import autoattack, recipe
+from robustkit.attacks.ensemble import FAB_TARGETS, autoattack, recipe
+from robustkit.attacks.fab import SEARCH_STEPS, fab_targeted
 from robustkit.attacks.fgsm import fgsm
 from robustkit.attacks.iterative import StartNoise
 from robustkit.attacks.norms import enforce_ball
@@ -127,6 +128,20 @@ def _apgd_t(model: nn.Module, s: Settings, x: Tensor, y: Tensor, eps: float, dra
                          generator=draws.starts)
 
 
+def _fab_t(model: nn.Module, s: Settings, x: Tensor, y: Tensor, eps: float, draws: Draws,
+           labels: Tensor | None, early_stop: bool) -> AttackResult:
+    return fab_targeted(model, x, y, eps=eps, norm=s.norm, steps=s.steps,
+                        targets=s.targets or DEFAULT_TARGETS, restarts=s.restarts,
+                        early_stop=early_stop, generator=draws.starts,
+                        start_noise=draws.start_noise)
+
+
+def _fab_cost(s: Settings) -> int:
+    """Per target and start, a gradient pass and a verdict pass per step; the clean pass, the
+    final search and the verdict on the result."""
+    return (s.targets or DEFAULT_TARGETS) * s.restarts * 2 * s.steps + SEARCH_STEPS + 4
+
+
 def _square(model: nn.Module, s: Settings, x: Tensor, y: Tensor, eps: float, draws: Draws,
             labels: Tensor | None, early_stop: bool) -> AttackResult:
     return square(model, x, y, eps=eps, norm=s.norm, budget=s.queries or DEFAULT_QUERIES,
@@ -154,7 +169,8 @@ def _iterative_cost(s: Settings) -> int:
 def _ensemble_cost(s: Settings) -> int:
     restarts, targets = recipe(s.norm, s.targets, DEFAULT_TARGETS + 1)
     square = (s.queries or DEFAULT_QUERIES) if s.norm != "l1" else 0
-    return (restarts + targets) * _passes_per_start(s) + square + 2
+    fab = FAB_TARGETS * 2 * s.steps + SEARCH_STEPS + 4 if s.norm == "l1" else 0
+    return (restarts + targets) * _passes_per_start(s) + fab + square + 2
 
 
 RUNNERS: dict[str, tuple[Runner, Cost]] = {
@@ -163,6 +179,7 @@ RUNNERS: dict[str, tuple[Runner, Cost]] = {
     "apgd": (_apgd, _iterative_cost),
     "apgd-t": (_apgd_t, lambda s: (s.targets or DEFAULT_TARGETS) * s.restarts
                * _passes_per_start(s) + 1),
+    "fab-t": (_fab_t, _fab_cost),
     "square": (_square, lambda s: (s.queries or DEFAULT_QUERIES) + 1),
     "autoattack": (_autoattack, _ensemble_cost),
 }

@@ -62,8 +62,9 @@ def main_attack(results: pd.DataFrame, settings: dict[str, Any], default_steps: 
     """The attack the model checks use: the evaluation's strongest untargeted PGD or APGD.
 
     Strongest = lowest mean accuracy in ``results``; without either in the settings, the default
-    PGD (L∞, ``default_steps`` steps, step 2.5·ε/steps, one random start). Transfer attacks
-    (crafted on another model) are not the evaluation's attacks on this one: never chosen.
+    PGD (L∞, ``default_steps`` steps, step 2.5·ε/steps, one random start), APGD in a norm PGD
+    does not run in (L1: a sweep of APGD-T or FAB-T alone). Transfer attacks (crafted on
+    another model) are not the evaluation's attacks on this one: never chosen.
     """
     own = [c for c in attack_configs(settings).values() if c.source is None]
     configs = [c for c in own if c.name in ITERATIVE]
@@ -73,7 +74,8 @@ def main_attack(results: pd.DataFrame, settings: dict[str, Any], default_steps: 
     if not configs:
         norms = {c.norm for c in own} or {"linf"}
         norm = norms.pop() if len(norms) == 1 else "linf"
-        return AttackConfig(name="pgd", norm=norm, steps=default_steps)
+        fallback = "pgd" if norm in attack_spec("pgd").norms else "apgd"  # L1: APGD
+        return AttackConfig(name=fallback, norm=norm, steps=default_steps)
     untargeted = [c for c in configs if not c.targeted] or configs
 
     def strength(config: AttackConfig) -> tuple[float, int]:
