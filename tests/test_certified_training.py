@@ -303,3 +303,22 @@ def test_killed_certified_run_resumes_to_the_same_weights_and_metrics(
         b = load_checkpoint(tmp_path / "killed" / name)[0].state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert whole.metrics.drop(columns="seconds").equals(resumed.metrics.drop(columns="seconds"))
+
+
+def test_certified_train_speed_benchmark_measures_ratios_to_pgd_at(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        tmp_path: Path) -> None:
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import certified_train_speed as bench
+
+    out = tmp_path / "rows.json"
+    assert bench.main(["--quick", "--arch", "dm-small", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "× PGD-AT epoch" in printed and "crown-ibp" in printed
+    import json
+
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"standard", "pgd-at", "ibp", "crown-ibp"}
+    assert rows["pgd-at"]["ratio"] == 1.0
+    assert all(r["step_s"] > 0 and r["epoch_s"] == pytest.approx(r["step_s"] * 3438)
+               for r in rows.values())  # 55,000 images in batches of 16
