@@ -322,3 +322,12 @@ def test_certified_train_speed_benchmark_measures_ratios_to_pgd_at(
     assert rows["pgd-at"]["ratio"] == 1.0
     assert all(r["step_s"] > 0 and r["epoch_s"] == pytest.approx(r["step_s"] * 3438)
                for r in rows.values())  # 55,000 images in batches of 16
+
+
+def test_the_zoo_quotes_a_certified_model_at_its_target_eps(tmp_path: Path) -> None:
+    from robustkit.config import load_config, to_toml
+    from robustkit.released import _training
+
+    config = load_config(REPO / "experiments" / "mnist_cnn_crown_ibp_01.toml")
+    (tmp_path / "config.toml").write_text(to_toml(config))
+    assert _training(tmp_path) == ("crown-ibp", 0.1)  # not the PGD section's default 0.3
