@@ -42,11 +42,15 @@ from robustkit.budgets import eps_bound, sweep_eps_bound
 from robustkit.errors import RobustkitError
 from robustkit.results import ANY
 from robustkit.vocabulary import (
+    CERTIFIED_METHODS,
+    MAX_POOLING_ARCHS,
     Approximation,
     Arch,
+    CertifiedInit,
     CertifyMethod,
     ChecksLevel,
     DatasetName,
+    EpsRamp,
     Loss,
     Norm,
     OptimizerName,
@@ -115,6 +119,36 @@ class AdversarialConfig:
 
 
 @dataclass(frozen=True)
+class CertifiedConfig:
+    """``[train.certified]``: certified training (``train.method`` ``ibp`` or ``crown-ibp``), L∞,
+    ε in [0, 1] pixel units. At iteration t the loss is
+    κ_t·CE(f(x), y) + (1 − κ_t)·CE(−m̲_t, y) over the margin lower bounds m̲_t at ε_t, with
+    m̲ = β_t·CROWN-IBP + (1 − β_t)·IBP for crown-ibp (:mod:`robustkit.training.certified`).
+    ε_t is 0 for ``start_epochs`` epochs, ramps (``ramp``) to ``train_eps`` over
+    ``ramp_epochs`` epochs, then stays; κ and β go linearly from their start to their end value
+    over the same ramp."""
+
+    eps: float = field(default=0.3, metadata=_range(0, 1, lo_open=True))  # the target ε
+    # the ε the ramp ends at, above the target (published: 0.4 for 0.3, 0.2 for 0.1); None: eps
+    train_eps: float | None = field(default=None, metadata=_range(0, 1, lo_open=True))
+    start_epochs: int = field(default=1, metadata=_range(0))
+    ramp_epochs: int = field(default=10, metadata=_range(1))
+    ramp: EpsRamp = "smooth"
+    kappa_start: float = field(default=1.0, metadata=_range(0, 1))
+    kappa_end: float = field(default=0.5, metadata=_range(0, 1))
+    beta_start: float = field(default=1.0, metadata=_range(0, 1))
+    beta_end: float = field(default=0.0, metadata=_range(0, 1))
+    init: CertifiedInit = "ibp"
+    # validation samples bounded (certified accuracy at eps) and attacked (PGD) after each epoch
+    val_n: int = field(default=1000, metadata=_range(1))
+
+    @property
+    def final_eps(self) -> float:
+        """The ε the ramp ends at: ``train_eps``, or the target ``eps`` when unset."""
+        return self.train_eps if self.train_eps is not None else self.eps
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     method: TrainMethod = "standard"
     epochs: int = field(default=3, metadata=_range(1))
@@ -136,6 +170,15 @@ class TrainConfig:
     ema_decay: float | None = field(default=None,
                                     metadata=_range(0, 1, lo_open=True, hi_open=True))
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    # certified training's settings (train.method "ibp" or "crown-ibp"; None: the defaults)
+    certified: CertifiedConfig | None = None
+    # clip the gradient's global L2 norm to this before each step; None: no clipping
+    grad_clip: float | None = field(default=None, metadata=_range(0, lo_open=True))
+
+    @property
+    def certified_settings(self) -> CertifiedConfig:
+        """``certified``, or the defaults when the table is left out."""
+        return self.certified if self.certified is not None else CertifiedConfig()
 
 
 #: What a transfer attack's title starts with (a label may not contain the colon).
@@ -522,6 +565,7 @@ def _check_consistency(config: ExperimentConfig) -> None:
     _check_model(config.model)
     _check_seeds(config.seeds)
     _check_validation(config)
+    _check_certified(config)
     for i, attack in enumerate(config.attacks):
         _check_attack(attack, f"attacks[{i}]", config.defence)
     _check_transforms(config.transforms)
@@ -600,6 +644,33 @@ def _check_validation(config: ExperimentConfig) -> None:
     if config.data.val_size == 0 and config.train.method != "standard":
         _fail("data.val_size", f"{config.train.method} training selects its checkpoint on "
               "validation data: set data.val_size > 0")
+
+
+def _check_certified(config: ExperimentConfig) -> None:
+    """Certified training's settings fit the run: a ramp within the epochs, a training ε not
+    below the target, float32 bounds (never autocast), CROWN-IBP only on a network it bounds."""
+    train, certified = config.train, config.train.certified_settings
+    if train.method not in CERTIFIED_METHODS:
+        if train.certified is not None:
+            _fail("train.certified", "only used with train.method = \"ibp\" or \"crown-ibp\"")
+        return
+    ramp_end = certified.start_epochs + certified.ramp_epochs
+    if ramp_end > train.epochs:
+        _fail("train.certified.ramp_epochs", f"the ε ramp ends after epoch {ramp_end} "
+              f"(start_epochs {certified.start_epochs} + ramp_epochs {certified.ramp_epochs}), "
+              f"past the run's {train.epochs} epochs: shorten the ramp or raise train.epochs")
+    if certified.final_eps < certified.eps:
+        _fail("train.certified.train_eps", f"{certified.final_eps} is below the target ε "
+              f"{certified.eps}: train at the target or above (0.4 for 0.3 is the usual choice)")
+    if train.precision != "fp32" or train.compile:
+        key = "train.precision" if train.precision != "fp32" else "train.compile"
+        _fail(key, f"{train.method} training computes its bounds in float32 on the model "
+              "itself: use precision = \"fp32\" and compile = false")
+    if (train.method == "crown-ibp" and config.model.factory is None
+            and config.model.arch in MAX_POOLING_ARCHS):
+        _fail("model.arch", f"{config.model.arch} pools by maximum, which CROWN-IBP cannot "
+              "bound: choose a strided network (dm-small, dm-medium, dm-large, strided-cnn) "
+              "or train.method = \"ibp\"")
 
 
 def _check_attack(attack: AttackConfig, where: str, defence: DefenceConfig | None) -> None:

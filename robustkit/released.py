@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from robustkit.checkpoint import atomic_path, checkpoint_paths, read_sidecar
+from robustkit.config import CertifiedConfig
 from robustkit.errors import RobustkitError
+from robustkit.vocabulary import CERTIFIED_METHODS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -133,6 +135,8 @@ def _training(folder: Path) -> tuple[str, float | None]:
     train: dict[str, Any] = config.get("train", {})
     method = str(train.get("method", "standard"))
     eps = train.get("adversarial", {}).get("eps") if method != "standard" else None
+    if method in CERTIFIED_METHODS:  # the target ε it is certified at, not the ramp's end
+        eps = train.get("certified", {}).get("eps", CertifiedConfig().eps)
     return method, float(eps) if isinstance(eps, (int, float)) else None
 
 

@@ -20,9 +20,19 @@ AttackName = Literal["fgsm", "pgd", "apgd", "apgd-t", "fab-t", "square", "autoat
 #: The built-in IDX data sets (any other data goes through ``data.source``).
 DatasetName = Literal["mnist", "fashion-mnist"]
 #: The architectures of the model zoo.
-Arch = Literal["softmax", "mlp", "cnn", "madry-cnn", "strided-cnn"]
-#: Training methods: plain, PGD adversarial training, FGSM with random start, TRADES.
-TrainMethod = Literal["standard", "pgd-at", "fgsm-rs", "trades"]
+Arch = Literal["softmax", "mlp", "cnn", "madry-cnn", "strided-cnn", "dm-small", "dm-medium",
+               "dm-large"]
+#: Training methods: plain, PGD adversarial training, FGSM with random start, TRADES, and the
+#: certified methods (a bound on the worst-case loss: interval bounds, CROWN-IBP).
+TrainMethod = Literal["standard", "pgd-at", "fgsm-rs", "trades", "ibp", "crown-ibp"]
+#: The certified training methods among :data:`TrainMethod`.
+CertifiedMethod = Literal["ibp", "crown-ibp"]
+#: How certified training ramps its ε from 0: a straight line, or Shi et al.'s (2021) smooth
+#: ramp (polynomial, then its tangent line).
+EpsRamp = Literal["linear", "smooth"]
+#: The initialisation of a certified-trained network: Shi et al.'s (2021) IBP initialisation,
+#: or PyTorch's default.
+CertifiedInit = Literal["ibp", "default"]
 OptimizerName = Literal["sgd", "adam", "adamw"]
 #: Per-iteration learning-rate schedules.
 Schedule = Literal["constant", "step", "cosine", "onecycle", "cyclic"]
@@ -54,3 +64,6 @@ STATUSES: tuple[Status, ...] = get_args(Status)
 CHECKS_LEVELS: tuple[ChecksLevel, ...] = get_args(ChecksLevel)
 CERTIFY_METHODS: tuple[CertifyMethod, ...] = get_args(CertifyMethod)
 SAVE_ADVERSARIAL: tuple[SaveAdversarial, ...] = get_args(SaveAdversarial)
+CERTIFIED_METHODS: tuple[CertifiedMethod, ...] = get_args(CertifiedMethod)
+#: The architectures that pool by maximum, which CROWN does not bound (IBP does).
+MAX_POOLING_ARCHS: tuple[Arch, ...] = ("cnn", "madry-cnn")

@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 
 from robustkit.config import load_config, training_hash
+from robustkit.vocabulary import CERTIFIED_METHODS
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.toml"))
@@ -30,6 +31,16 @@ EXPERIMENTS = sorted((REPO / "experiments").glob("*.toml"))
 #: training method, transformations and defences stay as committed.
 SHRINK = ("data.source='small.npz'", "data.val_size=50", "train.epochs=1",
           "train.adversarial.warmup_epochs=0", "train.adversarial.val_n=20", "evaluate.n=32")
+#: Certified training's ε ramp shrinks with its epochs: no clean epoch, a one-epoch ramp.
+CERTIFIED_SHRINK = ("train.certified.start_epochs=0", "train.certified.ramp_epochs=1",
+                    "train.certified.val_n=20")
+
+
+def shrink(config: Path) -> list[str]:
+    """The ``--set`` values that shrink ``config`` (:data:`SHRINK`, and for certified training
+    :data:`CERTIFIED_SHRINK`)."""
+    certified = load_config(config).train.method in CERTIFIED_METHODS
+    return [*SHRINK, *(CERTIFIED_SHRINK if certified else ())]
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +71,10 @@ def _named_paths(output: str) -> list[str]:
     return named
 
 
-def _same_training(config: Path, overrides: list[str]) -> list[str]:
+def _same_training(config: Path) -> list[str]:
     """The names of the other committed experiments whose training is ``config``'s, shrunk."""
-    values = overrides[1::2]
-    mine = load_config(config, values)
-    others = (load_config(path, values) for path in EXPERIMENTS if path != config)
+    mine = load_config(config, shrink(config))
+    others = (load_config(path, shrink(path)) for path in EXPERIMENTS if path != config)
     return sorted(other.name for other in others
                   if training_hash(other, 0) == training_hash(mine, 0))
 
@@ -73,7 +83,7 @@ def _same_training(config: Path, overrides: list[str]) -> list[str]:
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
 def test_committed_experiment_runs_end_to_end(config: Path, workdir: Path) -> None:
     cfg = load_config(config)
-    overrides = [arg for value in SHRINK for arg in ("--set", value)]
+    overrides = [arg for value in shrink(config) for arg in ("--set", value)]
     result = subprocess.run(
         [sys.executable, "-m", "robustkit", "run", f"experiments/{config.name}", "-q",
          *overrides],
@@ -81,7 +91,7 @@ def test_committed_experiment_runs_end_to_end(config: Path, workdir: Path) -> No
         env={**os.environ, "OMP_NUM_THREADS": "2", "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    donors = [d for d in _same_training(config, overrides)
+    donors = [d for d in _same_training(config)
               if (workdir / "runs" / d / "seed-0" / "manifest.json").is_file()]
     if donors:  # an earlier config of the same training ran here: its training is copied
         assert f"seed 0: reusing runs/{donors[0]}/seed-0/model-best.safetensors, trained by " \

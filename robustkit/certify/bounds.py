@@ -86,9 +86,11 @@ _AFFINE = (nn.Linear, nn.Conv2d, nn.Flatten, nn.BatchNorm1d, nn.BatchNorm2d, nn.
            nn.Identity, nn.Dropout, Standardize)
 
 
-def network_steps(model: nn.Module) -> list[nn.Module]:
+def network_steps(model: nn.Module, *, live: bool = False) -> list[nn.Module]:
     """``model`` (a float64 copy, in eval mode) as its sequence of steps; a layer the bounds do
-    not cover is one :class:`RobustkitError` naming it and what is covered."""
+    not cover is one :class:`RobustkitError` naming it and what is covered. ``live``: the
+    steps of ``model`` itself, its parameters, dtype and mode (what certified training
+    differentiates)."""
     steps: list[nn.Module] = []
 
     def walk(module: nn.Module, path: str) -> None:
@@ -111,7 +113,7 @@ def network_steps(model: nn.Module) -> list[nn.Module]:
                 f"cannot bound the layer {type(module).__name__}{where}: certification covers "
                 f"{SUPPORTED}; write the network as an nn.Sequential of those")
 
-    bounded = copy.deepcopy(model).double().eval()
+    bounded = model if live else copy.deepcopy(model).double().eval()
     if bounded._forward_hooks:  # a picked output or a user's hook changes what forward means
         raise RobustkitError("cannot bound a model whose forward is changed by hooks "
                              "(--output): give the network that returns the logits")
@@ -146,18 +148,19 @@ def _batchnorm_scale(step: nn.BatchNorm1d | nn.BatchNorm2d) -> Tensor:
     return weight / torch.sqrt(step.running_var + step.eps)
 
 
-def input_box(x: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
-    """The L∞ ball around ``x`` clipped to [0, 1], in float64: ``(lower, upper)``."""
-    x = x.double()
-    radius = torch.as_tensor(eps, dtype=torch.float64, device=x.device)
+def input_box(x: Tensor, eps: float | Tensor, dtype: torch.dtype = torch.float64
+              ) -> tuple[Tensor, Tensor]:
+    """The L∞ ball around ``x`` clipped to [0, 1], in ``dtype``: ``(lower, upper)``."""
+    x = x.to(dtype)
+    radius = torch.as_tensor(eps, dtype=dtype, device=x.device)
     if radius.dim() == 1:
         radius = radius.view(-1, *([1] * (x.dim() - 1)))
     return (x - radius).clamp(0, 1), (x + radius).clamp(0, 1)
 
 
-def specification(logits_width: int, y: Tensor) -> Tensor:
-    """``C`` ``[N, K − 1, K]``: rows ``e_y − e_j`` for every ``j ≠ y``."""
-    eye = torch.eye(logits_width, dtype=torch.float64, device=y.device)
+def specification(logits_width: int, y: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``C`` ``[N, K − 1, K]`` in ``dtype``: rows ``e_y − e_j`` for every ``j ≠ y``."""
+    eye = torch.eye(logits_width, dtype=dtype, device=y.device)
     rows = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # [N, K, K]: e_y − e_j for every j
     keep = ~F.one_hot(y, logits_width).bool()
     return rows[keep].view(len(y), logits_width - 1, logits_width)
@@ -295,7 +298,7 @@ def ibp_margins(steps: Sequence[nn.Module], lower: Tensor, upper: Tensor, y: Ten
         return (lo.gather(1, y[:, None]) - hi)[~F.one_hot(y, lo.shape[1]).bool()].view(
             len(y), -1)
     lo, hi = interval_bounds(steps[:-1], lower, upper, ball)[-1]
-    spec = specification(last.out_features, y)
+    spec = specification(last.out_features, y, lower.dtype)
     weight = spec @ last.weight  # [N, K − 1, features]
     bias = spec @ last.bias if last.bias is not None else 0.0
     centre, radius = (hi + lo) / 2, (hi - lo) / 2

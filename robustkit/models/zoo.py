@@ -76,12 +76,71 @@ def strided_cnn(num_classes: int = 10, in_shape: Shape = MNIST_SHAPE) -> nn.Modu
     )
 
 
+def _with_head(features: nn.Sequential, hidden: tuple[int, ...], num_classes: int,
+               in_shape: Shape) -> nn.Module:
+    """``features`` (convolutions and ReLUs), Flatten, then a ReLU layer of each ``hidden``
+    width and the linear layer to the logits; the flattened size read from one dry pass."""
+    with torch.no_grad():
+        flat = int(features(torch.zeros(1, *in_shape)).numel())
+    layers: list[nn.Module] = [*features, nn.Flatten()]
+    for width in hidden:
+        layers += [nn.Linear(flat, width), nn.ReLU()]
+        flat = width
+    return nn.Sequential(*layers, nn.Linear(flat, num_classes))
+
+
+def dm_small(num_classes: int = 10, in_shape: Shape = MNIST_SHAPE) -> nn.Module:
+    """DM-small of Gowal et al. (2018), the smallest network of their certified training (no
+    pooling: it down-samples by stride, so CROWN bounds it).
+
+    conv4×4-16 stride 2, ReLU → conv4×4-32 stride 1, ReLU → fc-100, ReLU → fc-10
+    (28 → 13 → 10, no padding).
+    """
+    c = in_shape[0]
+    features = nn.Sequential(nn.Conv2d(c, 16, 4, stride=2), nn.ReLU(),
+                             nn.Conv2d(16, 32, 4, stride=1), nn.ReLU())
+    return _with_head(features, (100,), num_classes, in_shape)
+
+
+def dm_medium(num_classes: int = 10, in_shape: Shape = MNIST_SHAPE) -> nn.Module:
+    """DM-medium of Gowal et al. (2018).
+
+    conv3×3-32, ReLU → conv4×4-32 stride 2, ReLU → conv3×3-64, ReLU → conv4×4-64 stride 2,
+    ReLU → fc-512, ReLU → fc-512, ReLU → fc-10 (28 → 26 → 12 → 10 → 4, no padding).
+    """
+    c = in_shape[0]
+    features = nn.Sequential(nn.Conv2d(c, 32, 3), nn.ReLU(),
+                             nn.Conv2d(32, 32, 4, stride=2), nn.ReLU(),
+                             nn.Conv2d(32, 64, 3), nn.ReLU(),
+                             nn.Conv2d(64, 64, 4, stride=2), nn.ReLU())
+    return _with_head(features, (512, 512), num_classes, in_shape)
+
+
+def dm_large(num_classes: int = 10, in_shape: Shape = MNIST_SHAPE) -> nn.Module:
+    """DM-large of Gowal et al. (2018), the network of CROWN-IBP's best MNIST results
+    (Zhang et al., 2020).
+
+    conv3×3-64, ReLU → conv3×3-64, ReLU → conv3×3-128 stride 2, ReLU → conv3×3-128, ReLU →
+    conv3×3-128, ReLU → fc-512, ReLU → fc-10 (padding 1: 28 → 28 → 28 → 14 → 14 → 14).
+    """
+    c = in_shape[0]
+    features = nn.Sequential(nn.Conv2d(c, 64, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.ReLU(),
+                             nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(128, 128, 3, padding=1), nn.ReLU())
+    return _with_head(features, (512,), num_classes, in_shape)
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "softmax": softmax_net,
     "mlp": mlp,
     "cnn": cnn,
     "madry-cnn": madry_cnn,
     "strided-cnn": strided_cnn,
+    "dm-small": dm_small,
+    "dm-medium": dm_medium,
+    "dm-large": dm_large,
 }
 
 
@@ -94,6 +153,10 @@ def build_model(arch: str, num_classes: int = 10, in_shape: Shape = MNIST_SHAPE)
     c, h, w = in_shape
     if arch == "cnn" and min(h, w) < 10:
         raise RobustkitError(f"model cnn needs images of at least 10×10 pixels, not {h}×{w}")
+    smallest = {"dm-small": 10, "dm-medium": 16}.get(arch, 0)
+    if min(h, w) < smallest:
+        raise RobustkitError(f"model {arch} needs images of at least {smallest}×{smallest} "
+                             f"pixels, not {h}×{w}")
     return ARCHITECTURES[arch](num_classes=num_classes, in_shape=(c, h, w))
 
 

@@ -80,6 +80,14 @@ from robustkit.runtime import (
     use_deterministic_algorithms,
 )
 from robustkit.sources import load_configured
+from robustkit.training.certified import (
+    certified_fraction,
+    certified_loss,
+    exact_float32,
+    ibp_initialise,
+    live_steps,
+    schedule,
+)
 from robustkit.training.objectives import (
     CapturedPGD,
     PGDExamples,
@@ -88,6 +96,7 @@ from robustkit.training.objectives import (
     trades_loss,
 )
 from robustkit.training.state import TrainState
+from robustkit.vocabulary import CERTIFIED_METHODS
 
 COLLAPSE_DROP = 0.3  # a fall of robust validation accuracy this large below the best is flagged
 PROGRESS_EVERY = 25  # steps between progress-bar refreshes (each reads the running sums back)
@@ -96,13 +105,16 @@ NO_VALIDATION_NOTE = ("no validation split (data.val_size = 0): model-best is th
                       "test accuracy is reported but never selects a checkpoint")
 
 
-def selection_metric(adversarial: bool, *, validated: bool) -> str:
+def selection_metric(adversarial: bool, *, validated: bool, certified: bool = False) -> str:
     """The metrics column that picks ``model-best``, or ``LAST_EPOCH`` without validation data.
 
     Choosing on test accuracy would bias the reported clean accuracy upward, so the test split
-    never selects: robust validation accuracy for adversarial methods, clean validation
-    accuracy otherwise, and the last epoch when there is no validation split.
+    never selects: certified validation accuracy for certified training, robust validation
+    accuracy for adversarial methods, clean validation accuracy otherwise, and the last epoch
+    when there is no validation split.
     """
+    if certified:
+        return "val_certified_acc"
     if adversarial:
         return "val_robust_acc"
     return "val_acc" if validated else LAST_EPOCH
@@ -159,7 +171,10 @@ def update_average(averaged: nn.Module, model: nn.Module, decay: float, iteratio
 
 
 def current_eps(cfg: ExperimentConfig, iteration: int, steps_per_epoch: int) -> float:
-    """ε ramps linearly from 0 over the first ``warmup_epochs`` epochs, then stays at ε."""
+    """ε ramps linearly from 0 over the first ``warmup_epochs`` epochs, then stays at ε
+    (certified training: its own schedule, :func:`robustkit.training.certified.schedule`)."""
+    if cfg.train.method in CERTIFIED_METHODS:
+        return schedule(cfg.train.certified_settings, iteration, steps_per_epoch).eps
     adv = cfg.train.adversarial
     if adv.warmup_epochs == 0:
         return adv.eps
@@ -179,6 +194,8 @@ def training_loss(model: nn.Module, cfg: ExperimentConfig, x: Tensor, y: Tensor,
     train, adv = cfg.train, cfg.train.adversarial
     attacked = model if inner is None else inner
     smoothing = train.label_smoothing
+    if train.method in CERTIFIED_METHODS:
+        raise RuntimeError("certified training takes its loss from certified_loss")
     if train.method == "standard" or eps == 0:
         logits = model(x)
         return F.cross_entropy(logits, y, label_smoothing=smoothing), logits
@@ -333,6 +350,10 @@ class TrainSetup:
     def adversarial(self) -> bool:
         return self.config.train.method != "standard"
 
+    @property
+    def certified(self) -> bool:
+        return self.config.train.method in CERTIFIED_METHODS
+
     def save(self, state: TrainState) -> None:
         """Write ``state``'s resume state (a collective under ``dist``)."""
         state.save(self.out_dir, fingerprint=self.fingerprint, dist=self.dist)
@@ -383,6 +404,7 @@ def prepare(config: ExperimentConfig, *, out_dir: Path, seed: int | None = None,
                            config.model.app_dir, in_shape=data.in_shape,
                            output=config.model.output)
     model = build_network(network, len(data.classes)).to(device)
+    _prepare_certified(config, model, dist)
     steps_per_epoch = -(-len(data.train) // config.train.batch_size)
     state = TrainState.create(model, config.train, device=device,
                               steps_per_epoch=steps_per_epoch, seed=seed, rank=rank)
@@ -400,12 +422,29 @@ def prepare(config: ExperimentConfig, *, out_dir: Path, seed: int | None = None,
         config=config, seed=seed, data=data, device=device, out_dir=out_dir, dist=dist,
         network=network, fingerprint=fingerprint,
         selected_by=selection_metric(config.train.method != "standard",
-                                     validated=len(data.val) > 0),
+                                     validated=len(data.val) > 0,
+                                     certified=config.train.method in CERTIFIED_METHODS),
         steps_per_epoch=steps_per_epoch, net=net, loss_net=loss_net, attacked=attacked,
         examples=examples_builder(model, attacked, config, device, dist), info=info,
         manifest=manifest, say=(log if rank == 0 else None) or (lambda message: None),
         progress=progress and rank == 0, save_every=save_every)
     return setup, state
+
+
+def _prepare_certified(config: ExperimentConfig, model: nn.Module, dist: Context | None
+                       ) -> None:
+    """For certified training: one process only, the network's layers checked before any
+    step, TF32 off, and the configured initialisation (Shi et al.'s IBP init by default)."""
+    method = config.train.method
+    if method not in CERTIFIED_METHODS:
+        return
+    if dist is not None:
+        raise RobustkitError(f"{method} training runs in one process: start it without "
+                             "torchrun")
+    live_steps(model, method)
+    exact_float32()
+    if config.train.certified_settings.init == "ibp":
+        ibp_initialise(model)
 
 
 def _check_world_size(saved: dict[str, Any], setup: TrainSetup) -> None:
@@ -450,6 +489,12 @@ def _batch_loss(setup: TrainSetup, state: TrainState, x: Tensor, y: Tensor, glob
     if len(y) == 0:  # fewer samples than ranks: take part in the all-reduce only
         logits = setup.net(x)
         return logits.sum() * 0.0, logits, logits.sum() * 0.0
+    if setup.certified:
+        train = setup.config.train
+        step = schedule(train.certified_settings, iteration, setup.steps_per_epoch)
+        loss, logits = certified_loss(setup.loss_net, x, y, step, train.method,  # type: ignore[arg-type]
+                                      train.label_smoothing)
+        return loss, logits, loss
     eps = current_eps(setup.config, iteration, setup.steps_per_epoch)
     loss, logits = training_loss(setup.loss_net, setup.config, x, y, eps, state.attack_generator,
                                  inner=setup.attacked, examples=setup.examples)
@@ -473,6 +518,9 @@ def train_step(setup: TrainSetup, state: TrainState) -> None:
     loss, logits, objective = _batch_loss(setup, state, x, y, global_len, iteration)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(objective).backward()
+    if setup.config.train.grad_clip is not None:
+        state.scaler.unscale_(state.optimizer)
+        nn.utils.clip_grad_norm_(state.model.parameters(), setup.config.train.grad_clip)
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.scheduler.step()
@@ -523,12 +571,32 @@ def epoch_metrics(setup: TrainSetup, state: TrainState) -> dict[str, Any]:
         "val_acc": accuracy(evaluated, data.val) if len(data.val) else float("nan"),
         "test_acc": accuracy(evaluated, data.test),
     }
-    if setup.adversarial:
+    if setup.certified:
+        row.update(_certified_metrics(setup, state))
+    elif setup.adversarial:
         adv, steps = config.train.adversarial, setup.steps_per_epoch
         row["eps"] = current_eps(config, (state.epoch + 1) * steps - 1, steps)
         row["val_robust_acc"] = robust_accuracy(
             evaluated, data.val.take(adv.val_n), eps=adv.eps, steps=adv.val_steps,
             seed=config.evaluate.seed)
+    return row
+
+
+def _certified_metrics(setup: TrainSetup, state: TrainState) -> dict[str, Any]:
+    """Certified training's columns: the epoch's last ε, κ (and β for CROWN-IBP), then at the
+    target ε on ``val_n`` validation samples the PGD accuracy and the certified accuracy."""
+    train, steps = setup.config.train, setup.steps_per_epoch
+    certified = train.certified_settings
+    last = schedule(certified, (state.epoch + 1) * steps - 1, steps)
+    row: dict[str, Any] = {"eps": last.eps, "kappa": last.kappa}
+    if train.method == "crown-ibp":
+        row["beta"] = last.beta
+    val = setup.data.val.take(certified.val_n)
+    row["val_robust_acc"] = robust_accuracy(state.evaluated, val, eps=certified.eps,
+                                            steps=train.adversarial.val_steps,
+                                            seed=setup.config.evaluate.seed)
+    row["val_certified_acc"] = certified_fraction(state.evaluated, val, certified.eps,
+                                                  train.method)  # type: ignore[arg-type]
     return row
 
 
