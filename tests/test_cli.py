@@ -152,7 +152,7 @@ def test_train_softmax_end_to_end(tmp_path: Path, mnist_root: Path) -> None:
         (["--eps", "0,abc"], ["--eps '0,abc': expected comma-separated numbers"]),
         (["--attack", "fgsm,deepfool"], ["unknown attack 'deepfool'"]),
         (["--loss", "hinge"], ["attacks[0].loss: 'hinge' is not one of"]),
-        (["--norm", "l1"], ["'l1' is not one of"]),
+        (["--norm", "l3"], ["'l3' is not one of"]),
         (["--steps", "0"], ["steps: 0 is out of range"]),
         (["--attack", "apgd", "--step-size", "0.01"], ["APGD adapts its own step size"]),
     ],
