@@ -480,9 +480,9 @@ def _checks_level(text: str, fail_on_check: bool) -> ChecksLevel:
     "robustkit attack --model zoo:mnist_mlp --data runs/cnn_adv/adversarial/pgd40@0.1.safetensors "
     "--eps 0,0.1 --attack fgsm --out runs/transfer_check",
     "robustkit attack --model zoo:mnist_cnn_pgd_at --attack apgd --norm l1 --eps 0,10 "
-    "--n 20 --checks quick",
+    "--n 20 --checks quick --out runs/pgd_at_l1",
     "robustkit attack --model zoo:mnist_cnn_pgd_at --attack pgd --transfer-from zoo:mnist_cnn "
-    "--eps 0,0.3 --n 20"))
+    "--eps 0,0.3 --n 20 --out runs/pgd_at_transfer"))
 def attack(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint (e.g. reports/NAME/model.safetensors), zoo:NAME, TorchScript, .pt2, or package.module:factory.")],  # noqa: E501
     attack_names: Annotated[str, typer.Option("--attack", help=f"Comma-separated attacks ({', '.join(declared_attacks())}) or a preset: standard = fgsm + autoattack; apgd-ce-margin = APGD-100 CE and margin (cheaper); fgsm-pgd = FGSM and PGD-40 (quick, overstates robustness).")] = "standard",  # noqa: E501

@@ -162,7 +162,11 @@ def test_noise_defence_with_eot_runs_the_default_preset_with_a_clean_verdict(
     results = pd.read_csv(out / "results.csv")
     assert set(results["attack"]) == {"apgd10-eot4", "apgd10-dlr-eot4", "any"}
     checks = pd.read_csv(out / "checks.csv").set_index("name")
-    assert set(checks["status"]) == {"pass"}, checks[["status", "detail"]].to_string()
+    # no check fails and none misreads the randomness; on 30 samples of a random model one
+    # sample more broken by the convergence check's APGD-20 (3.3%) may warn, which is its job
+    not_passed = checks[checks["status"] != "pass"]
+    assert set(not_passed["status"]) <= {"warn"}, checks[["status", "detail"]].to_string()
+    assert set(not_passed.index) <= {"attack_converged"}, checks[["status", "detail"]].to_string()
     assert str(checks.loc["forward_deterministic", "detail"]).startswith("the model is random")
     assert "(unreliable)" not in result.stdout and "batch statistics" not in result.stdout
 
@@ -184,7 +188,11 @@ def test_a_random_torchscript_model_is_not_refused_as_batch_statistics(
                  "--out", str(out), "--data-dir", str(mnist_root))
     assert result.returncode == 0, result.stderr
     checks = pd.read_csv(out / "checks.csv").set_index("name")
-    assert set(checks["status"]) == {"pass"}, checks[["status", "detail"]].to_string()
+    # no check fails and none misreads the randomness; on 30 samples of a random model one
+    # sample more broken by the convergence check's APGD-20 (3.3%) may warn, which is its job
+    not_passed = checks[checks["status"] != "pass"]
+    assert set(not_passed["status"]) <= {"warn"}, checks[["status", "detail"]].to_string()
+    assert set(not_passed.index) <= {"attack_converged"}, checks[["status", "detail"]].to_string()
     assert str(checks.loc["forward_deterministic", "detail"]).startswith("the model is random")
 
 
