@@ -8,7 +8,6 @@ prints, so the folder is the one a single process writes."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import torch
 
 from robustkit import distributed
 from robustkit.budgets import sweep_eps_bound
-from robustkit.checkpoint import read_sidecar, write_json, write_text
+from robustkit.checkpoint import read_sidecar
 from robustkit.checks import UNRELIABLE, flag_results, run_checks, unreliable_attacks
 from robustkit.config import (
     SEED_MAX,
@@ -52,7 +51,6 @@ from robustkit.outputs import (
     guard_folder,
     hash_change,
     prepare_staging,
-    read_json,
     refuse_working_folder,
     staging_path,
     swap_in,
@@ -82,6 +80,7 @@ from robustkit.runs import (
 )
 from robustkit.runtime import now_iso, provenance
 from robustkit.sources import load_configured, load_data
+from robustkit.storage import read_json, read_json_if_any, write_json, write_text
 from robustkit.training import adopt_training, train
 from robustkit.vocabulary import ChecksLevel
 
@@ -643,7 +642,7 @@ def _adopt_same_training(run: _Run, seed: int, ckpt_dir: Path, fingerprint: str
 def _finished_training(folder: Path, fingerprint: str, data_sha: Any) -> bool:
     """Whether ``folder`` holds a finished training (manifest written, no resume state) whose
     best checkpoint has this training hash and data checksum; a damaged one does not count."""
-    if (read_json(folder / "manifest.json") is None or (folder / "state.json").exists()
+    if (read_json_if_any(folder / "manifest.json") is None or (folder / "state.json").exists()
             or not (folder / "model-best.safetensors").is_file()):
         return False
     try:
@@ -781,10 +780,7 @@ def _load_everywhere(best: Path, device: Any, dist: Context | None, model: Model
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    return data
+    return read_json(path) if path.is_file() else {}
 
 
 def _copy_training_outputs(ckpt_dir: Path, eval_dir: Path, config_toml: str) -> None:
@@ -881,7 +877,7 @@ def _config_changes(held: Holder, folder: Path, new: str) -> str:
     """What differs from the run recorded in ``folder``: config hash and robustkit version.
     The recorded config is re-hashed under today's scheme, so that a change of hashing alone
     reads as the same settings."""
-    recorded = held.manifest.get("config_hash")
+    recorded = held.manifest.config_hash
     configs = [folder / "config.toml", *sorted(folder.glob("seed-*/config.toml"))]
     rehashed = None
     for path in configs:
@@ -897,8 +893,8 @@ def _config_changes(held: Holder, folder: Path, new: str) -> str:
 
 def _settings_changes(held: Holder, folder: Path, new: str) -> str:
     """What differs from the attack recorded in ``folder``: settings fingerprint, version."""
-    recorded = held.manifest.get("fingerprint")
-    settings = read_json(folder / "settings.json")
+    recorded = held.manifest.fingerprint
+    settings = read_json_if_any(folder / "settings.json")
     rehashed = settings_fingerprint(settings) if settings else None
     return (f"{hash_change('settings', str(recorded) if recorded else rehashed, new, rehashed)}"
             f", {version_change(held.manifest)}")

@@ -18,13 +18,11 @@ from typing import Any
 import torch
 
 from robustkit.checkpoint import (
-    atomic_path,
     clear_state,
     load_state,
     remove_leftovers,
     save_state,
     save_tensors,
-    write_json,
 )
 from robustkit.checks.record import Check
 from robustkit.config import config_from_dict, digest, hash_view
@@ -32,6 +30,7 @@ from robustkit.distributed import Context, on_main
 from robustkit.errors import RobustkitError
 from robustkit.evaluation import AttackState, Evaluation, SweepState, evaluate
 from robustkit.runtime import now_iso
+from robustkit.storage import atomic_path, write_json
 
 STATE_DIR = "sweep-state"
 

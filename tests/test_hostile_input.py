@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustkit.checkpoint import write_text
 from robustkit.config import MAX_RESTARTS, SEED_MAX, config_from_dict, load_config
 from robustkit.data import read_bytes
 from robustkit.errors import RobustkitError
 from robustkit.evaluation import NoiseBank
 from robustkit.models import load_model
 from robustkit.outputs import staging_path
+from robustkit.storage import write_text
 from robustkit.vocabulary import Norm
 
 REPO = Path(__file__).resolve().parent.parent

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,33 +15,21 @@ from torch import Tensor, nn
 
 # the checks that probe the model, by module (robustkit.checks lists them by name)
 import robustkit.checks.model as probes
-from robustkit.attack_specs import SPECS, attack_spec, names_in, searching_freely
+from robustkit.attack_specs import SPECS, attack_spec, names_in
 from robustkit.attacks import attack_mode
 from robustkit.attacks.losses import logits_problem
 from robustkit.checks.record import Check, checks_frame
-from robustkit.checks.results import ITERATIVE, attack_configs, attack_kind, result_checks
+from robustkit.checks.results import ITERATIVE, Settings, attack_configs, result_checks
 from robustkit.config import AttackConfig
 from robustkit.data import Split
 from robustkit.errors import RobustkitError
 from robustkit.evaluation import run_attack
 from robustkit.progress import Bar, counting_rows
-from robustkit.results import ANY, UNRELIABLE_COLUMN
+from robustkit.records import RunSettings
 from robustkit.vocabulary import ChecksLevel
 
-#: Attacks with a gradient-free stage: a failing gradient-free check does not discredit them.
-GRADIENT_FREE = searching_freely()
-#: Failures that discredit gradient attacks only: attacks with a gradient-free stage stand.
-GRADIENT_ONLY = frozenset({"gradient_free_finds_no_more", "input_gradients_usable"})
-#: The mark put next to a number that a failing check makes unreliable.
-UNRELIABLE = "(unreliable)"
 
-
-def checks_from_results(results: pd.DataFrame, settings: dict[str, Any]) -> pd.DataFrame:
-    """The checks that need only ``results.csv`` and ``settings.json`` (no model)."""
-    return checks_frame(result_checks(results, settings))
-
-
-def main_attack(results: pd.DataFrame, settings: dict[str, Any], default_steps: int = 40
+def main_attack(results: pd.DataFrame, settings: Settings, default_steps: int = 40
                 ) -> AttackConfig:
     """The attack the model checks use: the evaluation's strongest untargeted PGD or APGD.
 
@@ -67,8 +55,9 @@ def main_attack(results: pd.DataFrame, settings: dict[str, Any], default_steps: 
     return dataclasses.replace(min(untargeted, key=strength), targeted=False)
 
 
-def _sweep_eps(results: pd.DataFrame, settings: dict[str, Any]) -> list[float]:
-    values = settings.get("eps") or (results["eps"].unique().tolist() if "eps" in results else [])
+def _sweep_eps(results: pd.DataFrame, settings: Settings) -> list[float]:
+    values = RunSettings.of(settings).eps or (
+        results["eps"].unique().tolist() if "eps" in results else [])
     return sorted({float(e) for e in values if float(e) > 0})
 
 
@@ -133,7 +122,7 @@ def run_checks(
     model: nn.Module,
     split: Split,
     results: pd.DataFrame,
-    settings: dict[str, Any],
+    settings: Settings,
     *,
     n: int = 200,
     seed: int = 0,
@@ -202,7 +191,7 @@ MONOTONE_FROM_SCRATCH = "accuracy_monotone_in_eps"
 
 def _model_checks(
     model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: list[float],
-    results: pd.DataFrame, settings: dict[str, Any], *, seed: int, budgets: Budgets,
+    results: pd.DataFrame, settings: Settings, *, seed: int, budgets: Budgets,
     shortcuts: bool, per_sample: pd.DataFrame | None,
 ) -> list[tuple[str, Callable[[], Check]]]:
     """The model checks in report order, each as (name, how to run it)."""
@@ -250,7 +239,7 @@ class _Known:
     """
 
     def __init__(self, model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig,
-                 settings: dict[str, Any], per_sample: pd.DataFrame | None, seed: int) -> None:
+                 settings: Settings, per_sample: pd.DataFrame | None, seed: int) -> None:
         self.model, self.x, self.y, self.attack, self.seed = model, x, y, attack, seed
         configs = attack_configs(settings)
         ensemble = _sweep_outcome(per_sample, configs, len(y), names_in("ensemble"))
@@ -316,43 +305,3 @@ def _outcome_at(swept: _Swept, eps: float) -> probes.Outcome:
     titles, smallest = swept
     return probes.Outcome(torch.from_numpy(smallest > eps),
                           f"the sweep's {' + '.join(titles)}")
-
-
-def unreliable_attacks(checks: pd.DataFrame | None, settings: dict[str, Any],
-                       titles: Iterable[str]) -> dict[str, str]:
-    """Attack title → why its robust accuracies are unreliable, for a run whose checks failed.
-
-    Every attack of the run is, with one exception: when the only failures are about
-    gradients (:data:`GRADIENT_ONLY`: the gradient-free check, unusable input gradients),
-    attacks that include Square (``square``, ``autoattack``, and the per-sample worst case
-    ``any`` over them) already did what those checks ask for, and need no gradient (a model
-    whose logits are scaled by 1000 saturates cross-entropy's gradient, not Square).
-    """
-    if checks is None or checks.empty or "status" not in checks:
-        return {}
-    failed = sorted(str(n) for n in checks.loc[checks["status"] == "fail", "name"])
-    if not failed:
-        return {}
-    reason = f"check{'s' if len(failed) > 1 else ''} {', '.join(failed)} failed"
-    configs = attack_configs(settings)
-    titles = list(titles)
-    free = {t for t in titles if attack_kind(t, configs)[0] in GRADIENT_FREE}
-    if set(failed) <= GRADIENT_ONLY and free:
-        free.add(ANY)
-    else:
-        free = set()
-    return {t: reason for t in titles if t not in free}
-
-
-def flag_results(results: pd.DataFrame, checks: pd.DataFrame | None,
-                 settings: dict[str, Any]) -> pd.DataFrame:
-    """``results`` with the column :data:`~robustkit.results.UNRELIABLE_COLUMN` when a failed
-    check discredits some of its rows (:func:`unreliable_attacks`): per row the reason, empty
-    for the rows it does not discredit (clean accuracy, ε = 0, never is). Unchanged otherwise,
-    so the results of an evaluation that passed keep their columns and bytes."""
-    marked = unreliable_attacks(checks, settings, results["attack"].unique())
-    if not marked:
-        return results
-    reasons = [marked.get(attack, "") if eps > 0 else ""
-               for attack, eps in zip(results["attack"], results["eps"], strict=True)]
-    return results.assign(**{UNRELIABLE_COLUMN: reasons})
