@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from functools import cache
 
-from tests.test_cli import REPO, run
+from tests.conftest import REPO, run
 
 FENCED = re.compile(r"```[a-z]*\n(.*?)```", re.DOTALL)
 INLINE = re.compile(r"`([^`]+)`")
