@@ -9,7 +9,6 @@ runs, ``sweep-state/`` holds the finished (attack, ε) cells so an interrupted s
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,7 @@ from robustkit.distributed import Context, on_main
 from robustkit.errors import RobustkitError
 from robustkit.evaluation import AttackState, Evaluation, SweepState, evaluate
 from robustkit.runtime import now_iso
-from robustkit.storage import atomic_path, write_json
+from robustkit.storage import atomic_path, read_json_if_any, write_json
 
 STATE_DIR = "sweep-state"
 
@@ -119,12 +118,12 @@ CHECKS_STATE = "checks.json"
 
 def load_checks(out_dir: Path, fingerprint: str, level: str) -> dict[str, Check]:
     """The checks an interrupted job finished for these settings and checks level, by name."""
+    saved = read_json_if_any(out_dir / STATE_DIR / CHECKS_STATE)
+    if saved is None or saved.get("fingerprint") != fingerprint or saved.get("level") != level:
+        return {}
     try:
-        saved = json.loads((out_dir / STATE_DIR / CHECKS_STATE).read_text(encoding="utf-8"))
-        if saved["fingerprint"] != fingerprint or saved["level"] != level:
-            return {}
         return {c["name"]: Check(**c) for c in saved["checks"]}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return {}
 
 

@@ -164,3 +164,17 @@ def test_the_torch_free_defence_description_is_the_defence_modules() -> None:
         assert describe_step(kind) == step.describe()
         assert (kind in RANDOM_STEPS) == step.random
     assert describe_step("median", size=5) == build_preprocessing("median", size=5).describe()
+
+
+def test_the_finished_checks_of_an_interrupted_job_are_read_back_only_for_its_settings(
+        tmp_path: Path) -> None:
+    from robustkit.checks import Check
+    from robustkit.runs import CHECKS_STATE, STATE_DIR, load_checks, save_check
+
+    check = Check("forward_deterministic", "pass", 0.0, "0", "same logits twice")
+    save_check(tmp_path, "abc", "quick", check)
+    assert load_checks(tmp_path, "abc", "quick") == {"forward_deterministic": check}
+    assert load_checks(tmp_path, "abc", "full") == {}
+    assert load_checks(tmp_path, "other", "quick") == {}
+    (tmp_path / STATE_DIR / CHECKS_STATE).write_text("{damaged", encoding="utf-8")
+    assert load_checks(tmp_path, "abc", "quick") == {}

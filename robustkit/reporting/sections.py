@@ -25,12 +25,6 @@ from robustkit.reporting.render import (
 from robustkit.results import ANY
 
 
-def physical(runs: list[RunData]) -> Part:
-    """Physical-world robustness and preprocessing defences
-    (:func:`~robustkit.reporting.physical.physical_section`)."""
-    return physical_section(runs, safe_name)
-
-
 def summary(runs: list[RunData], results: pd.DataFrame) -> Part:
     """Robust accuracy with its intervals (table and figure), targets hit, unreliable
     numbers, the attacks' cost; tables ``accuracy``, ``cost``, ``results``."""
@@ -96,6 +90,12 @@ def examples(runs: list[RunData]) -> Part:
             *blocks,
         ],
     ))
+
+
+def physical(runs: list[RunData]) -> Part:
+    """Physical-world robustness and preprocessing defences
+    (:func:`~robustkit.reporting.physical.physical_section`)."""
+    return physical_section(runs, safe_name)
 
 
 def confusion(runs: list[RunData]) -> Part:
@@ -223,10 +223,10 @@ def checks(runs: list[RunData]) -> Part:
     if not frame.empty:
         shown = frame if len(runs) > 1 else frame.drop(columns=["run"])
         counts = frame["status"].value_counts()
-        summary = ", ".join(f"{int(counts.get(s, 0))} {s}" for s in ("pass", "warn", "fail"))
+        counted = ", ".join(f"{int(counts.get(s, 0))} {s}" for s in ("pass", "warn", "fail"))
         blocks.append(Text(
             f"Checks for gradient masking and mis-configured attacks (Carlini et al. 2019, "
-            f"“On Evaluating Adversarial Robustness”): {summary}."))
+            f"“On Evaluating Adversarial Robustness”): {counted}."))
         if any(checks_level(run) == "quick" for run in runs):
             blocks.append(Text(QUICK_NOTE))
         blocks.append(Table(shown, status_column="status"))
