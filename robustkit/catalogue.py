@@ -25,17 +25,16 @@ The figure of an entry:
 from __future__ import annotations
 
 import csv
-import json
 import math
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
-from robustkit.checks import unreliable_attacks
+from robustkit.checks.verdicts import unreliable_attacks
+from robustkit.records import RunSettings
 from robustkit.released import Released
 from robustkit.results import ANY
 
@@ -76,12 +75,9 @@ class Entry:
 # --------------------------------------------------------------------------- reading
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+def _settings(folder: Path) -> RunSettings:
+    """``folder``'s settings; empty when it has none that can be read."""
+    return RunSettings.read_if_any(folder) or RunSettings()
 
 
 def _read_rows(path: Path) -> list[dict[str, str]]:
@@ -102,8 +98,8 @@ def _number(text: str | None) -> float | None:
 
 def _plain(folder: Path) -> bool:
     """Whether the report measured the weights alone: no defence, no transformations."""
-    settings = _read_json(folder / "settings.json")
-    return not settings.get("defence") and not settings.get("transforms")
+    settings = _settings(folder)
+    return not settings.defence and not settings.transforms
 
 
 def _at(rows: list[dict[str, str]], eps: float) -> list[dict[str, str]]:
@@ -137,7 +133,7 @@ def _unreliable(checks_path: Path, folder: Path, titles: list[str]) -> dict[str,
         checks = pd.read_csv(checks_path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
         return {}
-    return unreliable_attacks(checks, _read_json(folder / "settings.json"), titles)
+    return unreliable_attacks(checks, _settings(folder), titles)
 
 
 def _evaluated_eps(folders: Sequence[Path]) -> list[float]:

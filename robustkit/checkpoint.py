@@ -2,9 +2,9 @@
 
 A checkpoint named ``model`` is two files, ``model.safetensors`` (the state dict) and
 ``model.json`` (architecture, resolved config, metrics, seed, versions, device). Every write
-goes to a temporary file in the same folder, named by robustkit (``.NAME.XXXXXXXX.tmp``), and
-is renamed into place, so an interrupted write never leaves a half-written checkpoint behind,
-and what a killed write leaves is recognised as scratch and removed (:func:`remove_leftovers`).
+is atomic (:mod:`robustkit.storage`: a temporary file renamed into place), so an interrupted
+write never leaves a half-written checkpoint behind, and what a killed write leaves is
+recognised as scratch and removed (:func:`remove_leftovers`).
 Tensors are serialised in memory and written the same way (safetensors' own ``save_file``
 writes through a temporary file of its own naming, which a kill would leave unrecognised).
 
@@ -14,15 +14,10 @@ Resume state (optimizer, scheduler, RNG states, epoch, step) is kept the same wa
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -30,79 +25,9 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from robustkit.errors import RobustkitError
+from robustkit.storage import TEMPORARY, read_json, read_json_if_any, write_bytes, write_json
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".bin", ".ckpt"}
-#: Temporary files of atomic writes: robustkit's ``.NAME.XXXXXXXX.tmp``, and the
-#: ``.tmpXXXXXX`` of safetensors' ``save_file``, which robustkit used before it wrote
-#: checkpoints itself (so a folder a killed older version left resumes too).
-TEMPORARY = re.compile(r"\..+\.tmp|\.tmp[A-Za-z0-9]{6}")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
-
-    The file gets the mode a plain ``open`` would give it (0666 less the umask), not the
-    private 0600 of the temporary file, so colleagues can read shared results.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise _naming(exc, path, str(exc.filename)) from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except OSError as exc:  # a full disk: name the file, not its temporary stand-in
-        raise _naming(exc, path, tmp) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-@contextmanager
-def naming(path: Path) -> Iterator[None]:
-    """Writes to ``path`` in the block: an ``OSError`` that names no file (a failed write, a
-    full disk) is raised again naming ``path``."""
-    try:
-        yield
-    except OSError as exc:
-        raise _naming(exc, path, str(path)) from None
-
-
-def _naming(exc: OSError, path: Path, tmp: str) -> OSError:
-    """``exc`` naming ``path`` when it named no file or the temporary ``tmp`` (a write that
-    failed reports no file name; the temporary file's is robustkit's business)."""
-    if exc.filename is not None and str(exc.filename) != tmp:
-        return exc
-    return OSError(exc.errno, exc.strerror or str(exc), str(path))
-
-
-def write_atomic(path: Path, write: Callable[[IO[str]], object]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        write(handle)
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically; an ``OSError`` names ``path``."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        handle.write(data)
-
-
-def write_text(path: Path, text: str) -> None:
-    write_atomic(path, lambda handle: handle.write(text))
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None
@@ -149,15 +74,7 @@ def read_sidecar(stem: Path) -> dict[str, Any]:
             f"{sidecar} not found beside {weights.name}: a robustkit checkpoint is a .safetensors "
             "file with its .json sidecar"
         )
-    try:
-        info = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise RobustkitError(
-            f"{sidecar} is not valid JSON ({exc}): the checkpoint is damaged"
-        ) from None
-    if not isinstance(info, dict):
-        raise RobustkitError(f"{sidecar} holds a JSON {type(info).__name__}, not the checkpoint's "
-                             "description (an object with its arch): the checkpoint is damaged")
+    info = read_json(sidecar, "the checkpoint is damaged")
     classes = info.get("num_classes", 10)
     if not isinstance(info.get("arch"), str) or isinstance(classes, bool) or not (
             isinstance(classes, int) and 2 <= classes <= 100_000):
@@ -229,17 +146,16 @@ def save_state(folder: Path, state: dict[str, Any]) -> None:
 
 
 def _state_tensor_file(folder: Path) -> str | None:
-    try:
-        return str(json.loads((folder / "state.json").read_text(encoding="utf-8"))["tensors"])
-    except (OSError, ValueError, KeyError):
-        return None
+    name = (read_json_if_any(folder / "state.json") or {}).get("tensors")
+    return None if name is None else str(name)
 
 
 def load_state(folder: Path) -> dict[str, Any] | None:
     """The last complete resume state in ``folder``, or None when there is none."""
     if not (folder / "state.json").is_file():
         return None
-    saved = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    saved = read_json(folder / "state.json",
+                      "the resume state is damaged; delete it to train from the start")
     tensors = load_tensors(folder / saved["tensors"])
     state: dict[str, Any] = unflatten_state(saved["layout"], tensors)
     return state

@@ -22,7 +22,6 @@ second robustkit process aiming at the same folder is refused before it touches 
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import re
 import shlex
@@ -33,13 +32,16 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from robustkit.checkpoint import TEMPORARY
-from robustkit.distributed import Context, on_main
 from robustkit.errors import RobustkitError
+from robustkit.records import MANIFEST, Manifest, RunSettings
 from robustkit.runtime import git_commit
+from robustkit.storage import TEMPORARY
 from robustkit.version import __version__
+
+if TYPE_CHECKING:
+    from robustkit.distributed import Context
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,7 +51,6 @@ else:  # pragma: no cover
 if sys.platform != "win32":
     import fcntl
 
-MANIFEST = "manifest.json"
 STAGING_SUFFIX = ".partial"
 OLD_SUFFIX = ".old"
 LOCK_SUFFIX = ".lock"
@@ -110,14 +111,6 @@ def config_file_label(path: Path) -> str:
 # --------------------------------------------------------------------------- reading a folder
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _config_name(path: Path) -> str | None:
     try:
         name = tomllib.loads(path.read_text(encoding="utf-8")).get("name")
@@ -150,28 +143,29 @@ def _command_model(command_line: str | None) -> str | None:
     return None
 
 
-def recorded_owner(folder: Path, manifest: dict[str, Any]) -> Owner | None:
+def recorded_owner(folder: Path, manifest: Manifest) -> Owner | None:
     """The owner a manifest names, or, for manifests written before owners were recorded,
     the one its command line, settings and config describe."""
-    owner = manifest.get("owner")
-    if isinstance(owner, dict) and isinstance(owner.get("command"), str) \
-            and isinstance(owner.get("name"), str):
+    owner = manifest.owner or {}
+    if isinstance(owner.get("command"), str) and isinstance(owner.get("name"), str):
         config_file = owner.get("config_file")
         return Owner(owner["command"], owner["name"],
                      config_file if isinstance(config_file, str) else None)
-    command, line = manifest.get("command"), manifest.get("command_line")
+    command, line = manifest.command, manifest.command_line
     if command == "run":
-        settings = read_json(folder / "settings.json") or {}
-        name = settings.get("experiment") or _config_name(folder / "config.toml")
-        return Owner("run", str(name), command_config(line)) if name else None
+        name = _settings(folder).experiment or _config_name(folder / "config.toml")
+        return Owner("run", name, command_config(line)) if name else None
     if command == "train":
         name = _config_name(folder / "config.toml")
         return Owner("train", name, command_config(line)) if name else None
     if command == "attack":
-        settings = read_json(folder / "settings.json") or {}
-        model = _command_model(line) or settings.get("model")
-        return Owner("attack", str(model)) if model else None
+        model = _command_model(line) or _settings(folder).model
+        return Owner("attack", model) if model else None
     return None
+
+
+def _settings(folder: Path) -> RunSettings:
+    return RunSettings.read_if_any(folder) or RunSettings()
 
 
 @dataclass(frozen=True)
@@ -180,7 +174,7 @@ class Holder:
     when none), and ``foreign`` entries robustkit did not write."""
 
     owner: Owner | None
-    manifest: dict[str, Any]
+    manifest: Manifest
     foreign: tuple[str, ...]
     empty: bool
 
@@ -188,26 +182,26 @@ class Holder:
 def inspect_folder(folder: Path) -> Holder:
     """Read who owns ``folder`` (which may be absent)."""
     if not folder.exists():
-        return Holder(None, {}, (), True)
+        return Holder(None, Manifest(), (), True)
     if not folder.is_dir():
         raise RobustkitError(f"{folder} is a file, not a folder: choose a folder for --out")
     entries = sorted(p.name for p in folder.iterdir() if not SCRATCH.match(p.name))
     if not entries:
-        return Holder(None, {}, (), True)
-    manifest = read_json(folder / MANIFEST)
+        return Holder(None, Manifest(), (), True)
+    manifest = Manifest.read_if_any(folder)
     if manifest is not None:
         return Holder(recorded_owner(folder, manifest), manifest, (), False)
     seeds = sorted(folder.glob("seed-*/" + MANIFEST))
     if seeds:  # a several-seed run folder written before it had a manifest of its own
-        child = read_json(seeds[0]) or {}
+        child = Manifest.read_if_any(seeds[0].parent) or Manifest()
         return Holder(recorded_owner(seeds[0].parent, child), child, (), False)
     if all(TRAINING_ENTRIES.match(e) for e in entries) and "config.toml" in entries:
         name = _config_name(folder / "config.toml")  # training killed before its manifest
         if name:
-            return Holder(Owner("train", name), {}, (), False)
+            return Holder(Owner("train", name), Manifest(), (), False)
     if set(entries) <= REPORT_ENTRIES and _robustkit_report(folder):
-        return Holder(None, {}, (), False)  # a combined report from before report manifests
-    return Holder(None, {}, tuple(entries), False)
+        return Holder(None, Manifest(), (), False)  # a report from before report manifests
+    return Holder(None, Manifest(), tuple(entries), False)
 
 
 def _robustkit_report(folder: Path) -> bool:
@@ -261,13 +255,13 @@ def _kind(owner: Owner) -> str:
             "report": "report"}.get(owner.command, "command")
 
 
-def version_change(manifest: dict[str, Any]) -> str:
+def version_change(manifest: Manifest) -> str:
     """``robustkit 0.1.0 (5af984b) → 0.1.0 (d2516ee)``, from a manifest and the running code."""
-    def label(version: Any, commit: Any) -> str:
+    def label(version: str | None, commit: str | None) -> str:
         short = str(commit)[:7] + ("+dirty" if str(commit).endswith("+dirty") else "")
         return f"{version or '?'}" + (f" ({short})" if commit else "")
 
-    return (f"robustkit {label(manifest.get('robustkit'), manifest.get('git_commit'))} → "
+    return (f"robustkit {label(manifest.robustkit, manifest.git_commit)} → "
             f"{label(__version__, git_commit())}")
 
 
@@ -311,8 +305,19 @@ def writing(folders: Sequence[tuple[Path, str]], dist: Context | None = None) ->
             def take(folder: Path = folder, flag: str = flag) -> None:
                 held.enter_context(_folder_lock(folder, flag))
 
-            on_main(take, dist)
+            _on_main(take, dist)
         yield
+
+
+def _on_main(fn: Callable[[], None], dist: Context | None) -> None:
+    """``fn()`` on rank 0 of ``dist`` (:func:`robustkit.distributed.on_main`, imported only
+    under torchrun, so a single process never loads torch for a lock)."""
+    if dist is None:
+        fn()
+        return
+    from robustkit.distributed import on_main
+
+    on_main(fn, dist)
 
 
 @contextmanager

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from robustkit.attack_specs import probing
 from robustkit.attacks import attack_mode
 from robustkit.attacks.transforms import Transform, fooled_fraction
-from robustkit.checkpoint import save_tensors, write_json
+from robustkit.checkpoint import save_tensors
 from robustkit.config import AttackConfig, DefenceConfig, TransformConfig
 from robustkit.data import Split
 from robustkit.errors import RobustkitError
@@ -45,6 +45,7 @@ from robustkit.evaluation import NoiseBank, eot_seed, predict, run_attack, wilso
 from robustkit.models.defences import Defended, build_preprocessing, is_random
 from robustkit.progress import Bar
 from robustkit.runs import write_frame
+from robustkit.storage import write_json
 
 PHYSICAL_COLUMNS = ["attack", "eps", "n", "success", "success_transformed", "ci_low", "ci_high",
                     "clean_error_transformed", "draws", "grad_evals"]

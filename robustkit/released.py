@@ -16,16 +16,17 @@ the current folder, then under the checkout robustkit runs from (an editable ins
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from robustkit.checkpoint import atomic_path, checkpoint_paths, read_sidecar
+from robustkit.checkpoint import checkpoint_paths, read_sidecar
 from robustkit.config import CertifiedConfig
 from robustkit.errors import RobustkitError
+from robustkit.records import Manifest
+from robustkit.storage import atomic_path
 from robustkit.vocabulary import CERTIFIED_METHODS
 
 if sys.version_info >= (3, 11):
@@ -57,10 +58,11 @@ def release_mismatch(weights: Path) -> str | None:
     """How a released checkpoint differs from what its report recorded, as one sentence; None
     when the folder's ``manifest.json`` records no sha256 for it (not a released checkpoint)
     or both files match. The report's figures describe the recorded bytes only."""
-    manifest = _read_manifest(weights.parent / "manifest.json")
-    if manifest.get("weights_file") != weights.name or not manifest.get("weights_sha256"):
+    manifest = Manifest.read_if_any(weights.parent) or Manifest()
+    if manifest.weights_file != weights.name or not manifest.weights_sha256:
         return None
-    recorded = {k: manifest.get(k) for k in ("weights_sha256", "sidecar_sha256")}
+    recorded = {"weights_sha256": manifest.weights_sha256,
+                "sidecar_sha256": manifest.sidecar_sha256}
     changed = [kind.split("_")[0] for kind, value in weights_provenance(weights).items()
                if recorded.get(kind) and recorded[kind] != value]
     if not changed:
@@ -71,14 +73,6 @@ def release_mismatch(weights: Path) -> str | None:
     return (f"{files} {verb} from the sha256 recorded in {weights.parent / 'manifest.json'}: "
             "the file was changed after the report was made, so the report's figures do not "
             "describe it")
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def release_weights(stem: Path, folder: Path) -> dict[str, str]:

@@ -9,7 +9,6 @@ runs, ``sweep-state/`` holds the finished (attack, ε) cells so an interrupted s
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,13 +17,11 @@ from typing import Any
 import torch
 
 from robustkit.checkpoint import (
-    atomic_path,
     clear_state,
     load_state,
     remove_leftovers,
     save_state,
     save_tensors,
-    write_json,
 )
 from robustkit.checks.record import Check
 from robustkit.config import config_from_dict, digest, hash_view
@@ -32,6 +29,7 @@ from robustkit.distributed import Context, on_main
 from robustkit.errors import RobustkitError
 from robustkit.evaluation import AttackState, Evaluation, SweepState, evaluate
 from robustkit.runtime import now_iso
+from robustkit.storage import atomic_path, read_json_if_any, write_json
 
 STATE_DIR = "sweep-state"
 
@@ -122,12 +120,12 @@ CHECKS_STATE = "checks.json"
 
 def load_checks(out_dir: Path, fingerprint: str, level: str) -> dict[str, Check]:
     """The checks an interrupted job finished for these settings and checks level, by name."""
+    saved = read_json_if_any(out_dir / STATE_DIR / CHECKS_STATE)
+    if saved is None or saved.get("fingerprint") != fingerprint or saved.get("level") != level:
+        return {}
     try:
-        saved = json.loads((out_dir / STATE_DIR / CHECKS_STATE).read_text(encoding="utf-8"))
-        if saved["fingerprint"] != fingerprint or saved["level"] != level:
-            return {}
         return {c["name"]: Check(**c) for c in saved["checks"]}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return {}
 
 

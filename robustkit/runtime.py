@@ -1,4 +1,7 @@
-"""Where code runs and how a run is made reproducible: device choice, seeding, provenance."""
+"""Where code runs and how a run is made reproducible: device choice, seeding, provenance.
+
+torch is imported by the functions that use it, so the provenance text (``git_commit``,
+``command_line``, ``now_iso``) serves reports and the folder guard without loading it."""
 
 from __future__ import annotations
 
@@ -9,10 +12,10 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from robustkit.errors import RobustkitError
 from robustkit.version import __version__
@@ -25,6 +28,8 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     come back with their index (``cuda`` → ``cuda:0``, or the device a torchrun process was
     given), so they compare equal to the ``.device`` of tensors placed on them.
     """
+    import torch
+
     text = str(spec).strip().lower()
     if text == "auto":
         text = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,6 +69,9 @@ def seed_everything(seed: int) -> torch.Generator:
     robustkit draws all its own randomness (batch order, random starts) from explicit
     generators; the global seed covers weight initialisation.
     """
+    import numpy as np
+    import torch
+
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     generator = torch.Generator()
@@ -73,6 +81,8 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def use_deterministic_algorithms() -> None:
     """Ask torch for deterministic kernels (bitwise-repeatable on CPU; warn-only on CUDA)."""
+    import torch
+
     torch.use_deterministic_algorithms(True, warn_only=True)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
@@ -111,6 +121,8 @@ def device_description(device: torch.device) -> str:
     """The device as a manifest records it. On the CPU: the processor model, the instruction set
     torch's kernels use and the thread count, the three things that decide whether a run
     reproduces another byte for byte (MKL and oneDNN pick their kernels by processor)."""
+    import torch
+
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return (f"cpu ({cpu_model()}, {platform.machine()}, {torch.backends.cpu.get_cpu_capability()}"
@@ -131,6 +143,9 @@ def cpu_model() -> str:
 
 def provenance(device: torch.device, seed: int | None = None) -> dict[str, Any]:
     """Everything needed to trace a result back to the code, libraries and machine."""
+    import numpy as np
+    import torch
+
     return {
         "robustkit": __version__,
         "git_commit": git_commit(),

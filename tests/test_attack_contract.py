@@ -240,7 +240,7 @@ def corner_attack() -> Iterator[str]:
 
 def test_a_declared_attack_goes_through_every_door(corner_attack: str, tmp_path: Path,
                                                    mnist_root: Path) -> None:
-    from tests.test_hostile_input import cli
+    from tests.conftest import cli
 
     config = config_from_dict({"attacks": [{"name": corner_attack}]})
     assert config.attacks[0].title == "corner5000"  # a gradient-free recipe's title

@@ -524,6 +524,7 @@ def test_a_failing_check_marks_the_numbers_in_terminal_and_report_tables() -> No
     import pandas as pd
 
     from robustkit.checks import UNRELIABLE, unreliable_attacks
+    from robustkit.records import RunSettings
     from robustkit.reporting.load import RunData
     from robustkit.reporting.tables import accuracy_table as report_table
     from robustkit.reporting.tables import unreliable_notes
@@ -551,14 +552,15 @@ def test_a_failing_check_marks_the_numbers_in_terminal_and_report_tables() -> No
     assert f"0.9000 {UNRELIABLE}" not in text  # clean accuracy is not an attack's number
     assert text.splitlines()[-1].startswith(f"{UNRELIABLE}: check gradient_free_finds_no_more")
 
-    run = RunData(path=Path("."), name="run", results=results, settings=settings,
+    record = RunSettings.from_record(settings)
+    run = RunData(path=Path("."), name="run", results=results, settings=record,
                   checks=masking)
     table = report_table([run]).set_index("attack")
     assert table["ε=0.1"].loc["apgd100"].endswith(UNRELIABLE)
     assert not table["ε=0.1"].loc["autoattack"].endswith(UNRELIABLE)
     assert not table["ε=0"].loc["apgd100"].endswith(UNRELIABLE)
     assert "may overstate robustness" in unreliable_notes([run])[0]
-    passing = RunData(path=Path("."), name="run", results=results, settings=settings,
+    passing = RunData(path=Path("."), name="run", results=results, settings=record,
                       checks=masking.assign(status="pass"))
     assert UNRELIABLE not in report_table([passing]).to_string()
     assert unreliable_notes([passing]) == []

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +31,7 @@ from robustkit.training.certified import (
     smooth_ramp,
 )
 from robustkit.vocabulary import MAX_POOLING_ARCHS
+from tests.conftest import run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -248,9 +247,7 @@ def test_cli_refuses_crown_ibp_on_a_max_pooling_model_in_one_line(tmp_path: Path
     config = tmp_path / "bad.toml"
     config.write_text('[model]\narch = "madry-cnn"\n[train]\nmethod = "crown-ibp"\n'
                       'epochs = 12\n')
-    done = subprocess.run([sys.executable, "-m", "robustkit", "train", str(config)],
-                          capture_output=True, text=True, cwd=tmp_path,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120)
+    done = run("train", str(config), cwd=tmp_path)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "madry-cnn pools" in lines[0]

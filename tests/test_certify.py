@@ -7,7 +7,6 @@ consistency check failing on a deliberately broken bound."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from robustkit.attacks import pgd
 from robustkit.certify import BOUND_NORMS, METHODS, margin_bounds
 from robustkit.errors import RobustkitError
 from robustkit.models.zoo import Normalized
+from tests.conftest import run
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -160,21 +160,14 @@ def test_certify_command_brackets_the_attack(tmp_path: object, mnist_root: objec
     """``robustkit certify`` on the released MLP: certified accuracy never above PGD's robust
     accuracy on the same images, clean accuracy at ε = 0, and one-line errors."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from robustkit.config import AttackConfig
     from robustkit.evaluation import evaluate
     from robustkit.models import load_model
     from robustkit.sources import load_data
 
-    repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(repo)}
-    done = subprocess.run([sys.executable, "-m", "robustkit", "certify", "--model",
-                           "zoo:mnist_mlp", "--eps", "0,0.01,0.02", "--n", "100", "--json"],
-                          capture_output=True, text=True, env=env, cwd=repo, timeout=300)
+    done = run("certify", "--model", "zoo:mnist_mlp", "--eps", "0,0.01,0.02", "--n", "100",
+               "--json")
     assert done.returncode == 0, done.stderr
     document = json.loads(done.stdout)
     rows = document["table"]
@@ -187,10 +180,8 @@ def test_certify_command_brackets_the_attack(tmp_path: object, mnist_root: objec
     for row in rows:
         assert row["accuracy"] <= accuracy[row["eps"]] + 1e-12, row
     assert {r["accuracy"] for r in rows if r["eps"] == 0} == {accuracy[0.0]}
-    refused = subprocess.run([sys.executable, "-m", "robustkit", "certify", "--model",
-                              "zoo:mnist_cnn", "--eps", "0.01", "--n", "5", "--method",
-                              "crown"], capture_output=True, text=True, env=env, cwd=repo,
-                             timeout=300)
+    refused = run("certify", "--model", "zoo:mnist_cnn", "--eps", "0.01", "--n", "5",
+                  "--method", "crown")
     assert refused.returncode == 2
     assert refused.stderr.strip() == ("error: CROWN does not cover MaxPool2d: use the IBP bound "
                                       "for this model (--method ibp), or pool with AvgPool2d "
@@ -501,19 +492,12 @@ def test_the_radii_pass_the_consistency_check_and_a_broken_bound_fails_it(
 def test_certify_refuses_an_unsupported_layer_and_a_norm_in_one_line(tmp_path: Path) -> None:
     """A factory network with a Tanh: exit 2 and one line naming the layer, its place and what
     is covered; an L1 ball and a zero tolerance likewise."""
-    import subprocess
-    import sys
-
     (tmp_path / "tanhnet.py").write_text(
         "from torch import nn\n\n\ndef net():\n    return nn.Sequential(nn.Flatten(), "
         "nn.Linear(784, 16), nn.Tanh(), nn.Linear(16, 10))\n")
-    repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(repo)}
-    base = [sys.executable, "-m", "robustkit", "certify", "--eps", "0,0.01", "--n", "4"]
 
     def refused(*args: str) -> str:
-        done = subprocess.run([*base, *args], capture_output=True, text=True, env=env,
-                              cwd=tmp_path, timeout=300)
+        done = run("certify", "--eps", "0,0.01", "--n", "4", *args, cwd=tmp_path)
         assert done.returncode == 2, done.stderr
         assert done.stdout == "" and len(done.stderr.strip().splitlines()) == 1, done.stderr
         return done.stderr.strip()

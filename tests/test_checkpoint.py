@@ -7,15 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustkit.checkpoint import (
-    load_state,
-    save_checkpoint,
-    save_state,
-    write_text,
-)
+from robustkit.checkpoint import load_state, save_checkpoint, save_state
 from robustkit.errors import RobustkitError
 from robustkit.models import build_model, load_model
 from robustkit.models.loading import load_checkpoint
+from robustkit.storage import write_text
 
 
 def test_round_trip_restores_identical_weights(tmp_path: Path) -> None:
@@ -55,7 +51,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path) -> None:
     class BoomError(Exception):
         pass
 
-    from robustkit.checkpoint import write_atomic
+    from robustkit.storage import write_atomic
 
     def explode(handle):  # type: ignore[no-untyped-def]
         handle.write("partial")

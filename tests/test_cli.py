@@ -12,61 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-
-USER_MODELS = textwrap.dedent("""
-    import torch
-    from torch import nn
-
-    class Tupled(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
-        def forward(self, x):
-            return self.net(x), x
-
-    def good():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
-
-    def normalised():
-        return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
-
-    def probabilities():
-        return nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.Softmax(dim=1))
-
-    def wrong_shape():
-        return nn.Sequential(nn.Flatten(), nn.Linear(784, 7))
-
-    def tupled():
-        return Tupled()
-""")
-
-
-def run(*args: str, cwd: Path | None = None, extra_path: Path | None = None
-        ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}
-    if extra_path is not None:
-        env["PYTHONPATH"] = f"{extra_path}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    return subprocess.run([sys.executable, "-m", "robustkit", *args], capture_output=True,
-                          text=True, cwd=cwd or REPO, env=env, timeout=600)
-
-
-def assert_user_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr + result.stdout
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
-@pytest.fixture(scope="module")
-def user_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("usermodels")
-    (folder / "usermodels.py").write_text(USER_MODELS)
-    return folder
+from tests.conftest import REPO, assert_user_error, run
 
 
 def test_help_shows_worked_examples() -> None:
@@ -159,7 +105,7 @@ def test_train_softmax_end_to_end(tmp_path: Path, mnist_root: Path) -> None:
 )
 def test_attack_rejects_bad_arguments(args: list[str], fragments: list[str], user_models: Path
                                       ) -> None:
-    result = run("attack", "--model", "usermodels:good", *args, extra_path=user_models)
+    result = run("attack", "--model", "usermodels:good", *args, path=[user_models])
     assert_user_error(result, *fragments)
 
 
@@ -178,7 +124,7 @@ def test_attack_rejects_bad_arguments(args: list[str], fragments: list[str], use
 def test_attack_rejects_bad_models(factory: str, fragment: str, user_models: Path,
                                    tmp_path: Path, mnist_root: Path) -> None:
     result = run("attack", "--model", factory, "--n", "50", "--out", str(tmp_path / "o"),
-                 "--data-dir", str(mnist_root), extra_path=user_models)
+                 "--data-dir", str(mnist_root), path=[user_models])
     assert_user_error(result, fragment)
     assert not (tmp_path / "o").exists()
 
@@ -215,7 +161,7 @@ def test_attack_every_model_kind_gives_the_same_numbers(user_models: Path, tmp_p
                        ("torchscript", ["--model", str(scripted), "--trust-model-file"]),
                        ("export", ["--model", str(exported), "--trust-model-file"])]:
         out = tmp_path / kind
-        result = run("attack", *spec, *common, "--out", str(out), extra_path=user_models)
+        result = run("attack", *spec, *common, "--out", str(out), path=[user_models])
         assert result.returncode == 0, result.stderr
         assert "robust accuracy" in result.stdout
         tables[kind] = pd.read_csv(out / "results.csv").drop(columns="model")
@@ -256,10 +202,10 @@ def test_normalize_wrapper_keeps_pixel_units(user_models: Path, tmp_path: Path,
               str(mnist_root)]
     a = run("attack", "--model", "usermodels:normalised", "--weights", str(tmp_path / "inner.pt"),
             "--normalize", f"{mean},{std}", *common, "--out", str(tmp_path / "a"),
-            extra_path=user_models)
+            path=[user_models])
     b = run("attack", "--model", "usermodels:normalised", "--weights",
             str(tmp_path / "folded.pt"), *common, "--out", str(tmp_path / "b"),
-            extra_path=user_models)
+            path=[user_models])
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     ra = pd.read_csv(tmp_path / "a" / "results.csv")
     rb = pd.read_csv(tmp_path / "b" / "results.csv")
@@ -273,7 +219,7 @@ def test_cuda_saved_weights_map_to_cpu(user_models: Path, tmp_path: Path, mnist_
     torch.save({k: v.cuda() for k, v in _linear().state_dict().items()}, tmp_path / "w.pt")
     result = run("attack", "--model", "usermodels:good", "--weights", str(tmp_path / "w.pt"),
                  "--device", "cpu", "--n", "20", "--eps", "0,0.1", "-q", "--out",
-                 str(tmp_path / "o"), "--data-dir", str(mnist_root), extra_path=user_models)
+                 str(tmp_path / "o"), "--data-dir", str(mnist_root), path=[user_models])
     assert result.returncode == 0, result.stderr
 
 
@@ -284,18 +230,18 @@ def test_output_folder_of_another_experiment_is_not_overwritten(user_models: Pat
     base = ["--attack", "fgsm", "--n", "20", "-q", "--out", str(out), "--data-dir",
             str(mnist_root)]
     good = ["attack", "--model", "usermodels:good", *base]
-    assert run(*good, "--eps", "0,0.1", extra_path=user_models).returncode == 0
+    assert run(*good, "--eps", "0,0.1", path=[user_models]).returncode == 0
     before = (out / "results.csv").read_text()
     other = ["attack", "--model", "usermodels:normalised", *base]
-    assert_user_error(run(*other, "--eps", "0,0.1", extra_path=user_models),
+    assert_user_error(run(*other, "--eps", "0,0.1", path=[user_models]),
                       "already holds the attack on model 'usermodels:good'")
     assert (out / "results.csv").read_text() == before
-    again = run(*good, "--eps", "0,0.2", extra_path=user_models)  # the same model: replaced
+    again = run(*good, "--eps", "0,0.2", path=[user_models])  # the same model: replaced
     assert again.returncode == 0, again.stderr
     assert f"replacing {out}, written by an earlier run of the same attack: settings " in \
         again.stderr
     assert "0.2" in (out / "results.csv").read_text()
-    assert run(*other, "--eps", "0,0.1", "--overwrite", extra_path=user_models).returncode == 0
+    assert run(*other, "--eps", "0,0.1", "--overwrite", path=[user_models]).returncode == 0
 
 
 def test_data_command_reports_checksums(mnist_root: Path, tmp_path: Path) -> None:

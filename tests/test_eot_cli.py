@@ -9,7 +9,7 @@ import pytest
 
 from robustkit.config import config_from_dict, parse_transform_spec
 from robustkit.errors import RobustkitError
-from tests.test_cli import assert_user_error, run, user_models  # noqa: F401 (fixture)
+from tests.conftest import assert_user_error, run
 
 PGD_EOT = [{"name": "pgd", "steps": 5}, {"name": "pgd", "steps": 5, "eot_samples": 2}]
 
@@ -76,18 +76,18 @@ def test_transform_spec_syntax() -> None:
     ],
 )
 def test_attack_rejects_bad_eot_options(args: list[str], fragments: list[str],
-                                        user_models: Path) -> None:  # noqa: F811
-    result = run("attack", "--model", "usermodels:good", *args, extra_path=user_models)
+                                        user_models: Path) -> None:
+    result = run("attack", "--model", "usermodels:good", *args, path=[user_models])
     assert_user_error(result, *fragments)
 
 
 def test_attack_with_transformations_writes_the_physical_section(
-        user_models: Path, tmp_path: Path, mnist_root: Path) -> None:  # noqa: F811
+        user_models: Path, tmp_path: Path, mnist_root: Path) -> None:
     out = tmp_path / "phys"
     result = run("attack", "--model", "usermodels:good", "--attack", "pgd", "--steps", "5",
                  "--eot-samples", "2", "--eps", "0", "--n", "40", "-q",
                  "--transform", "rotate=10,noise=0.05,eval_samples=3,examples=2,eps=0.1:0.2",
-                 "--out", str(out), "--data-dir", str(mnist_root), extra_path=user_models)
+                 "--out", str(out), "--data-dir", str(mnist_root), path=[user_models])
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(out / "physical.csv")
     assert list(table["attack"]) == ["clean", "pgd5-eot2", "pgd5-eot2"]
@@ -101,12 +101,12 @@ def test_attack_with_transformations_writes_the_physical_section(
 
 
 def test_randomised_defence_is_reported_and_attacked_with_eot(
-        user_models: Path, tmp_path: Path, mnist_root: Path) -> None:  # noqa: F811
+        user_models: Path, tmp_path: Path, mnist_root: Path) -> None:
     out = tmp_path / "noise"
     result = run("attack", "--model", "usermodels:good", "--attack", "pgd", "--steps", "3",
                  "--eot-samples", "2", "--eps", "0,0.2", "--n", "30", "-q",
                  "--defence", "noise:0.1", "--out", str(out), "--data-dir", str(mnist_root),
-                 extra_path=user_models)
+                 path=[user_models])
     assert result.returncode == 0, result.stderr
     report = (out / "report.md").read_text()
     assert "random Gaussian noise σ = 0.1" in report

@@ -9,19 +9,17 @@ first, a file a clone lacks or a zoo entry that does not exist fails here.
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from robustkit.data import DATA_ENV
+from tests.conftest import REPO, run
 from tests.test_readme_python import NO_NETWORK
 
-REPO = Path(__file__).resolve().parent.parent
 #: Every command, "" for `robustkit --help` itself; a test below keeps the list complete.
 COMMANDS = ["", "train", "data", "attack", "run", "zoo", "certify", "report"]
 #: Examples that train a model or attack hundreds of images: slower than the rest.
@@ -30,11 +28,8 @@ SLOW = {"", "train", "run", "attack"}
 
 def robustkit(*args: str, cwd: Path, env: dict[str, str] | None = None
               ) -> subprocess.CompletedProcess[str]:
-    environment = {**os.environ, "COLUMNS": "100", "OMP_NUM_THREADS": "1", **(env or {}),
-                   "PYTHONPATH": os.pathsep.join(
-                       p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    return subprocess.run([sys.executable, "-m", "robustkit", *args], capture_output=True,
-                          text=True, cwd=cwd, env=environment, timeout=600)
+    """:func:`tests.conftest.run` in a 100-column terminal with one torch thread."""
+    return run(*args, cwd=cwd, env={"COLUMNS": "100", "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def help_examples(command: str) -> list[str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import resource
 import struct
 import subprocess
@@ -28,7 +27,8 @@ from safetensors.torch import save_file as save_torch_file
 from robustkit.errors import RobustkitError
 from robustkit.outputs import staging_path
 from robustkit.sources import MAX_ARRAY_BYTES, load_data
-from tests.test_hostile_input import REPO, _interrupt_when, _popen, assert_user_error, cli, run
+from tests.conftest import REPO, assert_user_error, cli, robustkit_env, run
+from tests.test_hostile_input import _interrupt_when, _popen
 
 LINEAR = textwrap.dedent("""
     from torch import nn
@@ -61,7 +61,7 @@ def npz(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
 def attack(data: Path, out: Path, models: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return run("attack", "--model", "linear:linear", "--data", str(data), "--attack", "fgsm",
                "--eps", "0,0.1", "--n", "50", "-q", "--out", str(out), *extra,
-               extra_path=models)
+               path=[models])
 
 
 # --------------------------------------------------------------------------- 4: 16-bit PNGs
@@ -239,8 +239,7 @@ def peak_rss(*args: str, extra_path: Path | None = None
         sys.stdout.write(f"\\npeak-rss {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}")
         sys.exit(done.returncode)
     """)
-    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": os.pathsep.join(
-        p for p in (str(extra_path or ""), str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    env = robustkit_env([extra_path] if extra_path else [])
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
                             text=True, cwd=REPO, env=env, timeout=600)
     stdout, _, peak = result.stdout.rpartition("\npeak-rss ")
@@ -339,7 +338,7 @@ def test_user_prints_stay_out_of_the_json_document(tmp_path: Path) -> None:
     data = npz(tmp_path / "d.npz", digits(20), np.arange(20) % 10)
     result = run("attack", "--model", "printer:factory", "--data", str(data), "--attack",
                  "fgsm", "--eps", "0,0.1", "--n", "20", "-q", "--json", "--out",
-                 str(tmp_path / "o"), extra_path=tmp_path)
+                 str(tmp_path / "o"), path=[tmp_path])
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["results"]

@@ -14,61 +14,21 @@ import sys
 import textwrap
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
 
-from robustkit.checkpoint import write_text
 from robustkit.config import MAX_RESTARTS, SEED_MAX, config_from_dict, load_config
 from robustkit.data import read_bytes
 from robustkit.errors import RobustkitError
 from robustkit.evaluation import NoiseBank
 from robustkit.models import load_model
 from robustkit.outputs import staging_path
+from robustkit.storage import write_text
 from robustkit.vocabulary import Norm
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def run(*args: str, cwd: Path | None = None, extra_path: Path | None = None,
-        preexec: Callable[[], object] | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(extra_path or ""), str(REPO), env.get("PYTHONPATH", "")) if p)
-    return subprocess.run([sys.executable, "-m", "robustkit", *args], capture_output=True,
-                          text=True, cwd=cwd or REPO, env=env, timeout=600,
-                          preexec_fn=preexec)
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """The console-script function ``robustkit.cli.main`` in this process (no torch import per
-    call); its exit code and stderr, shaped like a finished subprocess."""
-    from robustkit.cli import main
-
-    stderr, argv = io.StringIO(), sys.argv
-    sys.argv = ["robustkit", *args]
-    real_stderr, sys.stderr = sys.stderr, stderr
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.stderr, sys.argv = real_stderr, argv
-    return subprocess.CompletedProcess(list(args), code, "", stderr.getvalue())
-
-
-def assert_user_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr + result.stdout
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
+from tests.conftest import REPO, assert_user_error, cli, run
 
 # --------------------------------------------------------------------------- 1: model files
 
@@ -436,7 +396,7 @@ def test_model_failing_mid_run_is_one_line(factory: str, stage: str, faulty_mode
                                            tmp_path: Path, mnist_root: Path) -> None:
     result = run("attack", "--model", f"faultymodels:{factory}", "--attack", "fgsm",
                  "--eps", "0,0.1", "--n", "20", "-q", "--out", str(tmp_path / "o"),
-                 extra_path=faulty_models)
+                 path=[faulty_models])
     assert_user_error(result, f"failed during {stage}", "ValueError",
                       "no gradients through this layer [/x]")
     assert not (tmp_path / "o").exists()
@@ -588,7 +548,7 @@ def test_factory_module_failing_at_import_is_one_line(source: str, fragment: str
                                                       tmp_path: Path) -> None:
     (tmp_path / "brokenmod.py").write_text(source)
     result = run("attack", "--model", "brokenmod:net", "--eps", "0,0.1", "--n", "5", "-q",
-                 cwd=tmp_path, extra_path=tmp_path)
+                 cwd=tmp_path, path=[tmp_path])
     assert_user_error(result, fragment)
 
 

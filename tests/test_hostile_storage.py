@@ -20,19 +20,14 @@ from robustkit import outputs
 from robustkit.checkpoint import remove_leftovers
 from robustkit.errors import RobustkitError
 from robustkit.outputs import Owner, guard_folder, staging_path
-from tests.test_hostile_input import REPO, assert_user_error, run
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "COLUMNS": "200"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    return env
+from tests.conftest import REPO, assert_user_error, robustkit_env, run, tiny_config
 
 
 def start(*args: str, cwd: Path) -> subprocess.Popen[str]:
     """``robustkit ARGS`` started in ``cwd``, not waited for."""
-    return subprocess.Popen([sys.executable, "-m", "robustkit", *args], cwd=cwd, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "robustkit", *args], cwd=cwd,
+                            env=robustkit_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def finish(process: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
@@ -78,7 +73,7 @@ def test_a_lock_dies_with_its_process_and_a_stale_lock_file_blocks_nothing(tmp_p
             with writing([(Path({str(folder)!r}), "--out")]):
                 print("held", flush=True)
                 time.sleep(600)
-        """)], env=_env(), stdout=subprocess.PIPE, text=True)
+        """)], env=robustkit_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         with pytest.raises(RobustkitError, match=re.escape(f"{BUSY}{holder.pid})")), \
@@ -92,26 +87,8 @@ def test_a_lock_dies_with_its_process_and_a_stale_lock_file_blocks_nothing(tmp_p
         pass
 
 
-TINY = """
-name = "tiny"
-seed = 0
-device = "cpu"
-[data]
-val_size = 59000
-[model]
-arch = "softmax"
-[train]
-epochs = 1
-lr = 0.1
-[[attacks]]
-name = "fgsm"
-[[attacks]]
-name = "pgd"
-steps = 5
-[evaluate]
-eps = [0.0, 0.1, 0.2]
-n = 300
-"""
+#: The tiny experiment with 59,000 validation images: 1,000 left to train on, seconds per run.
+TINY = tiny_config(val_size=59000)
 
 NET = """
 import torch
@@ -307,7 +284,8 @@ def _drive(strace: list[str], tmp_path: Path, mode: str, last: int, out: Path, p
     """Run :data:`DRIVER` under ``strace``; its outcome lines, split."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    env = {**_env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    env = robustkit_env(env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                             "OPENBLAS_NUM_THREADS": "1"})
     done = subprocess.run([*strace, sys.executable, str(driver), mode, str(last), str(out),
                            points, "--", *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=900)

@@ -230,7 +230,7 @@ def test_the_python_api_refuses_l1_for_an_attack_without_it() -> None:
 def test_the_cli_refuses_l1_with_pgd_in_one_line_and_keeps_a_preset_to_its_l1_attacks(
 ) -> None:
     from robustkit.cli import _attack_configs
-    from tests.test_hostile_input import cli
+    from tests.conftest import cli
 
     result = cli("attack", "--model", "zoo:mnist_softmax", "--attack", "pgd", "--norm", "l1",
                  "--eps", "0,10", "--n", "5", "-q")

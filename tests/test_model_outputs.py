@@ -5,9 +5,6 @@ without it one line names the option and what the model returned."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,8 +14,7 @@ import torch
 
 from robustkit.errors import RobustkitError
 from robustkit.models import check_logits, load_model
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import run
 
 RICH = textwrap.dedent("""
     from dataclasses import dataclass
@@ -104,25 +100,18 @@ def test_a_wrong_output_key_says_what_is_there(rich: Path) -> None:
         model(torch.rand(2, 1, 28, 28))
 
 
-def _robustkit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), str(REPO)]),
-           "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "robustkit", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
 def test_attack_with_output_equals_the_plain_model(rich: Path, mnist_root: Path) -> None:
     common = ["--attack", "fgsm,pgd", "--steps", "5", "--eps", "0,0.1", "--n", "50", "-q",
               "--checks", "off"]
-    refused = _robustkit("attack", "--model", "richnets:as_dict", *common, "--out", "d0",
-                         cwd=rich)
+    refused = run("attack", "--model", "richnets:as_dict", *common, "--out", "d0",
+                         cwd=rich, path=[rich])
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.startswith("error: the model returns a dict (")
     assert len(refused.stderr.strip().splitlines()) == 1
-    picked = _robustkit("attack", "--model", "richnets:as_dict", "--output", "logits",
-                        *common, "--out", "d1", cwd=rich)
+    picked = run("attack", "--model", "richnets:as_dict", "--output", "logits",
+                        *common, "--out", "d1", cwd=rich, path=[rich])
     assert picked.returncode == 0, picked.stderr
-    plain = _robustkit("attack", "--model", "richnets:plain", *common, "--out", "p", cwd=rich)
+    plain = run("attack", "--model", "richnets:plain", *common, "--out", "p", cwd=rich, path=[rich])
     assert plain.returncode == 0, plain.stderr
     assert (pd.read_csv(rich / "d1" / "results.csv")["accuracy"].tolist()
             == pd.read_csv(rich / "p" / "results.csv")["accuracy"].tolist())
@@ -147,14 +136,14 @@ def test_a_trained_factory_records_its_output(rich: Path, mnist_root: Path) -> N
         n = 100
         checks = "off"
     """))
-    done = _robustkit("run", "tuple.toml", "-q", cwd=rich)
+    done = run("run", "tuple.toml", "-q", cwd=rich, path=[rich])
     assert done.returncode == 0, done.stderr
     sidecar = json.loads((rich / "reports" / "tuple_net" / "model.json").read_text())
     assert sidecar["output"] == "0"
-    again = _robustkit("attack", "--model", "richnets:as_tuple", "--weights",
+    again = run("attack", "--model", "richnets:as_tuple", "--weights",
                        "reports/tuple_net/model.safetensors", "--attack", "fgsm", "--eps",
                        "0,0.1", "--n", "100", "-q", "--checks", "off", "--out", "again",
-                       cwd=rich)  # the recorded output applies: no --output needed
+                       cwd=rich, path=[rich])  # the recorded output applies: no --output needed
     assert again.returncode == 0, again.stderr
     assert (pd.read_csv(rich / "again" / "results.csv")["accuracy"].tolist()
             == pd.read_csv(rich / "reports" / "tuple_net" / "results.csv")["accuracy"].tolist())

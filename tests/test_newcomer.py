@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from importlib.metadata import version
 from pathlib import Path
 from typing import ClassVar
@@ -14,14 +11,7 @@ import pytest
 import torch
 
 from robustkit.data import Split
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "robustkit", *args], capture_output=True,
-                          text=True, cwd=cwd or REPO, timeout=600,
-                          env={**os.environ, "COLUMNS": "200"})
+from tests.conftest import run
 
 
 @pytest.fixture(scope="module")

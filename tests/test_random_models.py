@@ -19,9 +19,9 @@ from robustkit.evaluation import evaluate
 from robustkit.models.defences import Defended, GaussianNoise
 from robustkit.models.loading import check_logits
 from robustkit.models.randomness import batch_effect, output_spread
+from tests.conftest import run
 from tests.test_autoattack import synthetic_split
 from tests.test_checks import BatchStatistics, linear_model, settings_for, template_data
-from tests.test_cli import run
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from robustkit.data import DATA_ENV
-from tests.test_cli import REPO, run
+from tests.conftest import REPO, run
 from tests.test_readme_python import NO_NETWORK, readme_python_block
 
 FENCED = re.compile(r"```[a-z]*\n(.*?)```", re.DOTALL)

@@ -6,42 +6,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO, run, tiny_config
 
-TINY = """
-name = "tiny"
-seed = 0
-device = "cpu"
-[data]
-val_size = 1000
-[model]
-arch = "softmax"
-[train]
-epochs = 1
-lr = 0.1
-[[attacks]]
-name = "fgsm"
-[[attacks]]
-name = "pgd"
-steps = 5
-[evaluate]
-eps = [0.0, 0.1, 0.2]
-n = 300
-"""
+TINY = tiny_config()
 
-
-def robustkit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "robustkit", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=600, env={**os.environ, "COLUMNS": "200"})
 
 
 def sha256(path: Path) -> str:
@@ -53,7 +27,7 @@ def released(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> Path
     """A workdir where `robustkit run tiny.toml` wrote reports/tiny (training a softmax)."""
     workdir = tmp_path_factory.mktemp("released")
     (workdir / "tiny.toml").write_text(TINY)
-    result = robustkit("run", "tiny.toml", "-q", "--data-dir", str(mnist_root), cwd=workdir)
+    result = run("run", "tiny.toml", "-q", "--data-dir", str(mnist_root), cwd=workdir)
     assert result.returncode == 0, result.stderr
     return workdir
 
@@ -80,7 +54,7 @@ def test_attack_on_released_weights_reproduces_the_report_from_another_folder(
     expected = pd.read_csv(released / "reports" / "tiny" / "results.csv")
     common = ["--attack", "fgsm,pgd", "--steps", "5", "--eps", "0,0.1,0.2", "--n", "300", "-q"]
     for spec, out in (("reports/tiny/model.safetensors", "by-path"), ("zoo:tiny", "by-name")):
-        result = robustkit("attack", "--model", spec, *common, "--out", out, cwd=clone)
+        result = run("attack", "--model", spec, *common, "--out", out, cwd=clone)
         assert result.returncode == 0, result.stderr
         assert "robust accuracy of tiny on 300" in result.stdout
         got = pd.read_csv(clone / out / "results.csv")
@@ -91,7 +65,7 @@ def test_attack_on_released_weights_reproduces_the_report_from_another_folder(
 
 
 def test_zoo_lists_released_models_and_rejects_unknown_names(released: Path) -> None:
-    listing = robustkit("zoo", cwd=released)
+    listing = run("zoo", cwd=released)
     assert listing.returncode == 0, listing.stderr
     row = next(line for line in listing.stdout.splitlines() if line.startswith("zoo:tiny "))
     results = pd.read_csv(released / "reports" / "tiny" / "results.csv")
@@ -99,12 +73,12 @@ def test_zoo_lists_released_models_and_rejects_unknown_names(released: Path) -> 
     worst = results.loc[results["eps"] == 0.2, "accuracy"].min()
     assert "softmax" in row and "mnist" in row and "standard" in row
     assert f"{clean:.2%}" in row and f"{worst:.2%}" in row and row.endswith(" 0.2")
-    unknown = robustkit("attack", "--model", "zoo:nope", "-q", cwd=released)
+    unknown = run("attack", "--model", "zoo:nope", "-q", cwd=released)
     assert unknown.returncode == 2
     # the checkout's committed reports with released weights (quickstart, …) are listed too
     assert unknown.stderr.startswith("error: no released model 'zoo:nope' (released: ")
     assert "tiny" in unknown.stderr.splitlines()[0]
-    escape = robustkit("attack", "--model", "zoo:../reports/tiny", "-q", cwd=released)
+    escape = run("attack", "--model", "zoo:../reports/tiny", "-q", cwd=released)
     assert escape.returncode == 2 and "no released model" in escape.stderr
 
 
@@ -134,13 +108,13 @@ def test_forgotten_normalize_is_named(released: Path, tmp_path: Path) -> None:
     original = pd.read_csv(released / "reports" / "tiny" / "results.csv")
     clean = float(original.loc[original["eps"] == 0, "accuracy"].iloc[0])
     assert clean >= 0.9  # the trained softmax is a plausible MNIST model
-    right = robustkit("attack", "--model", str(path), "--normalize", f"{mean},{std}", *common,
-                      "--out", "right", cwd=tmp_path)
+    right = run("attack", "--model", str(path), "--normalize", f"{mean},{std}", *common,
+                "--out", "right", cwd=tmp_path)
     assert right.returncode == 0, right.stderr
     assert "warning: clean accuracy" not in right.stderr
     got = pd.read_csv(tmp_path / "right" / "results.csv")
     assert float(got.loc[got["eps"] == 0, "accuracy"].iloc[0]) == pytest.approx(clean, abs=0.004)
-    forgot = robustkit("attack", "--model", str(path), *common, "--out", "forgot", cwd=tmp_path)
+    forgot = run("attack", "--model", str(path), *common, "--out", "forgot", cwd=tmp_path)
     assert forgot.returncode == 0, forgot.stderr
     bad = pd.read_csv(tmp_path / "forgot" / "results.csv")
     bad_clean = float(bad.loc[bad["eps"] == 0, "accuracy"].iloc[0])
@@ -178,7 +152,7 @@ def committed_releases() -> dict[str, str]:
 
 
 def test_zoo_lists_each_set_of_weights_once_with_its_strongest_figure(tmp_path: Path) -> None:
-    listing = robustkit("zoo", cwd=tmp_path)  # ./reports absent: the checkout's
+    listing = run("zoo", cwd=tmp_path)  # ./reports absent: the checkout's
     assert listing.returncode == 0, listing.stderr
     lines = listing.stdout.splitlines()
     assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
@@ -206,7 +180,7 @@ def test_zoo_lists_each_set_of_weights_once_with_its_strongest_figure(tmp_path: 
 def test_zoo_marks_a_figure_a_failed_check_discredits(tmp_path: Path) -> None:
     """Alone (without its AutoAttack report), fast_at's own 82.84% is the figure: marked."""
     shutil.copytree(REPO / "reports" / "mnist_cnn_fast_at", tmp_path / "reports" / "fast")
-    listing = robustkit("zoo", "--reports", str(tmp_path / "reports"), cwd=tmp_path)
+    listing = run("zoo", "--reports", str(tmp_path / "reports"), cwd=tmp_path)
     assert listing.returncode == 0, listing.stderr
     (row, *notes) = zoo_blocks(listing.stdout)["zoo:fast"]
     assert "82.84%*" in row

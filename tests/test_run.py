@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,33 +12,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import run, tiny_config
 
-TINY = """
-name = "tiny"
-seed = 0
-device = "cpu"
-[data]
-val_size = 1000
-[model]
-arch = "softmax"
-[train]
-epochs = 1
-lr = 0.1
-[[attacks]]
-name = "fgsm"
-[[attacks]]
-name = "pgd"
-steps = 5
-[evaluate]
-eps = [0.0, 0.1, 0.2]
-n = 300
-"""
+TINY = tiny_config()
 
-
-def robustkit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "robustkit", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=600, env={**os.environ, "COLUMNS": "200"})
 
 
 @pytest.fixture
@@ -49,7 +25,7 @@ def workdir(tmp_path: Path, mnist_root: Path) -> Path:
 
 
 def test_run_twice_gives_identical_results_and_reuses_the_checkpoint(workdir: Path) -> None:
-    first = robustkit("run", "tiny.toml", "-q", cwd=workdir)
+    first = run("run", "tiny.toml", "-q", cwd=workdir)
     assert first.returncode == 0, first.stderr
     report = workdir / "reports" / "tiny"
     for name in ("results.csv", "per_sample.csv", "timings.csv", "checks.csv", "metrics.csv",
@@ -57,12 +33,12 @@ def test_run_twice_gives_identical_results_and_reuses_the_checkpoint(workdir: Pa
         assert (report / name).is_file(), name
     results = (report / "results.csv").read_bytes()
     per_sample = (report / "per_sample.csv").read_bytes()
-    second = robustkit("run", "tiny.toml", "-q", cwd=workdir)
+    second = run("run", "tiny.toml", "-q", cwd=workdir)
     assert second.returncode == 0, second.stderr
     assert "reusing" in second.stderr
     assert (report / "results.csv").read_bytes() == results
     assert (report / "per_sample.csv").read_bytes() == per_sample
-    retrained = robustkit("run", "tiny.toml", "-q", "--retrain", "--out", "again", cwd=workdir)
+    retrained = run("run", "tiny.toml", "-q", "--retrain", "--out", "again", cwd=workdir)
     assert retrained.returncode == 0, retrained.stderr
     assert "training softmax" in retrained.stderr
     assert (workdir / "again" / "results.csv").read_bytes() == results  # bitwise on CPU
@@ -71,16 +47,16 @@ def test_run_twice_gives_identical_results_and_reuses_the_checkpoint(workdir: Pa
 def test_run_reuses_the_checkpoint_train_made(workdir: Path) -> None:
     """`train` then `run` of one config: the run finds train's checkpoint where it looks, the
     folder guard takes it for the same experiment, and nothing is trained twice."""
-    trained = robustkit("train", "tiny.toml", "-q", cwd=workdir)
+    trained = run("train", "tiny.toml", "-q", cwd=workdir)
     assert trained.returncode == 0, trained.stderr
     weights = workdir / "runs" / "tiny" / "seed-0" / "model-best.safetensors"
     assert weights.is_file()
     before = weights.read_bytes()
-    run = robustkit("run", "tiny.toml", "-q", cwd=workdir)
-    assert run.returncode == 0, run.stderr
-    assert "seed 0: reusing runs/tiny/seed-0/model-best" in run.stderr
-    assert "training softmax" not in run.stderr
-    assert "already holds" not in run.stderr and "replacing" not in run.stderr
+    evaluated = run("run", "tiny.toml", "-q", cwd=workdir)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "seed 0: reusing runs/tiny/seed-0/model-best" in evaluated.stderr
+    assert "training softmax" not in evaluated.stderr
+    assert "already holds" not in evaluated.stderr and "replacing" not in evaluated.stderr
     assert weights.read_bytes() == before
     manifest = json.loads((workdir / "reports" / "tiny" / "manifest.json").read_text())
     assert manifest["reused_checkpoint"] is True
@@ -92,9 +68,9 @@ def test_an_experiment_with_the_same_training_takes_anothers_finished_training(
     """Two configs that differ only in name (so in everything but data, model, training and
     seed too, in general) share one training: the second copies the first's checkpoint into
     its own folder, owns the copy, evaluates the same weights, and reuses its copy later."""
-    assert robustkit("run", "tiny.toml", "-q", cwd=workdir).returncode == 0
+    assert run("run", "tiny.toml", "-q", cwd=workdir).returncode == 0
     (workdir / "twin.toml").write_text(TINY.replace('name = "tiny"', 'name = "twin"'))
-    twin = robustkit("run", "twin.toml", "-q", cwd=workdir)
+    twin = run("run", "twin.toml", "-q", cwd=workdir)
     assert twin.returncode == 0, twin.stderr
     assert "seed 0: reusing runs/tiny/seed-0/model-best.safetensors, trained by another " \
            "experiment with the same training hash " in twin.stderr
@@ -117,28 +93,28 @@ def test_an_experiment_with_the_same_training_takes_anothers_finished_training(
            (reports / "tiny" / "per_sample.csv").read_bytes()
     assert json.loads((reports / "twin" / "manifest.json").read_text())["reused_checkpoint"]
 
-    again = robustkit("run", "twin.toml", "-q", cwd=workdir)  # now its own copy is reused
+    again = run("run", "twin.toml", "-q", cwd=workdir)  # now its own copy is reused
     assert again.returncode == 0, again.stderr
     assert "seed 0: reusing runs/twin/seed-0/model-best.safetensors (training hash" \
            in again.stderr
 
     (workdir / "longer.toml").write_text(
         TINY.replace('name = "tiny"', 'name = "longer"').replace("epochs = 1", "epochs = 2"))
-    longer = robustkit("run", "longer.toml", "-q", "--set", "evaluate.eps=[0, 0.1]",
-                       cwd=workdir)
+    longer = run("run", "longer.toml", "-q", "--set", "evaluate.eps=[0, 0.1]",
+                 cwd=workdir)
     assert longer.returncode == 0, longer.stderr
     assert "training softmax (standard) into runs/longer/seed-0" in longer.stderr
-    retrained = robustkit("run", "twin.toml", "-q", "--retrain", "--set",
-                          "evaluate.eps=[0, 0.1]", cwd=workdir)
+    retrained = run("run", "twin.toml", "-q", "--retrain", "--set",
+                    "evaluate.eps=[0, 0.1]", cwd=workdir)
     assert retrained.returncode == 0, retrained.stderr
     assert "training softmax (standard) into runs/twin/seed-0" in retrained.stderr
 
 
 def test_rerun_with_changed_settings_replaces_its_own_results_with_one_line(workdir: Path
                                                                            ) -> None:
-    assert robustkit("run", "tiny.toml", "-q", cwd=workdir).returncode == 0
-    changed = robustkit("run", "tiny.toml", "-q", "--set", "evaluate.eps=[0, 0.15]",
-                        cwd=workdir)
+    assert run("run", "tiny.toml", "-q", cwd=workdir).returncode == 0
+    changed = run("run", "tiny.toml", "-q", "--set", "evaluate.eps=[0, 0.15]",
+                  cwd=workdir)
     assert changed.returncode == 0, changed.stderr
     lines = [line for line in changed.stderr.splitlines() if line.startswith("replacing")]
     assert len(lines) == 1
@@ -152,17 +128,17 @@ def test_rerun_with_changed_settings_replaces_its_own_results_with_one_line(work
 
 @pytest.mark.slow
 def test_another_experiment_is_refused_before_any_work(workdir: Path) -> None:
-    assert robustkit("run", "tiny.toml", "-q", cwd=workdir).returncode == 0
+    assert run("run", "tiny.toml", "-q", cwd=workdir).returncode == 0
     before = sorted((workdir / "reports" / "tiny").rglob("*"))
     (workdir / "other.toml").write_text(TINY.replace('name = "tiny"', 'name = "other"'))
-    other = robustkit("run", "other.toml", "-q", "--out", "reports/tiny", cwd=workdir)
+    other = run("run", "other.toml", "-q", "--out", "reports/tiny", cwd=workdir)
     assert other.returncode == 2
     assert other.stderr.startswith("error: reports/tiny already holds experiment 'tiny' "
                                    "(tiny.toml), not experiment 'other' (other.toml)")
     assert "training" not in other.stderr and not (workdir / "runs" / "other").exists()
     assert sorted((workdir / "reports" / "tiny").rglob("*")) == before
-    replaced = robustkit("run", "other.toml", "-q", "--out", "reports/tiny", "--overwrite",
-                         cwd=workdir)
+    replaced = run("run", "other.toml", "-q", "--out", "reports/tiny", "--overwrite",
+                   cwd=workdir)
     assert replaced.returncode == 0, replaced.stderr
     assert "which held experiment 'tiny'" in replaced.stderr
 
@@ -170,7 +146,7 @@ def test_another_experiment_is_refused_before_any_work(workdir: Path) -> None:
 def test_files_robustkit_did_not_write_are_refused(workdir: Path) -> None:
     (workdir / "mine").mkdir()
     (workdir / "mine" / "report.html").write_text("my own report")
-    result = robustkit("run", "tiny.toml", "-q", "--out", "mine", cwd=workdir)
+    result = run("run", "tiny.toml", "-q", "--out", "mine", cwd=workdir)
     assert result.returncode == 2
     assert result.stderr.startswith("error: mine holds files robustkit did not write "
                                     "(report.html)")
@@ -179,10 +155,10 @@ def test_files_robustkit_did_not_write_are_refused(workdir: Path) -> None:
 
 
 def test_train_does_not_delete_another_models_folder(workdir: Path) -> None:
-    assert robustkit("train", "tiny.toml", "-q", "--out", "model", cwd=workdir).returncode == 0
+    assert run("train", "tiny.toml", "-q", "--out", "model", cwd=workdir).returncode == 0
     weights = (workdir / "model" / "model-best.safetensors").read_bytes()
     (workdir / "other.toml").write_text(TINY.replace('name = "tiny"', 'name = "other"'))
-    result = robustkit("train", "other.toml", "-q", "--out", "model", cwd=workdir)
+    result = run("train", "other.toml", "-q", "--out", "model", cwd=workdir)
     assert result.returncode == 2
     assert result.stderr.startswith("error: model already holds the training run of 'tiny'")
     assert (workdir / "model" / "model-best.safetensors").read_bytes() == weights
@@ -190,36 +166,36 @@ def test_train_does_not_delete_another_models_folder(workdir: Path) -> None:
 
 @pytest.mark.slow
 def test_report_does_not_replace_another_experiments_report(workdir: Path) -> None:
-    assert robustkit("run", "tiny.toml", "-q", "--out", "a", cwd=workdir).returncode == 0
-    assert robustkit("run", "tiny.toml", "-q", "--out", "b", "--set", "evaluate.eps=[0, 0.05]",
-                     cwd=workdir).returncode == 0
+    assert run("run", "tiny.toml", "-q", "--out", "a", cwd=workdir).returncode == 0
+    assert run("run", "tiny.toml", "-q", "--out", "b", "--set", "evaluate.eps=[0, 0.05]",
+               cwd=workdir).returncode == 0
     b_report = (workdir / "b" / "report.html").read_bytes()
-    into_b = robustkit("report", "a", "--out", "b", cwd=workdir)
+    into_b = run("report", "a", "--out", "b", cwd=workdir)
     assert into_b.returncode == 2
     assert into_b.stderr.startswith("error: b already holds experiment 'tiny'")
     assert (workdir / "b" / "report.html").read_bytes() == b_report
-    assert robustkit("report", "a", "b", "--out", "both", cwd=workdir).returncode == 0
+    assert run("report", "a", "b", "--out", "both", cwd=workdir).returncode == 0
     manifest = json.loads((workdir / "both" / "manifest.json").read_text())
     assert manifest["owner"] == {"command": "report", "name": "a, b"}
-    again = robustkit("report", "b", "a", "--out", "both", cwd=workdir)  # the same sources
+    again = run("report", "b", "a", "--out", "both", cwd=workdir)  # the same sources
     assert again.returncode == 0, again.stderr
     assert "replacing both, written by an earlier run of the same report" in again.stderr
-    only_a = robustkit("report", "a", "--out", "both", cwd=workdir)
+    only_a = run("report", "a", "--out", "both", cwd=workdir)
     assert only_a.returncode == 2 and "already holds the report of 'a, b'" in only_a.stderr
-    in_place = robustkit("report", "b", cwd=workdir)  # a run folder's own report, rebuilt
+    in_place = run("report", "b", cwd=workdir)  # a run folder's own report, rebuilt
     assert in_place.returncode == 0, in_place.stderr
     assert "(report rebuilt by `robustkit report b`)" in (workdir / "b" / "report.md").read_text()
 
 
 def test_invalid_config_stops_before_any_work(workdir: Path) -> None:
-    result = robustkit("run", "tiny.toml", "--set", "evaluate.n=0", cwd=workdir)
+    result = run("run", "tiny.toml", "--set", "evaluate.n=0", cwd=workdir)
     assert result.returncode == 2 and "config error at evaluate.n" in result.stderr
     assert not (workdir / "runs").exists() and not (workdir / "reports").exists()
 
 
 @pytest.mark.slow
 def test_multi_seed_reports_per_seed_rows_and_mean_sd(workdir: Path) -> None:
-    result = robustkit("run", "tiny.toml", "-q", "--set", "seeds=[0, 1]", cwd=workdir)
+    result = run("run", "tiny.toml", "-q", "--set", "seeds=[0, 1]", cwd=workdir)
     assert result.returncode == 0, result.stderr
     folder = workdir / "reports" / "tiny"
     rows = pd.read_csv(folder / "seeds.csv")
@@ -239,7 +215,7 @@ def test_killed_sweep_resumes_from_finished_cells(workdir: Path) -> None:
     slow = TINY.replace("steps = 5", "steps = 200").replace("n = 300", "n = 2000").replace(
         "eps = [0.0, 0.1, 0.2]", "eps = [0.0, 0.02, 0.04, 0.06, 0.08, 0.1]")
     (workdir / "slow.toml").write_text(slow)
-    assert robustkit("run", "slow.toml", "-q", "--out", "whole", cwd=workdir).returncode == 0
+    assert run("run", "slow.toml", "-q", "--out", "whole", cwd=workdir).returncode == 0
     proc = subprocess.Popen([sys.executable, "-m", "robustkit", "run", "slow.toml", "-q",
                              "--out", "killed"], cwd=workdir, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -252,7 +228,7 @@ def test_killed_sweep_resumes_from_finished_cells(workdir: Path) -> None:
     proc.wait()
     assert state.is_file(), "the sweep finished before it could be interrupted"
     assert not (workdir / "killed").exists()  # nothing half-written where the report goes
-    resumed = robustkit("run", "slow.toml", "-q", "--out", "killed", cwd=workdir)
+    resumed = run("run", "slow.toml", "-q", "--out", "killed", cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr
     assert '"resumed": true' in (workdir / "killed" / "manifest.json").read_text()
     for name in ("results.csv", "per_sample.csv"):

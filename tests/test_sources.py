@@ -19,8 +19,8 @@ from PIL import Image
 
 from robustkit.errors import RobustkitError
 from robustkit.sources import load_data
+from tests.conftest import REPO, run
 
-REPO = Path(__file__).resolve().parent.parent
 CLASSES = ("0_red", "1_green", "2_blue")  # sorted, as ImageFolder orders class folders
 
 TINYNET = textwrap.dedent("""
@@ -35,11 +35,9 @@ TINYNET = textwrap.dedent("""
 
 
 def robustkit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)}
     # -P: the current folder is not put on sys.path, as for the installed `robustkit` script;
     # finding a user's module there is robustkit's own doing
-    return subprocess.run([sys.executable, "-P", "-m", "robustkit", *args],
-                          capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
+    return run(*args, cwd=cwd, safe_path=True)
 
 
 def colour_images(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:

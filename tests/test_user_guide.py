@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 
 from robustkit.data import load_dataset, portable_path
+from robustkit.records import Manifest, RunSettings
 from robustkit.reporting.load import RunData
 from robustkit.reporting.tables import comparability_notes
 from robustkit.sources import load_data
-from tests.test_cli import REPO, run
+from tests.conftest import REPO, run
 
 README = REPO / "README.md"
 
@@ -97,9 +98,9 @@ def test_array_file_provenance_is_relative_or_its_name(tmp_path: Path,
 def _run(name: str, n: int, dataset: str = "mnist", sha: str | None = None) -> RunData:
     results = pd.DataFrame({"model": [name], "attack": ["fgsm"], "eps": [0.1], "n": [n],
                             "accuracy": [0.5]})
-    manifest = {"data_sha256": sha} if sha else {}
-    return RunData(Path(name), name, results, settings={"dataset": dataset, "split": "test"},
-                   manifest=manifest)
+    manifest = Manifest.from_record({"data_sha256": sha} if sha else {})
+    settings = RunSettings.from_record({"dataset": dataset, "split": "test"})
+    return RunData(Path(name), name, results, settings=settings, manifest=manifest)
 
 
 def test_comparing_unlike_runs_says_so() -> None:

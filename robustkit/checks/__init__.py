@@ -19,49 +19,52 @@ it was held to, a one-line explanation and the numbers behind them (``measuremen
   strongest gradient attack left robust; and accuracy never rises with ε when the attack runs
   from scratch at each ε (which replaces the table's check, because the sweep's ε-monotone
   reuse makes its curve monotone by construction);
-* :mod:`~robustkit.checks.runner`: :func:`run_checks` (all of them, in report order) and
-  :func:`unreliable_attacks` (which numbers the failed checks discredit).
+* :mod:`~robustkit.checks.runner`: :func:`run_checks` (all of them, in report order);
+* :mod:`~robustkit.checks.verdicts`: :func:`unreliable_attacks` (which numbers the failed
+  checks discredit) and :func:`flag_results`.
+
+The names below are resolved on first use (PEP 562): the model checks need torch, a report
+reading verdicts does not.
 """
 
 from __future__ import annotations
 
-from robustkit.checks.model import (
-    MASKING_SUSPECTED,
-    check_accuracy_at_large_eps,
-    check_accuracy_monotone_in_eps_from_scratch,
-    check_attack_converged,
-    check_batch_independent,
-    check_forward_deterministic,
-    check_gradient_free_finds_no_more,
-    check_input_gradients_usable,
-    check_noise_weaker_than_attack,
-    check_outputs_are_logits,
-)
-from robustkit.checks.record import (
-    CHECK_COLUMNS,
-    Check,
-    checks_frame,
-    grade,
-    worst_status,
-)
-from robustkit.checks.results import (
-    ITERATIVE,
-    attack_configs,
-    check_accuracy_monotone_in_eps,
-    check_iterative_beats_single_step,
-    check_pgd_step_budget,
-)
-from robustkit.checks.runner import (
-    GRADIENT_FREE,
-    UNRELIABLE,
-    checks_from_results,
-    convergence_eps,
-    flag_results,
-    main_attack,
-    run_checks,
-    unreliable_attacks,
-)
-from robustkit.vocabulary import STATUSES, Status
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+#: Public name → the module that defines it, imported on first use.
+_EXPORTS = {
+    "MASKING_SUSPECTED": "robustkit.checks.model",
+    "check_accuracy_at_large_eps": "robustkit.checks.model",
+    "check_accuracy_monotone_in_eps_from_scratch": "robustkit.checks.model",
+    "check_attack_converged": "robustkit.checks.model",
+    "check_batch_independent": "robustkit.checks.model",
+    "check_forward_deterministic": "robustkit.checks.model",
+    "check_gradient_free_finds_no_more": "robustkit.checks.model",
+    "check_input_gradients_usable": "robustkit.checks.model",
+    "check_noise_weaker_than_attack": "robustkit.checks.model",
+    "check_outputs_are_logits": "robustkit.checks.model",
+    "CHECK_COLUMNS": "robustkit.checks.record",
+    "Check": "robustkit.checks.record",
+    "checks_frame": "robustkit.checks.record",
+    "grade": "robustkit.checks.record",
+    "worst_status": "robustkit.checks.record",
+    "ITERATIVE": "robustkit.checks.results",
+    "attack_configs": "robustkit.checks.results",
+    "check_accuracy_monotone_in_eps": "robustkit.checks.results",
+    "check_iterative_beats_single_step": "robustkit.checks.results",
+    "check_pgd_step_budget": "robustkit.checks.results",
+    "convergence_eps": "robustkit.checks.runner",
+    "main_attack": "robustkit.checks.runner",
+    "run_checks": "robustkit.checks.runner",
+    "GRADIENT_FREE": "robustkit.checks.verdicts",
+    "UNRELIABLE": "robustkit.checks.verdicts",
+    "checks_from_results": "robustkit.checks.verdicts",
+    "flag_results": "robustkit.checks.verdicts",
+    "unreliable_attacks": "robustkit.checks.verdicts",
+    "STATUSES": "robustkit.vocabulary",
+    "Status": "robustkit.vocabulary",
+}
 
 __all__ = [
     "CHECK_COLUMNS",
@@ -95,3 +98,46 @@ __all__ = [
     "unreliable_attacks",
     "worst_status",
 ]
+
+if TYPE_CHECKING:
+    from robustkit.checks.model import (
+        MASKING_SUSPECTED,
+        check_accuracy_at_large_eps,
+        check_accuracy_monotone_in_eps_from_scratch,
+        check_attack_converged,
+        check_batch_independent,
+        check_forward_deterministic,
+        check_gradient_free_finds_no_more,
+        check_input_gradients_usable,
+        check_noise_weaker_than_attack,
+        check_outputs_are_logits,
+    )
+    from robustkit.checks.record import CHECK_COLUMNS, Check, checks_frame, grade, worst_status
+    from robustkit.checks.results import (
+        ITERATIVE,
+        attack_configs,
+        check_accuracy_monotone_in_eps,
+        check_iterative_beats_single_step,
+        check_pgd_step_budget,
+    )
+    from robustkit.checks.runner import convergence_eps, main_attack, run_checks
+    from robustkit.checks.verdicts import (
+        GRADIENT_FREE,
+        UNRELIABLE,
+        checks_from_results,
+        flag_results,
+        unreliable_attacks,
+    )
+    from robustkit.vocabulary import STATUSES, Status
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'robustkit.checks' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

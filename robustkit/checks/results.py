@@ -7,7 +7,7 @@ reach ε.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -18,17 +18,20 @@ from robustkit.budgets import STEP_FACTOR
 from robustkit.checks.record import Check, grade
 from robustkit.config import AttackConfig, config_from_dict
 from robustkit.errors import RobustkitError
+from robustkit.records import RunSettings
 from robustkit.results import ANY
 
+#: Settings as read from ``settings.json``, or as a job builds them before writing them.
+Settings = RunSettings | Mapping[str, Any]
 #: Attacks that take many gradient steps (the ones the model checks probe).
 ITERATIVE = probing()
 #: A rise of accuracy this small is float noise, not a rise.
 RISE_TOLERANCE = 1e-12
 
 
-def attack_configs(settings: dict[str, Any]) -> dict[str, AttackConfig]:
+def attack_configs(settings: Settings) -> dict[str, AttackConfig]:
     """The attacks listed in ``settings.json``, keyed by their title (as in results.csv)."""
-    raw = settings.get("attacks") or []
+    raw = RunSettings.of(settings).attacks
     try:
         configs = config_from_dict({"attacks": list(raw)}).attacks
     except RobustkitError:
@@ -36,7 +39,7 @@ def attack_configs(settings: dict[str, Any]) -> dict[str, AttackConfig]:
     return {c.title: c for c in configs}
 
 
-def transfer_titles(settings: dict[str, Any]) -> list[str]:
+def transfer_titles(settings: Settings) -> list[str]:
     """The titles of the evaluation's transfer attacks (crafted on another model)."""
     return [t for t, c in attack_configs(settings).items() if c.source is not None]
 
@@ -179,7 +182,7 @@ def _gap_size(gap: Gap) -> float:
 
 
 def check_iterative_beats_single_step(
-    results: pd.DataFrame, settings: dict[str, Any], fail_above: float = 0.02
+    results: pd.DataFrame, settings: Settings, fail_above: float = 0.02
 ) -> Check:
     """An iterative attack (PGD, APGD, APGD-T, the ensemble) must be at least as strong as FGSM
     at every ε.
@@ -220,13 +223,13 @@ def check_iterative_beats_single_step(
 # --------------------------------------------------------------------------- pgd_step_budget
 
 
-def check_pgd_step_budget(settings: dict[str, Any]) -> Check:
+def check_pgd_step_budget(settings: Settings) -> Check:
     """PGD's ``step_size × steps`` must be at least ε, or iterates cannot reach the ball's edge.
 
     Value: the smallest ``step_size·steps / ε_max`` over the PGD attacks (the default step
     ``2.5·ε/steps`` gives 2.5); below 1 fails.
     """
-    eps_values = [float(e) for e in settings.get("eps", []) if float(e) > 0]
+    eps_values = [e for e in RunSettings.of(settings).eps or () if e > 0]
     threshold = "step_size·steps ≥ ε_max"
     pgds = [c for c in attack_configs(settings).values()
             if "step_size" in attack_spec(c.name).options]
@@ -254,7 +257,7 @@ def check_pgd_step_budget(settings: dict[str, Any]) -> Check:
                  f"{title}: {reach}, enough for ε_max = {eps_max:g}", measurements)
 
 
-def result_checks(results: pd.DataFrame, settings: dict[str, Any]) -> list[Check]:
+def result_checks(results: pd.DataFrame, settings: Settings) -> list[Check]:
     """The checks of this module, in the order reports list them."""
     require_results_columns(results)
     return [
@@ -302,7 +305,7 @@ def transfer_gains(per_sample: pd.DataFrame, white_box: Sequence[str], transfer:
             for e in sorted(e for e in eps if e > 0)]
 
 
-def check_transfer_not_stronger(per_sample: pd.DataFrame, settings: dict[str, Any]) -> Check:
+def check_transfer_not_stronger(per_sample: pd.DataFrame, settings: Settings) -> Check:
     """A transfer attack must not beat the white-box attacks on the same model (Carlini et
     al., 2019, §5): the attacker who sees the model's gradients can find whatever an attacker
     who sees only another model's can. A sample a transfer attack broke at ε that every
@@ -316,7 +319,7 @@ def check_transfer_not_stronger(per_sample: pd.DataFrame, settings: dict[str, An
     configs = attack_configs(settings)
     transfer = [t for t in transfer_titles(settings) if f"{t}_eps" in per_sample]
     white_box = [t for t, c in configs.items() if c.source is None and f"{t}_eps" in per_sample]
-    eps = [float(e) for e in settings.get("eps", [])]
+    eps = list(RunSettings.of(settings).eps or ())
     threshold = f"share broken by transfer only = 0 (fail > {TRANSFER_FAIL_ABOVE:g})"
     if not transfer or not white_box:
         return Check(TRANSFER_CHECK, "pass", None, threshold,

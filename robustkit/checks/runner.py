@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,15 +15,15 @@ from torch import Tensor, nn
 
 # the checks that probe the model, by module (robustkit.checks lists them by name)
 import robustkit.checks.model as probes
-from robustkit.attack_specs import SPECS, attack_spec, names_in, searching_freely
+from robustkit.attack_specs import SPECS, attack_spec, names_in
 from robustkit.attacks import attack_mode
 from robustkit.attacks.losses import logits_problem
 from robustkit.checks.record import Check, checks_frame
 from robustkit.checks.results import (
     ITERATIVE,
     TRANSFER_CHECK,
+    Settings,
     attack_configs,
-    attack_kind,
     check_transfer_not_stronger,
     result_checks,
     transfer_titles,
@@ -33,31 +33,11 @@ from robustkit.data import Split
 from robustkit.errors import RobustkitError
 from robustkit.models.randomness import Spread, output_spread
 from robustkit.progress import Bar, counting_rows
-from robustkit.results import ANY, UNRELIABLE_COLUMN
+from robustkit.records import RunSettings
 from robustkit.vocabulary import ChecksLevel
 
-#: Attacks with a gradient-free stage: a failing gradient-free check does not discredit them.
-GRADIENT_FREE = searching_freely()
-#: Failures that discredit gradient attacks only: attacks with a gradient-free stage stand.
-GRADIENT_ONLY = frozenset({"gradient_free_finds_no_more", "input_gradients_usable"})
-#: Failures that speak only of the white-box attacks on the evaluated model (its gradients,
-#: the attack the checks probe it with, the comparison with transfer): transfer attacks,
-#: crafted on another model's gradients, stand. Any other failure (a random or
-#: batch-dependent model, outputs that are not logits, PGD steps too short to reach ε, a
-#: certified sample broken) discredits them too.
-WHITE_BOX_ONLY = GRADIENT_ONLY | {"accuracy_monotone_in_eps", "iterative_beats_single_step",
-                                  "accuracy_at_large_eps", "noise_weaker_than_attack",
-                                  "attack_converged", TRANSFER_CHECK}
-#: The mark put next to a number that a failing check makes unreliable.
-UNRELIABLE = "(unreliable)"
 
-
-def checks_from_results(results: pd.DataFrame, settings: dict[str, Any]) -> pd.DataFrame:
-    """The checks that need only ``results.csv`` and ``settings.json`` (no model)."""
-    return checks_frame(result_checks(results, settings))
-
-
-def main_attack(results: pd.DataFrame, settings: dict[str, Any], default_steps: int = 40
+def main_attack(results: pd.DataFrame, settings: Settings, default_steps: int = 40
                 ) -> AttackConfig:
     """The attack the model checks use: the evaluation's strongest untargeted PGD or APGD.
 
@@ -86,8 +66,9 @@ def main_attack(results: pd.DataFrame, settings: dict[str, Any], default_steps: 
     return dataclasses.replace(min(untargeted, key=strength), targeted=False)
 
 
-def _sweep_eps(results: pd.DataFrame, settings: dict[str, Any]) -> list[float]:
-    values = settings.get("eps") or (results["eps"].unique().tolist() if "eps" in results else [])
+def _sweep_eps(results: pd.DataFrame, settings: Settings) -> list[float]:
+    values = RunSettings.of(settings).eps or (
+        results["eps"].unique().tolist() if "eps" in results else [])
     return sorted({float(e) for e in values if float(e) > 0})
 
 
@@ -152,7 +133,7 @@ def run_checks(
     model: nn.Module,
     split: Split,
     results: pd.DataFrame,
-    settings: dict[str, Any],
+    settings: Settings,
     *,
     n: int = 200,
     seed: int = 0,
@@ -248,7 +229,7 @@ class _Randomness:
     plain: tuple[str, ...]
 
     @classmethod
-    def of(cls, settings: dict[str, Any], spread: Spread) -> _Randomness:
+    def of(cls, settings: Settings, spread: Spread) -> _Randomness:
         configs = attack_configs(settings)
         eot = {t: c.eot_samples for t, c in configs.items() if c.eot_samples is not None}
         plain = tuple(t for t, c in configs.items() if c.eot_samples is None
@@ -259,15 +240,15 @@ class _Randomness:
     def samples(self) -> int | None:
         return max(self.eot.values()) if self.spread.random and self.eot else None
 
-    def sweep_uses_eot(self, settings: dict[str, Any]) -> bool:
+    def sweep_uses_eot(self, settings: Settings) -> bool:
         """Whether the sweep's EOT attacks attacked the model itself (a random model, no
         transformation), so that their per-sample outcomes are the evaluation's figures."""
-        return self.samples is not None and not settings.get("transforms")
+        return self.samples is not None and not RunSettings.of(settings).transforms
 
 
 def _model_checks(
     model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig, eps: list[float],
-    results: pd.DataFrame, settings: dict[str, Any], *, seed: int, budgets: Budgets,
+    results: pd.DataFrame, settings: Settings, *, seed: int, budgets: Budgets,
     shortcuts: bool, per_sample: pd.DataFrame | None, randomness: _Randomness,
 ) -> list[tuple[str, Callable[[], Check]]]:
     """The model checks in report order, each as (name, how to run it)."""
@@ -321,7 +302,7 @@ class _Known:
     """
 
     def __init__(self, model: nn.Module, x: Tensor, y: Tensor, attack: AttackConfig,
-                 settings: dict[str, Any], per_sample: pd.DataFrame | None, seed: int, *,
+                 settings: Settings, per_sample: pd.DataFrame | None, seed: int, *,
                  with_eot: bool = False) -> None:
         self.model, self.x, self.y, self.attack, self.seed = model, x, y, attack, seed
         configs = attack_configs(settings)
@@ -392,49 +373,3 @@ def _outcome_at(swept: _Swept, eps: float) -> probes.Outcome:
     titles, smallest = swept
     return probes.Outcome(torch.from_numpy(smallest > eps),
                           f"the sweep's {' + '.join(titles)}")
-
-
-def unreliable_attacks(checks: pd.DataFrame | None, settings: dict[str, Any],
-                       titles: Iterable[str]) -> dict[str, str]:
-    """Attack title → why its robust accuracies are unreliable, for a run whose checks failed.
-
-    Every attack of the run is, with two exceptions: when the only failures are about
-    gradients (:data:`GRADIENT_ONLY`: the gradient-free check, unusable input gradients),
-    attacks that include Square (``square``, ``autoattack``, and the per-sample worst case
-    ``any`` over them) already did what those checks ask for, and need no gradient (a model
-    whose logits are scaled by 1000 saturates cross-entropy's gradient, not Square); and when
-    the only failures speak of the white-box attacks on this model (:data:`WHITE_BOX_ONLY`:
-    those two, ``accuracy_at_large_eps``, ``noise_weaker_than_attack``, ``attack_converged``,
-    the monotonicity and single-step checks, ``transfer_not_stronger``), transfer attacks
-    stand: they followed another model's gradients.
-    """
-    if checks is None or checks.empty or "status" not in checks:
-        return {}
-    failed = sorted(str(n) for n in checks.loc[checks["status"] == "fail", "name"])
-    if not failed:
-        return {}
-    reason = f"check{'s' if len(failed) > 1 else ''} {', '.join(failed)} failed"
-    configs = attack_configs(settings)
-    titles = list(titles)
-    free = {t for t in titles if attack_kind(t, configs)[0] in GRADIENT_FREE}
-    if set(failed) <= GRADIENT_ONLY and free:
-        free.add(ANY)
-    else:
-        free = set()
-    if set(failed) <= WHITE_BOX_ONLY:
-        free |= {t for t in titles if t in configs and configs[t].source is not None}
-    return {t: reason for t in titles if t not in free}
-
-
-def flag_results(results: pd.DataFrame, checks: pd.DataFrame | None,
-                 settings: dict[str, Any]) -> pd.DataFrame:
-    """``results`` with the column :data:`~robustkit.results.UNRELIABLE_COLUMN` when a failed
-    check discredits some of its rows (:func:`unreliable_attacks`): per row the reason, empty
-    for the rows it does not discredit (clean accuracy, ε = 0, never is). Unchanged otherwise,
-    so the results of an evaluation that passed keep their columns and bytes."""
-    marked = unreliable_attacks(checks, settings, results["attack"].unique())
-    if not marked:
-        return results
-    reasons = [marked.get(attack, "") if eps > 0 else ""
-               for attack, eps in zip(results["attack"], results["eps"], strict=True)]
-    return results.assign(**{UNRELIABLE_COLUMN: reasons})

@@ -39,7 +39,6 @@ from robustkit.outputs import (
     guard_folder,
     hash_change,
     prepare_staging,
-    read_json,
     refuse_working_folder,
     swap_in,
     version_change,
@@ -51,6 +50,7 @@ from robustkit.runs import attack_records, evaluate_to_folder, finish_sweep, set
 from robustkit.runtime import now_iso, provenance
 from robustkit.sources import load_data
 from robustkit.stages import SweepDone, as_model_failure, check_certifiable, run_stages
+from robustkit.storage import read_json_if_any
 from robustkit.vocabulary import CertifyMethod, ChecksLevel, SaveAdversarial
 
 
@@ -334,8 +334,8 @@ def clean_accuracy_warnings(results: Any, dataset: str, normalize: str | None) -
 
 def _settings_changes(held: Holder, folder: Path, new: str) -> str:
     """What differs from the attack recorded in ``folder``: settings fingerprint, version."""
-    recorded = held.manifest.get("fingerprint")
-    settings = read_json(folder / "settings.json")
+    recorded = held.manifest.fingerprint
+    settings = read_json_if_any(folder / "settings.json")
     rehashed = settings_fingerprint(settings) if settings else None
     return (f"{hash_change('settings', str(recorded) if recorded else rehashed, new, rehashed)}"
             f", {version_change(held.manifest)}")

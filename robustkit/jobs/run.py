@@ -17,7 +17,6 @@ from typing import Any
 import pandas as pd
 
 from robustkit import distributed
-from robustkit.checkpoint import write_json, write_text
 from robustkit.config import ExperimentConfig, config_hash, load_config, to_toml, training_hash
 from robustkit.data import Dataset, Split
 from robustkit.distributed import Context
@@ -43,7 +42,6 @@ from robustkit.outputs import (
     guard_folder,
     hash_change,
     prepare_staging,
-    read_json,
     refuse_working_folder,
     swap_in,
     version_change,
@@ -55,6 +53,7 @@ from robustkit.runs import attack_records, evaluate_to_folder, finish_sweep, wri
 from robustkit.runtime import now_iso, provenance
 from robustkit.sources import load_configured
 from robustkit.stages import SweepDone, check_certifiable, run_stages
+from robustkit.storage import read_json_if_any, write_json, write_text
 from robustkit.training.reuse import Reuse, load_everywhere, train_or_reuse
 
 
@@ -216,7 +215,7 @@ def _seed_manifest(run: _Run, seed: int, ckpt_dir: Path, best: Path, info: dict[
             **provenance(run.target, seed), **data_provenance(run.data, run.split),
             **weights_provenance(best), "weights_file": f"{WEIGHTS_STEM}.safetensors",
             "config_hash": config_hash(run.cfg),
-            "training": read_json(ckpt_dir / "manifest.json") or {},
+            "training": read_json_if_any(ckpt_dir / "manifest.json") or {},
             "checkpoint_epoch": info.get("epoch"),
             "checkpoint_selected_by": info.get("selected_by"),
             "reused_checkpoint": reused}
@@ -262,7 +261,7 @@ def _config_changes(held: Holder, folder: Path, new: str) -> str:
     """What differs from the run recorded in ``folder``: config hash and robustkit version.
     The recorded config is re-hashed under today's scheme, so that a change of hashing alone
     reads as the same settings."""
-    recorded = held.manifest.get("config_hash")
+    recorded = held.manifest.config_hash
     configs = [folder / "config.toml", *sorted(folder.glob("seed-*/config.toml"))]
     rehashed = None
     for path in configs:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustkit.defence_specs import DEFAULT_BITS, DEFAULT_SIGMA, DEFAULT_SIZE, describe_step
 from robustkit.errors import RobustkitError
 from robustkit.vocabulary import PREPROCESSING, Approximation, Preprocess
 
@@ -68,7 +69,7 @@ class BitDepth(Preprocessing):
         return quantised
 
     def describe(self) -> str:
-        return f"bit-depth reduction to {self.bits} bits"
+        return describe_step("bit-depth", bits=self.bits)
 
 
 class MedianFilter(Preprocessing):
@@ -97,7 +98,7 @@ class MedianFilter(Preprocessing):
         return None
 
     def describe(self) -> str:
-        return f"{self.size}×{self.size} median filter"
+        return describe_step("median", size=self.size)
 
 
 class GaussianNoise(Preprocessing):
@@ -115,7 +116,7 @@ class GaussianNoise(Preprocessing):
         return (x + self.sigma * torch.randn_like(x)).clamp(0.0, 1.0)
 
     def describe(self) -> str:
-        return f"random Gaussian noise σ = {self.sigma:g}"
+        return describe_step("noise", sigma=self.sigma)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -171,11 +172,11 @@ def build_preprocessing(kind: Preprocess, *, bits: int | None = None, size: int 
     """A preprocessing step by name: ``bit-depth`` (bits, default 3), ``median`` (size, 3),
     ``noise`` (sigma, 0.3)."""
     if kind == "bit-depth":
-        return BitDepth(3 if bits is None else bits)
+        return BitDepth(DEFAULT_BITS if bits is None else bits)
     if kind == "median":
-        return MedianFilter(3 if size is None else size)
+        return MedianFilter(DEFAULT_SIZE if size is None else size)
     if kind == "noise":
-        return GaussianNoise(0.3 if sigma is None else sigma)
+        return GaussianNoise(DEFAULT_SIGMA if sigma is None else sigma)
     raise RobustkitError(f"unknown preprocessing {kind!r}; choose {', '.join(PREPROCESSING)}")
 
 

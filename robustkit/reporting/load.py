@@ -8,7 +8,6 @@ but unreadable is skipped and named in :attr:`RunData.problems`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from robustkit.errors import RobustkitError
+from robustkit.records import MANIFEST, SETTINGS, Manifest, RunSettings
+from robustkit.storage import UnreadableJsonError, read_json
 
 RESULT_REQUIRED = ("model", "attack", "eps", "accuracy")
 EXAMPLES_FILE = "examples.safetensors"
@@ -36,8 +37,8 @@ class RunData:
     per_sample: pd.DataFrame | None = None
     timings: pd.DataFrame | None = None
     examples: dict[str, np.ndarray] | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
-    manifest: dict[str, Any] = field(default_factory=dict)
+    settings: RunSettings = field(default_factory=RunSettings)
+    manifest: Manifest = field(default_factory=Manifest)
     metrics: pd.DataFrame | None = None
     config_text: str | None = None
     checks: pd.DataFrame | None = None
@@ -103,14 +104,10 @@ def _optional_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        problems.append(f"{path.name} skipped: not valid JSON ({exc})")
+        return read_json(path)
+    except UnreadableJsonError as exc:
+        problems.append(f"{path.name} skipped: {exc.reason}")
         return None
-    if not isinstance(data, dict):
-        problems.append(f"{path.name} skipped: expected a JSON object")
-        return None
-    return data
 
 
 def _optional_examples(path: Path, problems: list[str]) -> dict[str, np.ndarray] | None:
@@ -153,8 +150,8 @@ def load_run(path: Path, shown: Path | None = None) -> RunData:
         per_sample=per_sample,
         timings=_optional_csv(path / "timings.csv", problems),
         examples=_optional_examples(path / EXAMPLES_FILE, problems),
-        settings=_optional_json(path / "settings.json", problems) or {},
-        manifest=_optional_json(path / "manifest.json", problems) or {},
+        settings=RunSettings.from_record(_optional_json(path / SETTINGS, problems) or {}),
+        manifest=Manifest.from_record(_optional_json(path / MANIFEST, problems) or {}),
         metrics=_optional_csv(path / "metrics.csv", problems),
         config_text=config_text,
         checks=checks,

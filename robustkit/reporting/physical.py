@@ -13,8 +13,8 @@ Reads what :mod:`robustkit.physical` wrote into a run folder (``physical.csv``,
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,18 +24,20 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from robustkit.config import AttackConfig, DefenceConfig, config_from_dict
+from robustkit.defence_specs import RANDOM_STEPS, describe_step
 from robustkit.errors import RobustkitError
-from robustkit.models.defences import build_preprocessing
+from robustkit.records import RunSettings
 from robustkit.reporting.figures import to_png
 from robustkit.reporting.load import RunData
-from robustkit.reporting.render import Block, FigureBlock, Heading, Section, Table, Text
+from robustkit.reporting.render import Block, FigureBlock, Heading, Part, Section, Table, Text
+from robustkit.storage import UnreadableJsonError, read_json
 
 CSV, JSON, VIEWS = "physical.csv", "physical.json", "physical.safetensors"
 
 
-def physical_section(runs: list[RunData], safe: Any) -> tuple[Section | None,
-                                                               dict[str, pd.DataFrame]]:
-    """The section, and its tables (``physical-<run>``), for the runs that have one."""
+def physical_section(runs: list[RunData], safe: Callable[[str], str]) -> Part:
+    """The section, and its tables (``physical-<run>``), for the runs that have one;
+    ``safe`` turns a run name into a file-name part."""
     blocks: list[Block] = []
     tables: dict[str, pd.DataFrame] = {}
     for run in runs:
@@ -48,9 +50,9 @@ def physical_section(runs: list[RunData], safe: Any) -> tuple[Section | None,
         if found[1] is not None:
             tables[f"physical-{safe(run.name)}"] = found[1]
     if not blocks:
-        return None, tables
+        return Part(None, tables)
     if not tables:  # a defence without transformations: only its notes
-        return Section("defence", "Defence", blocks), tables
+        return Part(Section("defence", "Defence", blocks), tables)
     intro = Text(
         "Adversarial examples in the physical world must survive the camera: a little rotation, "
         "shift, zoom, lighting, noise and blur. Plain PGD makes its example for the exact image; "
@@ -62,7 +64,7 @@ def physical_section(runs: list[RunData], safe: Any) -> tuple[Section | None,
         "clean images, what the transformations do without any attack. “attack's own "
         "success” is what the attack counted: plain PGD, its example misclassified as it is; "
         "EOT, misclassified under all K draws it checked last.")
-    return Section("physical", "Physical-world robustness", [intro, *blocks]), tables
+    return Part(Section("physical", "Physical-world robustness", [intro, *blocks]), tables)
 
 
 def _run_blocks(run: RunData, name: str) -> tuple[list[Block], pd.DataFrame | None] | None:
@@ -101,15 +103,15 @@ def _read(run: RunData) -> tuple[pd.DataFrame | None, dict[str, Any]]:
         return None, {}
     try:
         table = pd.read_csv(csv)
-        info = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
-    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        info = read_json(meta) if meta.is_file() else {}
+    except (ValueError, OSError, pd.errors.ParserError, UnreadableJsonError) as exc:
         run.problems.append(f"{CSV} skipped: {exc}")
         return None, {}
     needed = {"attack", "eps", "success", "success_transformed", "clean_error_transformed"}
     if not needed <= set(table.columns):
         run.problems.append(f"{CSV} skipped: it lacks the columns {sorted(needed)}")
         return None, {}
-    return table, info if isinstance(info, dict) else {}
+    return table, info
 
 
 def _views(run: RunData) -> dict[str, np.ndarray]:
@@ -123,21 +125,20 @@ def _views(run: RunData) -> dict[str, np.ndarray]:
         return {}
 
 
-def defence_notes(settings: dict[str, Any]) -> list[str]:
+def defence_notes(settings: RunSettings) -> list[str]:
     """What the settings say about a preprocessing defence and how it was attacked."""
-    raw = settings.get("defence")
-    if not isinstance(raw, dict):
+    if settings.defence is None:
         return []
     try:
-        config = config_from_dict({"attacks": [], "defence": raw}).defence
-        attacks = [AttackConfig(**a) for a in settings.get("attacks") or []]
+        config = config_from_dict({"attacks": [], "defence": dict(settings.defence)}).defence
+        attacks = [AttackConfig(**a) for a in settings.attacks]
     except (RobustkitError, TypeError):
         return ["The model is defended by a preprocessing step (settings.json: defence)."]
     assert isinstance(config, DefenceConfig)
-    step = build_preprocessing(config.preprocess, bits=config.bits, size=config.size,
-                               sigma=config.sigma)
-    notes = [f"The model is defended: {step.describe()} in front of the trained classifier."]
-    if step.random:
+    step = describe_step(config.preprocess, bits=config.bits, size=config.size,
+                         sigma=config.sigma)
+    notes = [f"The model is defended: {step} in front of the trained classifier."]
+    if config.preprocess in RANDOM_STEPS:
         eot = [a.title for a in attacks if a.eot_samples]
         notes.append("Its forward pass is random, so it is attacked with EOT ("
                      + (", ".join(eot) if eot else "none here: add eot_samples")
@@ -151,16 +152,16 @@ def defence_notes(settings: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _settings_table(info: dict[str, Any], settings: dict[str, Any]) -> pd.DataFrame:
+def _settings_table(info: dict[str, Any], settings: RunSettings) -> pd.DataFrame:
     rows = [("transformations", info.get("transform", "")),
             ("draws per image (M)", (info.get("transforms") or {}).get("eval_samples", ""))]
-    for a in settings.get("attacks") or []:
+    for a in settings.attacks:
         if a.get("eot_samples"):
             rows.append((f"EOT samples per step ({a.get('name')})", a["eot_samples"]))
         if a.get("bpda"):
             rows.append((f"BPDA ({a.get('name')})", a["bpda"]))
-    if isinstance(settings.get("defence"), dict):
-        rows.append(("defence", ", ".join(f"{k}={v}" for k, v in settings["defence"].items())))
+    if settings.defence is not None:
+        rows.append(("defence", ", ".join(f"{k}={v}" for k, v in settings.defence.items())))
     return pd.DataFrame(rows, columns=["setting", "value"])
 
 

@@ -55,6 +55,16 @@ class Section:
     blocks: list[Block] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Part:
+    """What one report section contributes: its ``section`` (None when the runs have nothing
+    for it) and the CSV tables it writes under ``tables/``, by file stem (empty frames are not
+    written). Every section of :mod:`robustkit.reporting.sections` returns one."""
+
+    section: Section | None
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
 STYLE = """
 :root { color-scheme: light; }
 body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;

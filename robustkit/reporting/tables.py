@@ -20,7 +20,7 @@ else:  # pragma: no cover
 import numpy as np
 import pandas as pd
 
-from robustkit.checks import UNRELIABLE, unreliable_attacks
+from robustkit.checks.verdicts import UNRELIABLE, unreliable_attacks
 from robustkit.reporting.load import RunData
 from robustkit.results import ANY, TARGET_HIT
 
@@ -116,10 +116,10 @@ def data_label(run: RunData) -> str:
     when recorded (the built-in sets are md5-checked against the canonical files, so their
     name identifies them)."""
     s, m = run.settings, run.manifest
-    label = f"{s.get('dataset', 'unknown data')} {s.get('split', 'test')} set"
-    extras = [f"resized to {m['data_resize']}"] if m.get("data_resize") else []
-    if m.get("data_sha256"):
-        extras.append(f"sha256 {str(m['data_sha256'])[:12]}")
+    label = f"{s.dataset or 'unknown data'} {s.split or 'test'} set"
+    extras = [f"resized to {m.data_resize}"] if m.data_resize else []
+    if m.data_sha256:
+        extras.append(f"sha256 {m.data_sha256[:12]}")
     return f"{label} ({', '.join(extras)})" if extras else label
 
 
@@ -127,8 +127,7 @@ def evaluated_n(run: RunData) -> int | None:
     """How many images the run evaluated (``results.csv``'s ``n``, else the settings')."""
     if "n" in run.results.columns and len(run.results):
         return int(run.results["n"].max())
-    n = run.settings.get("n")
-    return int(n) if n is not None else None
+    return run.settings.n
 
 
 def comparability_notes(runs: list[RunData]) -> list[str]:
@@ -293,8 +292,8 @@ def reference_table(runs: list[RunData]) -> pd.DataFrame:
 
 def config_hash(run: RunData) -> str:
     """The resolved config's hash (as ``robustkit run`` computes it), else a hash of the file."""
-    if "config_hash" in run.manifest:
-        return str(run.manifest["config_hash"])
+    if run.manifest.config_hash is not None:
+        return run.manifest.config_hash
     if run.config_text is None:
         return ""
     try:
@@ -342,12 +341,12 @@ def attack_titles(run: RunData) -> str:
 
 def provenance(run: RunData) -> list[tuple[str, str]]:
     """(field, value) pairs that trace the run back to its code, data, settings and machine."""
-    m, s = run.manifest, run.settings
+    m, s = run.manifest.record, run.settings
     items: list[tuple[str, str]] = [("folder", str(run.path))]
-    command = m.get("command_line") or m.get("command")
+    command = run.manifest.command_line or run.manifest.command
     if command:
-        items.append(("command", str(command)))
-    for key, label in PROVENANCE_KEYS:
+        items.append(("command", command))
+    for key, label in PROVENANCE_KEYS:  # whatever the manifest records of these, as written
         if m.get(key) is not None:
             items.append((label, str(m[key])))
     for key, label in (("evaluation_seconds", "evaluation time"), ("seconds", "training time")):
@@ -358,13 +357,14 @@ def provenance(run: RunData) -> list[tuple[str, str]]:
     chash = config_hash(run)
     if chash:
         items.append(("config hash", chash))
-    if m.get("fingerprint"):
-        items.append(("settings fingerprint", str(m["fingerprint"])))
-    for key in ("model", "dataset", "split", "n", "normalize"):
-        if s.get(key) not in (None, ""):
-            items.append((key, str(s[key])))
-    if s.get("eps") is not None:
-        items.append(("ε sweep", ", ".join(fmt_eps(e) for e in s["eps"])))
+    if run.manifest.fingerprint:
+        items.append(("settings fingerprint", run.manifest.fingerprint))
+    for key, value in (("model", s.model), ("dataset", s.dataset), ("split", s.split),
+                       ("n", s.n), ("normalize", s.normalize)):
+        if value not in (None, ""):
+            items.append((key, str(value)))
+    if s.eps is not None:
+        items.append(("ε sweep", ", ".join(fmt_eps(e) for e in s.eps)))
     items.append(("attacks", attack_titles(run)))
     return items
 
@@ -375,4 +375,4 @@ def provenance_table(runs: list[RunData]) -> pd.DataFrame:
 
 
 def settings_text(run: RunData) -> str:
-    return json.dumps(run.settings, indent=2, sort_keys=True, default=str)
+    return json.dumps(run.settings.record, indent=2, sort_keys=True, default=str)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from robustkit.checkpoint import write_json
 from robustkit.config import ReferenceConfig
 from robustkit.errors import RobustkitError
 from robustkit.evaluation import Evaluation
 from robustkit.stages.base import SweepDone
+from robustkit.storage import write_json
 
 
 @dataclass(frozen=True)

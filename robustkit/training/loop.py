@@ -30,7 +30,6 @@ checkpoints, metrics and resume state (which holds every rank's attack generator
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -49,14 +48,11 @@ from torch import Tensor, nn
 from robustkit.attacks import attack_mode, pgd
 from robustkit.budgets import default_step_size
 from robustkit.checkpoint import (
-    atomic_path,
     clear_state,
     load_state,
     load_tensors,
     remove_leftovers,
     save_checkpoint,
-    write_json,
-    write_text,
 )
 from robustkit.config import ExperimentConfig, config_hash, to_toml, training_hash
 from robustkit.data import Dataset, Split, batches
@@ -80,6 +76,7 @@ from robustkit.runtime import (
     use_deterministic_algorithms,
 )
 from robustkit.sources import load_configured
+from robustkit.storage import atomic_path, read_json, write_json, write_text
 from robustkit.training.certified import (
     certified_fraction,
     certified_loss,
@@ -296,7 +293,7 @@ def adopt_training(donor: Path, out_dir: Path, config: ExperimentConfig, seed: i
         if (donor / name).is_file():
             with atomic_path(out_dir / name) as tmp:
                 shutil.copyfile(donor / name, tmp)
-    manifest = json.loads((donor / "manifest.json").read_text(encoding="utf-8"))
+    manifest = read_json(donor / "manifest.json", "train again with --retrain")
     write_json(out_dir / "manifest.json",
                {**manifest, "owner": owner, "copied_from": donor.as_posix()})
 

@@ -17,7 +17,8 @@ from robustkit.distributed import Context
 from robustkit.errors import RobustkitError
 from robustkit.models.factory import build_network
 from robustkit.models.loading import load_checkpoint, sidecar_network
-from robustkit.outputs import Owner, read_json
+from robustkit.outputs import Owner
+from robustkit.storage import read_json_if_any
 from robustkit.training.loop import adopt_training, train
 
 
@@ -97,7 +98,7 @@ def _adopt_same_training(job: Reuse) -> Path | None:
 def _finished_training(folder: Path, fingerprint: str, data_sha: Any) -> bool:
     """Whether ``folder`` holds a finished training (manifest written, no resume state) whose
     best checkpoint has this training hash and data checksum; a damaged one does not count."""
-    if (read_json(folder / "manifest.json") is None or (folder / "state.json").exists()
+    if (read_json_if_any(folder / "manifest.json") is None or (folder / "state.json").exists()
             or not (folder / "model-best.safetensors").is_file()):
         return False
     try:
