@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -201,84 +202,78 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    set_threads(args.threads)
-    if args.quick:
-        args.n, args.repeats, args.epochs, args.raw_steps = 200, 1, 1, 10
-    data = load_dataset("mnist", args.data_dir, "cpu")
-    if args.quick:
-        data = Dataset(data.name, data.classes, data.train.take(10_000), data.val.take(1000),
-                       data.test, data.source)
-    model, described = get_model(args, data)
-    split = data.test.take(args.n)
-    split = Split(split.images.contiguous(), split.labels.contiguous())
-    x, y, n = split.images, split.labels, len(split)
-    eps = list(EPS)
-    others = {} if args.no_others else others_available()
+@dataclass
+class Timings:
+    """Wall seconds per interleaved round, and what the timed runs returned."""
 
-    def log(text: str) -> None:
-        print(f"  {text}", file=sys.stderr, flush=True)
+    raw: dict[str, list[float]]
+    sweep: dict[str, list[float]]
+    versus: dict[str, list[float]]
+    evals: dict[str, Any] = field(default_factory=dict)
+    rk_pgd: Any = None
+    other_results: dict[str, tuple[dict[float, float], dict[float, float]]] = field(
+        default_factory=dict)
 
+
+def log(text: str) -> None:
+    print(f"  {text}", file=sys.stderr, flush=True)
+
+
+def measure(args: argparse.Namespace, model: nn.Module, split: Split, eps: list[float],
+            others: dict[str, Any]) -> Timings:
+    """Every timed run, ``args.repeats`` rounds, alternating the order of the two sweeps."""
+    x, y = split.images, split.labels
     # warm-up: first calls pay for lazy initialisation in every library
     pgd(model, x[:8], y[:8], eps=0.1, steps=2, early_stop=False)
     for name, lib in others.items():
         raw_other_seconds(name, lib, model, x[:8], y[:8], 0.1, 2)
-
-    raw: dict[str, list[float]] = {"robustkit": [], **{k: [] for k in others}}
-    sweep: dict[str, list[float]] = {"shortcuts": [], "reference": []}
-    versus: dict[str, list[float]] = {"robustkit": [], **{k: [] for k in others}}
-    evals: dict[str, Any] = {}
-    rk_pgd: Any = None
-    other_results: dict[str, tuple[dict[float, float], dict[float, float]]] = {}
+    t = Timings({"robustkit": [], **{k: [] for k in others}}, {"shortcuts": [], "reference": []},
+                {"robustkit": [], **{k: [] for k in others}})
     for rnd in range(args.repeats):
         torch.manual_seed(args.seed + rnd)
-        raw["robustkit"].append(raw_pgd_seconds(model, x, y, args.raw_eps, args.raw_steps))
+        t.raw["robustkit"].append(raw_pgd_seconds(model, x, y, args.raw_eps, args.raw_steps))
         for name, lib in others.items():
-            raw[name].append(raw_other_seconds(name, lib, model, x, y, args.raw_eps,
-                                               args.raw_steps))
-        log(f"round {rnd + 1}: raw step " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in raw.items()))
-
+            t.raw[name].append(raw_other_seconds(name, lib, model, x, y, args.raw_eps,
+                                                 args.raw_steps))
+        log(f"round {rnd + 1}: raw step " + ", ".join(f"{k} {v[-1]:.2f}s"
+                                                      for k, v in t.raw.items()))
         modes = [("shortcuts", True), ("reference", False)]
         for label, flag in modes if rnd % 2 == 0 else modes[::-1]:
-            seconds, evals[label] = timed(functools.partial(
+            seconds, t.evals[label] = timed(functools.partial(
                 evaluate, model, split, [FGSM, PGD40], eps, batch_size=args.batch_size,
                 seed=args.seed, shortcuts=flag))
-            sweep[label].append(seconds)
+            t.sweep[label].append(seconds)
             log(f"round {rnd + 1}: FGSM+PGD-40 sweep, {label}: {seconds:.2f}s")
-
-        seconds, rk_pgd = timed(lambda: evaluate(model, split, [PGD40], eps,
-                                                 batch_size=args.batch_size, seed=args.seed))
-        versus["robustkit"].append(seconds)
+        seconds, t.rk_pgd = timed(lambda: evaluate(model, split, [PGD40], eps,
+                                                   batch_size=args.batch_size, seed=args.seed))
+        t.versus["robustkit"].append(seconds)
         log(f"round {rnd + 1}: robustkit PGD-40 sweep {seconds:.2f}s")
         for name, lib in others.items():
             torch.manual_seed(args.seed + rnd)
             fn = torchattacks_sweep if name == "torchattacks" else foolbox_sweep
             seconds, result = timed(functools.partial(fn, lib, model, x, y, eps,
                                                       args.batch_size))
-            versus[name].append(seconds)
-            other_results.setdefault(name, result)
+            t.versus[name].append(seconds)
+            t.other_results.setdefault(name, result)
             log(f"round {rnd + 1}: {name} PGD-40 sweep {seconds:.2f}s")
+    return t
 
-    # ------------------------------------------------------------------ report
-    print(f"attack_speed: {described}; {n} test images; attack batch {args.batch_size}; "
-          f"best of {args.repeats} interleaved round(s){'  [QUICK]' if args.quick else ''}")
-    print(machine_line())
-    print(f"clean accuracy on these images: {float(correct_on(model, x, y).float().mean()):.4f}")
-    print()
 
+def report_raw(t: Timings, n: int, args: argparse.Namespace) -> None:
     print(f"1. Raw PGD step (ε={args.raw_eps:g}, {args.raw_steps} steps, one restart, "
           f"no early stop, batch of {n})")
-    rk_rate = n * args.raw_steps / min(raw["robustkit"])
+    rk_rate = n * args.raw_steps / min(t.raw["robustkit"])
     rows = []
-    for name, times in raw.items():
+    for name, times in t.raw.items():
         rate = n * args.raw_steps / min(times)
         rows.append([name, f"{min(times):.3f}", f"{rate:,.0f}", f"{rk_rate / rate:.2f}x"])
     print_table(["tool", "seconds", "image-steps/s", "robustkit speed-up"], rows)
-    print()
 
+
+def report_shortcuts(t: Timings, eps: list[float]) -> float:
+    """Section 2; returns the shortcut sweep's best time."""
     print("2. FGSM + PGD-40 sweep over ε, robustkit evaluate(): shortcuts on vs off")
-    short, ref = evals["shortcuts"].results, evals["reference"].results
+    short, ref = t.evals["shortcuts"].results, t.evals["reference"].results
     attacks_seen = list(dict.fromkeys(short["attack"]))
     rows, ok = [], True
     for e in eps:
@@ -292,20 +287,24 @@ def main(argv: list[str] | None = None) -> int:
     print_table(["eps"] + [f"{a} acc (short / ref)" for a in attacks_seen], rows)
     g_short = int(short[short.attack != ANY].grad_evals.sum())
     g_ref = int(ref[ref.attack != ANY].grad_evals.sum())
-    t_short, t_ref = min(sweep["shortcuts"]), min(sweep["reference"])
+    t_short, t_ref = min(t.sweep["shortcuts"]), min(t.sweep["reference"])
     print(f"time: shortcuts {t_short:.2f} s, reference {t_ref:.2f} s -> shortcuts are "
           f"{t_ref / t_short:.1f}x faster; per-sample gradients {g_short:,} vs {g_ref:,} "
           f"({g_ref / max(g_short, 1):.1f}x fewer)")
     print(f"shortcut accuracy <= reference accuracy at every ε and attack: "
           f"{'yes' if ok else 'NO'}")
-    print()
+    return t_short
 
+
+def report_versus(t: Timings, eps: list[float], n: int, others: dict[str, Any],
+                  t_short: float) -> None:
+    """Section 3: robustkit's PGD-40 sweep beside the other libraries'."""
     print("3. PGD-40 sweep (step 2.5·ε/40, random start), every library on the same model and "
           "images")
-    rk_res = rk_pgd.results
+    rk_res = t.rk_pgd.results
     rk_acc = {e: float(rk_res[(rk_res.attack == PGD40.title) & (rk_res.eps == e)].accuracy.iloc[0])
               for e in eps}
-    rk_sec = dict(zip(rk_pgd.timings.eps, rk_pgd.timings.seconds, strict=True))
+    rk_sec = dict(zip(t.rk_pgd.timings.eps, t.rk_pgd.timings.seconds, strict=True))
     if not others:
         print("torchattacks and foolbox skipped: not importable (or --no-others). Install them "
               "with: pip install -e \".[bench]\"  (or: pip install torchattacks foolbox)")
@@ -317,32 +316,61 @@ def main(argv: list[str] | None = None) -> int:
     for e in eps:
         row = [f"{e:.2f}", f"{rk_acc[e]:.4f}", f"{rk_sec.get(e, 0.0):.2f}" if e else "-"]
         for name in others:
-            accs, secs = other_results[name]
+            accs, secs = t.other_results[name]
             if rk_acc[e] > accs[e]:
                 images = round((rk_acc[e] - accs[e]) * n)
                 higher[name].append(f"ε={e:g} by {images} of {n} images")
             row += [f"{accs[e]:.4f}", f"{secs[e]:.2f}" if e in secs else "-"]
         rows.append([str(cell) for cell in row])
-    total_row = ["total (best wall)", "", f"{min(versus['robustkit']):.2f}"]
+    total_row = ["total (best wall)", "", f"{min(t.versus['robustkit']):.2f}"]
     for name in others:
-        total_row += ["", f"{min(versus[name]):.2f}"]
+        total_row += ["", f"{min(t.versus[name]):.2f}"]
     rows.append(total_row)
     print_table(headers, rows)
     print("(robustkit's per-ε seconds are its attack cells; its total also covers the clean "
           "pass. foolbox attacks all ε in one call, so only its total is known. ε = 0 is clean "
           "accuracy for every tool.)")
     if others:
-        fastest = min(others, key=lambda k: min(versus[k]))
-        t_fast, t_rk = min(versus[fastest]), min(versus["robustkit"])
+        fastest = min(others, key=lambda k: min(t.versus[k]))
+        t_fast, t_rk = min(t.versus[fastest]), min(t.versus["robustkit"])
         for name in others:
             where = "; ".join(higher[name])
-            print(f"{name}: {min(versus[name]) / t_rk:.1f}x robustkit's PGD-40 sweep time; "
+            print(f"{name}: {min(t.versus[name]) / t_rk:.1f}x robustkit's PGD-40 sweep time; "
                   f"robustkit accuracy <= {name}'s at every ε: "
                   f"{'yes' if not where else 'NO, robustkit is higher at ' + where}")
         verdict = "MET" if t_fast / t_rk >= 10 and not higher[fastest] else "NOT MET"
         print(f"fastest library ({fastest}) / robustkit PGD-40 sweep = {t_fast / t_rk:.1f}x "
               f"(vs robustkit's FGSM+PGD-40 sweep: {t_fast / t_short:.1f}x). "
               f"Target >= 10x at equal or lower accuracy at every ε: {verdict}.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    if args.quick:
+        args.n, args.repeats, args.epochs, args.raw_steps = 200, 1, 1, 10
+    data = load_dataset("mnist", args.data_dir, "cpu")
+    if args.quick:
+        data = Dataset(data.name, data.classes, data.train.take(10_000), data.val.take(1000),
+                       data.test, data.source)
+    model, described = get_model(args, data)
+    split = data.test.take(args.n)
+    split = Split(split.images.contiguous(), split.labels.contiguous())
+    eps = list(EPS)
+    others = {} if args.no_others else others_available()
+    t = measure(args, model, split, eps, others)
+    n = len(split)
+    print(f"attack_speed: {described}; {n} test images; attack batch {args.batch_size}; "
+          f"best of {args.repeats} interleaved round(s){'  [QUICK]' if args.quick else ''}")
+    print(machine_line())
+    print("clean accuracy on these images: "
+          f"{float(correct_on(model, split.images, split.labels).float().mean()):.4f}")
+    print()
+    report_raw(t, n, args)
+    print()
+    t_short = report_shortcuts(t, eps)
+    print()
+    report_versus(t, eps, n, others, t_short)
     return 0
 
 

@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -42,6 +42,9 @@ from robustkit.vocabulary import (
     ChecksLevel,
     SaveAdversarial,
 )
+
+if TYPE_CHECKING:
+    from robustkit.certify.evaluate import Certification
 
 app = typer.Typer(
     name="robustkit",
@@ -671,23 +674,13 @@ def certify(
     """Certified accuracy: the fraction of images no attack within ε can change (a lower
     bound on robust accuracy, where the attacks give an upper bound), and each image's
     certified radius."""
-    import numpy as np
-
     from robustkit.budgets import eps_bound
-    from robustkit.certify import BOUND_NORMS, METHODS
-    from robustkit.certify.evaluate import BEST, certify_sweep
+    from robustkit.certify.evaluate import certify_sweep
     from robustkit.models import load_model, parse_normalize
     from robustkit.sources import load_data
 
     eps_values = _float_list(eps, "--eps")
-    methods = [m.strip() for m in method.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise RobustkitError(f"--method {method!r}: choose from {', '.join(METHODS)}")
-    if norm not in BOUND_NORMS:
-        raise RobustkitError(f"--norm {norm!r}: certification covers {', '.join(BOUND_NORMS)}")
-    if not (math.isfinite(tolerance) and tolerance > 0):
-        raise RobustkitError(f"--tolerance {tolerance:g}: give a positive width, e.g. 0.001")
+    methods = _bound_methods(method, norm, tolerance)
     if any(e < 0 for e in eps_values) or (norm == "linf" and any(e > 1 for e in eps_values)):
         raise RobustkitError(f"--eps {eps}: L∞ budgets lie in [0, 1] pixel units, L2 budgets "
                              "are non-negative")
@@ -704,7 +697,30 @@ def certify(
     if as_json:
         sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
         return
-    _echo(f"certified accuracy of {model} on {len(split)} test images, {norm} "
+    _echo_certification(result, f"{model} on {len(split)} test images, {norm}", tolerance)
+
+
+def _bound_methods(method: str, norm: str, tolerance: float) -> list[str]:
+    """``--method``'s bounds, once ``--method``, ``--norm`` and ``--tolerance`` are valid."""
+    from robustkit.certify import BOUND_NORMS, METHODS
+
+    methods = [m.strip() for m in method.split(",") if m.strip()]
+    if not methods or any(m not in METHODS for m in methods):
+        raise RobustkitError(f"--method {method!r}: choose from {', '.join(METHODS)}")
+    if norm not in BOUND_NORMS:
+        raise RobustkitError(f"--norm {norm!r}: certification covers {', '.join(BOUND_NORMS)}")
+    if not (math.isfinite(tolerance) and tolerance > 0):
+        raise RobustkitError(f"--tolerance {tolerance:g}: give a positive width, e.g. 0.001")
+    return methods
+
+
+def _echo_certification(result: Certification, what: str, tolerance: float) -> None:
+    """The certify command's table and the median certified radius."""
+    import numpy as np
+
+    from robustkit.certify.evaluate import BEST
+
+    _echo(f"certified accuracy of {what} "
           "(certified ≤ true robust accuracy ≤ any attack's figure):")
     for _, row in result.table.iterrows():
         _echo(f"  {row['method']:<10} ε={row['eps']:<6g} {row['accuracy']:.4f} "

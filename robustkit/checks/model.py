@@ -507,9 +507,7 @@ def check_gradient_free_finds_no_more(
                        f"{config.name.upper()}-{config.steps}×{config.restarts} {config.loss}")
 
     outcomes = {e: outcome(e) for e in budgets if e > 0}
-    robust = {e: int(o.robust.sum()) for e, o in outcomes.items()}
-    tested = [e for e in outcomes if robust[e] >= least] or (
-        [max(robust, key=lambda e: (robust[e], -e))] if robust and max(robust.values()) else [])
+    tested = _eps_to_search(outcomes, least)
     if not tested:
         where = ", ".join(f"{e:g}" for e in budgets) or "no ε"
         label = next(iter(outcomes.values())).label if outcomes else config.name.upper()
@@ -517,21 +515,8 @@ def check_gradient_free_finds_no_more(
                      f"at ε={where}: {label} leaves no sample robust; nothing to test",
                      {"eps": max(budgets, default=0.0), "robust": 0, "broken_by_square": 0,
                       "eps_tested": 0})
-    found = torch.zeros(len(y), dtype=torch.bool, device=x.device)
-    generator = torch.Generator(device=x.device).manual_seed(seed + 104_729)
-    counts: dict[float, tuple[int, int]] = {}
-    for e in tested:
-        left = outcomes[e].robust.to(x.device)
-        search = (left & ~found).nonzero().squeeze(1)
-        if search.numel():
-            result = square(model, x[search], y[search], eps=e, norm=attack.norm, budget=budget,
-                            generator=generator)
-            success = result.success
-            if eot_samples is not None:
-                success = success & _fooled_every_draw(model, result.x_adv, y[search],
-                                                       eot_samples)
-            found[search[success]] = True
-        counts[e] = (int((found & left).sum()), int(left.sum()))
+    counts = _square_breaks(model, x, y, {e: outcomes[e].robust for e in tested}, attack.norm,
+                            budget, seed, eot_samples)
     worst = max(tested, key=lambda e: (counts[e][0] / counts[e][1], e))
     k, m = counts[worst]
     fraction = k / m
@@ -550,6 +535,41 @@ def check_gradient_free_finds_no_more(
         detail = MASKING_SUSPECTED.format(k=k, m=m) + f" at ε={worst:g} ({detail})"
     return Check("gradient_free_finds_no_more", status, fraction, threshold, detail,
                  {"eps": worst, "robust": m, "broken_by_square": k, "eps_tested": len(tested)})
+
+
+def _eps_to_search(outcomes: dict[float, Outcome], least: int) -> list[float]:
+    """The ε where the gradient attacks left at least ``least`` samples robust; else the one
+    where they left the most (the smallest of ties); none when they left none anywhere."""
+    robust = {e: int(o.robust.sum()) for e, o in outcomes.items()}
+    tested = [e for e in outcomes if robust[e] >= least]
+    if tested or not robust or not max(robust.values()):
+        return tested
+    return [max(robust, key=lambda e: (robust[e], -e))]
+
+
+def _square_breaks(model: nn.Module, x: Tensor, y: Tensor, robust: dict[float, Tensor],
+                   norm: Norm, budget: int, seed: int, eot_samples: int | None
+                   ) -> dict[float, tuple[int, int]]:
+    """ε → (K_ε, M_ε): of the ``M_ε`` samples ``robust[ε]`` marks, how many Square breaks
+    within ε, in ascending ε; an example found at a smaller ε counts at every larger one
+    without a new search. With ``eot_samples``, an example counts only when that many fresh
+    passes of the (random) model all misclassify it."""
+    found = torch.zeros(len(y), dtype=torch.bool, device=x.device)
+    generator = torch.Generator(device=x.device).manual_seed(seed + 104_729)
+    counts: dict[float, tuple[int, int]] = {}
+    for e, robust_at_e in robust.items():
+        left = robust_at_e.to(x.device)
+        search = (left & ~found).nonzero().squeeze(1)
+        if search.numel():
+            result = square(model, x[search], y[search], eps=e, norm=norm, budget=budget,
+                            generator=generator)
+            success = result.success
+            if eot_samples is not None:
+                success = success & _fooled_every_draw(model, result.x_adv, y[search],
+                                                       eot_samples)
+            found[search[success]] = True
+        counts[e] = (int((found & left).sum()), int(left.sum()))
+    return counts
 
 
 @torch.no_grad()
