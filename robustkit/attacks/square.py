@@ -153,52 +153,127 @@ def square(
     with attack_mode(model), torch.no_grad():
         logits = model(x)
         check_logits(logits, y)
-        x_best, m_best = x.clone(), margin(logits, y)
         success = is_adversarial(logits, y)
+        x_best = x.clone()
         idx = (~success & (eps_t.view(-1) > 0)).nonzero().squeeze(1)
-        start = _start(x[idx], eps_t[idx], norm, _uniforms(draw, -1, c * w + c * 25 + 1, n, idx, x))
-        queries = _take_start(model, x_best, m_best, success, idx, start, y)
-        # the samples still being attacked, as contiguous tensors: idx, their x, x̂, margin,
-        # label and ε; a sample leaves (its x̂ written back) as soon as it breaks
-        idx = idx[~success[idx]]
-        state = [idx, x[idx], x_best[idx], m_best[idx], y[idx], eps_t[idx]]
+        u = _uniforms(draw, -1, c * w + c * 25 + 1, n, idx, x)
+        if idx.numel() == 0:
+            return AttackResult(x_adv=x_best, success=success, grad_evals=0, queries=0)
+        start = _start(x[idx], eps_t[idx], norm, u)
+        logits = model(start)
+        queries = int(idx.numel())
+        live = _Live(idx, x[idx], start, margin(logits, y[idx]), y[idx], eps_t[idx])
+        live = live.settle(is_adversarial(logits, live.y), x_best, success)
+        squares = _Squares(live.x)
         for i in range(1, budget):
-            idx, x_i, x_hat, m_hat, y_i, eps_i = state
-            if idx.numel() == 0:
+            if live.k == 0:
                 break
             s = square_side(square_fraction(p_init, i - 1, budget if rescale else None), h, w,
                             norm)
-            u = _uniforms(draw, i, c + 5, n, idx, x)
+            u = _uniforms(draw, i, c + 5, n, live.idx, x)
             if norm == "linf":
-                proposal = _linf_proposal(x_i, x_hat, eps_i, s, u)
+                at, new, old = squares.linf_proposal(live, s, u)
+                proposal = squares.proposal(live.k)
             else:
-                proposal = _l2_proposal(x_i, x_hat, eps_i, s, u)
+                proposal = _l2_proposal(live.x, live.x_hat, live.eps, s, u)
             logits = model(proposal)
-            queries += int(idx.numel())
-            m_new = margin(logits, y_i)
-            adv = is_adversarial(logits, y_i)
-            accept = (m_new < m_hat) | adv
-            x_hat[accept] = proposal[accept]  # in place: only the accepted rows move
-            state[3] = torch.where(accept, m_new, m_hat)
-            if bool(adv.any()):
-                x_best[idx[adv]], m_best[idx[adv]] = state[2][adv], state[3][adv]
-                success[idx[adv]] = True
-                state = [v[~adv] for v in state]
-        idx, _, x_hat, m_hat, _, _ = state
-        x_best[idx], m_best[idx] = x_hat, m_hat
+            queries += live.k
+            m_new = margin(logits, live.y)
+            adv = is_adversarial(logits, live.y)
+            accept = (m_new < live.m_hat) | adv
+            if norm == "linf":  # the proposal differs from x̂ on its square alone
+                live.x_hat.put_(at, torch.where(accept[:, None], new, old))
+            else:
+                live.x_hat[accept] = proposal[accept]
+            live.m_hat = torch.where(accept, m_new, live.m_hat)
+            live = live.settle(adv, x_best, success)
+        x_best[live.idx] = live.x_hat
     return AttackResult(x_adv=x_best, success=success, grad_evals=0, queries=queries)
 
 
-def _take_start(model: nn.Module, x_best: Tensor, m_best: Tensor, success: Tensor,
-                idx: Tensor, start: Tensor, y: Tensor) -> int:
-    """Query the model at the start (samples ``idx``) and take it as ``x̂`` whatever its margin,
-    as the authors do. Returns the queries spent."""
-    if idx.numel() == 0:
-        return 0
-    logits = model(start)
-    x_best[idx], m_best[idx] = start, margin(logits, y[idx])
-    success[idx] = is_adversarial(logits, y[idx])
-    return int(idx.numel())
+class _Live:
+    """The samples still attacked, as contiguous tensors: their index in the batch, ``x``,
+    ``x̂``, margin ``m(x̂)``, label and ``ε`` (``[k, 1, 1, 1]``)."""
+
+    def __init__(self, idx: Tensor, x: Tensor, x_hat: Tensor, m_hat: Tensor, y: Tensor,
+                 eps: Tensor) -> None:
+        self.idx, self.x, self.x_hat, self.m_hat, self.y, self.eps = idx, x, x_hat, m_hat, y, eps
+
+    @property
+    def k(self) -> int:
+        return len(self.idx)
+
+    def settle(self, broken: Tensor, x_best: Tensor, success: Tensor) -> _Live:
+        """Write the samples ``broken`` (``[k]`` bool) now hold out (their ``x̂`` into ``x_best``,
+        ``success``) and return the others; no copy when none broke."""
+        if not bool(broken.any()):
+            return self
+        done = self.idx[broken]
+        x_best[done], success[done] = self.x_hat[broken], True
+        keep = ~broken
+        return _Live(self.idx[keep], self.x[keep], self.x_hat[keep], self.m_hat[keep],
+                     self.y[keep], self.eps[keep])
+
+
+class _Squares:
+    """L∞ proposals through flat indices: the ``s × s`` square of sample ``r`` at (``top``,
+    ``left``) is ``r·chw + top·w + left + offsets_s``, ``offsets_s = {ch·hw + a·w + b}``; the
+    proposal is written into one buffer reused by every iteration (the live samples are its
+    first rows), so an iteration allocates nothing image-sized."""
+
+    def __init__(self, x: Tensor) -> None:
+        k, c, h, w = x.shape
+        self.shape = (c, h, w)
+        self.buffer = torch.empty_like(x, memory_format=torch.contiguous_format)
+        self.rows = torch.arange(k, device=x.device) * (c * h * w)
+        self.offsets: dict[int, Tensor] = {}
+
+    def proposal(self, k: int) -> Tensor:
+        return self.buffer[:k]
+
+    def index(self, top: Tensor, left: Tensor, s: int) -> Tensor:
+        """``[k, c·s·s]`` flat indices of each sample's square."""
+        c, h, w = self.shape
+        if s not in self.offsets:
+            a = torch.arange(s, device=top.device)
+            grid = (torch.arange(c, device=top.device)[:, None, None] * (h * w)
+                    + a[None, :, None] * w + a[None, None, :])
+            self.offsets[s] = grid.reshape(1, -1)
+        corner = self.rows[:len(top)] + top * w + left
+        return corner[:, None] + self.offsets[s]
+
+    def linf_proposal(self, live: _Live, s: int, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Algorithm 2 into the buffer: ``x̂`` with one ``s × s`` square set to ``clip(x ± ε)``
+        (a sign per channel). A proposal equal to ``x̂`` would waste a query; there the signs
+        are flipped, which always changes the square when ``ε > 0`` (the authors' code redraws
+        them instead). Returns the square's flat indices, its new and its old values
+        (``[k, c·s·s]``)."""
+        c, h, w = self.shape
+        k = live.k
+        at = self.index(_corner(u[:, 0], h, s), _corner(u[:, 1], w, s), s)
+        x_square = live.x.take(at).view(k, c, s * s)
+        old = live.x_hat.take(at)
+        signs = _signs(u[:, 5:5 + c]).to(live.x.dtype).view(k, c, 1)
+        eps = live.eps.view(k, 1, 1)
+        new = clip_box(x_square + eps * signs, x_square).view(k, -1)
+        same = (new == old).all(dim=1)
+        if bool(same.any()):
+            flipped = clip_box(x_square - eps * signs, x_square).view(k, -1)
+            new = torch.where(same[:, None], flipped, new)
+        proposal = self.buffer[:k]
+        proposal.copy_(live.x_hat)
+        proposal.put_(at, new)
+        return at, new, old
+
+
+def _linf_proposal(x: Tensor, x_hat: Tensor, eps: Tensor, s: int, u: Tensor) -> Tensor:
+    """One L∞ proposal per sample (:meth:`_Squares.linf_proposal`), as a new tensor."""
+    k = len(x)
+    live = _Live(torch.arange(k, device=x.device), x.contiguous(), x_hat.contiguous(),
+                 x.new_zeros(k), torch.zeros(k, dtype=torch.long, device=x.device), eps)
+    squares = _Squares(live.x)
+    squares.linf_proposal(live, s, u)
+    return squares.buffer
 
 
 def _generator_noise(n: int, x: Tensor, generator: torch.Generator | None) -> SquareNoise:
@@ -259,25 +334,6 @@ def _start(x: Tensor, eps: Tensor, norm: Norm, u: Tensor) -> Tensor:
 def _unit(delta: Tensor) -> Tensor:
     norms = row_norm(delta)
     return torch.where(norms > 0, delta / norms.clamp_min(1e-12), delta)
-
-
-def _linf_proposal(x: Tensor, x_hat: Tensor, eps: Tensor, s: int, u: Tensor) -> Tensor:
-    """Algorithm 2: ``δ̂`` with one ``s × s`` square set to ``±ε`` (a sign per channel).
-
-    A proposal equal to ``x̂`` would waste a query; there the signs are flipped, which always
-    changes the square when ``ε > 0`` (the authors' code redraws the signs instead). Only the
-    square is computed (``[k, c, s, s]``), then written into a copy of ``x̂``.
-    """
-    k, c, h, w = x.shape
-    square_at = _square_index(_corner(u[:, 0], h, s), _corner(u[:, 1], w, s), s, c)
-    signs = _signs(u[:, 5:5 + c]).to(x.dtype).view(k, c, 1, 1)
-    x_square = x[square_at]
-    new = clip_box(x_square + eps * signs, x_square)
-    same = (new == x_hat[square_at]).flatten(1).all(dim=1).view(k, 1, 1, 1)
-    new = torch.where(same, clip_box(x_square - eps * signs, x_square), new)
-    proposal = x_hat.clone()  # x̂ is in the box
-    proposal[square_at] = new
-    return proposal
 
 
 def _square_index(top: Tensor, left: Tensor, s: int, c: int) -> tuple[Tensor, ...]:
