@@ -198,10 +198,7 @@ class _Live:
     def __init__(self, idx: Tensor, x: Tensor, x_hat: Tensor, m_hat: Tensor, y: Tensor,
                  eps: Tensor) -> None:
         self.idx, self.x, self.x_hat, self.m_hat, self.y, self.eps = idx, x, x_hat, m_hat, y, eps
-
-    @property
-    def k(self) -> int:
-        return len(self.idx)
+        self.k = int(idx.shape[0])
 
     def settle(self, broken: Tensor, x_best: Tensor, success: Tensor) -> _Live:
         """Write the samples ``broken`` (``[k]`` bool) now hold out (their ``x̂`` into ``x_best``,
@@ -227,20 +224,28 @@ class _Squares:
         self.buffer = torch.empty_like(x, memory_format=torch.contiguous_format)
         self.rows = torch.arange(k, device=x.device) * (c * h * w)
         self.offsets: dict[int, Tensor] = {}
+        self.corners: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
     def proposal(self, k: int) -> Tensor:
         return self.buffer[:k]
 
-    def index(self, top: Tensor, left: Tensor, s: int) -> Tensor:
-        """``[k, c·s·s]`` flat indices of each sample's square."""
+    def index(self, u: Tensor, s: int) -> Tensor:
+        """``[k, c·s·s]`` flat indices of each sample's square, its top-left corner uniform
+        in ``{0, …, h − s} × {0, …, w − s}`` from the uniforms ``u[:, :2]`` (:func:`_corner`)."""
         c, h, w = self.shape
         if s not in self.offsets:
-            a = torch.arange(s, device=top.device)
-            grid = (torch.arange(c, device=top.device)[:, None, None] * (h * w)
+            a = torch.arange(s, device=u.device)
+            grid = (torch.arange(c, device=u.device)[:, None, None] * (h * w)
                     + a[None, :, None] * w + a[None, None, :])
             self.offsets[s] = grid.reshape(1, -1)
-        corner = self.rows[:len(top)] + top * w + left
-        return corner[:, None] + self.offsets[s]
+            self.corners[s] = (torch.tensor([h - s + 1, w - s + 1], dtype=u.dtype,
+                                            device=u.device),
+                               torch.tensor([h - s, w - s], device=u.device),
+                               torch.tensor([w, 1], device=u.device))
+        sizes, last, stride = self.corners[s]
+        corner = torch.minimum((u[:, :2] * sizes).floor().long(), last)  # (top, left)
+        start = self.rows[:len(u)] + (corner * stride).sum(dim=1)
+        return start[:, None] + self.offsets[s]
 
     def linf_proposal(self, live: _Live, s: int, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Algorithm 2 into the buffer: ``x̂`` with one ``s × s`` square set to ``clip(x ± ε)``
@@ -248,14 +253,13 @@ class _Squares:
         are flipped, which always changes the square when ``ε > 0`` (the authors' code redraws
         them instead). Returns the square's flat indices, its new and its old values
         (``[k, c·s·s]``)."""
-        c, h, w = self.shape
-        k = live.k
-        at = self.index(_corner(u[:, 0], h, s), _corner(u[:, 1], w, s), s)
+        c, k = self.shape[0], live.k
+        at = self.index(u, s)
         x_square = live.x.take(at).view(k, c, s * s)
         old = live.x_hat.take(at)
         signs = _signs(u[:, 5:5 + c]).to(live.x.dtype).view(k, c, 1)
         eps = live.eps.view(k, 1, 1)
-        new = clip_box(x_square + eps * signs, x_square).view(k, -1)
+        new = clip_box(torch.addcmul(x_square, eps, signs), x_square).view(k, -1)
         same = (new == old).all(dim=1)
         if bool(same.any()):
             flipped = clip_box(x_square - eps * signs, x_square).view(k, -1)
