@@ -201,8 +201,8 @@ class _Live:
         self.k = int(idx.shape[0])
 
     def settle(self, broken: Tensor, x_best: Tensor, success: Tensor) -> _Live:
-        """Write the samples ``broken`` (``[k]`` bool) now hold out (their ``x̂`` into ``x_best``,
-        ``success``) and return the others; no copy when none broke."""
+        """Record the samples flagged ``broken`` (``[k]`` bool): their ``x̂`` into ``x_best``,
+        ``success`` set; return the others (``self``, no copy, when none broke)."""
         if not bool(broken.any()):
             return self
         done = self.idx[broken]
