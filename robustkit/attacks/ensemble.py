@@ -12,7 +12,10 @@ left robust:
    at ε: it follows the linearised decision boundary rather than a loss, so a loss surface
    that misleads APGD does not hide a weak sample from it;
 4. :func:`~robustkit.attacks.square.square`: gradient-free random search (gradient masking
-   does not hide a weak sample from it).
+   does not hide a weak sample from it), in AutoAttack's configuration: 5,000 queries,
+   ``p_init = 0.8``, the square-size schedule fixed in iterations (``resc_schedule=False``:
+   ``p`` halves after iterations 10, 50, 200, 500, 1000, 2000, 4000) and the search always
+   starting from the random stripes.
 
 A sample counts as robust only if no stage breaks it; its ``x_adv`` is the point that broke it,
 else the point with the lowest margin ``z_y − max_{j≠y} z_j`` any stage found. A stage only
@@ -142,7 +145,7 @@ def autoattack(
                                   generator=generator)
         else:
             result = square(model, x_i, y_i, eps=eps_i, norm=norm, budget=budget,
-                            p_init=p_init, generator=generator,
+                            p_init=p_init, rescale=False, generator=generator,
                             noise=_square_rows(square_noise, idx))
         grad_evals += result.grad_evals
         queries += result.queries

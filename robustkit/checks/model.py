@@ -480,7 +480,8 @@ def check_gradient_free_finds_no_more(
     random search does not need them (Carlini et al., 2019, §5; AutoAttack's Square). Masking
     can be confined to some budgets (a step that hides the gradient only for small
     perturbations), hence every ε. With ``M_ε`` the samples the gradient attack left robust at
-    ε and ``K_ε`` those of them Square breaks within ε (``budget`` queries; an example found at
+    ε and ``K_ε`` those of them Square breaks within ε (``budget`` queries, the square-size
+    schedule stretched over them, ``rescale=True``; an example found at
     a smaller ε lies in every larger ball, so it counts there without a new search), the value
     is ``max_ε K_ε / M_ε``; above ``warn_above`` warns, above ``fail_above`` fails.
     ``known``: the outcome of the gradient attacks already run (the evaluation's strongest, say:
@@ -562,7 +563,7 @@ def _square_breaks(model: nn.Module, x: Tensor, y: Tensor, robust: dict[float, T
         search = (left & ~found).nonzero().squeeze(1)
         if search.numel():
             result = square(model, x[search], y[search], eps=e, norm=norm, budget=budget,
-                            generator=generator)
+                            rescale=True, generator=generator)
             success = result.success
             if eot_samples is not None:
                 success = success & _fooled_every_draw(model, result.x_adv, y[search],
