@@ -16,8 +16,9 @@ L1 budget ε (default 10, pixel units: the sum of the absolute pixel changes of 
 Each side's adversarial images are checked to lie in the L1 ball and the [0, 1] box (a point
 outside counts as not broken), and a sample counts as robust iff the model still classifies it
 correctly. Printed and written (``--out``: JSON, text, PNG): clean and robust accuracy, the
-authors' accuracy after each stage, the per-sample disagreements, the wall times; the
-done-when of issue #37 is ``robustkit − authors ≤ 0.2`` points.
+authors' accuracy after each stage, the per-sample disagreements (the JSON also lists the
+samples each side leaves robust), the wall times; the done-when of issue #37 is
+``robustkit − authors ≤ 0.2`` points.
 
     python benchmarks/l1_compare.py --authors-src /tmp/aa --n 1000 --eps 10 \\
         --out benchmarks/results/cpu_l1_compare_mnist_cnn_pgd_at
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ref, seconds, outside, stages = run_authors(model, split, args)
     figures["authors"] = {"accuracy": float(ref.float().mean()), "seconds": seconds,
                           "outside_threat_set": outside, "after_stage": stages}
+    figures["robust_authors"] = ref.nonzero().squeeze(1).tolist()
     lines.append(f"authors' AutoAttack standard L1: {ref.float().mean():.4f} in {seconds:.0f} s"
                  f"; after each stage {', '.join(f'{k} {v:.4f}' for k, v in stages.items())}"
                  + (f"; {outside} points outside the threat set" if outside else ""))
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         only_rk = (~rk & ref).nonzero().squeeze(1).tolist()
         figures["gap_robustkit_minus_authors"] = gap
         figures["broken_only_by_authors"], figures["broken_only_by_robustkit"] = only_ref, only_rk
+        figures["robust_robustkit"] = rk.nonzero().squeeze(1).tolist()
         lines.append(f"robustkit − authors: {100 * gap:+.2f} points (done-when: ≤ "
                      f"{100 * ALLOWED_GAP:.1f}) — {'met' if gap <= ALLOWED_GAP else 'NOT met'}; "
                      f"broken only by the authors {len(only_ref)} {only_ref[:20]}, only by "
