@@ -16,11 +16,20 @@ L1 budget ε (default 10, pixel units: the sum of the absolute pixel changes of 
 Each side's adversarial images are checked to lie in the L1 ball and the [0, 1] box (a point
 outside counts as not broken), and a sample counts as robust iff the model still classifies it
 correctly. Printed and written (``--out``: JSON, text, PNG): clean and robust accuracy, the
-authors' accuracy after each stage, the per-sample disagreements, the wall times; the
-done-when of issue #37 is ``robustkit − authors ≤ 0.2`` points.
+authors' accuracy after each stage, the per-sample disagreements (the JSON also lists the
+samples each side leaves robust), the wall times; the done-when of issue #37 is
+``robustkit − authors ≤ 0.2`` points.
 
     python benchmarks/l1_compare.py --authors-src /tmp/aa --n 1000 --eps 10 \\
         --out benchmarks/results/cpu_l1_compare_mnist_cnn_pgd_at
+
+``--recheck I,J,… --seeds S`` asks of each listed sample whether a disagreement is chance or a
+systematic miss: each stage of each side runs on the sample again, ``S`` times, and the line
+gives which runs broke it. APGD-CE and APGD-T: seed ``s`` draws the random starts (the sample
+alone). FAB-T starts from the clean point and draws nothing, but its path is sensitive to float
+rounding, which the batch changes: run ``s = 0`` has the sample alone, run ``s > 0`` beside
+:data:`COMPANIONS` other test images drawn with seed ``s``. The authors' stages are their own,
+from ``version="standard"`` (their Square too; robustkit has no L1 Square).
 """
 
 from __future__ import annotations
@@ -50,6 +59,10 @@ from robustkit.models import load_model
 SLACK = 1e-5
 #: What the done-when allows robustkit above the authors, in accuracy (0.2 points).
 ALLOWED_GAP = 0.002
+#: Other test images beside a rechecked sample in FAB-T's runs ``s > 0`` (``--recheck``).
+COMPANIONS = 7
+#: The stages of the authors' standard L1 version, in their order.
+AUTHORS_STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,9 +82,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help="write OUT.json, OUT.txt and OUT.png")
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    parser.add_argument("--recheck", default=None, metavar="I,J,...",
+                        help="rerun each stage of both sides on these test samples instead "
+                             "(indices below --n), --seeds times: chance or systematic miss")
+    parser.add_argument("--seeds", type=int, default=5, help="runs per stage for --recheck")
     args = parser.parse_args(argv)
-    if args.n < 1 or args.batch_size < 1 or not args.eps > 0:
-        parser.error("--n and --batch-size must be at least 1 and --eps above 0")
+    if args.n < 1 or args.batch_size < 1 or not args.eps > 0 or args.seeds < 1:
+        parser.error("--n, --batch-size and --seeds must be at least 1 and --eps above 0")
+    if args.recheck is not None:
+        try:
+            args.recheck = [int(i) for i in args.recheck.split(",")]
+        except ValueError:
+            parser.error(f"--recheck takes test indices as I,J,..., got {args.recheck!r}")
+        if not all(0 <= i < args.n for i in args.recheck):
+            parser.error(f"--recheck indices must lie in [0, --n = {args.n})")
     return args
 
 
@@ -133,6 +157,54 @@ def run_authors(model: nn.Module, split: Split, args: argparse.Namespace
     return torch.cat(robust), seconds, outside, per_stage
 
 
+def breaks_first(model: nn.Module, x: Tensor, y: Tensor, adv: Tensor, eps: float) -> int:
+    """1 when ``adv`` breaks the batch's first sample inside the threat set, else 0."""
+    return int(~robust_inside(model, x, y, adv, eps)[0][0])
+
+
+def authors_stage(model: nn.Module, stage: str, x: Tensor, y: Tensor, eps: float,
+                  seed: int) -> Tensor:
+    """One stage of the authors' standard L1 version (their settings, seed ``seed``)."""
+    from autoattack import AutoAttack  # the authors' code, on sys.path from --authors-src
+
+    attack = AutoAttack(model, norm="L1", eps=eps, version="standard", seed=seed, device="cpu",
+                        verbose=False)
+    attack.attacks_to_run = [stage]  # after set_version: the standard L1 settings stay
+    with contextlib.redirect_stdout(io.StringIO()):
+        adv: Tensor = attack.run_standard_evaluation(x, y, bs=len(x)).detach()
+    return adv
+
+
+def recheck(model: nn.Module, split: Split, args: argparse.Namespace) -> list[str]:
+    """Per listed sample and stage, which of ``--seeds`` runs of each side break it (see the
+    module docstring); one line each."""
+    from robustkit.attacks.ensemble import autoattack
+
+    sys.path.insert(0, str(args.authors_src))
+    lines = []
+    for i in args.recheck:
+        for stage in AUTHORS_STAGES:
+            broken: dict[str, list[int]] = {"robustkit": [], "authors": []}
+            for s in range(args.seeds):
+                rows = [i]
+                if stage == "fab-t" and s > 0:
+                    draw = torch.Generator().manual_seed(s)
+                    others = [j for j in torch.randperm(len(split), generator=draw).tolist()
+                              if j != i]
+                    rows += others[:COMPANIONS]
+                x, y = split.images[rows], split.labels[rows]
+                if stage != "square":
+                    ours = autoattack(model, x, y, eps=args.eps, norm="l1", stages=(stage,),
+                                      generator=torch.Generator().manual_seed(s)).x_adv
+                    broken["robustkit"].append(breaks_first(model, x, y, ours, args.eps))
+                theirs = authors_stage(model, stage, x, y, args.eps, s)
+                broken["authors"].append(breaks_first(model, x, y, theirs, args.eps))
+            lines.append(f"sample {i} {stage}: broken in runs 0..{args.seeds - 1}: robustkit "
+                         f"{broken['robustkit'] or '(no L1 Square)'}, authors {broken['authors']}")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def figure(path: Path, clean: float, figures: dict[str, Any]) -> None:
     """Robust accuracy after each stage: the authors' stages and robustkit's final figure."""
     from matplotlib.figure import Figure
@@ -176,6 +248,13 @@ def main(argv: list[str] | None = None) -> int:
              f"model {args.checkpoint}, first {len(split)} MNIST test images, L1 ε = "
              f"{args.eps:g}, seed {args.seed}; clean accuracy {clean:.4f}"]
     print(*lines, sep="\n", flush=True)
+    if args.recheck is not None:
+        lines += recheck(model, split, args)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+            print(f"written {args.out}.txt")
+        return 0
     figures: dict[str, Any] = {"model": args.checkpoint, "n": len(split), "eps": args.eps,
                                "clean_accuracy": clean, "machine": lines[0]}
     rk: Tensor | None = None
@@ -188,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     ref, seconds, outside, stages = run_authors(model, split, args)
     figures["authors"] = {"accuracy": float(ref.float().mean()), "seconds": seconds,
                           "outside_threat_set": outside, "after_stage": stages}
+    figures["robust_authors"] = ref.nonzero().squeeze(1).tolist()
     lines.append(f"authors' AutoAttack standard L1: {ref.float().mean():.4f} in {seconds:.0f} s"
                  f"; after each stage {', '.join(f'{k} {v:.4f}' for k, v in stages.items())}"
                  + (f"; {outside} points outside the threat set" if outside else ""))
@@ -197,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         only_rk = (~rk & ref).nonzero().squeeze(1).tolist()
         figures["gap_robustkit_minus_authors"] = gap
         figures["broken_only_by_authors"], figures["broken_only_by_robustkit"] = only_ref, only_rk
+        figures["robust_robustkit"] = rk.nonzero().squeeze(1).tolist()
         lines.append(f"robustkit − authors: {100 * gap:+.2f} points (done-when: ≤ "
                      f"{100 * ALLOWED_GAP:.1f}) — {'met' if gap <= ALLOWED_GAP else 'NOT met'}; "
                      f"broken only by the authors {len(only_ref)} {only_ref[:20]}, only by "
