@@ -37,6 +37,13 @@ uses draws ``0 … R − 1`` for its ``R`` restarts, APGD-T's ``j``-th target dr
 ``square_noise`` Square's uniforms, both indexed by sample, so each stage treats a sample
 exactly as it would on its own, and the ensemble breaks every sample any of its stages breaks
 alone with the same draws. FAB-T's single start is the clean point: it draws nothing.
+
+Speed: on the CPU the stages run the model's weights channels-last
+(:func:`~robustkit.attacks.iterative.channels_last`): the same function up to float rounding,
+and on a small MNIST CNN about twice the forward passes per second (its NCHW max-pooling is
+the slow part). Rounding can move a borderline sample from one stage to another; on the first
+100 test images of ``zoo:mnist_cnn_pgd_at`` at ε = 0.3 the ensemble's robust set was the same
+sample for sample.
 """
 
 from __future__ import annotations
