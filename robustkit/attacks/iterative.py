@@ -134,16 +134,16 @@ def channels_last(model: nn.Module, x: Tensor, logits: Tensor) -> Iterator[bool]
         yield False
         return
     try:
-        for param, data in moved:
-            param.data = torch.empty_like(data, memory_format=torch.channels_last).copy_(data)
-        with attack_mode(model), torch.no_grad():
-            try:
+        try:  # e.g. ``.view`` of an NHWC activation, or weights that refuse a new tensor
+            for param, data in moved:
+                param.data = torch.empty_like(data, memory_format=torch.channels_last).copy_(data)
+            with attack_mode(model), torch.no_grad():
                 found = model(x)
-                kept = isinstance(found, Tensor) and found.shape == logits.shape and bool(
-                    (found - logits).abs().amax()
-                    <= LAYOUT_TOLERANCE * (1 + float(logits.abs().amax())))
-            except RuntimeError:  # e.g. ``.view`` of an NHWC activation
-                kept = False
+            bound = LAYOUT_TOLERANCE * (1 + float(logits.abs().amax()))
+            kept = isinstance(found, Tensor) and found.shape == logits.shape and bool(
+                (found - logits).abs().amax() <= bound)
+        except RuntimeError:
+            kept = False
         if not kept:
             for param, data in moved:
                 param.data = data
