@@ -17,6 +17,11 @@ On one model (a robustkit checkpoint, or anything ``robustkit attack --model`` l
 Each reference's adversarial images are checked to lie in the ε-ball and the [0, 1] box, and a
 sample counts as robust iff the model still classifies its image correctly.
 
+The tools alternate: the images are cut into rounds of ``--chunk`` (default 50) and every round
+runs each tool on its images in turn, the order rotated from round to round, so a machine whose
+load drifts (a shared CPU) weighs on every tool alike; each tool's time is the sum of its
+rounds. ``--chunk 0`` runs each tool once on all the images, one after the other.
+
 Printed: clean and robust accuracy of each, the per-sample disagreements (indices; which side
 broke them), and the wall time of each with the ratio reference / robustkit. ``--json OUT``
 saves the same figures (with every disagreeing index) as JSON.
@@ -67,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--batch-size", type=int, default=1000,
                         help="batch size of both tools (default 1000)")
+    parser.add_argument("--chunk", type=int, default=50,
+                        help="images per round of the alternation (default 50; 0: one round)")
     parser.add_argument("--steps", type=int, default=100, help="robustkit's APGD steps (100)")
     parser.add_argument("--queries", type=int, default=5000, help="robustkit's Square budget")
     parser.add_argument("--seed", type=int, default=0)
@@ -84,8 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "version='standard': APGD/APGD-T/FAB-T 100 iterations, Square 5000)")
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     args = parser.parse_args(argv)
-    if args.n < 1 or args.batch_size < 1:
-        parser.error("--n and --batch-size must be at least 1")
+    if args.n < 1 or args.batch_size < 1 or args.chunk < 0:
+        parser.error("--n and --batch-size must be at least 1, --chunk at least 0")
     if not 0 < args.eps <= eps_bound(args.norm):  # L2's √d: checked once the data is loaded
         parser.error(f"--eps {args.eps} is out of range for {args.norm}")
     return args
@@ -191,34 +198,43 @@ def main(argv: list[str] | None = None) -> int:
           f"MNIST test images, {args.norm} ε = {args.eps:g}; "
           f"clean accuracy {clean.float().mean():.4f}")
 
-    rk_robust, rk_seconds, rk_cost = run_robustkit(model, split, args, device)
+    Run = Callable[[Split], tuple[Tensor, float, Any]]
+    tools: list[tuple[str, str, Run]] = [
+        ("robustkit autoattack", "robustkit",
+         lambda part: run_robustkit(model, part, args, device))]
+    if not args.skip_reference:
+        tools.append((f"torchattacks AutoAttack standard, {args.reference_steps or 10} steps",
+                      "torchattacks",
+                      lambda part: run_torchattacks(model, part, args, device,
+                                                    int(logits.shape[1]))))
+    if args.authors:
+        tools.append(("authors' AutoAttack standard", "authors",
+                      lambda part: run_authors(model, part, args, device)))
+    found, skipped = alternate(tools, split, args.chunk or n)
+    rk_robust, rk_seconds, rk_costs = found["robustkit"]
     figures: dict[str, Any] = {
         "model": args.checkpoint, "device": str(device), "n": n, "norm": args.norm,
         "eps": args.eps, "clean_accuracy": float(clean.float().mean()), "machine": machine_line(),
+        "rounds": math.ceil(n / (args.chunk or n)),
         "robustkit": {"accuracy": float(rk_robust.float().mean()), "seconds": rk_seconds,
-                      "steps": args.steps, "queries_budget": args.queries, **rk_cost},
+                      "steps": args.steps, "queries_budget": args.queries,
+                      "grad_evals": sum(c["grad_evals"] for c in rk_costs),
+                      "queries": sum(c["queries"] for c in rk_costs)},
     }
     rows: list[list[object]] = [["robustkit autoattack", f"{rk_robust.float().mean():.4f}",
                                  f"{rk_seconds:.1f}", ""]]
-    Reference = tuple[str, str, Callable[[], tuple[Tensor, float, int]]]
-    references: list[Reference] = [] if args.skip_reference else [
-        (f"torchattacks AutoAttack standard, {args.reference_steps or 10} steps", "torchattacks",
-         lambda: run_torchattacks(model, split, args, device, int(logits.shape[1])))]
-    if args.authors:
-        references.append(("authors' AutoAttack standard", "authors",
-                           lambda: run_authors(model, split, args, device)))
-    for title, key, run_reference in references:
-        try:
-            ref_robust, ref_seconds, invalid = run_reference()
-        except ImportError as exc:
-            print(f"{title}: skipped ({exc}; see benchmarks/README.md)")
-            continue
+    references = [(title, key) for title, key, _ in tools[1:] if key in found]
+    for title, key, _ in tools[1:]:
+        if key not in found:
+            print(f"{title}: skipped ({skipped[key]}; see benchmarks/README.md)")
+    for title, key in references:
+        ref_robust, ref_seconds, invalids = found[key]
         ratio = ref_seconds / rk_seconds if rk_seconds > 0 else math.nan
         rows.append([title, f"{ref_robust.float().mean():.4f}", f"{ref_seconds:.1f}",
                      f"{ratio:.2f}"])
         figures[key] = {
             "title": title, "accuracy": float(ref_robust.float().mean()),
-            "seconds": ref_seconds, "invalid_adversarials": invalid,
+            "seconds": ref_seconds, "invalid_adversarials": sum(invalids),
             "time_ratio_over_robustkit": ratio,
             "accuracy_gap_robustkit_minus_reference": float(
                 rk_robust.float().mean() - ref_robust.float().mean()),
@@ -226,9 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             "broken_only_by_robustkit": (~rk_robust & ref_robust).nonzero().squeeze(1).tolist(),
         }
     print_table(["attack", "robust accuracy", "seconds", "time / robustkit"], rows)
-    for title, key, _ in references:
-        if key in figures:
-            _print_comparison(title, figures[key])
+    for title, key in references:
+        _print_comparison(title, figures[key])
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.json.with_name(args.json.name + ".tmp")
@@ -236,6 +251,30 @@ def main(argv: list[str] | None = None) -> int:
         tmp.replace(args.json)
         print(f"figures written to {args.json}")
     return 0
+
+
+def alternate(tools: list[tuple[str, str, Any]], split: Split, chunk: int
+              ) -> tuple[dict[str, tuple[Tensor, float, list[Any]]], dict[str, str]]:
+    """Run every tool on each round of ``chunk`` images, the order rotated by one each round.
+
+    Returns per tool key: robustness ``[n]`` (the rounds concatenated), the summed seconds, and
+    the third item of every round's result; and per tool whose import failed, why (it is left
+    out)."""
+    skipped: dict[str, str] = {}
+    parts: dict[str, list[tuple[Tensor, float, Any]]] = {key: [] for _, key, _ in tools}
+    for r, start in enumerate(range(0, len(split), chunk)):
+        part = Split(split.images[start:start + chunk], split.labels[start:start + chunk])
+        shift = r % len(tools)
+        for _, key, run in tools[shift:] + tools[:shift]:
+            if key in skipped:
+                continue
+            try:
+                parts[key].append(run(part))
+            except ImportError as exc:
+                skipped[key] = str(exc)
+    found = {key: (torch.cat([p[0] for p in done]), sum(p[1] for p in done), [p[2] for p in done])
+             for key, done in parts.items() if key not in skipped and done}
+    return found, skipped
 
 
 def _print_comparison(title: str, found: dict[str, Any]) -> None:

@@ -128,7 +128,7 @@ def apgd(
     return with_restarts(
         model, x, y, eps_t, one_start, kind=kind, targeted=targeted, norm=norm,
         restarts=restarts if random_start else 1, random_start=random_start,
-        generator=generator, start_noise=start_noise, labels=labels, aim=aim,
+        generator=generator, start_noise=start_noise, labels=labels, aim=aim, layout=True,
     )  # fmt: skip
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from robustkit.attacks.apgd import apgd
 from robustkit.attacks.base import AttackResult, WorstCase, attack_mode, check_inputs
-from robustkit.attacks.iterative import StartNoise, check_count
+from robustkit.attacks.iterative import StartNoise, channels_last, check_count
 from robustkit.attacks.losses import check_logits, is_adversarial, objective
 from robustkit.errors import RobustkitError
 from robustkit.vocabulary import Norm
@@ -64,7 +64,6 @@ def apgd_targeted(
     check_count(restarts, "restarts", minimum=1)
     x = x.detach()
     worst = WorstCase(x)
-    grad_evals = 0
     with attack_mode(model), torch.no_grad():
         logits = model(x)
     check_logits(logits, y)
@@ -77,7 +76,21 @@ def apgd_targeted(
     worst.update(torch.arange(len(x), device=x.device), x,
                  objective(logits, y, "margin", False), is_adversarial(logits, y))
     eps_t = eps if isinstance(eps, float | int) else torch.as_tensor(eps)
-    for j in range(targets):
+    with channels_last(model, x, logits):
+        grad_evals = _each_target(model, x, y, worst, ranked, eps_t, norm=norm, steps=steps,
+                                  restarts=restarts, early_stop=early_stop,
+                                  generator=generator, start_noise=start_noise)
+    return AttackResult(x_adv=worst.x_adv, success=worst.success, grad_evals=grad_evals)
+
+
+def _each_target(model: nn.Module, x: Tensor, y: Tensor, worst: WorstCase, ranked: Tensor,
+                 eps_t: float | Tensor, *, norm: Norm, steps: int, restarts: int,
+                 early_stop: bool, generator: torch.Generator | None,
+                 start_noise: StartNoise | None) -> int:
+    """APGD towards ``ranked[:, j]``, ``j = 0, 1, …``, each on the samples still unbroken;
+    every run's points are offered to ``worst``. Return the gradients spent."""
+    grad_evals = 0
+    for j in range(ranked.shape[1]):
         idx = (~worst.success).nonzero().squeeze(1)
         if idx.numel() == 0:
             break
@@ -97,4 +110,4 @@ def apgd_targeted(
             found = model(result.x_adv)
         worst.update(idx, result.x_adv, objective(found, y[idx], "margin", False),
                      is_adversarial(found, y[idx]))
-    return AttackResult(x_adv=worst.x_adv, success=worst.success, grad_evals=grad_evals)
+    return grad_evals

@@ -40,6 +40,13 @@ uses draws ``0 … R − 1`` for its ``R`` restarts, APGD-T's ``j``-th target dr
 ``square_noise`` Square's uniforms, both indexed by sample, so each stage treats a sample
 exactly as it would on its own, and the ensemble breaks every sample any of its stages breaks
 alone with the same draws. FAB-T's single start is the clean point: it draws nothing.
+
+Speed: on the CPU the stages run the model's weights channels-last
+(:func:`~robustkit.attacks.iterative.channels_last`): the same function up to float rounding,
+and on a small MNIST CNN about twice the forward passes per second (its NCHW max-pooling is
+the slow part). Rounding can move a borderline sample from one stage to another; on the first
+100 test images of ``zoo:mnist_cnn_pgd_at`` at ε = 0.3 the ensemble's robust set was the same
+sample for sample.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from robustkit.attacks.apgd import apgd
 from robustkit.attacks.apgd_t import DEFAULT_TARGETS, apgd_targeted
 from robustkit.attacks.base import AttackResult, WorstCase, as_eps, attack_mode, check_inputs
 from robustkit.attacks.fab import fab_targeted
-from robustkit.attacks.iterative import StartNoise
+from robustkit.attacks.iterative import StartNoise, channels_last
 from robustkit.attacks.losses import check_logits, is_adversarial, objective
 from robustkit.attacks.norms import check_norm
 from robustkit.attacks.square import DEFAULT_P_INIT, DEFAULT_QUERIES, SquareNoise, square
@@ -120,12 +127,42 @@ def autoattack(
     eps_t = as_eps(eps, x, norm).view(-1)
     x = x.detach()
     worst = WorstCase(x)
-    grad_evals = queries = 0
     with attack_mode(model), torch.no_grad():
         logits = model(x)
     check_logits(logits, y)
     restarts, k = recipe(norm, targets, logits.shape[1])
     _offer(worst, torch.arange(len(x), device=x.device), x, logits, y)
+    with channels_last(model, x, logits):
+        grad_evals, queries = _run_stages(
+            model, x, y, eps_t, worst, stages=stages, norm=norm, steps=steps,
+            restarts=restarts, k=k, classes=logits.shape[1], budget=budget, p_init=p_init,
+            generator=generator, start_noise=start_noise, square_noise=square_noise)
+    return AttackResult(x_adv=worst.x_adv, success=worst.success, grad_evals=grad_evals,
+                        queries=queries)
+
+
+def _run_stages(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps_t: Tensor,
+    worst: WorstCase,
+    *,
+    stages: tuple[str, ...],
+    norm: Norm,
+    steps: int,
+    restarts: int,
+    k: int,
+    classes: int,
+    budget: int,
+    p_init: float,
+    generator: torch.Generator | None,
+    start_noise: StartNoise | None,
+    square_noise: SquareNoise | None,
+) -> tuple[int, int]:
+    """Each of ``stages`` in turn on the samples the ones before it left unbroken, its points
+    offered to ``worst``; return the gradients and the queries spent."""
+    grad_evals = queries = 0
     for stage in STAGES:
         idx = (~worst.success & (eps_t > 0)).nonzero().squeeze(1)
         if stage not in stages or idx.numel() == 0:
@@ -141,7 +178,7 @@ def autoattack(
                                    start_noise=_rows(start_noise, idx, restarts))
         elif stage == "fab-t":
             result = fab_targeted(model, x_i, y_i, eps=eps_i, norm=norm, steps=steps,
-                                  targets=min(FAB_TARGETS, logits.shape[1] - 1),
+                                  targets=min(FAB_TARGETS, classes - 1),
                                   generator=generator)
         else:
             result = square(model, x_i, y_i, eps=eps_i, norm=norm, budget=budget,
@@ -151,8 +188,7 @@ def autoattack(
         queries += result.queries
         with attack_mode(model), torch.no_grad():
             _offer(worst, idx, result.x_adv, model(result.x_adv), y_i)
-    return AttackResult(x_adv=worst.x_adv, success=worst.success, grad_evals=grad_evals,
-                        queries=queries)
+    return grad_evals, queries
 
 
 def _offer(worst: WorstCase, idx: Tensor, x_adv: Tensor, logits: Tensor, y: Tensor) -> None:
