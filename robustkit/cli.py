@@ -548,8 +548,8 @@ def attack(
     tables = config_from_dict({"attacks": [], **extra}) if extra else None
     folder = out_dir or Path("runs") / f"attack-{model_name(model, weights)}"
     _check_out(folder, "--out")
-    _on_interrupt(f"finished (attack, ε) cells and checks are kept in {staging_path(folder)}; "
-                  "run the same command again to go on from them")
+    _on_interrupt(f"finished (attack, ε) cells, batches and checks are kept in "
+                  f"{staging_path(folder)}; run the same command again to go on from them")
     with _stdout_to_stderr() if as_json else contextlib.nullcontext():
         outcome = attack_model(
             model=model, attacks=attacks, eps=eps_values, n=n, batch_size=batch_size,

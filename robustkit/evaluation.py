@@ -33,6 +33,7 @@ deterministic kernels on GPU). Only timings differ.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import OrderedDict
@@ -97,15 +98,43 @@ class AttackState:
 
 
 @dataclass
+class CellProgress:
+    """An (attack, ε) cell as far as it got: the samples it attacks (fixed when it starts, in
+    order, ``batch_size`` at a time), how many of them are done, and what those gave.
+
+    Saved between batches so that an interrupted cell resumes at its next batch. A sample's
+    start noise, Square draws and EOT seed depend on the sample and its batch, never on when the
+    batch runs, so a resumed cell ends exactly as an uninterrupted one (timings aside).
+    """
+
+    title: str
+    eps: float
+    active: Tensor
+    batch_size: int
+    success: Tensor
+    on_target: Tensor
+    pictures: Tensor
+    kept: dict[str, Tensor] | None = None
+    attacked: int = 0
+    evals: int = 0
+    queries: int = 0
+    seconds: float = 0.0
+
+    def matches(self, title: str, eps: float, batch_size: int) -> bool:
+        return (self.title, self.eps, self.batch_size) == (title, eps, batch_size)
+
+
+@dataclass
 class SweepState:
     """All that a resumed sweep needs: clean predictions, each attack's state, the example
-    pictures, and (when kept) every cell's adversarial examples (:class:`Adversarial`'s
-    ``images``, ``pred`` and ``eps`` by cell ``TITLE@EPS``)."""
+    pictures, (when kept) every cell's adversarial examples (:class:`Adversarial`'s ``images``,
+    ``pred`` and ``eps`` by cell ``TITLE@EPS``), and the cell in progress, if any."""
 
     clean_pred: Tensor
     attacks: dict[str, AttackState] = field(default_factory=dict)
     examples: dict[str, Tensor] = field(default_factory=dict)
     adversarial: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    cell: CellProgress | None = None
 
 
 @dataclass(frozen=True)
@@ -317,14 +346,18 @@ def evaluate(
     transform: Transform | None = None,
     keep_adversarial: bool = False,
     sources: Mapping[str, nn.Module] | None = None,
+    save_every: float = 60.0,
 ) -> Evaluation:
     """Sweep every attack over every ε; return tidy results, per-sample outcomes and timings.
 
-    ``state``/``on_cell`` make a sweep resumable: ``on_cell`` is called after each finished
-    (attack, ε) cell with the state to save, and a saved state passed back skips those cells.
-    A resumed sweep may add ε values below those already swept: there every sample not broken
-    at a smaller ε is attacked, including those first broken at a larger one, so the result
-    equals a fresh sweep's at that ε.
+    ``state``/``on_cell`` make a sweep resumable: ``on_cell`` is called with the state to save
+    after each finished (attack, ε) cell, and inside a cell after a batch once ``save_every``
+    seconds have passed since the last call (the state's ``cell`` is then the cell in progress,
+    :class:`CellProgress`; one process only). A saved state passed back skips the finished
+    cells and the finished batches of the cell in progress. A resumed sweep may add ε values
+    below those already swept: there every sample not broken at a smaller ε is attacked,
+    including those first broken at a larger one, so the result equals a fresh sweep's at
+    that ε.
 
     ``dist`` shares the work among the processes of a torch.distributed group: every rank
     passes the same split and state and gets the same (complete) result; ``on_cell`` and the
@@ -358,7 +391,8 @@ def evaluate(
             state = SweepState(clean_pred=predict(model, data.images, batch_size, dist))
         sweep = _Sweep.start(model, data, state, n_examples=n_examples, batch_size=batch_size,
                              seed=seed, shortcuts=shortcuts, dist=dist, transform=transform,
-                             keep_adversarial=keep_adversarial, sources=sources)
+                             keep_adversarial=keep_adversarial, sources=sources,
+                             save_every=save_every)
         for a_index, attack in enumerate(attacks):
             _sweep_attack(sweep, state, attack, a_index, eps_list,
                           bar=f"{model_name} {attack.title}", progress=progress and main,
@@ -403,6 +437,7 @@ class _Sweep:
     transform: Transform | None
     keep_adversarial: bool = False
     sources: Mapping[str, nn.Module] = field(default_factory=dict)
+    save_every: float = 60.0
 
     def source_of(self, attack: AttackConfig) -> nn.Module | None:
         """The model a transfer attack crafts on; None for an attack on the evaluated model."""
@@ -412,7 +447,8 @@ class _Sweep:
     def start(cls, model: nn.Module, data: Split, state: SweepState, *, n_examples: int,
               batch_size: int, seed: int, shortcuts: bool, dist: Context | None,
               transform: Transform | None, keep_adversarial: bool = False,
-              sources: Mapping[str, nn.Module] | None = None) -> _Sweep:
+              sources: Mapping[str, nn.Module] | None = None,
+              save_every: float = 60.0) -> _Sweep:
         """Moves ``state``'s clean predictions to the split's device; the examples are the first
         ``n_examples`` samples classified correctly."""
         x, y = data.images, data.labels
@@ -422,7 +458,7 @@ class _Sweep:
         return cls(model, x, y, clean_correct, clean_correct.nonzero().squeeze(1)[:n_examples],
                    num_classes, batch_size=batch_size, seed=seed, shortcuts=shortcuts, dist=dist,
                    transform=transform, keep_adversarial=keep_adversarial,
-                   sources=dict(sources or {}))
+                   sources=dict(sources or {}), save_every=save_every)
 
 
 def _attack_state(state: SweepState, title: str, clean_correct: Tensor) -> AttackState:
@@ -482,48 +518,74 @@ def _sweep_attack(sweep: _Sweep, state: SweepState, attack: AttackConfig, a_inde
         with counting_rows(sweep.source_of(attack) or sweep.model, meter.rows):
             for i, e in enumerate(todo):
                 pictures = _sweep_cell(sweep, state, attack, a_index, a_state, targets, banks,
-                                       e, pictures, meter, cells_left=len(todo) - i)
+                                       e, pictures, meter, cells_left=len(todo) - i,
+                                       on_cell=on_cell)
                 if on_cell is not None:
                     on_cell(state)
 
 
 def _sweep_cell(sweep: _Sweep, state: SweepState, attack: AttackConfig, a_index: int,
                 a_state: AttackState, targets: Tensor, banks: tuple[NoiseBank, SquareBank],
-                e: float, previous: Tensor, meter: _Meter, cells_left: int) -> Tensor:
+                e: float, previous: Tensor, meter: _Meter, cells_left: int,
+                on_cell: Callable[[SweepState], None] | None) -> Tensor:
     """One (attack, ε) cell: attack the samples not broken at any ε' ≤ ``e`` (all the clean-
     correct ones without shortcuts), record its outcome, timing and the example pictures (a
-    copy of ``previous`` updated), and return those pictures."""
-    started = time.perf_counter()
-    # not broken at any ε' ≤ e: a resumed sweep may add an ε below those done,
-    # and a sample first broken at a larger ε must be attacked there too
-    robust = (a_state.broken_eps > e) if sweep.shortcuts else sweep.clean_correct.cpu()
-    pictures = previous.clone()
-    kept = _kept_base(sweep, state, attack.title, e) if sweep.keep_adversarial else None
-    active = robust.nonzero().squeeze(1)
-    meter.start(len(active), cells_left)
+    copy of ``previous`` updated), and return those pictures. A saved cell in progress
+    (``state.cell``) resumes at its next batch."""
+    cell = _open_cell(sweep, state, attack.title, a_state, e, previous)
+    meter.start(len(cell.active) - cell.attacked, cells_left)
     meter.bar.info = f"ε={e:g}"
-    success_all, target_all, evals, queries = _attack_cell(
-        sweep.model, attack, sweep.x, sweep.y, targets, active, e, banks,
-        batch_size=sweep.batch_size, shortcuts=sweep.shortcuts, a_state=a_state,
-        picture_idx=sweep.example_idx.cpu(), pictures=pictures, dist=sweep.dist,
-        transform=sweep.transform, eot=(sweep.seed, a_index), kept=kept,
-        source=sweep.source_of(attack),
-    )
-    state.examples[f"{attack.title}@{e:g}"] = pictures
-    if kept is not None:
-        state.adversarial[f"{attack.title}@{e:g}"] = kept
-    a_state.success_at[e] = success_all
+    started, last_save = time.perf_counter(), time.perf_counter()
+
+    def checkpoint() -> None:  # between batches: save the cell in progress now and then
+        nonlocal last_save
+        if on_cell is None or time.perf_counter() - last_save < sweep.save_every:
+            return
+        state.cell = dataclasses.replace(
+            cell, seconds=cell.seconds + time.perf_counter() - started)
+        on_cell(state)
+        last_save = time.perf_counter()
+
+    _attack_cell(sweep.model, attack, sweep.x, sweep.y, targets, e, banks, cell,
+                 shortcuts=sweep.shortcuts, a_state=a_state,
+                 picture_idx=sweep.example_idx.cpu(), dist=sweep.dist,
+                 transform=sweep.transform, eot=(sweep.seed, a_index),
+                 source=sweep.source_of(attack),
+                 checkpoint=checkpoint if sweep.dist is None else None)
+    state.cell = None
+    state.examples[f"{attack.title}@{e:g}"] = cell.pictures
+    if cell.kept is not None:
+        state.adversarial[f"{attack.title}@{e:g}"] = cell.kept
+    a_state.success_at[e] = cell.success
     if attack.targeted:
-        a_state.target_at[e] = target_all
-    a_state.grad_evals[e] = evals
-    a_state.queries[e] = queries
-    a_state.seconds[e] = time.perf_counter() - started
+        a_state.target_at[e] = cell.on_target
+    a_state.grad_evals[e] = cell.evals
+    a_state.queries[e] = cell.queries
+    a_state.seconds[e] = cell.seconds + time.perf_counter() - started
     a_state.done.append(e)
     left = int((_accuracy_at(a_state, e, sweep.clean_correct.cpu(), sweep.shortcuts)).sum())
     meter.finish(f"ε={e:g}")
     meter.bar.note(f"{meter.bar.title} ε={e:g}: {left} of {len(sweep.x)} robust "
-                   f"({a_state.seconds[e]:.1f} s, {len(active)} attacked)")
-    return pictures
+                   f"({a_state.seconds[e]:.1f} s, {len(cell.active)} attacked)")
+    return cell.pictures
+
+
+def _open_cell(sweep: _Sweep, state: SweepState, title: str, a_state: AttackState, e: float,
+               previous: Tensor) -> CellProgress:
+    """The saved cell in progress when it is this one (same attack, ε and batch size), else a
+    new cell over the samples not broken at any ε' ≤ ``e`` (a resumed sweep may add an ε below
+    those done, and a sample first broken at a larger ε must be attacked there too)."""
+    saved = state.cell
+    if saved is not None and saved.matches(title, e, sweep.batch_size):
+        return saved
+    state.cell = None
+    robust = (a_state.broken_eps > e) if sweep.shortcuts else sweep.clean_correct.cpu()
+    n = len(sweep.x)
+    return CellProgress(
+        title, e, robust.nonzero().squeeze(1), sweep.batch_size,
+        success=torch.zeros(n, dtype=torch.bool), on_target=torch.zeros(n, dtype=torch.bool),
+        pictures=previous.clone(),
+        kept=_kept_base(sweep, state, title, e) if sweep.keep_adversarial else None)
 
 
 def _kept_base(sweep: _Sweep, state: SweepState, title: str, e: float) -> dict[str, Tensor]:
@@ -540,34 +602,31 @@ def _kept_base(sweep: _Sweep, state: SweepState, title: str, e: float) -> dict[s
 
 def _attack_cell(
     model: nn.Module, attack: AttackConfig, x_all: Tensor, y_all: Tensor, targets: Tensor,
-    active: Tensor, eps: float, banks: tuple[NoiseBank, SquareBank], *, batch_size: int,
-    shortcuts: bool, a_state: AttackState, picture_idx: Tensor, pictures: Tensor,
+    eps: float, banks: tuple[NoiseBank, SquareBank], cell: CellProgress, *,
+    shortcuts: bool, a_state: AttackState, picture_idx: Tensor,
     dist: Context | None = None,
     transform: Transform | None = None, eot: tuple[int, int] = (0, 0),
-    kept: dict[str, Tensor] | None = None, source: nn.Module | None = None,
-) -> tuple[Tensor, Tensor, int, int]:
-    """Attack the ``active`` samples at one ε; record first breaks in ``a_state``.
+    source: nn.Module | None = None, checkpoint: Callable[[], None] | None = None,
+) -> None:
+    """Attack the samples of ``cell`` not attacked yet, one batch at a time, at one ε; record
+    first breaks in ``a_state`` and the rest in ``cell``.
 
-    The adversarial images of the samples ``picture_idx`` (sorted) are written into
-    ``pictures``. Returns the
-    per-sample success (misclassified) mask at this ε, the mask of samples whose example is
-    classified as the target (all false for untargeted attacks), the gradient evaluations and
-    the queries (forward passes of gradient-free attacks). With ``dist``, each rank attacks a
-    contiguous run of the batches and the outcomes are merged on every rank. ``kept`` (one
-    process): every attacked sample's example, its prediction and ε are written into it.
-    ``source``: a transfer attack's model; the examples crafted on it are judged on ``model``
-    alone (:func:`_judge`).
+    After each batch ``cell`` holds the per-sample success (misclassified) mask at this ε, the
+    mask of samples whose example is classified as the target (all false for untargeted
+    attacks), the gradient evaluations and the queries (forward passes of gradient-free
+    attacks); the adversarial images of the samples ``picture_idx`` (sorted) are in its
+    ``pictures``, and with ``kept`` every attacked sample's example, prediction and ε; then
+    ``checkpoint`` runs. With ``dist``, each rank attacks a contiguous run of the batches and
+    the outcomes are merged on every rank. ``source``: a transfer attack's model; the examples
+    crafted on it are judged on ``model`` alone (:func:`_judge`).
     """
     device = x_all.device
-    success = torch.zeros(len(x_all), dtype=torch.bool)
-    on_target = torch.zeros(len(x_all), dtype=torch.bool)
-    evals = queries = 0
     bank, square_bank = banks
-    starts = range(0, len(active), batch_size)
+    starts = range(cell.attacked, len(cell.active), cell.batch_size)
     if dist is not None:
         starts = starts[shard(len(starts), dist.rank, dist.world)]
     for start in starts:
-        index = active[start:start + batch_size]
+        index = cell.active[start:start + cell.batch_size]
         on_device = index.to(device)
 
         def noise(restart: int, index: Tensor = index) -> Tensor:
@@ -583,31 +642,35 @@ def _attack_cell(
                             early_stop=shortcuts, labels=labels,
                             square_noise=square_noise, transform=transform,
                             generator=generator, source=source)
-        evals += result.grad_evals
-        queries += result.queries
         with torch.no_grad():
             adv_logits = model(result.x_adv)
         hit = _judge(adv_logits, y_all[on_device], result, attack, eps, transfer=source is not None)
         adv_pred = adv_logits.argmax(1).cpu()
-        success[index[hit]] = True
+        cell.success[index[hit]] = True
         first = hit & (a_state.broken_eps[index] > eps)  # a new smallest breaking ε
         a_state.adv_pred[index[first]] = adv_pred[first]
         a_state.broken_eps[index[first]] = eps
         if attack.targeted:
-            on_target[index] = hit & (adv_pred == targets[index.to(targets.device)].cpu())
-        if kept is not None:
-            kept["images"][index] = result.x_adv.detach().cpu()
-            kept["pred"][index] = adv_pred
-            kept["eps"][index] = eps
+            cell.on_target[index] = hit & (adv_pred == targets[index.to(targets.device)].cpu())
+        if cell.kept is not None:
+            cell.kept["images"][index] = result.x_adv.detach().cpu()
+            cell.kept["pred"][index] = adv_pred
+            cell.kept["eps"][index] = eps
         chosen = torch.isin(index, picture_idx)
         if chosen.any():
             slots = torch.searchsorted(picture_idx, index[chosen])
-            pictures[slots] = result.x_adv[chosen.to(device)].detach().cpu()
+            cell.pictures[slots] = result.x_adv[chosen.to(device)].detach().cpu()
+        cell.evals += result.grad_evals
+        cell.queries += result.queries
+        cell.attacked = start + len(index)
+        if checkpoint is not None and cell.attacked < len(cell.active):
+            checkpoint()
     if dist is not None:
-        mine = active[starts.start:starts.stop]
-        evals, queries = _merge_cell(dist, mine, success, on_target, a_state, picture_idx,
-                                     pictures, (evals, queries))
-    return success, on_target, evals, queries
+        mine = cell.active[starts.start:starts.stop]
+        cell.evals, cell.queries = _merge_cell(dist, mine, cell.success, cell.on_target,
+                                               a_state, picture_idx, cell.pictures,
+                                               (cell.evals, cell.queries))
+        cell.attacked = len(cell.active)
 
 
 def _judge(logits: Tensor, labels: Tensor, result: AttackResult, attack: AttackConfig,

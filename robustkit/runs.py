@@ -3,7 +3,8 @@
 An evaluation folder holds ``results.csv`` (byte-stable: no timings), ``per_sample.csv``,
 ``timings.csv``, ``examples.safetensors`` (clean and adversarial images of a few samples),
 ``settings.json`` (what was evaluated, how) and ``manifest.json`` (provenance). While a sweep
-runs, ``sweep-state/`` holds the finished (attack, ε) cells so an interrupted sweep resumes.
+runs, ``sweep-state/`` holds the finished (attack, ε) cells and the finished batches of the cell
+in progress (saved at most once a minute), so an interrupted sweep resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from robustkit.checks.record import Check
 from robustkit.config import config_from_dict, digest, hash_view
 from robustkit.distributed import Context, on_main
 from robustkit.errors import RobustkitError
-from robustkit.evaluation import AttackState, Evaluation, SweepState, evaluate
+from robustkit.evaluation import AttackState, CellProgress, Evaluation, SweepState, evaluate
 from robustkit.runtime import now_iso
 from robustkit.storage import atomic_path, read_json_if_any, write_json
 
@@ -89,6 +90,8 @@ def save_sweep(out_dir: Path, fingerprint: str, state: SweepState) -> None:
                             "seconds": a.seconds,
                             "success_at": a.success_at, "target_at": a.target_at}
                     for title, a in state.attacks.items()},
+        "cell": None if state.cell is None else {
+            f.name: getattr(state.cell, f.name) for f in dataclasses.fields(state.cell)},
     })
 
 
@@ -102,6 +105,7 @@ def load_sweep(out_dir: Path, fingerprint: str) -> SweepState | None:
         examples=dict(saved["examples"]),
         adversarial={k: dict(v) for k, v in saved.get("adversarial", {}).items()},
         attacks={title: AttackState(**a) for title, a in saved["attacks"].items()},
+        cell=None if saved.get("cell") is None else CellProgress(**saved["cell"]),
     )
 
 
@@ -176,7 +180,11 @@ def evaluate_to_folder(
     state = on_main(prepare, dist)
     if state is not None and log is not None:
         cells = sum(len(attack.done) for attack in state.attacks.values())
-        log(f"resuming {cells} finished cell{'' if cells == 1 else 's'} from {out_dir}")
+        part = state.cell
+        within = ("" if part is None else
+                  f" and {part.attacked} of {len(part.active)} samples of {part.title} at "
+                  f"ε = {part.eps:g}")
+        log(f"resuming {cells} finished cell{'' if cells == 1 else 's'}{within} from {out_dir}")
     started = time.perf_counter()
     evaluation = evaluate(
         model, split, attacks, eps, model_name=model_name, batch_size=batch_size, seed=seed,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from robustkit.config import AttackConfig
 from robustkit.data import Split
 from robustkit.errors import RobustkitError
-from robustkit.evaluation import SweepState, evaluate, wilson_interval
+from robustkit.evaluation import Evaluation, SweepState, evaluate, wilson_interval
 from robustkit.runs import load_sweep, save_sweep
 from robustkit.vocabulary import AttackName
 
@@ -173,6 +174,59 @@ def test_interrupted_sweep_resumes_to_the_same_results(model_and_data, tmp_path:
     resumed = evaluate(model, data, attacks, EPS, state=state)
     assert resumed.results.equals(whole.results)
     assert resumed.per_sample.equals(whole.per_sample)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_sweep_interrupted_inside_a_cell_resumes_at_its_next_batch(  # type: ignore[no-untyped-def]
+        model_and_data, tmp_path: Path, keep: bool) -> None:
+    model, data = model_and_data
+    attacks = [AttackConfig(name="pgd", steps=5),
+               AttackConfig(name="square", queries=40, label="sq")]
+
+    def sweep(**options: Any) -> Evaluation:
+        return evaluate(model, data, attacks, EPS, batch_size=64, keep_adversarial=keep,
+                        **options)
+
+    whole = sweep()
+
+    class StopError(Exception):
+        pass
+
+    saves: list[tuple[str, float, int] | None] = []
+
+    def save_then_stop(state: SweepState) -> None:
+        save_sweep(tmp_path, "fp", state)
+        cell = state.cell
+        saves.append(None if cell is None else (cell.title, cell.eps, cell.attacked))
+        if cell is not None and cell.title == "sq" and cell.eps == 0.1:
+            raise StopError  # Square at ε = 0.1, some batches done
+
+    with pytest.raises(StopError):
+        sweep(on_cell=save_then_stop, save_every=0.0)
+    state = load_sweep(tmp_path, "fp")
+    assert state is not None and state.cell is not None
+    assert saves[:2] == [("pgd5", 0.05, 64), ("pgd5", 0.05, 128)]  # after every batch but the last
+    assert state.cell.title == "sq" and state.cell.eps == 0.1
+    assert 0 < state.cell.attacked < len(state.cell.active)
+    from_cell_start = load_sweep(tmp_path, "fp")
+    assert from_cell_start is not None and from_cell_start.cell is not None
+    from_cell_start.cell.attacked = 0  # the same state, its finished batches forgotten
+    rows: list[int] = []
+    hook = model.register_forward_hook(lambda _m, inputs, _o: rows.append(len(inputs[0])))
+    try:
+        resumed = sweep(state=state)
+        resumed_rows = sum(rows)
+        rows.clear()
+        sweep(state=from_cell_start)
+    finally:
+        hook.remove()
+    assert resumed_rows < sum(rows)  # the finished batches were not attacked again
+    assert resumed.results.equals(whole.results)
+    assert resumed.per_sample.equals(whole.per_sample)
+    for key, cell in whole.kept.items():
+        assert all(torch.equal(cell[k], resumed.kept[key][k]) for k in cell), key
+    assert resumed.examples.keys() == whole.examples.keys()
+    assert all(torch.equal(whole.examples[k], resumed.examples[k]) for k in whole.examples)
 
 
 def test_results_do_not_depend_on_batch_size(model_and_data) -> None:  # type: ignore[no-untyped-def]

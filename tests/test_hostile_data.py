@@ -393,7 +393,8 @@ def test_interrupted_attack_names_the_cells_folder_and_resume_says_so(
     _, stderr = sweep.communicate(timeout=120)
     assert sweep.returncode == 130, stderr
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("interrupted: finished (attack, ε) cells and checks are kept in")
+    assert last.startswith("interrupted: finished (attack, ε) cells, batches and checks are "
+                           "kept in")
     assert str(staging_path(out)) in last
     assert (staging_path(out) / "sweep-state" / "state.json").is_file()
 

@@ -692,7 +692,8 @@ def test_ctrl_c_during_training_and_sweep(tmp_path: Path, mnist_root: Path) -> N
     _, stderr = sweep.communicate(timeout=120)
     assert sweep.returncode == 130, stderr
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("interrupted: finished (attack, ε) cells and checks are kept in")
+    assert last.startswith("interrupted: finished (attack, ε) cells, batches and checks are "
+                           "kept in")
     assert "Traceback" not in stderr
 
 
