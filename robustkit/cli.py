@@ -678,6 +678,7 @@ def certify(
     from robustkit.certify.evaluate import certify_sweep
     from robustkit.models import load_model, parse_normalize
     from robustkit.sources import load_data
+    from robustkit.stages import check_certifiable
 
     eps_values = _float_list(eps, "--eps")
     methods = _bound_methods(method, norm, tolerance)
@@ -686,6 +687,7 @@ def certify(
                              "are non-negative")
     stats = parse_normalize(normalize) if normalize else None
     net, _ = load_model(model, weights=weights, normalize=stats, app_dir=app_dir)
+    check_certifiable(net, methods, "--method")
     data = load_data(data_source, data_dir=data_dir, val_size=0, parts=("test",), limit=n)
     split = data.test.take(n)
     pixels = int(split.images[0].numel()) if len(split) else None

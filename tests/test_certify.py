@@ -180,12 +180,14 @@ def test_certify_command_brackets_the_attack(tmp_path: object, mnist_root: objec
     for row in rows:
         assert row["accuracy"] <= accuracy[row["eps"]] + 1e-12, row
     assert {r["accuracy"] for r in rows if r["eps"] == 0} == {accuracy[0.0]}
-    refused = run("certify", "--model", "zoo:mnist_cnn", "--eps", "0.01", "--n", "5",
-                  "--method", "crown")
-    assert refused.returncode == 2
-    assert refused.stderr.strip() == ("error: CROWN does not cover MaxPool2d: use the IBP bound "
-                                      "for this model (--method ibp), or pool with AvgPool2d "
-                                      "or a strided convolution")
+    for methods in (("--method", "crown"), ()):  # the default ibp,crown-ibp too
+        # up front, before the data (an empty --data-dir) and before any IBP pass
+        refused = run("certify", "--model", "zoo:mnist_cnn", "--eps", "0.01", *methods,
+                      "--data-dir", str(tmp_path))
+        assert refused.returncode == 2
+        assert refused.stderr.strip() == ("error: CROWN does not cover MaxPool2d: certify this "
+                                          "model with IBP alone (--method ibp), or pool with "
+                                          "AvgPool2d or a strided convolution")
 
 
 # ------------------------------------------------------------------------ L2, closed forms

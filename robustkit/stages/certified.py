@@ -78,13 +78,15 @@ class CertifiedBounds:
         return discredit(done.with_(evaluation=evaluation, checks=checks, certified=table))
 
 
-def check_certifiable(model: nn.Module, methods: Sequence[CertifyMethod]) -> None:
+def check_certifiable(model: nn.Module, methods: Sequence[str], option: str = "--certify"
+                      ) -> None:
     """Before any work: one error naming the first layer the bounds do not cover, or max
-    pooling under a CROWN method (IBP alone bounds it)."""
+    pooling under a CROWN method (IBP alone bounds it); ``option`` is the flag that chose the
+    methods."""
     steps = network_steps(model)
     if any(isinstance(step, nn.MaxPool2d) for step in steps) and set(methods) - {"ibp"}:
-        raise RobustkitError("CROWN does not cover MaxPool2d: certify this model with IBP "
-                             "alone (--certify ibp), or pool with AvgPool2d or a strided "
+        raise RobustkitError(f"CROWN does not cover MaxPool2d: certify this model with IBP "
+                             f"alone ({option} ibp), or pool with AvgPool2d or a strided "
                              "convolution")
 
 
