@@ -73,10 +73,10 @@ SPECS: dict[str, AttackSpec] = {spec.name: spec for spec in (
     AttackSpec("apgd-t", "iterative", "APGD-T, targeted DLR (Croce & Hein, 2020)", 100,
                frozenset({"steps", "restarts", "targets", "bpda"}), norms=_WITH_L1),
     AttackSpec("square", "gradient-free", "Square (Andriushchenko et al., 2020)", None,
-               frozenset({"queries", "p_init"}), searches_freely=True),
+               frozenset({"queries", "p_init"}), searches_freely=True, norms=_WITH_L1),
     AttackSpec("fab-t", "minimum-norm", "FAB-T, targeted FAB (Croce & Hein, 2020)", 100,
                frozenset({"steps", "restarts", "targets"}), norms=_WITH_L1),
-    AttackSpec("autoattack", "ensemble", "APGD-CE → APGD-T → Square (AutoAttack; L1: → FAB-T)", 100,
+    AttackSpec("autoattack", "ensemble", "APGD-CE → APGD-T → Square (AutoAttack; L1: + FAB-T)", 100,
                frozenset({"steps", "targets", "queries", "p_init"}), searches_freely=True,
                norms=_WITH_L1),
 )}

@@ -2,7 +2,7 @@
 ``norm="L1"`` (their ``autoattack.py``, ``set_version``): APGD-CE with 5 random restarts and
 APGD-T with 5 target classes, both l1-APGD with the 3ε/2ε/ε schedule (``use_largereps``) and
 100 steps; then FAB-T with 9 target classes, one start from the clean point, 100 steps,
-α_max = 0.1, η = 1.05, β = 0.9. (Their L1 Square, 5000 queries, is the one stage left out.)
+α_max = 0.1, η = 1.05, β = 0.9; then the L1 Square, 5000 queries.
 
 Each stage is recorded on a model no attack can fool (constant logits), so every stage runs
 on every sample and the record is the whole recipe."""
@@ -62,7 +62,8 @@ def record_stages(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, 
         return result
 
     def spy_square(*args: Any, **kwargs: Any) -> AttackResult:
-        calls.append(("square", {}))
+        calls.append(("square", {k: kwargs.get(k) for k in ("norm", "budget", "p_init",
+                                                              "rescale")}))
         result: AttackResult = square(*args, **kwargs)
         return result
 
@@ -82,7 +83,7 @@ def test_the_l1_ensemble_is_the_authors_standard_l1_recipe(
                                  generator=torch.Generator().manual_seed(0))
     assert not result.success.any()
     names = [name for name, _ in calls]
-    assert names == ["apgd-ce"] * 5 + ["apgd-t"] * 5 + ["fab-t"]  # no Square in L1
+    assert names == ["apgd-ce"] * 5 + ["apgd-t"] * 5 + ["fab-t", "square"]
     for name, call in calls[:10]:
         assert call["steps"] == 100
         assert call["schedule"] == EPS_SCHEDULE == ((3.0, 0.3), (2.0, 0.3), (1.0, 0.4))
@@ -91,6 +92,8 @@ def test_the_l1_ensemble_is_the_authors_standard_l1_recipe(
     # APGD-T's targets: the 5 highest wrong classes, highest first (logits 0, -1, -2, …)
     assert [call["aim"] for _, call in calls[5:10]] == [[t, t] for t in (1, 2, 3, 4, 5)]
     assert calls[10][1] == {"norm": "l1", "steps": 100, "targets": 9, "restarts": 1}
+    # the authors' L1 Square: 5000 queries, p_init 0.8, the fixed schedule (rescale off)
+    assert calls[11][1] == {"norm": "l1", "budget": 5000, "p_init": 0.8, "rescale": False}
 
 
 def test_fab_keeps_the_authors_step_constants() -> None:
@@ -106,5 +109,5 @@ def test_the_l1_ensemble_needs_ten_classes_for_the_authors_target_counts(
     x = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     ensemble.autoattack(model, x, torch.zeros(1, dtype=torch.long), eps=2.0, norm="l1",
                         steps=4, generator=torch.Generator().manual_seed(0))
-    assert [name for name, _ in calls] == ["apgd-ce"] * 5 + ["apgd-t"] * 4 + ["fab-t"]
-    assert calls[-1][1]["targets"] == 4
+    assert [name for name, _ in calls] == ["apgd-ce"] * 5 + ["apgd-t"] * 4 + ["fab-t", "square"]
+    assert calls[-2][1]["targets"] == 4

@@ -202,7 +202,8 @@ def test_l1_apgd_beats_the_dense_l1_direction_on_the_linear_model() -> None:
 
 def test_a_config_names_the_attack_that_does_not_run_in_l1() -> None:
     with pytest.raises(RobustkitError, match=r"attacks\[1\]\.norm: pgd does not run in l1: l1 "
-                                             r"attacks are apgd, apgd-t, fab-t, autoattack"):
+                                             r"attacks are apgd, apgd-t, square, fab-t, "
+                                             r"autoattack"):
         config_from_dict({"attacks": [{"name": "apgd", "norm": "l1"},
                                       {"name": "pgd", "norm": "l1"}],
                           "evaluate": {"eps": [0, 10]}})
@@ -223,8 +224,8 @@ def test_the_python_api_refuses_l1_for_an_attack_without_it() -> None:
     model = Linear(torch.ones(1, 1, 4, 4), 0.0)
     with pytest.raises(RobustkitError, match=r"pgd does not run in l1; it takes linf, l2"):
         pgd(model, x, y, eps=1.0, norm="l1")
-    with pytest.raises(RobustkitError, match=r"square does not run in l1"):
-        square(model, x, y, eps=1.0, norm="l1")
+    with pytest.raises(RobustkitError, match=r"unknown norm 'l3'; choose one of linf, l2, l1"):
+        square(model, x, y, eps=1.0, norm="l3")  # type: ignore[arg-type]
 
 
 def test_the_cli_refuses_l1_with_pgd_in_one_line_and_keeps_a_preset_to_its_l1_attacks(
@@ -237,7 +238,8 @@ def test_the_cli_refuses_l1_with_pgd_in_one_line_and_keeps_a_preset_to_its_l1_at
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "pgd does not run in l1" in lines[0] and "apgd, apgd-t, fab-t, autoattack" in lines[0]
+    assert "pgd does not run in l1" in lines[0]
+    assert "apgd, apgd-t, square, fab-t, autoattack" in lines[0]
     # the standard preset (fgsm + autoattack) in L1 is the ensemble alone
     assert [a.name for a in _attack_configs("standard", norm="l1")] == ["autoattack"]
     assert [a.name for a in _attack_configs("standard", norm="linf")] == ["fgsm", "autoattack"]

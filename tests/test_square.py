@@ -11,7 +11,14 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.attacks.losses import is_adversarial, margin
-from robustkit.attacks.square import SquareNoise, square, square_fraction, square_side
+from robustkit.attacks.square import (
+    SquareNoise,
+    _l1_proposal,
+    eta,
+    square,
+    square_fraction,
+    square_side,
+)
 from robustkit.vocabulary import Norm
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -133,7 +140,7 @@ def test_the_stripe_start_is_taken_even_where_it_raises_the_margin(budget: int) 
 # --------------------------------------------------------------------------- the contract
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 @pytest.mark.parametrize("rescale", [False, True])
 def test_square_stays_in_the_ball_and_the_box(norm: Norm, rescale: bool) -> None:
     model = small_cnn(3)
@@ -141,12 +148,14 @@ def test_square_stays_in_the_ball_and_the_box(norm: Norm, rescale: bool) -> None
     x = images(40, seed=4)
     x[:10] = torch.randint(0, 2, (10, 1, 8, 8), generator=g).to(DTYPE)  # on the box's faces
     y = model(x).argmax(1)
-    eps = (torch.rand(40, generator=g, dtype=DTYPE) * (0.6 if norm == "linf" else 4.0))
+    scale = {"linf": 0.6, "l2": 4.0, "l1": 20.0}[norm]
+    eps = torch.rand(40, generator=g, dtype=DTYPE) * scale
     eps[:3] = 0.0
     result = square(model, x, y, eps=eps, norm=norm, budget=80, rescale=rescale,
                     generator=torch.Generator().manual_seed(1))
     delta = (result.x_adv - x).flatten(1)
-    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    size = {"linf": delta.abs().amax(1), "l2": delta.norm(dim=1),
+            "l1": delta.abs().sum(1)}[norm]
     assert bool((size <= eps * (1 + 1e-9) + 1e-12).all())
     assert bool(((result.x_adv >= 0) & (result.x_adv <= 1)).all())
     assert torch.equal(result.x_adv[:3], x[:3])
@@ -165,7 +174,7 @@ class RowCounter(nn.Module):
         return logits
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_queries_are_the_forward_passes_after_the_clean_one(norm: Norm) -> None:
     counter = RowCounter(small_cnn(5))
     x = images(50, seed=5)
@@ -173,7 +182,8 @@ def test_queries_are_the_forward_passes_after_the_clean_one(norm: Norm) -> None:
         y = counter(x).argmax(1)
     y[:4] = (y[:4] + 1) % 10  # misclassified from the start: never queried
     counter.rows = 0
-    result = square(counter, x, y, eps=0.2 if norm == "linf" else 0.8, norm=norm, budget=60,
+    eps = {"linf": 0.2, "l2": 0.8, "l1": 3.0}[norm]
+    result = square(counter, x, y, eps=eps, norm=norm, budget=60,
                     generator=torch.Generator().manual_seed(6))
     assert result.queries == counter.rows - len(x)
     unbroken = int((~result.success).sum())
@@ -196,6 +206,62 @@ def test_a_larger_budget_extends_the_smaller_one() -> None:
     kept = ~long.success
     assert bool((margin(model(long.x_adv), y)[kept]
                  <= margin(model(short.x_adv), y)[kept]).all())
+
+
+# --------------------------------------------------------------------------- L1
+
+
+def test_the_l1_pattern_is_the_hand_computed_pyramid_pair() -> None:
+    """s = 3: the top row is a 1 × 3 pyramid (weights 1 + 1/2⁴ at the centre, 1/2⁴ beside it,
+    mass 19/16), the bottom two rows a 2 × 3 one (centre 17/16 in its lower row, 1/16 elsewhere,
+    mass 22/16), negated; each half unit mass, the whole unit mass."""
+    pattern = eta(3, 3, dtype=DTYPE, device=torch.device("cpu"), norm="l1")
+    expected = torch.tensor([[1 / 38, 17 / 38, 1 / 38],
+                             [-1 / 44, -1 / 44, -1 / 44],
+                             [-1 / 44, -17 / 44, -1 / 44]], dtype=DTYPE)
+    assert torch.allclose(pattern, expected, atol=1e-15)
+    l2 = eta(3, 3, dtype=DTYPE, device=torch.device("cpu"))  # 1/(k+1)² weights, unit L2 norm
+    assert float(l2.norm()) == pytest.approx(1.0)
+    assert float(l2[0, 1] / l2[0, 0]) == pytest.approx(5.0)  # (1 + 1/2²) / (1/2²)
+
+
+def test_an_l1_step_moves_the_windows_mass_and_the_unused_budget_into_its_square() -> None:
+    """Away from the box's faces the projection is idle: the proposal spends the whole budget,
+    ``‖δ_new‖₁ = (‖δ̂‖₁ − mass in W₁ ∪ W₂) + (ε − ‖δ̂‖₁) + mass in W₁ ∪ W₂ = ε``, nothing
+    outside W₁ ∪ W₂ changes and W₂ ∖ W₁ is emptied."""
+    g = torch.Generator().manual_seed(3)
+    k, h = 6, 12
+    x = torch.full((k, 1, h, h), 0.5, dtype=DTYPE)
+    delta = (torch.rand(k, 1, h, h, generator=g, dtype=DTYPE) - 0.5) * 0.01  # mass ≈ 0.36
+    eps = torch.full((k, 1, 1, 1), 1.0, dtype=DTYPE)
+    u = torch.rand(k, 6, generator=g, dtype=DTYPE)
+    s = 3
+    proposal = _l1_proposal(x, x + delta, eps, s, u)
+    new = proposal - x
+    assert torch.allclose(new.flatten(1).abs().sum(1), torch.ones(k, dtype=DTYPE), atol=1e-9)
+    for i in range(k):
+        top1, left1 = (min(int(u[i, j] * (h - s + 1)), h - s) for j in (0, 1))
+        top2, left2 = (min(int(u[i, j] * (h - s + 1)), h - s) for j in (2, 3))
+        inside1 = torch.zeros(h, h, dtype=torch.bool)
+        inside1[top1:top1 + s, left1:left1 + s] = True
+        inside2 = torch.zeros(h, h, dtype=torch.bool)
+        inside2[top2:top2 + s, left2:left2 + s] = True
+        outside = ~(inside1 | inside2)
+        assert torch.allclose(new[i, 0][outside], delta[i, 0][outside], atol=1e-12)
+        assert bool((new[i, 0][inside2 & ~inside1] == 0).all())
+
+
+def test_the_l1_search_breaks_what_a_start_alone_does_not() -> None:
+    """With the same draws a longer L1 search breaks a superset (the schedule is the same)
+    and more than its start alone."""
+    model = small_cnn(9)
+    x = images(60, seed=9)
+    y = model(x).argmax(1)
+    noise = bank_noise(60, 150, 8 + 25 + 1)
+    start = square(model, x, y, eps=2.0, norm="l1", budget=1, noise=noise)
+    search = square(model, x, y, eps=2.0, norm="l1", budget=150, noise=noise)
+    assert bool((start.success <= search.success).all())
+    assert int(search.success.sum()) > int(start.success.sum())
 
 
 # --------------------------------------------------------------------------- a reference

@@ -1,5 +1,5 @@
 """The AutoAttack-style ensemble (Croce & Hein, 2020): APGD-CE → APGD-T → Square (L∞, L2),
-APGD-CE → APGD-T → FAB-T (L1).
+APGD-CE → APGD-T → FAB-T → Square (L1).
 
 Attacks that fail in different ways, run in sequence, each on the samples the stages before it
 left robust:
@@ -30,10 +30,11 @@ rather than a default.
 
 **L1** (what AutoAttack's ``version="standard"`` runs for ``norm="L1"``, Croce & Hein, 2021):
 APGD-CE with 5 restarts and APGD-T with 5 target classes, both l1-APGD with the ε schedule
-(3ε, 2ε, ε; :mod:`~robustkit.attacks.apgd_l1`), then L1 FAB-T (9 targets). Their L1 Square is
-left out: robustkit has no L1 Square. On the first 1,000 test images of ``zoo:mnist_cnn_pgd_at``
-at ε = 10 this ensemble leaves 2.0% robust, as does theirs (APGD-CE 18.7%, APGD-T 17.2%, FAB-T
-2.3%, Square 2.0%; ``benchmarks/l1_compare.py``, ``benchmarks/results/``).
+(3ε, 2ε, ε; :mod:`~robustkit.attacks.apgd_l1`), then L1 FAB-T (9 targets), then the L1 Square
+(5,000 queries, :mod:`~robustkit.attacks.square`). On the first 1,000 test images of
+``zoo:mnist_cnn_pgd_at`` at ε = 10 the three gradient stages left 2.0% robust, as did the
+authors' four (APGD-CE 18.7%, APGD-T 17.2%, FAB-T 2.3%, Square 2.0%; ``benchmarks/l1_compare.py``,
+``benchmarks/results/``); two samples only their L1 Square broke, in five reruns each.
 
 Randomness: ``start_noise(r)`` gives draw ``r`` of unit-ball noise shaped like ``x`` (APGD-CE
 uses draws ``0 … R − 1`` for its ``R`` restarts, APGD-T's ``j``-th target draw ``R + j``) and
@@ -69,8 +70,8 @@ from robustkit.vocabulary import Norm
 STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
 #: The stages run in L∞ and L2 unless asked otherwise (see the module docstring).
 DEFAULT_STAGES = ("apgd-ce", "apgd-t", "square")
-#: The stages that run in L1 (no L1 Square).
-L1_STAGES = ("apgd-ce", "apgd-t", "fab-t")
+#: The stages that run in L1 (AutoAttack's standard L1).
+L1_STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
 #: FAB-T's target classes in AutoAttack's standard version (at most ``K − 1``), every norm.
 FAB_TARGETS = 9
 #: AutoAttack's standard L1 recipe: APGD-CE restarts and APGD-T target classes.
@@ -102,7 +103,7 @@ def autoattack(
     square_noise: SquareNoise | None = None,
 ) -> AttackResult:
     """APGD-CE → APGD-T → Square within ``‖x_adv − x‖ ≤ ε`` and ``x_adv ∈ [0, 1]`` (L1:
-    APGD-CE ×5 → APGD-T → FAB-T; see the module docstring).
+    APGD-CE ×5 → APGD-T → FAB-T → Square; see the module docstring).
 
     Args:
         steps: APGD steps per run and FAB-T steps per target (AutoAttack: 100).

@@ -29,7 +29,7 @@ from torch import Tensor
 from robustkit.errors import RobustkitError
 from robustkit.vocabulary import NORMS, Norm
 
-#: The balls of the attacks that take no L1 (PGD, FGSM, Square).
+#: The balls of the attacks that take no L1 (PGD, FGSM).
 LP_NORMS: tuple[Norm, ...] = ("linf", "l2")
 
 

@@ -168,7 +168,7 @@ def _iterative_cost(s: Settings) -> int:
 
 def _ensemble_cost(s: Settings) -> int:
     restarts, targets = recipe(s.norm, s.targets, DEFAULT_TARGETS + 1)
-    square = (s.queries or DEFAULT_QUERIES) if s.norm != "l1" else 0
+    square = s.queries or DEFAULT_QUERIES
     fab = FAB_TARGETS * 2 * s.steps + SEARCH_STEPS + 4 if s.norm == "l1" else 0
     return (restarts + targets) * _passes_per_start(s) + fab + square + 2
 

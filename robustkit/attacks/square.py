@@ -17,8 +17,17 @@ where ``δ_new`` equals ``δ̂ = x̂ − x`` except on one random ``s × s`` squ
   ``‖δ_new‖₂ = ε``. ``η_s`` (:func:`eta`) is a ``+/−`` pair of centred pyramids of weights
   ``Σ_{k ≥ d} 1/(k+1)²`` (``d`` = distance to the centre in the max norm), unit norm, transposed
   with probability ½; the start tiles the image with such patterns, rescaled to norm ``ε``.
+* **L1** (Croce & Hein, 2021, the L1 Square of AutoAttack's L1 ensemble): as L2 with L1 norms,
+  the pyramids' weights ``Σ_{k ≥ d} 1/(k+1)⁴`` and unit L1 mass. Per channel ``W₁`` gets
+  ``η_s·(±1) + δ̂_{W₁}/‖δ̂_{W₁}‖₁`` rescaled to the mass ``max(ε − ‖δ̂‖₁, 0)/c +
+  ‖δ̂_{W₁∪W₂}‖₁`` of that channel (the unused budget and the mass of both windows move into
+  ``W₁``; AutoAttack's code multiplies this by ``c``, the same on one channel); ``δ̂_{W₂} := 0``.
+  The box is met by projecting (:func:`~robustkit.attacks.norms.project_l1_box`, the exact
+  projection onto ``‖δ‖₁ ≤ ε`` ∩ ``x + δ ∈ [0, 1]``) rather than clipping: clipping an L1
+  perturbation wastes the mass the box cuts off, the projection moves it to where it fits.
+  The start tiles the image with such patterns (mass 1 each) and projects them.
 
-The square side is ``s = round(√(p_i·h·w))`` (at least 1 for L∞, at least 3 and odd for L2;
+The square side is ``s = round(√(p_i·h·w))`` (at least 1 for L∞, at least 3 and odd for L2/L1;
 at most ``min(h, w)``) at iteration ``i = 0, 1, …`` after the start, with AutoAttack's schedule
 (its ``SquareAttack(p_init=0.8, resc_schedule=False)``, :func:`square_fraction`):
 
@@ -34,7 +43,7 @@ short budgets then reach small squares too. The gradient-free check runs it so, 
 1,000 queries: on the test suite's gradient-masked decoy (ε = 0.05, 100 samples) it breaks 45
 at 500 queries and 70 at 1,000 where the fixed schedule breaks 12 and 18 (95 against 83 at
 5,000). The search always starts
-from the stripes (L2: the tiles), even where their margin lies above the clean point's, as the
+from the stripes (L2, L1: the tiles), even where their margin lies above the clean point's, as the
 authors' code does. It differs from the authors' code in three details: the budget counts the
 start (theirs runs ``n_queries`` iterations after it), each sample draws its own square (theirs
 one position per iteration for the whole batch), and an L∞ proposal equal to ``x̂`` flips its
@@ -60,9 +69,12 @@ from torch import Tensor, nn
 from robustkit.attacks.base import AttackResult, as_eps, attack_mode, check_inputs, clip_box
 from robustkit.attacks.iterative import check_count
 from robustkit.attacks.losses import check_logits, is_adversarial, margin
-from robustkit.attacks.norms import LP_NORMS, check_norm, row_norm
+from robustkit.attacks.norms import check_norm, project_l1_box, row_norm
 from robustkit.errors import RobustkitError
 from robustkit.vocabulary import Norm
+
+#: The balls Square searches.
+SQUARE_NORMS: tuple[Norm, ...] = ("linf", "l2", "l1")
 
 #: ``noise(step, m)`` → ``[N, m]`` uniforms in [0, 1) for every sample of the batch ``x``.
 SquareNoise = Callable[[int, int], Tensor]
@@ -85,34 +97,37 @@ def square_fraction(p_init: float, i: int, budget: int | None = None) -> float:
 
 
 def square_side(p: float, h: int, w: int, norm: Norm) -> int:
-    """``s = round(√(p·h·w))``: at least 1 (L∞), or at least 3 and odd (L2); at most
+    """``s = round(√(p·h·w))``: at least 1 (L∞), or at least 3 and odd (L2, L1); at most
     ``min(h, w)``."""
     s = round(math.sqrt(p * h * w))
-    if norm == "l2":
+    if norm != "linf":
         s = max(s, 3)
         s += 1 - s % 2
     return max(1, min(s, h, w))
 
 
-def eta(rows: int, cols: int, *, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The L2 proposal pattern ``[rows, cols]``: the top half a centred pyramid, the bottom half
-    its negative, unit Frobenius norm."""
+def eta(rows: int, cols: int, *, dtype: torch.dtype, device: torch.device,
+        norm: Norm = "l2") -> Tensor:
+    """The proposal pattern ``[rows, cols]``: the top half a centred pyramid, the bottom half
+    its negative. L2: weights ``Σ_{k ≥ d} 1/(k+1)²``, unit Frobenius norm; L1: weights
+    ``Σ_{k ≥ d} 1/(k+1)⁴``, unit L1 mass (each half, then the whole)."""
+    power = 4 if norm == "l1" else 2
+
+    def unit(t: Tensor) -> Tensor:
+        size = t.abs().sum() if norm == "l1" else t.norm()
+        return t / size
 
     def pyramid(r: int, c: int) -> Tensor:
         depth = max(r // 2 + 1, c // 2 + 1)
-        weights = 1.0 / torch.arange(1, depth + 1, dtype=dtype, device=device) ** 2
-        tail = weights.flip(0).cumsum(0).flip(0)  # tail[d] = Σ_{k ≥ d} 1/(k+1)²
+        weights = 1.0 / torch.arange(1, depth + 1, dtype=dtype, device=device) ** power
+        tail = weights.flip(0).cumsum(0).flip(0)  # tail[d] = Σ_{k ≥ d} 1/(k+1)^power
         di = (torch.arange(r, device=device) - r // 2).abs()
         dj = (torch.arange(c, device=device) - c // 2).abs()
-        block = tail[torch.maximum(di[:, None], dj[None, :])]
-        unit: Tensor = block / block.norm()
-        return unit
+        return unit(tail[torch.maximum(di[:, None], dj[None, :])])
 
     half = rows // 2
     parts = [pyramid(half, cols)] if half else []
-    pattern = torch.cat([*parts, -pyramid(rows - half, cols)])
-    unit: Tensor = pattern / pattern.norm()
-    return unit
+    return unit(torch.cat([*parts, -pyramid(rows - half, cols)]))
 
 
 def square(
@@ -142,7 +157,7 @@ def square(
     from the start on (the clean point is not among them).
     """
     check_inputs(x, y)
-    norm = check_norm(norm, LP_NORMS, "square")
+    norm = check_norm(norm, SQUARE_NORMS, "square")
     eps_t = as_eps(eps, x, norm)
     check_count(budget, "budget", minimum=1)
     if not 0 < p_init <= 1:
@@ -174,8 +189,10 @@ def square(
             if norm == "linf":
                 at, new, old = squares.linf_proposal(live, s, u)
                 proposal = squares.proposal(live.k)
-            else:
+            elif norm == "l2":
                 proposal = _l2_proposal(live.x, live.x_hat, live.eps, s, u)
+            else:
+                proposal = _l1_proposal(live.x, live.x_hat, live.eps, s, u)
             logits = model(proposal)
             queries += live.k
             m_new = margin(logits, live.y)
@@ -316,7 +333,8 @@ def _window(top: Tensor, left: Tensor, s: int, h: int, w: int) -> Tensor:
 
 
 def _start(x: Tensor, eps: Tensor, norm: Norm, u: Tensor) -> Tensor:
-    """The starting point: stripes of ``±ε`` (L∞) or tiled ``η`` patterns of norm ``ε`` (L2)."""
+    """The starting point: stripes of ``±ε`` (L∞), or tiled ``η`` patterns rescaled to norm
+    ``ε`` and clipped (L2), or projected onto the L1 ball ∩ box (L1)."""
     k, c, h, w = x.shape
     if norm == "linf":
         stripes = _signs(u[:, : c * w]).to(x.dtype).view(k, c, 1, w)
@@ -325,14 +343,22 @@ def _start(x: Tensor, eps: Tensor, norm: Norm, u: Tensor) -> Tensor:
     first = (h - 5 * s) // 2
     delta = torch.zeros_like(x)
     signs = _signs(u[:, c * w: c * w + c * 25]).to(x.dtype).view(k, c, 25)
-    tile = eta(s, s, dtype=x.dtype, device=x.device)
+    tile = eta(s, s, dtype=x.dtype, device=x.device, norm=norm)
     for a in range(min(h // s, 5)):
         for b in range(min(w // s, 5)):
             top, left = first + a * s, first + b * s
             if top + s <= h and left + s <= w:
                 delta[:, :, top:top + s, left:left + s] += (
                     tile * signs[:, :, a * 5 + b, None, None])
+    if norm == "l1":
+        return _into_l1_ball(x, delta, eps)
     return clip_box(x + eps * _unit(delta), x)
+
+
+def _into_l1_ball(x: Tensor, delta: Tensor, eps: Tensor) -> Tensor:
+    """``x + P(δ)``, ``P`` the projection onto ``‖δ‖₁ ≤ ε`` ∩ ``x + δ ∈ [0, 1]``; the last bits
+    clipped, as the projection runs in float64."""
+    return clip_box(x + project_l1_box(delta, x, eps), x)
 
 
 def _unit(delta: Tensor) -> Tensor:
@@ -374,3 +400,29 @@ def _l2_proposal(x: Tensor, x_hat: Tensor, eps: Tensor, s: int, u: Tensor) -> Te
     delta = torch.where(w2, torch.zeros_like(delta), delta)
     delta[square_at] = new
     return clip_box(x + eps * _unit(delta), x)
+
+
+def _l1_proposal(x: Tensor, x_hat: Tensor, eps: Tensor, s: int, u: Tensor) -> Tensor:
+    """The L1 search step: square ``W₂`` gives its mass, and ``W₁`` the unused budget, to
+    ``W₁`` (per channel), then the projection onto the L1 ball ∩ box."""
+    k, c, h, w = x.shape
+    delta = x_hat - x
+    top1, left1 = _corner(u[:, 0], h, s), _corner(u[:, 1], w, s)
+    w1 = _window(top1, left1, s, h, w)
+    w2 = _window(_corner(u[:, 2], h, s), _corner(u[:, 3], w, s), s, h, w)
+    budget_left = (eps.view(-1) - delta.flatten(1).abs().sum(1)).clamp_min(0)
+    union = (delta * (w1 | w2)).abs().sum(dim=(2, 3))  # [k, c]
+    target = (budget_left[:, None] / c + union)[:, :, None, None]
+
+    square_at = _square_index(top1, left1, s, c)
+    old = delta[square_at]  # [k, c, s, s]
+    old_mass = old.abs().sum(dim=(2, 3), keepdim=True)
+    pattern = eta(s, s, dtype=x.dtype, device=x.device, norm="l1")
+    patterns = torch.where((u[:, 4] < 0.5).view(k, 1, 1), pattern, pattern.T)
+    signs = _signs(u[:, 5:5 + c]).to(x.dtype).view(k, c, 1, 1)
+    new = patterns[:, None] * signs + old / (old_mass + 1e-12)
+    new = new / new.abs().sum(dim=(2, 3), keepdim=True).clamp_min(1e-12) * target
+
+    delta = torch.where(w2, torch.zeros_like(delta), delta)
+    delta[square_at] = new
+    return _into_l1_ball(x, delta, eps)

@@ -28,7 +28,7 @@ from robustkit.attacks import (
     steepest_step,
 )
 from robustkit.attacks.losses import logits_problem, probability_rows
-from robustkit.attacks.norms import LP_NORMS
+from robustkit.attacks.square import SQUARE_NORMS
 from robustkit.checks.record import Check, grade
 from robustkit.checks.results import ITERATIVE, largest_rise, monotone_check
 from robustkit.config import AttackConfig
@@ -492,7 +492,7 @@ def check_gradient_free_finds_no_more(
     config = _untargeted_iterative(attack)
     budgets = [float(eps)] if isinstance(eps, (int, float)) else sorted(float(e) for e in eps)
     threshold = f"broken by Square ≤ {warn_above:g} of the robust (fail > {fail_above:g})"
-    if attack.norm not in LP_NORMS:
+    if attack.norm not in SQUARE_NORMS:
         return Check("gradient_free_finds_no_more", "warn", None, threshold,
                      f"not run: robustkit's Square has no {attack.norm} version, so no "
                      "gradient-free search backs the gradient attacks in this norm",
