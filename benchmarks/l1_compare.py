@@ -5,7 +5,7 @@ L1 budget ε (default 10, pixel units: the sum of the absolute pixel changes of 
 
 1. robustkit: ``autoattack`` with ``norm = "l1"`` through the sweep engine (ε ∈ {0, ε}):
    l1-APGD-CE with 5 restarts → l1-APGD-T with 5 targets, both with the 3ε/2ε/ε schedule →
-   L1 FAB-T with 9 targets (``robustkit.attacks.fab``; robustkit has no L1 Square);
+   L1 FAB-T with 9 targets (``robustkit.attacks.fab``) → the L1 Square (5,000 queries);
 2. the authors: ``AutoAttack(model, norm="L1", eps, version="standard")`` from their own code
    (https://github.com/fra31/auto-attack), imported from ``--authors-src`` (a folder that holds
    their ``autoattack/`` package: it is read, never installed, and no dependency of robustkit).
@@ -29,7 +29,7 @@ gives which runs broke it. APGD-CE and APGD-T: seed ``s`` draws the random start
 alone). FAB-T starts from the clean point and draws nothing, but its path is sensitive to float
 rounding, which the batch changes: run ``s = 0`` has the sample alone, run ``s > 0`` beside
 :data:`COMPANIONS` other test images drawn with seed ``s``. The authors' stages are their own,
-from ``version="standard"`` (their Square too; robustkit has no L1 Square).
+from ``version="standard"``; each side's L1 Square runs as its ensemble runs it.
 """
 
 from __future__ import annotations
@@ -193,14 +193,13 @@ def recheck(model: nn.Module, split: Split, args: argparse.Namespace) -> list[st
                               if j != i]
                     rows += others[:COMPANIONS]
                 x, y = split.images[rows], split.labels[rows]
-                if stage != "square":
-                    ours = autoattack(model, x, y, eps=args.eps, norm="l1", stages=(stage,),
-                                      generator=torch.Generator().manual_seed(s)).x_adv
-                    broken["robustkit"].append(breaks_first(model, x, y, ours, args.eps))
+                ours = autoattack(model, x, y, eps=args.eps, norm="l1", stages=(stage,),
+                                  generator=torch.Generator().manual_seed(s)).x_adv
+                broken["robustkit"].append(breaks_first(model, x, y, ours, args.eps))
                 theirs = authors_stage(model, stage, x, y, args.eps, s)
                 broken["authors"].append(breaks_first(model, x, y, theirs, args.eps))
             lines.append(f"sample {i} {stage}: broken in runs 0..{args.seeds - 1}: robustkit "
-                         f"{broken['robustkit'] or '(no L1 Square)'}, authors {broken['authors']}")
+                         f"{broken['robustkit']}, authors {broken['authors']}")
             print(lines[-1], flush=True)
     return lines
 
