@@ -661,11 +661,12 @@ def zoo(
 
 @app.command(epilog=_examples("robustkit certify --model zoo:mnist_mlp --eps 0,0.01,0.02 --n 100"))
 def certify(
-    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint, zoo:NAME, or package.module:factory with --weights.")],  # noqa: E501
-    eps: Annotated[str, typer.Option("--eps", help="Comma-separated budgets in [0,1] pixel units (L∞) or L2 norms.")] = "0,0.1,0.3",  # noqa: E501
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint, zoo:NAME, or package.module:factory with --weights (with --report: default, the report's own model).")] = None,  # noqa: E501, UP045
+    eps: Annotated[Optional[str], typer.Option("--eps", help="Comma-separated budgets in [0,1] pixel units (L∞) or L2 norms [default: 0,0.1,0.3].")] = None,  # noqa: E501, UP045
     method: Annotated[str, typer.Option("--method", help="Comma-separated bounds: ibp, crown-ibp, crown.")] = "ibp,crown-ibp",  # noqa: E501
-    norm: Annotated[str, typer.Option("--norm", help="The ball: linf or l2.")] = "linf",
+    norm: Annotated[Optional[str], typer.Option("--norm", help="The ball: linf or l2 [default: linf].")] = None,  # noqa: E501, UP045
     n: Annotated[Optional[int], typer.Option("--n", help="Certify the first N test images.")] = None,  # noqa: E501, UP045
+    report: Annotated[Optional[Path], typer.Option("--report", help="Add the bounds to this finished evaluation (robustkit attack/run folder) at its own images, ε and norm, without attacking again: certified.csv, the check certified_not_broken, the report rebuilt.")] = None,  # noqa: E501, UP045
     tolerance: Annotated[float, typer.Option("--tolerance", help="Bisect each image's certified radius to this width (ε units).")] = 1e-3,  # noqa: E501
     weights: Annotated[Optional[Path], typer.Option("--weights", help="State dict for a factory model.")] = None,  # noqa: E501, UP045
     normalize: Annotated[Optional[str], typer.Option("--normalize", help="MEAN,STD the model expects.")] = None,  # noqa: E501, UP045
@@ -683,6 +684,15 @@ def certify(
     from robustkit.sources import load_data
     from robustkit.stages import check_certifiable
 
+    if report is not None:
+        _certify_report(report, method, tolerance, model=model, eps=eps, norm=norm, n=n,
+                        weights=weights, normalize=normalize, data_source=data_source,
+                        data_dir=data_dir, app_dir=app_dir, as_json=as_json)
+        return
+    if model is None:
+        raise RobustkitError("certify needs --model M (or --report DIR, to add the bounds to "
+                             "a finished evaluation)")
+    eps, norm = eps or "0,0.1,0.3", norm or "linf"
     eps_values = _float_list(eps, "--eps")
     methods = _bound_methods(method, norm, tolerance)
     if any(e < 0 for e in eps_values) or (norm == "linf" and any(e > 1 for e in eps_values)):
@@ -703,6 +713,30 @@ def certify(
         sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
         return
     _echo_certification(result, f"{model} on {len(split)} test images, {norm}", tolerance)
+
+
+def _certify_report(folder: Path, method: str, tolerance: float, *, model: str | None,
+                    eps: str | None, norm: str | None, n: int | None, weights: Path | None,
+                    normalize: str | None, data_source: str | None, data_dir: Path | None,
+                    app_dir: Path | None, as_json: bool) -> None:
+    """``certify --report``: the report's own images, ε and norm; the bounds added to it."""
+    from robustkit.jobs.certify import certify_report
+
+    for given, option in ((eps, "--eps"), (norm, "--norm"), (n, "--n")):
+        if given is not None:
+            raise RobustkitError(f"{option} with --report: the bounds are computed on the "
+                                 f"report's own images, ε and norm; leave {option} out")
+    methods = _bound_methods(method, "linf", tolerance)
+    table = certify_report(folder, methods, model=model, weights=weights,  # type: ignore[arg-type]
+                           normalize=normalize, data_source=data_source, data_dir=data_dir,
+                           app_dir=app_dir, log=_log)
+    if as_json:
+        sys.stdout.write(table.to_json(orient="records", indent=2) + "\n")
+        return
+    for _, row in table.iterrows():
+        _echo(f"  {row['method']:<10} ε={row['eps']:<6g} {row['accuracy']:.4f} "
+              f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]")
+    _echo(f"report: {folder / 'report.md'}, {folder / 'report.html'}")
 
 
 def _bound_methods(method: str, norm: str, tolerance: float) -> list[str]:

@@ -153,7 +153,7 @@ def publish_report(run_dirs: list[Path], out_dir: Path, *, title: str | None = N
             out_dir, Owner("report", ", ".join(_sources(run_dirs))), overwrite,
             lambda held: f"the same sources, {version_change(held.manifest)}")
         work = staging_path(out_dir)
-        with _removed_on_failure(work, out_dir):
+        with removed_on_failure(work, out_dir):
             prepare_staging(out_dir)
             paths = _stage_report(run_dirs, out_dir, work, title, in_place)
             swap_in(work, out_dir)
@@ -182,7 +182,7 @@ def _stage_report(run_dirs: list[Path], out_dir: Path, work: Path, title: str | 
 
 
 @contextmanager
-def _removed_on_failure(work: Path, shown: Path) -> Iterator[None]:
+def removed_on_failure(work: Path, shown: Path) -> Iterator[None]:
     """Remove the staging folder ``work`` when the block fails; a failed write becomes one
     :class:`RobustkitError` line naming the file as ``shown`` would hold it."""
     try:

@@ -366,6 +366,12 @@ def provenance(run: RunData) -> list[tuple[str, str]]:
     if s.eps is not None:
         items.append(("ε sweep", ", ".join(fmt_eps(e) for e in s.eps)))
     items.append(("attacks", attack_titles(run)))
+    added = m.get("certified_added")
+    if isinstance(added, dict):  # `robustkit certify --report` after the sweep
+        items.append(("certified bounds added by",
+                      f"{added.get('command_line')} (robustkit {added.get('robustkit')}, "
+                      f"commit {str(added.get('git_commit'))[:12]}, {added.get('device')}, "
+                      f"{added.get('date')})"))
     return items
 
 
