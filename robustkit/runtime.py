@@ -125,8 +125,9 @@ def device_description(device: torch.device) -> str:
 
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
+    threads = torch.get_num_threads()
     return (f"cpu ({cpu_model()}, {platform.machine()}, {torch.backends.cpu.get_cpu_capability()}"
-            f", {torch.get_num_threads()} threads)")
+            f", {threads} thread{'s' if threads != 1 else ''})")
 
 
 def cpu_model() -> str:

@@ -89,7 +89,7 @@ def test_other_labels_are_refused(sweeps: tuple[Path, Path], tmp_path: Path) -> 
     folder = tmp_path / "relabelled"
     shutil.copytree(bare, folder)
     per_sample = pd.read_csv(folder / "per_sample.csv")
-    per_sample.loc[3, "label"] = (per_sample.loc[3, "label"] + 1) % 10
+    per_sample.loc[3, "label"] = (int(per_sample["label"].iloc[3]) + 1) % 10
     per_sample.to_csv(folder / "per_sample.csv", index=False)
     done = run("certify", "--report", str(folder), "--method", "ibp")
     assert done.returncode == 2

@@ -27,12 +27,16 @@ CURVES = {
     "pgd40": [0.95, 0.5, 0.1, 0.0],
     "any": [0.95, 0.5, 0.1, 0.0],
 }
-SECTIONS = ["summary", "examples", "confusion", "training", "checks", "reference", "provenance"]
+SECTIONS = ["summary", "certified", "examples", "confusion", "training", "checks", "reference",
+            "provenance"]
+CERTIFIED = [0.95, 0.3, 0.05, 0.0]  # IBP's lower bound, under the attacks' "any" curve
 N, K = 40, 4  # samples in the sweep, example images
 
 
-def write_run(folder: Path, model: str = "tiny", full: bool = True, probs: bool = True) -> Path:
-    """A run folder as robustkit attack writes it (plus the optional files when ``full``)."""
+def write_run(folder: Path, model: str = "tiny", full: bool = True, probs: bool = True,
+              certified: bool = False) -> Path:
+    """A run folder as robustkit attack writes it (plus the optional files when ``full``, and
+    ``certified.csv`` when ``certified``)."""
     folder.mkdir(parents=True)
     rows, timings = [], []
     for attack, accuracies in CURVES.items():
@@ -77,6 +81,13 @@ def write_run(folder: Path, model: str = "tiny", full: bool = True, probs: bool 
     per_sample["any_eps"] = per_sample[["fgsm_eps", "pgd40_eps"]].min(axis=1)
     per_sample.to_csv(folder / "per_sample.csv", index=False)
     pd.DataFrame(timings).to_csv(folder / "timings.csv", index=False)
+    if certified:
+        pd.DataFrame([{"method": "ibp", "norm": "linf", "eps": eps, "n": N,
+                       "certified": round(acc * N), "accuracy": acc,
+                       "ci_low": wilson_interval(round(acc * N), N)[0],
+                       "ci_high": wilson_interval(round(acc * N), N)[1]}
+                      for eps, acc in zip(EPS, CERTIFIED, strict=True)]
+                     ).to_csv(folder / "certified.csv", index=False)
 
     clean = torch.zeros(K, 1, 28, 28)
     clean[:, :, 6:22, 12:16] = 1.0  # a "1"
@@ -174,7 +185,8 @@ def write_run(folder: Path, model: str = "tiny", full: bool = True, probs: bool 
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One full report, shared by the tests that only read it."""
     root = tmp_path_factory.mktemp("report")
-    return build_report([write_run(root / "run-a")], root / "out", title="Test report")
+    return build_report([write_run(root / "run-a", certified=True)], root / "out",
+                        title="Test report")
 
 
 def test_html_has_every_section_and_only_embedded_images(report: dict[str, Path]) -> None:
@@ -183,7 +195,7 @@ def test_html_has_every_section_and_only_embedded_images(report: dict[str, Path]
     for section in SECTIONS:
         assert f'<section id="{section}">' in html, section
     sources = re.findall(r'<img[^>]*\bsrc="([^"]*)"', html)
-    assert len(sources) >= 5  # accuracy, examples, confusion, training
+    assert len(sources) >= 6  # accuracy, certified, examples, confusion, training
     assert all(s.startswith("data:image/png;base64,") for s in sources)
     assert not re.search(r'(src|href)="(https?:)?//', html)
     assert "<script" not in html and "<link" not in html
@@ -336,7 +348,7 @@ def test_report_renders_in_a_browser(report: dict[str, Path], tmp_path: Path) ->
     if not CHROMIUM.exists():
         pytest.skip("chromium not installed")
     images, broken = _broken_images(report["html"], tmp_path)
-    assert images >= 5 and broken == 0
+    assert images >= 6 and broken == 0
     # the probe can fail: a corrupted image is counted as broken
     html = report["html"].read_text(encoding="utf-8")
     damaged = tmp_path / "damaged.html"
