@@ -79,7 +79,7 @@ def test_committed_report_comes_from_its_config_as_it_stands(folder: Path) -> No
 
 
 def _threads(manifest: dict[str, object]) -> int:
-    match = re.search(r"(\d+) threads", str(manifest.get("device", "")))
+    match = re.search(r"(\d+) threads?\)", str(manifest.get("device", "")))
     assert match, manifest.get("device")
     return int(match.group(1))
 
@@ -87,7 +87,7 @@ def _threads(manifest: dict[str, object]) -> int:
 def _processor(device: str) -> str:
     """A manifest's CPU description without its thread count: what decides, with the thread
     count, whether two runs can agree byte for byte (MKL and oneDNN pick kernels by processor)."""
-    return re.sub(r",? ?\d+ threads\)$", ")", device)
+    return re.sub(r",? ?\d+ threads?\)$", ")", device)
 
 
 def _close_to_committed(new: bytes, committed: bytes, tolerance: int) -> None:
