@@ -1,8 +1,9 @@
 """The README's result tables quote the committed reports exactly.
 
 Each figure in the three tables of the README's "## Results" (standard training; the
-adversarially trained models under the ensemble; the same CNNs under PGD-50×10) is read from
-README.md and compared with the `results.csv` of the report the row names, so a report re-made
+robust models' bracket, certified ≤ true ≤ the ensemble; the same CNNs under PGD-50×10) is read
+from README.md and compared with the `results.csv` (and `certified.csv`) of the report the row
+names, so a report re-made
 with other numbers cannot leave the README quoting the old ones.
 """
 
@@ -76,14 +77,39 @@ def test_adversarial_training_table_quotes_its_reports() -> None:
         assert ensemble.strip("*") == accuracy(f"{report}_autoattack", "autoattack", 0.3), report
 
 
+def certified(report: str, eps: float) -> str:
+    """``reports/<report>/certified.csv`` at ``eps`` as the README writes it: the best of the
+    bounds run (the only one when one ran), then the bounds, e.g. ``88.28% (IBP, CROWN-IBP)``."""
+    table = pd.read_csv(REPO / "reports" / report / "certified.csv")
+    at = table[table["eps"] == eps]
+    methods = [m for m in dict.fromkeys(at["method"]) if m != "best"]
+    row = at[at["method"] == ("best" if len(methods) > 1 else methods[0])]
+    assert len(row) == 1, f"reports/{report}: no single certified row at ε = {eps}"
+    return f"{100 * float(row.iloc[0]['accuracy']):.2f}% ({', '.join(m.upper() for m in methods)})"
+
+
+def ensemble_report(config: str) -> str:
+    """The report with a config's ensemble figure: ``<config>_autoattack`` where the config's
+    own report ran a weaker sweep, else the config's own."""
+    separate = f"{config}_autoattack"
+    return separate if (REPO / "reports" / separate).is_dir() else config
+
+
 def test_ensemble_table_quotes_its_reports() -> None:
+    """The bracket table: clean, FGSM, certified (lower end) and the ensemble (upper end)."""
     rows = table_after("## Results", "model (config) | ε")
-    assert len(rows) == 5, rows
+    assert len(rows) == 6, rows
     for row in rows:
-        report, eps = f"{config_named(row)}_autoattack", float(row[1])
-        clean, fgsm, ensemble = row[2:5]
-        assert clean == accuracy(report, "any", 0), report
-        assert fgsm == accuracy(report, "fgsm", eps), report
+        report, eps = ensemble_report(config_named(row)), float(row[1])
+        clean, fgsm, lower, ensemble = row[2:6]
+        alone = fgsm == "—"  # the ensemble alone: no worst-case row over several attacks
+        assert clean == accuracy(report, "autoattack" if alone else "any", 0), report
+        if alone:
+            results = pd.read_csv(REPO / "reports" / report / "results.csv")
+            assert set(results["attack"]) == {"autoattack"}, report
+        else:
+            assert fgsm == accuracy(report, "fgsm", eps), report
+        assert lower == certified(report, eps), report
         row_aa = result(report, "autoattack", eps)
         interval = f"({100 * row_aa['ci_low']:.1f}–{100 * row_aa['ci_high']:.1f})"
         assert ensemble == f"**{accuracy(report, 'autoattack', eps)}** {interval}", report
