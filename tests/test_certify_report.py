@@ -95,3 +95,26 @@ def test_other_labels_are_refused(sweeps: tuple[Path, Path], tmp_path: Path) -> 
     assert done.returncode == 2
     assert done.stderr.strip() == (f"error: --report {folder}: 1 of 60 labels of mnist differ "
                                    "from the report's: give the data it evaluated with --data")
+
+
+def test_an_earlier_failed_certification_is_replaced_not_kept(sweeps: tuple[Path, Path],
+                                                              tmp_path: Path) -> None:
+    """A folder whose earlier bounds failed the consistency check (its results flagged): once
+    certified again and passing, its results are the sweep's unflagged ones."""
+    from robustkit.results import UNRELIABLE_COLUMN
+
+    direct, bare = sweeps
+    folder = tmp_path / "refailed"
+    shutil.copytree(bare, folder)
+    results = pd.read_csv(folder / "results.csv")
+    reason = "1 sample(s) certified at an ε where an attack broke them"
+    results[UNRELIABLE_COLUMN] = [reason if e > 0 else "" for e in results["eps"]]
+    results.to_csv(folder / "results.csv", index=False)
+    checks = pd.read_csv(folder / "checks.csv")
+    failed = {"name": "certified_not_broken", "status": "fail", "value": 1.0,
+              "threshold": "0 samples", "detail": reason}
+    pd.concat([checks, pd.DataFrame([failed])]).to_csv(folder / "checks.csv", index=False)
+    done = run("certify", "--report", str(folder), "--method", "ibp,crown-ibp")
+    assert done.returncode == 0, done.stderr
+    for name in ("results.csv", "checks.csv"):
+        assert (folder / name).read_bytes() == (direct / name).read_bytes(), name

@@ -46,6 +46,8 @@ from robustkit.released import file_sha256
 from robustkit.reporting import build_report
 from robustkit.reporting.build import removed_on_failure
 from robustkit.reporting.load import RunData, load_runs
+from robustkit.results import UNRELIABLE_COLUMN
+from robustkit.runs import write_frame
 from robustkit.runtime import command_line, provenance
 from robustkit.sources import load_data
 from robustkit.stages import CertifiedBounds, SweepDone, as_model_failure, check_certifiable
@@ -95,7 +97,7 @@ def certify_report(folder: Path, methods: Sequence[CertifyMethod], *,
             prepare_staging(folder)
             _copy_into(folder, work)
             done = CertifiedBounds(tuple(methods), norm=norm).run(SweepDone(
-                model=net, split=split, evaluation=_evaluation(run, per_sample),
+                model=net, split=split, evaluation=_evaluation(run, per_sample, work),
                 checks=_other_checks(run.checks), settings=dict(run.settings.record),
                 folder=work, shown=folder, seed=int(run.settings.record.get("seed", 0)),
                 batch_size=batch_size, progress=False, log=log))
@@ -241,11 +243,17 @@ def _copy_into(folder: Path, work: Path) -> None:
     shutil.copytree(folder, work, symlinks=True, dirs_exist_ok=True)
 
 
-def _evaluation(run: RunData, per_sample: pd.DataFrame) -> Evaluation:
+def _evaluation(run: RunData, per_sample: pd.DataFrame, work: Path) -> Evaluation:
     """The sweep as the folder keeps it (what the stage reads: results, per-sample worst
-    cases)."""
+    cases). Flags an earlier certification's failed check put on the results are lifted
+    (``results.csv`` rewritten in ``work``): the stage flags them again from the checks that
+    stand, its own new one included."""
+    results = run.results
+    if UNRELIABLE_COLUMN in results:
+        results = results.drop(columns=UNRELIABLE_COLUMN)
+        write_frame(work / "results.csv", results)
     timings = run.timings if run.timings is not None else pd.DataFrame()
-    return Evaluation(results=run.results, per_sample=per_sample, timings=timings,
+    return Evaluation(results=results, per_sample=per_sample, timings=timings,
                       examples={}, notes=list(run.manifest.notes))
 
 
