@@ -19,7 +19,11 @@ The figure of an entry:
 * unreliable: a failed check of that report that discredits the figure's attack
   (:func:`robustkit.checks.unreliable_attacks`), unless the figure is 0 (robust accuracy under
   attack is an upper bound: 0 cannot overstate); the listing also names each other report
-  whose own figure a check discredits, so a report's unreliable number is never unexplained.
+  whose own figure a check discredits, so a report's unreliable number is never unexplained;
+* certified: the highest certified accuracy any plain report's ``certified.csv`` gives at that
+  ε (per sample the best of its bounds; every sound bound is a lower bound on the true robust
+  accuracy, so the highest is the closest), the lower end of the bracket certified ≤ true ≤
+  robust. A certification whose consistency check failed is named as such, not quoted.
 """
 
 from __future__ import annotations
@@ -57,6 +61,16 @@ class Figure:
 
 
 @dataclass(frozen=True)
+class Certified:
+    """One report's certified accuracy at one ε: per sample the best of its bounds."""
+
+    report: str
+    methods: tuple[str, ...]
+    accuracy: float
+    unreliable: str | None  # the failed consistency check; None when it passed
+
+
+@dataclass(frozen=True)
 class Entry:
     """One set of released weights: its handle, aliases, training and strongest figure."""
 
@@ -70,6 +84,7 @@ class Entry:
     figure: Figure | None
     discredited: tuple[tuple[str, Figure], ...]  # other reports' figures a check discredits
     modified: bool
+    certified: Certified | None = None  # the highest lower bound at ε
 
 
 # --------------------------------------------------------------------------- reading
@@ -125,6 +140,19 @@ def _figure(folder: Path, name: str, eps: float) -> Figure | None:
                   checks_path.is_file())
 
 
+def _certified(folder: Path, name: str, eps: float) -> Certified | None:
+    """The report's certified accuracy at ``eps`` (its ``best`` row, else its one bound's),
+    from ``certified.csv``."""
+    here = [r for r in _at(_read_rows(folder / "certified.csv"), eps)
+            if _number(r.get("accuracy")) is not None]
+    methods = tuple(dict.fromkeys(m for r in here if (m := str(r.get("method"))) != "best"))
+    if not methods:
+        return None
+    best = [r for r in here if r.get("method") == "best"]
+    row = max(best or here, key=lambda r: float(r["accuracy"]))
+    return Certified(name, methods, float(row["accuracy"]), row.get("unreliable") or None)
+
+
 def _unreliable(checks_path: Path, folder: Path, titles: list[str]) -> dict[str, str]:
     """Attack title → why a failed check discredits it, from the report's checks.csv."""
     if not checks_path.is_file():
@@ -161,8 +189,12 @@ def _entry(group: list[Released]) -> Entry:
     discredited = tuple((f.report, f) for f in figures
                         if f.unreliable is not None and f is not strongest)
     aliases = tuple(sorted(r.name for r in group[1:]))
+    certified = [] if eps is None else [
+        c for r in plain if (c := _certified(r.path.parent, r.name, eps)) is not None]
+    highest = max(certified, key=lambda c: (c.unreliable is None, c.accuracy, -order[c.report]),
+                  default=None)
     return Entry(handle.name, aliases, handle.arch, handle.dataset, method, train_eps, eps,
-                 strongest, discredited, any(r.modified for r in group))
+                 strongest, discredited, any(r.modified for r in group), highest)
 
 
 def entries(released: Sequence[Released]) -> list[Entry]:
@@ -181,7 +213,8 @@ FOOTER = (
     f"(its per-sample worst case over the report's attacks), at the ε the weights were "
     f"trained for, or for standard training at the largest ε evaluated; evaluations behind a "
     f"defence or under transformations are left out. {MARK}: a failed check discredits the "
-    f"figure. Each zoo:NAME (aliases too) loads its weights: robustkit attack --model "
+    f"figure. certified: the highest accuracy bound propagation proves there (a lower bound). "
+    f"Each zoo:NAME (aliases too) loads its weights: robustkit attack --model "
     f"zoo:NAME --attack apgd --eps 0,0.3 --n 200")
 
 
@@ -211,6 +244,8 @@ def _details(entry: Entry) -> list[str]:
                      + ("" if figure.checked else ", no checks ran"))
     elif entry.eps is not None:
         notes.append(f"no report evaluated these weights at ε={entry.eps:g}")
+    if entry.certified is not None:
+        notes.append(_certified_note(entry.certified, figure))
     if entry.aliases:
         notes.append("also " + ", ".join(f"zoo:{a}" for a in entry.aliases))
     notes += [f"{report}: its {_percent(f.accuracy)} is unreliable ({f.unreliable})"
@@ -218,6 +253,20 @@ def _details(entry: Entry) -> list[str]:
     if entry.modified:
         notes.append("MODIFIED: not the weights its report measured")
     return notes
+
+
+def _certified_note(certified: Certified, figure: Figure | None) -> str:
+    """The lower end of the bracket, and the bracket itself where the row's figure is sound."""
+    where = "" if figure is not None and figure.report == certified.report \
+        else f" in {certified.report}"
+    quoted = f"certified {_percent(certified.accuracy)} by {', '.join(certified.methods)}{where}"
+    if certified.unreliable:
+        return f"certified by {', '.join(certified.methods)}{where}: unreliable " \
+               f"({certified.unreliable})"
+    if figure is not None and figure.unreliable is None:
+        return f"{quoted}: true robust accuracy in [{_percent(certified.accuracy)}, " \
+               f"{_percent(figure.accuracy)}]"
+    return quoted
 
 
 def _widths(rows: list[tuple[str, ...]]) -> tuple[list[int], str]:

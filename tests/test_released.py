@@ -175,6 +175,28 @@ def test_zoo_lists_each_set_of_weights_once_with_its_strongest_figure(tmp_path: 
     assert mlp_pgd_at.endswith(" 0.1") and "ε=0.1" in mlp_pgd_at and "2.05%" not in mlp_pgd_at
     assert "90.40%" in mlp_pgd_at
     assert "MODIFIED" not in listing.stdout
+    # the lower end of the bracket, from each entry's certified.csv at the same ε
+    certified = " ".join(" ".join(blocks["zoo:mnist_cnn_crown_ibp_01"]).split())
+    assert ("certified 96.11% by ibp, crown-ibp: true robust accuracy in [96.11%, 96.41%]"
+            in certified)
+    assert "certified 0.00% by ibp: true robust accuracy in [0.00%, 89.79%]" in " ".join(pgd_at)
+    assert "certified" not in " ".join(blocks["zoo:mnist_cnn"])  # no certified.csv there
+
+
+def test_zoo_names_a_failed_certification_instead_of_quoting_it(tmp_path: Path) -> None:
+    """A certification whose consistency check failed is not quoted as the lower end."""
+    folder = tmp_path / "reports" / "cert"
+    shutil.copytree(REPO / "reports" / "mnist_cnn_crown_ibp_01", folder)
+    table = pd.read_csv(folder / "certified.csv")
+    table["unreliable"] = ["3 sample(s) certified at an ε where an attack broke them"
+                           if e > 0 else "" for e in table["eps"]]
+    table.to_csv(folder / "certified.csv", index=False)
+    listing = run("zoo", "--reports", str(tmp_path / "reports"), cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    notes = " ".join(" ".join(zoo_blocks(listing.stdout)["zoo:cert"]).split())
+    assert ("certified by ibp, crown-ibp: unreliable (3 sample(s) certified at an ε where an "
+            "attack broke them)") in notes
+    assert "96.11%" not in notes
 
 
 def test_zoo_marks_a_figure_a_failed_check_discredits(tmp_path: Path) -> None:
