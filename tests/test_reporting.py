@@ -236,7 +236,11 @@ def test_markdown_images_and_tables_exist(report: dict[str, Path]) -> None:
         "confusion-run-a.csv",
     } <= tables
     accuracy = pd.read_csv(report["tables"] / "accuracy.csv")
-    assert list(accuracy["attack"]) == ["fgsm", "pgd40", "any"]
+    assert list(accuracy["attack"]) == ["fgsm", "pgd40", "any", "certified (ibp)"]
+    lower = accuracy.set_index("attack").loc["certified (ibp)"]  # beside the attacks, per ε
+    assert [str(lower[f"ε={e:g}"]).split(" [")[0] for e in EPS] == [
+        f"{c:.3f}" for c in CERTIFIED]
+    assert "| tiny | certified (ibp) | linf | 40 | 0.950 [" in md
 
 
 def test_confusion_counts_label_to_adversarial_prediction(report: dict[str, Path]) -> None:

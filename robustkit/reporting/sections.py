@@ -49,6 +49,11 @@ def summary(runs: list[RunData], results: pd.DataFrame) -> Part:
         ),
         Table(accuracy),
     ]
+    if accuracy["attack"].astype(str).str.startswith("certified (").any():
+        blocks.append(Text("Rows “certified (bound)”: the fraction of samples that bound "
+                           "propagation proves robust, a lower bound (“best”: per sample, any "
+                           "bound's certificate); the true robust accuracy lies between them "
+                           "and the attacks' (see Certified bounds)."))
     target_hits = tables.target_hit_table(runs)
     if not target_hits.empty:
         blocks += [

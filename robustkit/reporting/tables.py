@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from robustkit.checks.verdicts import UNRELIABLE, unreliable_attacks
+from robustkit.reporting.certified import read_certified
 from robustkit.reporting.load import RunData
 from robustkit.results import ANY, TARGET_HIT
 
@@ -79,7 +80,32 @@ def accuracy_table(runs: list[RunData]) -> pd.DataFrame:
                         float(r.get("ci_high", math.nan)),
                     ) + (f" {UNRELIABLE}" if attack in unreliable and eps > 0 else "")
                 rows.append(row)
+            rows += _certified_rows(run, str(model), eps_all)
     return pd.DataFrame(rows)
+
+
+def _certified_rows(run: RunData, model: str, eps_all: list[float]) -> list[dict[str, Any]]:
+    """The run's certified accuracy (``certified.csv``) as rows beside the attacks', one per
+    bound, labelled ``certified (METHOD)``: the lower end where the attacks' are the upper."""
+    certified = read_certified(run)
+    if certified is None:
+        return []
+    rows = []
+    for method in dict.fromkeys(certified["method"]):
+        cells = certified[certified["method"] == method]
+        row: dict[str, Any] = {"model": model, "attack": f"certified ({method})",
+                               "norm": str(cells["norm"].iloc[0]) if "norm" in cells else "",
+                               "n": int(cells["n"].iloc[0]) if "n" in cells else ""}
+        for eps in eps_all:
+            hit = cells[np.isclose(cells["eps"].astype(float), eps)]
+            flagged = not hit.empty and str(hit.iloc[0].get("unreliable", "") or "") not in (
+                "", "nan")
+            row[f"ε={fmt_eps(eps)}"] = "" if hit.empty else fmt_interval(
+                float(hit.iloc[0]["accuracy"]), float(hit.iloc[0].get("ci_low", math.nan)),
+                float(hit.iloc[0].get("ci_high", math.nan))) + (f" {UNRELIABLE}" if flagged
+                                                                 else "")
+        rows.append(row)
+    return rows
 
 
 def target_hit_table(runs: list[RunData]) -> pd.DataFrame:
