@@ -98,7 +98,7 @@ def ensemble_report(config: str) -> str:
 def test_ensemble_table_quotes_its_reports() -> None:
     """The bracket table: clean, FGSM, certified (lower end) and the ensemble (upper end)."""
     rows = table_after("## Results", "model (config) | ε")
-    assert len(rows) == 6, rows
+    assert len(rows) == 7, rows
     for row in rows:
         report, eps = ensemble_report(config_named(row)), float(row[1])
         clean, fgsm, lower, ensemble = row[2:6]
