@@ -13,7 +13,12 @@ kernel, and a quarter less wall time (22.5–23.3 s → 17.0–17.3 s), the same
 heap is kept for reuse, so the process holds on to its peak memory until it exits. The CLI
 calls it at start; a Python user may call it too. It leaves the allocator alone where glibc is
 absent, where the user set either threshold through glibc's environment variables, or where
-``ROBUSTKIT_ALLOCATOR=default``.
+``ROBUSTKIT_ALLOCATOR=default``. :func:`allocator_description` says which of these holds, for
+the manifest: the thresholds change a run's speed, never its numbers.
+
+glibc's own thresholds move: freeing an mmapped block raises the mmap threshold to its size, so
+an untuned process may fault as a tuned one does or three times as often, depending on which
+block happened to be freed first (158k against 394k faults for the same CLI run, seen here).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ TRIM_THRESHOLD = 1024 * 1024 * 1024
 #: Set to ``default`` to keep glibc's own thresholds.
 ALLOCATOR_ENV = "ROBUSTKIT_ALLOCATOR"
 _GLIBC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+#: Whether :func:`tune_allocator` has raised the thresholds in this process.
+_raised = False
 
 
 def tune_allocator() -> bool:
@@ -46,5 +53,20 @@ def tune_allocator() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+    global _raised
+    _raised = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return _raised
+
+
+def allocator_description() -> str:
+    """The C allocator's thresholds this process runs with, as the manifest records them."""
+    if _raised:
+        return (f"glibc, mmap threshold {MMAP_THRESHOLD >> 20} MiB and trim threshold "
+                f"{TRIM_THRESHOLD >> 30} GiB (robustkit.allocator)")
+    named = [v for v in _GLIBC_ENV if v in os.environ]
+    if named:
+        return "the user's " + ", ".join(f"{v}={os.environ[v]}" for v in named)
+    if os.environ.get(ALLOCATOR_ENV) == "default":
+        return f"the C library's own thresholds ({ALLOCATOR_ENV}=default)"
+    return "the C library's own thresholds"

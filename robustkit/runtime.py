@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+from robustkit.allocator import allocator_description
 from robustkit.errors import RobustkitError
 from robustkit.version import __version__
 
@@ -154,6 +155,7 @@ def provenance(device: torch.device, seed: int | None = None) -> dict[str, Any]:
         "numpy": np.__version__,
         "python": platform.python_version(),
         "device": device_description(device),
+        "allocator": allocator_description(),
         "seed": seed,
         "date": now_iso(),
         "command_line": command_line(),

@@ -344,6 +344,7 @@ PROVENANCE_KEYS = [
     ("numpy", "numpy"),
     ("python", "python"),
     ("device", "device"),
+    ("allocator", "C allocator"),
     ("seed", "seed"),
     ("date", "date"),
     ("start", "start"),
