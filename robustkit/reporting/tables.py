@@ -68,17 +68,10 @@ def accuracy_table(runs: list[RunData]) -> pd.DataFrame:
                     "norm": str(cells["norm"].iloc[0]),
                     "n": int(cells["n"].iloc[0]) if "n" in cells else "",
                 }
+                discredited = attack in unreliable
                 for eps in eps_all:
-                    hit = cells[np.isclose(cells["eps"].astype(float), eps)]
-                    if hit.empty:
-                        row[f"ε={fmt_eps(eps)}"] = ""
-                        continue
-                    r = hit.iloc[0]
-                    row[f"ε={fmt_eps(eps)}"] = fmt_interval(
-                        float(r["accuracy"]),
-                        float(r.get("ci_low", math.nan)),
-                        float(r.get("ci_high", math.nan)),
-                    ) + (f" {UNRELIABLE}" if attack in unreliable and eps > 0 else "")
+                    row[f"ε={fmt_eps(eps)}"] = _accuracy_cell(
+                        _at(cells, eps), marked=discredited and eps > 0)
                 rows.append(row)
             rows += _certified_rows(run, str(model), eps_all)
     return pd.DataFrame(rows)
@@ -97,15 +90,27 @@ def _certified_rows(run: RunData, model: str, eps_all: list[float]) -> list[dict
                                "norm": str(cells["norm"].iloc[0]) if "norm" in cells else "",
                                "n": int(cells["n"].iloc[0]) if "n" in cells else ""}
         for eps in eps_all:
-            hit = cells[np.isclose(cells["eps"].astype(float), eps)]
-            flagged = not hit.empty and str(hit.iloc[0].get("unreliable", "") or "") not in (
-                "", "nan")
-            row[f"ε={fmt_eps(eps)}"] = "" if hit.empty else fmt_interval(
-                float(hit.iloc[0]["accuracy"]), float(hit.iloc[0].get("ci_low", math.nan)),
-                float(hit.iloc[0].get("ci_high", math.nan))) + (f" {UNRELIABLE}" if flagged
-                                                                 else "")
+            r = _at(cells, eps)
+            row[f"ε={fmt_eps(eps)}"] = _accuracy_cell(r, marked=r is not None and str(
+                r.get("unreliable", "") or "") not in ("", "nan"))
         rows.append(row)
     return rows
+
+
+def _at(cells: pd.DataFrame, eps: float) -> pd.Series | None:
+    """The row of ``cells`` at ``eps`` (None where nothing ran there)."""
+    hit = cells[np.isclose(cells["eps"].astype(float), eps)]
+    return None if hit.empty else hit.iloc[0]
+
+
+def _accuracy_cell(r: pd.Series | None, marked: bool) -> str:
+    """``accuracy [ci_low, ci_high]``, with the unreliable mark where ``marked``; empty for no
+    row."""
+    if r is None:
+        return ""
+    cell = fmt_interval(float(r["accuracy"]), float(r.get("ci_low", math.nan)),
+                        float(r.get("ci_high", math.nan)))
+    return cell + (f" {UNRELIABLE}" if marked else "")
 
 
 def target_hit_table(runs: list[RunData]) -> pd.DataFrame:
