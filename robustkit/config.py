@@ -101,6 +101,10 @@ class ModelConfig:
     # where the factory's network keeps its logits when forward returns more: an index of a
     # tuple or list, a key of a dict, or an attribute ("logits")
     output: str | None = None
+    # fine-tuning: the weights training starts from instead of a random initialisation, a
+    # released model ("zoo:NAME") or a .safetensors file of this network (a robustkit
+    # checkpoint or a bare state dict); the file's sha256 is part of the training hash
+    pretrained: str | None = None
 
 
 @dataclass(frozen=True)
@@ -628,6 +632,11 @@ def _check_model(model: ModelConfig) -> None:
     unused = [k for k in ("args", "app_dir", "output") if getattr(model, k) is not None]
     if model.factory is None and unused:
         _fail(f"model.{unused[0]}", "only used with model.factory = \"package.module:function\"")
+    if model.pretrained is not None and not (
+            (model.pretrained.startswith("zoo:") and model.pretrained[4:].strip())
+            or model.pretrained.strip().endswith(".safetensors")):
+        _fail("model.pretrained", f"{model.pretrained!r}: name a released model (\"zoo:NAME\", "
+              "robustkit zoo lists them) or a .safetensors file of this network")
 
 
 def _check_seeds(seeds: tuple[int, ...] | None) -> None:
@@ -949,9 +958,16 @@ def config_hash(config: ExperimentConfig) -> str:
     return digest(dataclasses.replace(config, description=""))
 
 
-def training_hash(config: ExperimentConfig, seed: int) -> str:
-    """The hash of what determines a trained model: data, model, train settings and seed."""
-    return digest({"data": config.data, "model": config.model, "train": config.train,
+def training_hash(config: ExperimentConfig, seed: int, pretrained_sha256: str | None = None
+                  ) -> str:
+    """The hash of what determines a trained model: data, model, train settings and seed, and
+    for fine-tuning the sha256 of the weights it starts from (``pretrained_sha256``, required
+    with ``model.pretrained``) in place of their file's name: the same bytes under another
+    name are the same training, other bytes under the same name another."""
+    if (config.model.pretrained is None) != (pretrained_sha256 is None):
+        raise ValueError("pretrained_sha256 goes with model.pretrained, and only with it")
+    model = dataclasses.replace(config.model, pretrained=pretrained_sha256)
+    return digest({"data": config.data, "model": model, "train": config.train,
                    "seed": seed, "device": config.device})
 
 

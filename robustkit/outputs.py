@@ -437,6 +437,16 @@ def prepare_staging(folder: Path, keep: Callable[[Path], bool] = lambda p: False
     return work
 
 
+def remove_empty(*folders: Path) -> None:
+    """Remove each folder in turn while it is empty (a staging folder a failed run left
+    nothing in, then the parents made for it); stop at the first that holds something."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def _prune(folder: Path, keep: Callable[[Path], bool]) -> bool:
     """Remove everything under ``folder`` but ``keep``'s entries; True when something stayed."""
     kept = False

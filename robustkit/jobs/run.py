@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from robustkit import distributed
-from robustkit.config import ExperimentConfig, config_hash, load_config, to_toml, training_hash
+from robustkit.config import ExperimentConfig, config_hash, load_config, to_toml
 from robustkit.data import Dataset, Split
 from robustkit.distributed import Context
 from robustkit.errors import RobustkitError
@@ -43,6 +43,7 @@ from robustkit.outputs import (
     hash_change,
     prepare_staging,
     refuse_working_folder,
+    remove_empty,
     swap_in,
     version_change,
     writing,
@@ -54,6 +55,7 @@ from robustkit.runtime import now_iso, provenance
 from robustkit.sources import load_configured
 from robustkit.stages import SweepDone, check_certifiable, run_stages
 from robustkit.storage import read_json_if_any, write_json, write_text
+from robustkit.training.pretrained import find_pretrained, training_fingerprint
 from robustkit.training.reuse import Reuse, load_everywhere, train_or_reuse
 
 
@@ -78,6 +80,7 @@ def run_experiment(
     receives each seed's sweep as it finishes (the CLI prints it).
     """
     cfg = load_config(config_path, list(overrides))
+    find_pretrained(cfg.model)  # a missing or changed starting point, before any work
     target, dist = distributed.setup(device or cfg.device)
     main = dist is None or dist.is_main
     if not main:
@@ -96,12 +99,18 @@ def run_experiment(
                                        dist)  # one download per node at most
         split = (data.test if cfg.evaluate.split == "test" else data.val).take(cfg.evaluate.n)
         seed_dirs = [f"seed-{s}" for s in cfg.all_seeds] if several else [None]
+        made = [p for p in (folder.parent, *folder.parent.parents) if not p.exists()]
         work = distributed.on_main(
             lambda: prepare_staging(folder, keep_sweep(folder, seed_dirs)), dist)
         run = _Run(cfg=cfg, target=target, dist=dist, main=main, several=several, data=data,
                    split=split, folder=folder, work=work, owner=owner, runs_dir=runs_dir,
                    retrain=retrain, progress=progress, show=show, log=log)
-        evaluations = {seed: _run_seed(run, seed) for seed in cfg.all_seeds}
+        try:
+            evaluations = {seed: _run_seed(run, seed) for seed in cfg.all_seeds}
+        except BaseException:
+            if main:
+                remove_empty(work, *made)  # a training that failed left nothing to resume
+            raise
         if main:
             _finish_run(run, evaluations, replacing)
     return evaluations
@@ -150,7 +159,7 @@ def _run_seed(run: _Run, seed: int) -> Evaluation:
     """One seed: train (or reuse) its model, sweep it, run the stages on rank 0, show it."""
     cfg, eval_dir = run.cfg, run.eval_dir(seed)
     ckpt_dir = checkpoint_folder(run.runs_dir, cfg.name, seed)
-    fingerprint = training_hash(cfg, seed)
+    fingerprint = training_fingerprint(cfg, seed)
     best = ckpt_dir / "model-best"
     reused = train_or_reuse(Reuse(cfg, seed, ckpt_dir, fingerprint, run.data, run.runs_dir,
                                   run.owner), retrain=run.retrain, target=run.target,

@@ -92,6 +92,7 @@ from robustkit.training.objectives import (
     trades_examples,
     trades_loss,
 )
+from robustkit.training.pretrained import find_pretrained, load_pretrained
 from robustkit.training.state import TrainState
 from robustkit.vocabulary import CERTIFIED_METHODS
 
@@ -384,16 +385,15 @@ def prepare(config: ExperimentConfig, *, out_dir: Path, seed: int | None = None,
     """The setup of training ``config`` with ``seed`` (default ``config.seed``) into
     ``out_dir``, and the state before its first step (seeded weights, optimizer, generators).
 
-    Creates ``out_dir`` and removes a killed run's temporary files; reads no resume state
-    (:func:`begin` does). Arguments as for :func:`train`.
+    Creates ``out_dir`` and removes a killed run's temporary files once the data and the
+    network are sound (nothing is written before); reads no resume state (:func:`begin`
+    does). Arguments as for :func:`train`.
     """
     seed = config.seed if seed is None else seed
     device = resolve_device(device if device is not None else config.device)
     rank = dist.rank if dist is not None else 0
     out_dir = Path(out_dir)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(out_dir)  # temporary files of a killed run
+    pretrained = find_pretrained(config.model)
     use_deterministic_algorithms()
     seed_everything(seed)
     data = _training_data(config, device, data, dist)
@@ -401,20 +401,27 @@ def prepare(config: ExperimentConfig, *, out_dir: Path, seed: int | None = None,
                            config.model.app_dir, in_shape=data.in_shape,
                            output=config.model.output)
     model = build_network(network, len(data.classes)).to(device)
-    _prepare_certified(config, model, dist)
+    _prepare_certified(config, model, dist, initialise=pretrained is None)
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
+    if rank == 0:  # the data, the network and its weights are sound: now write
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out_dir)  # temporary files of a killed run
     steps_per_epoch = -(-len(data.train) // config.train.batch_size)
     state = TrainState.create(model, config.train, device=device,
                               steps_per_epoch=steps_per_epoch, seed=seed, rank=rank)
     net = wrap(model, dist)  # the forward/backward of the training loss; attacks use ``model``
     loss_net, attacked = loss_models(model, net, config, device)
-    fingerprint = training_hash(config, seed)
-    info = {**network, "num_classes": len(data.classes),
+    started = pretrained.record() if pretrained is not None else {}
+    fingerprint = training_hash(config, seed, pretrained.sha256 if pretrained else None)
+    info = {**network, "num_classes": len(data.classes), **started,
             **({"data_sha256": data.provenance["data_sha256"]}
                if "data_sha256" in data.provenance else {}),
             "dataset": data.name, "config": config_hash(config),
             "training_hash": fingerprint, "seed": seed}
     manifest = {"config_hash": config_hash(config), "training_hash": fingerprint,
-                "command": "train", "start": now_iso(), **provenance(device, seed)}
+                "command": "train", "start": now_iso(), **started,
+                **provenance(device, seed)}
     setup = TrainSetup(
         config=config, seed=seed, data=data, device=device, out_dir=out_dir, dist=dist,
         network=network, fingerprint=fingerprint,
@@ -428,10 +435,11 @@ def prepare(config: ExperimentConfig, *, out_dir: Path, seed: int | None = None,
     return setup, state
 
 
-def _prepare_certified(config: ExperimentConfig, model: nn.Module, dist: Context | None
-                       ) -> None:
+def _prepare_certified(config: ExperimentConfig, model: nn.Module, dist: Context | None, *,
+                       initialise: bool) -> None:
     """For certified training: one process only, the network's layers checked before any
-    step, TF32 off, and the configured initialisation (Shi et al.'s IBP init by default)."""
+    step, TF32 off, and where ``initialise`` (not fine-tuning) the configured initialisation
+    (Shi et al.'s IBP init by default)."""
     method = config.train.method
     if method not in CERTIFIED_METHODS:
         return
@@ -440,7 +448,7 @@ def _prepare_certified(config: ExperimentConfig, model: nn.Module, dist: Context
                              "torchrun")
     live_steps(model, method)
     exact_float32()
-    if config.train.certified_settings.init == "ibp":
+    if initialise and config.train.certified_settings.init == "ibp":
         ibp_initialise(model)
 
 
@@ -468,6 +476,9 @@ def begin(setup: TrainSetup, state: TrainState, *, resume: bool = True) -> None:
         setup.say("ignoring a resume state from a different config or seed")
     if setup.main and not state.rows and state.step == 0:
         _remove_previous_outputs(setup.out_dir)
+        if "pretrained" in setup.info:
+            setup.say(f"starting from the pretrained weights {setup.info['pretrained']} "
+                      f"(sha256 {setup.info['pretrained_sha256'][:16]})")
     if setup.selected_by == LAST_EPOCH and NO_VALIDATION_NOTE not in state.notes:
         state.notes.append(NO_VALIDATION_NOTE)
         setup.say(f"note: {NO_VALIDATION_NOTE}")
