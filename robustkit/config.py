@@ -136,7 +136,7 @@ class CertifiedConfig:
     # the ε the ramp ends at, above the target (published: 0.4 for 0.3, 0.2 for 0.1); None: eps
     train_eps: float | None = field(default=None, metadata=_range(0, 1, lo_open=True))
     start_epochs: int = field(default=1, metadata=_range(0))
-    ramp_epochs: int = field(default=10, metadata=_range(1))
+    ramp_epochs: int = field(default=10, metadata=_range(0))  # 0: fine-tuning only
     ramp: EpsRamp = "smooth"
     kappa_start: float = field(default=1.0, metadata=_range(0, 1))
     kappa_end: float = field(default=0.5, metadata=_range(0, 1))
@@ -663,6 +663,10 @@ def _check_certified(config: ExperimentConfig) -> None:
         if train.certified is not None:
             _fail("train.certified", "only used with train.method = \"ibp\" or \"crown-ibp\"")
         return
+    if certified.ramp_epochs == 0 and config.model.pretrained is None:
+        _fail("train.certified.ramp_epochs", "0 starts at full ε, which only a pretrained "
+              "network survives (from a random start the interval bounds explode): ramp over "
+              "at least 1 epoch, or fine-tune (model.pretrained)")
     ramp_end = certified.start_epochs + certified.ramp_epochs
     if ramp_end > train.epochs:
         _fail("train.certified.ramp_epochs", f"the ε ramp ends after epoch {ramp_end} "

@@ -175,6 +175,19 @@ def test_eps_is_never_full_at_the_start_and_full_only_at_the_end_of_the_ramp(
     assert eps[ramp_end] == pytest.approx(0.4) and eps[-1] == pytest.approx(0.4)
 
 
+def test_without_a_ramp_fine_tuning_runs_at_full_strength_after_the_clean_epochs() -> None:
+    c, per_epoch = cfg(start_epochs=1, ramp_epochs=0, kappa_start=1.0, kappa_end=0.7,
+                       beta_start=1.0, beta_end=0.2), 7
+    steps = [schedule(c, t, per_epoch) for t in range(3 * per_epoch)]
+    assert all((s.eps, s.kappa, s.beta) == (0.0, 1.0, 1.0) for s in steps[:per_epoch])
+    assert all(s.eps == pytest.approx(0.4) and s.kappa == pytest.approx(0.7)
+               and s.beta == pytest.approx(0.2) for s in steps[per_epoch:])
+    tuned = {**BASE, "model": {"arch": "dm-small", "pretrained": "zoo:x"},
+             "train": {"method": "ibp", "epochs": 2,
+                       "certified": {"start_epochs": 0, "ramp_epochs": 0}}}
+    assert config_from_dict(tuned).train.certified_settings.ramp_epochs == 0
+
+
 def test_smooth_ramp_is_continuous_with_its_slope_at_the_join() -> None:
     below, above, h = smooth_ramp(0.25 - 1e-9), smooth_ramp(0.25 + 1e-9), 1e-6
     assert below == pytest.approx(above, abs=1e-8)
@@ -221,7 +234,7 @@ BASE = {"model": {"arch": "dm-small"}, "train": {"method": "crown-ibp", "epochs"
     ({"train": {"method": "pgd-at", "certified": {"eps": 0.1}}},
      r"train\.certified: only used with train\.method"),
     ({"train": {"method": "ibp", "epochs": 12, "certified": {"ramp_epochs": 0}}},
-     r"train\.certified\.ramp_epochs"),
+     r"train\.certified\.ramp_epochs: 0 starts at full ε, which only a pretrained network"),
 ])
 def test_config_errors_name_the_key_and_the_fix(change: dict[str, object], message: str
                                                 ) -> None:

@@ -69,9 +69,12 @@ class CertifiedStep:
 
 def ramp_progress(cfg: CertifiedConfig, iteration: int, steps_per_epoch: int) -> float:
     """``p_t ∈ [0, 1]`` after step ``t`` (0-based): 0 through the ``start_epochs`` clean epochs,
-    ``(t + 1 − S) / R`` over the ramp (``S``, ``R``: its start and length in steps), 1 after."""
+    ``(t + 1 − S) / R`` over the ramp (``S``, ``R``: its start and length in steps), 1 after;
+    without a ramp (``R = 0``, fine-tuning) 1 from step ``S``."""
     start = cfg.start_epochs * steps_per_epoch
     length = cfg.ramp_epochs * steps_per_epoch
+    if length == 0:
+        return 1.0 if iteration >= start else 0.0
     return min(max((iteration + 1 - start) / length, 0.0), 1.0)
 
 
