@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from robustkit.config import load_config, training_hash
+from robustkit.config import load_config
+from robustkit.training.pretrained import training_fingerprint
 from robustkit.vocabulary import CERTIFIED_METHODS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,7 +77,7 @@ def _same_training(config: Path) -> list[str]:
     mine = load_config(config, shrink(config))
     others = (load_config(path, shrink(path)) for path in EXPERIMENTS if path != config)
     return sorted(other.name for other in others
-                  if training_hash(other, 0) == training_hash(mine, 0))
+                  if training_fingerprint(other, 0) == training_fingerprint(mine, 0))
 
 
 @pytest.mark.slow
