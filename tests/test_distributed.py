@@ -99,12 +99,23 @@ def env() -> dict[str, str]:
             "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
+#: What a gloo process prints when its process group is torn down under it. On a loaded 2-core
+#: machine it happens about once in four 2-process training runs (here: under two busy
+#: loops), after `distributed.cleanup()`'s barrier; the run is then started once more.
+GLOO_TEARDOWN = "terminate called without an active exception"
+
+
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-               *args]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env(),
-                            timeout=300)
+    """``torchrun --nproc-per-node 2 ARGS``, finished with exit code 0; started a second time
+    only when the first lost a process to the gloo teardown race (:data:`GLOO_TEARDOWN`)."""
+    for attempt in (1, 2):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                   "--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port",
+                   str(free_port()), *args]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env(),
+                                timeout=300)
+        if result.returncode == 0 or GLOO_TEARDOWN not in result.stderr or attempt == 2:
+            break
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
